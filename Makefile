@@ -1,0 +1,174 @@
+# weightd: plain make. `make help` lists the targets and switches.
+
+PREFIX    ?= /usr/local
+BINDIR    ?= $(PREFIX)/bin
+LIBDIR    ?= $(PREFIX)/lib
+INCDIR    ?= $(PREFIX)/include
+PCDIR     ?= $(LIBDIR)/pkgconfig
+UNITDIR   ?= $(PREFIX)/lib/systemd/system
+DESTDIR   ?=
+VERSION   := 0.1.0
+
+WITH_CUDA ?= auto
+CUDA_HOME ?= /usr/local/cuda
+SANITIZE  ?=
+V         ?= 0
+
+# A sanitizer build lives in its own folder so that both can coexist.
+ifeq ($(SANITIZE),)
+BUILD ?= build
+else
+BUILD ?= build-san
+endif
+
+CC      ?= cc
+PKGS    := libuv libcjson libsystemd
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+CHECK_CFLAGS := $(shell pkg-config --cflags check 2>/dev/null)
+CHECK_LIBS   := $(shell pkg-config --libs check 2>/dev/null)
+
+OPT ?= -O2
+CFLAGS  ?= $(OPT) -g
+CFLAGS  += -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
+           -fPIC -MMD -MP -D_GNU_SOURCE -DWD_VERSION='"$(VERSION)"' -I. $(PKG_CFLAGS)
+LDLIBS  += $(PKG_LIBS) -lpthread -lm
+
+ifneq ($(SANITIZE),)
+CFLAGS  += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
+LDFLAGS += -fsanitize=$(SANITIZE)
+endif
+
+# CUDA: detected once. auto = use it when $(CUDA_HOME)/include/cuda.h exists.
+CUDA_FOUND := $(if $(wildcard $(CUDA_HOME)/include/cuda.h),yes,no)
+ifeq ($(WITH_CUDA),auto)
+USE_CUDA := $(CUDA_FOUND)
+else ifeq ($(WITH_CUDA),yes)
+USE_CUDA := yes
+ifeq ($(CUDA_FOUND),no)
+$(error WITH_CUDA=yes but $(CUDA_HOME)/include/cuda.h is missing; set CUDA_HOME)
+endif
+else
+USE_CUDA := no
+endif
+ifeq ($(USE_CUDA),yes)
+# Link against the driver stub so the build works on machines without a GPU;
+# the real libcuda.so.1 is found at run time where a driver is installed.
+CUDA_CFLAGS := -DWD_WITH_CUDA=1 -I$(CUDA_HOME)/include
+CUDA_LIBS   := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib64/stubs -lcuda -lcudart -Wl,-rpath,$(CUDA_HOME)/lib64
+CUDA_REPORT := CUDA: yes ($(CUDA_HOME), WITH_CUDA=$(WITH_CUDA))
+else
+CUDA_REPORT := CUDA: no (WITH_CUDA=$(WITH_CUDA), $(CUDA_HOME)/include/cuda.h $(if $(filter yes,$(CUDA_FOUND)),found,not found))
+endif
+CFLAGS += $(CUDA_CFLAGS)
+
+ifeq ($(V),0)
+Q := @
+msg = @printf '  %-7s %s\n' $(1) $(2);
+else
+Q :=
+msg =
+endif
+
+# Sources by folder: the folders are the architecture.
+COMMON_SRC  := $(wildcard common/*.c)
+ALLOC_SRC   := $(filter-out allocator/replay.c,$(wildcard allocator/*.c))
+LOADER_SRC  := $(filter-out loader/mkckpt.c,$(wildcard loader/*.c))
+PROTO_SRC   := $(wildcard proto/*.c)
+DAEMON_SRC  := $(filter-out daemon/main.c,$(wildcard daemon/*.c))
+CLIENT_SRC  := client/client.c
+CTL_SRC     := $(filter-out $(CLIENT_SRC),$(wildcard client/*.c))
+UNIT_SRC    := $(wildcard tests/unit/*.c)
+
+obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
+
+CORE_OBJ   := $(call obj,$(COMMON_SRC) $(ALLOC_SRC) $(LOADER_SRC) $(PROTO_SRC))
+DAEMON_OBJ := $(call obj,$(DAEMON_SRC))
+CLIENT_OBJ := $(call obj,$(CLIENT_SRC) $(PROTO_SRC) $(COMMON_SRC))
+
+BINS := $(BUILD)/weightd $(BUILD)/weightctl $(BUILD)/weightd-replay $(BUILD)/weightd-mkckpt
+LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/libweightd-client.a \
+        $(BUILD)/weightd-client.pc
+UNIT := $(BUILD)/tests/unit-tests
+
+.PHONY: all config test unit e2e install uninstall clean help demo
+all: config $(BINS) $(LIBS)
+
+config:
+	@echo "weightd $(VERSION): $(CUDA_REPORT); build in $(BUILD)$(if $(SANITIZE), with -fsanitize=$(SANITIZE))"
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(call msg,CC,$<)$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/tests/unit/%.o: CFLAGS += $(CHECK_CFLAGS)
+
+$(BUILD)/weightd: $(call obj,daemon/main.c) $(DAEMON_OBJ) $(CORE_OBJ)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LIBS)
+
+$(BUILD)/weightctl: $(call obj,$(CTL_SRC)) $(CORE_OBJ) $(call obj,$(CLIENT_SRC))
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LIBS)
+
+$(BUILD)/weightd-replay: $(call obj,allocator/replay.c) $(CORE_OBJ)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LIBS)
+
+$(BUILD)/weightd-mkckpt: $(call obj,loader/mkckpt.c) $(CORE_OBJ)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LIBS)
+
+$(BUILD)/libweightd-client.so.0: $(CLIENT_OBJ)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,-soname,libweightd-client.so.0 -o $@ $^ $(PKG_LIBS)
+
+$(BUILD)/libweightd-client.so: $(BUILD)/libweightd-client.so.0
+	$(Q)ln -sf libweightd-client.so.0 $@
+
+$(BUILD)/libweightd-client.a: $(CLIENT_OBJ)
+	$(call msg,AR,$@)rm -f $@ && $(AR) rcs $@ $^
+
+$(BUILD)/weightd-client.pc: client/weightd-client.pc.in Makefile
+	$(call msg,GEN,$@)sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCDIR@|$(INCDIR)|; s|@VERSION@|$(VERSION)|' $< > $@
+
+$(UNIT): $(call obj,$(UNIT_SRC)) $(DAEMON_OBJ) $(CORE_OBJ) $(call obj,$(CLIENT_SRC))
+	@mkdir -p $(dir $@)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(LDLIBS) $(CUDA_LIBS)
+
+# `make test` runs every test: the Check units, then the end-to-end tests
+# against the real programs of this build.
+test: all $(UNIT)
+	$(Q)$(MAKE) --no-print-directory unit e2e
+
+unit: $(UNIT)
+	$(Q)CK_DEFAULT_TIMEOUT=120 $(UNIT)
+
+e2e: all
+	$(Q)WEIGHTD_BUILD=$(abspath $(BUILD)) python3 -m unittest discover -s tests/e2e -t . $(if $(filter-out 0,$(V)),-v,)
+
+demo: all
+	$(Q)WEIGHTD_BUILD=$(abspath $(BUILD)) scripts/demo-run
+
+install: all
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PCDIR) $(DESTDIR)$(UNITDIR)
+	install -m 755 $(BINS) $(DESTDIR)$(BINDIR)/
+	install -m 755 $(BUILD)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/
+	ln -sf libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/libweightd-client.so
+	install -m 644 $(BUILD)/libweightd-client.a $(DESTDIR)$(LIBDIR)/
+	install -m 644 client/weightd-client.h $(DESTDIR)$(INCDIR)/
+	install -m 644 $(BUILD)/weightd-client.pc $(DESTDIR)$(PCDIR)/
+	sed 's|@BINDIR@|$(BINDIR)|g' systemd/weightd.service.in > $(DESTDIR)$(UNITDIR)/weightd.service
+	install -m 644 systemd/weightd.socket $(DESTDIR)$(UNITDIR)/
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(notdir $(BINS)))
+	rm -f $(DESTDIR)$(LIBDIR)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/libweightd-client.so \
+	      $(DESTDIR)$(LIBDIR)/libweightd-client.a $(DESTDIR)$(INCDIR)/weightd-client.h \
+	      $(DESTDIR)$(PCDIR)/weightd-client.pc $(DESTDIR)$(UNITDIR)/weightd.service \
+	      $(DESTDIR)$(UNITDIR)/weightd.socket
+
+clean:
+	rm -rf build build-san
+
+help:
+	@echo "targets: all (default) test unit e2e demo install uninstall clean"
+	@echo "switches: PREFIX=$(PREFIX) DESTDIR= WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
+	@echo "          SANITIZE=address,undefined BUILD=dir V=1"
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

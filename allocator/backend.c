@@ -1,0 +1,28 @@
+/* Backends by name. */
+#include "allocator/backend.h"
+
+#include <string.h>
+
+const char *wa_backend_names(void)
+{
+#ifdef WD_WITH_CUDA_BACKENDS
+    return "host fake cuda cuda-ipc";
+#else
+    return "host fake";
+#endif
+}
+
+int wa_backend_create(const wa_backend_opts *opts, wa_backend **out, wd_error *err)
+{
+    if (opts->n_devices < 1 || opts->n_devices > 64)
+        return wd_error_set(err, -EINVAL, "the %s backend needs 1 to 64 devices, not %d", opts->name,
+                            opts->n_devices);
+    if (strcmp(opts->name, "host") == 0)
+        return wa_backend_host_create(opts->n_devices, opts->capacity, out, err);
+    if (strcmp(opts->name, "fake") == 0)
+        return wa_backend_fake_create(opts->n_devices, opts->capacity, out, err);
+    if (strcmp(opts->name, "cuda") == 0 || strcmp(opts->name, "cuda-ipc") == 0)
+        return wd_error_set(err, -ENOTSUP, "backend \"%s\" is not built into this weightd (built: %s)",
+                            opts->name, wa_backend_names());
+    return wd_error_set(err, -EINVAL, "unknown backend \"%s\" (built: %s)", opts->name, wa_backend_names());
+}

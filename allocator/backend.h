@@ -1,0 +1,69 @@
+/* The layer under the allocator: where segments come from.
+ *
+ * The allocator never calls CUDA or the OS itself; it asks a backend for
+ * whole segments and carves blocks out of them. Backends:
+ *   fake  byte counts against a capacity, no memory (replay, tests)
+ *   host  a memfd per segment, mmap'ed; emulated devices (CI, everywhere)
+ *   cuda, cuda-ipc  real GPUs (built where the CUDA toolkit is found)
+ * Every backend function runs on the thread that owns the allocator, except
+ * write/read, which the loader calls from its worker threads on segments it
+ * holds blocks in. */
+#ifndef WA_BACKEND_H
+#define WA_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/errors.h"
+
+/* One segment's memory, as the backend made it. */
+typedef struct wa_mem {
+    uint64_t addr;   /* device address (a made-up one on fake) */
+    uint64_t size;
+    void *host;      /* CPU mapping of the whole segment, or NULL */
+    int fd;          /* shareable handle a worker can map, or -1 */
+    void *priv;      /* the backend's own */
+} wa_mem;
+
+typedef struct wa_device_info {
+    char name[64];         /* "host device 0", "NVIDIA H200" */
+    char uuid[48];         /* stable identity where the backend has one */
+    uint64_t capacity;     /* bytes the allocator may reserve on it */
+} wa_device_info;
+
+typedef struct wa_backend wa_backend;
+struct wa_backend {
+    const char *name;
+    int n_devices;
+    /* -ENOMEM when the device cannot hold `size` more bytes. */
+    int (*seg_alloc)(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err);
+    void (*seg_free)(wa_backend *b, int device, wa_mem *mem);
+    /* Copy between host memory and a segment. */
+    int (*write)(wa_backend *b, int device, const wa_mem *mem, uint64_t offset,
+                 const void *src, size_t len, wd_error *err);
+    int (*read)(wa_backend *b, int device, const wa_mem *mem, uint64_t offset,
+                void *dst, size_t len, wd_error *err);
+    int (*describe)(wa_backend *b, int device, wa_device_info *out);
+    void (*destroy)(wa_backend *b);
+};
+
+typedef struct wa_backend_opts {
+    const char *name;        /* "fake", "host", ... */
+    int n_devices;           /* fake/host: emulated devices */
+    uint64_t capacity;       /* fake/host: bytes per device */
+} wa_backend_opts;
+
+/* Makes the backend named in opts. -ENOTSUP for one not built in. */
+int wa_backend_create(const wa_backend_opts *opts, wa_backend **out, wd_error *err);
+static inline void wa_backend_destroy(wa_backend *b)
+{
+    if (b)
+        b->destroy(b);
+}
+/* "fake host" (+ "cuda cuda-ipc" where built): for --help and errors. */
+const char *wa_backend_names(void);
+
+int wa_backend_fake_create(int n_devices, uint64_t capacity, wa_backend **out, wd_error *err);
+int wa_backend_host_create(int n_devices, uint64_t capacity, wa_backend **out, wd_error *err);
+
+#endif

@@ -1,0 +1,76 @@
+#include "common/errors.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+static int err_abs(int err) { return err < 0 ? -err : err; }
+
+const char *wd_errname(int err)
+{
+    static __thread char other[16];
+    switch (err_abs(err)) {
+#define X(code, what) case code: return #code;
+        WD_ERRNO_TABLE(X)
+#undef X
+    default:
+        snprintf(other, sizeof other, "E%d", err_abs(err));
+        return other;
+    }
+}
+
+const char *wd_strerror(int err)
+{
+    switch (err_abs(err)) {
+#define X(code, what) case code: return what;
+        WD_ERRNO_TABLE(X)
+#undef X
+    default:
+        return strerror(err_abs(err));
+    }
+}
+
+int wd_errcode(const char *name)
+{
+#define X(code, what) if (name && strcmp(name, #code) == 0) return -code;
+    WD_ERRNO_TABLE(X)
+#undef X
+    return -EPROTO;
+}
+
+int wd_error_set(wd_error *e, int code, const char *fmt, ...)
+{
+    if (e) {
+        va_list ap;
+        va_start(ap, fmt);
+        e->code = code;
+        vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+void wd_error_prefix(wd_error *e, const char *fmt, ...)
+{
+    char prefix[256], joined[sizeof prefix + sizeof e->msg + 2];
+    size_t n;
+    va_list ap;
+
+    if (!e)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(prefix, sizeof prefix, fmt, ap);
+    va_end(ap);
+    snprintf(joined, sizeof joined, "%s: %s", prefix, e->msg[0] ? e->msg : wd_strerror(e->code));
+    /* Cut to fit: the message is for people. */
+    n = strlen(joined);
+    if (n >= sizeof e->msg)
+        n = sizeof e->msg - 1;
+    memcpy(e->msg, joined, n);
+    e->msg[n] = '\0';
+}
+
+const char *wd_error_text(const wd_error *e)
+{
+    return e->msg[0] ? e->msg : wd_strerror(e->code);
+}

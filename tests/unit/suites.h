@@ -1,0 +1,29 @@
+/* Every Check suite of the unit-test runner, one line each. */
+#ifndef WD_TEST_SUITES_H
+#define WD_TEST_SUITES_H
+
+#include <check.h>
+
+#define WD_TEST_SUITES(X) \
+    X(errors)             \
+    X(size)               \
+    X(safetensors)        \
+    X(checkpoint)         \
+    X(mkckpt)             \
+    X(allocator)          \
+    X(alloc_config)       \
+    X(backend_host)       \
+    X(proto)              \
+    X(daemon_config)      \
+    X(registry)
+
+#define X(name) Suite *name##_suite(void);
+WD_TEST_SUITES(X)
+#undef X
+
+/* A fresh temporary directory for a test (mkdtemp under $TMPDIR or /tmp);
+ * removed with everything in it by wd_test_rmtree(). */
+char *wd_test_tmpdir(void);
+void wd_test_rmtree(const char *path);
+
+#endif
