@@ -115,8 +115,9 @@ $(BUILD)/weightd-replay: $(call obj,allocator/replay.c) $(CORE_OBJ)
 $(BUILD)/weightd-mkckpt: $(call obj,loader/mkckpt.c) $(CORE_OBJ)
 	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LIBS)
 
-$(BUILD)/libweightd-client.so.0: $(CLIENT_OBJ)
-	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,-soname,libweightd-client.so.0 -o $@ $^ $(PKG_LIBS)
+$(BUILD)/libweightd-client.so.0: $(CLIENT_OBJ) client/libweightd-client.map
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,-soname,libweightd-client.so.0 \
+	    -Wl,--version-script=client/libweightd-client.map -o $@ $(CLIENT_OBJ) $(PKG_LIBS)
 
 $(BUILD)/libweightd-client.so: $(BUILD)/libweightd-client.so.0
 	$(Q)ln -sf libweightd-client.so.0 $@

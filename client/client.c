@@ -1,0 +1,287 @@
+/* libweightd-client: a blocking client over proto/'s framing. */
+#include "client/weightd-client.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "proto/proto.h"
+
+struct wdc_client {
+    int fd;
+    wp_reader rd;
+    wp_writer wr;
+    int64_t next_id;
+    char path[108];
+    char code[32];
+    char message[1024];
+    char *server_info;
+    int fds[WP_MAX_FDS];
+    size_t n_fds;
+};
+
+static int fail(wdc_client *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(wdc_client *c, int code, const char *fmt, ...)
+{
+    va_list ap;
+
+    snprintf(c->code, sizeof c->code, "%s", wd_errname(code));
+    va_start(ap, fmt);
+    vsnprintf(c->message, sizeof c->message, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static void drop_fds(wdc_client *c)
+{
+    for (size_t i = 0; i < c->n_fds; i++)
+        close(c->fds[i]);
+    c->n_fds = 0;
+}
+
+wdc_client *wdc_new(void)
+{
+    wdc_client *c = calloc(1, sizeof *c);
+
+    if (!c)
+        return NULL;
+    c->fd = -1;
+    wp_reader_init(&c->rd);
+    wp_writer_init(&c->wr);
+    return c;
+}
+
+void wdc_close(wdc_client *c)
+{
+    if (!c)
+        return;
+    if (c->fd >= 0)
+        close(c->fd);
+    drop_fds(c);
+    wp_reader_free(&c->rd);
+    wp_writer_free(&c->wr);
+    free(c->server_info);
+    free(c);
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Waits for events on the socket; the timeout restarts with each message. */
+static int wait_for(wdc_client *c, short events, int timeout_ms)
+{
+    struct pollfd p = {.fd = c->fd, .events = events};
+    int n;
+
+    do
+        n = poll(&p, 1, timeout_ms);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return fail(c, -errno, "poll: %s", strerror(errno));
+    if (n == 0)
+        return fail(c, -ETIMEDOUT, "no answer from weightd at %s within %d ms", c->path, timeout_ms);
+    return 0;
+}
+
+static int send_all(wdc_client *c, int timeout_ms)
+{
+    int rc;
+
+    while ((rc = wp_writer_flush(&c->wr, c->fd)) == -EAGAIN)
+        if ((rc = wait_for(c, POLLOUT, timeout_ms)))
+            return rc;
+    if (rc)
+        return fail(c, rc, "sending to weightd at %s: %s", c->path, strerror(-rc));
+    return 0;
+}
+
+/* Reads the next message; *msg is the parsed object. */
+static int read_message(wdc_client *c, int timeout_ms, cJSON **msg, char **line_out)
+{
+    wd_error err = {0};
+    char *line;
+    size_t len;
+    int rc;
+
+    for (;;) {
+        rc = wp_reader_next(&c->rd, &line, &len);
+        if (rc == -EMSGSIZE)
+            return fail(c, -EMSGSIZE, "weightd sent a message longer than %u bytes", WP_MAX_LINE);
+        if (rc == 1) {
+            if (len == 0)
+                continue;
+            if ((rc = wp_parse(line, len, msg, &err)))
+                return fail(c, -EPROTO, "weightd sent a malformed message: %s", wd_error_text(&err));
+            if (line_out)
+                *line_out = line;
+            return 0;
+        }
+        if ((rc = wait_for(c, POLLIN, timeout_ms)))
+            return rc;
+        rc = wp_reader_fill(&c->rd, c->fd);
+        if (rc == 0)
+            return fail(c, -ECONNRESET, "weightd closed the connection");
+        if (rc < 0 && rc != -EAGAIN)
+            return fail(c, rc, "reading from weightd: %s", strerror(-rc));
+    }
+}
+
+int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_ms, wdc_event_fn on_event,
+             void *ctx, char **result_json)
+{
+    cJSON *args = NULL, *req, *msg = NULL;
+    wd_error err = {0};
+    char *line;
+    size_t len;
+    int64_t id;
+    int rc;
+
+    c->code[0] = c->message[0] = '\0';
+    drop_fds(c);
+    if (result_json)
+        *result_json = NULL;
+    if (c->fd < 0)
+        return fail(c, -ENOTCONN, "not connected to weightd");
+    if (args_json && *args_json) {
+        if ((rc = wp_parse(args_json, strlen(args_json), &args, &err)))
+            return fail(c, -EINVAL, "arguments for %s: %s", op, wd_error_text(&err));
+    } else {
+        args = cJSON_CreateObject();
+    }
+    if (on_event)
+        cJSON_AddBoolToObject(args, "events", 1);
+    id = ++c->next_id;
+    if (!(req = wp_request_new(id, op, args)) || !(line = wp_encode(req, &len))) {
+        cJSON_Delete(req);
+        return fail(c, -ENOMEM, "out of memory");
+    }
+    cJSON_Delete(req);
+    if (len > WP_MAX_LINE) {
+        free(line);
+        return fail(c, -EMSGSIZE, "request for %s is longer than %u bytes", op, WP_MAX_LINE);
+    }
+    rc = wp_writer_push(&c->wr, line, len, NULL, 0);
+    free(line);
+    if (rc)
+        return fail(c, rc, "out of memory");
+    if ((rc = send_all(c, timeout_ms)))
+        return rc;
+    for (;;) {
+        const cJSON *mid, *ok;
+        char *raw = NULL;
+        if ((rc = read_message(c, timeout_ms, &msg, &raw)))
+            return rc;
+        mid = cJSON_GetObjectItemCaseSensitive(msg, "id");
+        ok = cJSON_GetObjectItemCaseSensitive(msg, "ok");
+        if (cJSON_GetObjectItemCaseSensitive(msg, "event")) {
+            if (on_event && cJSON_IsNumber(mid) && (int64_t)mid->valuedouble == id)
+                on_event(raw, ctx);
+            cJSON_Delete(msg);
+            continue;
+        }
+        /* Our reply, or an error the daemon could not tie to a request. */
+        if (cJSON_IsBool(ok) && ((cJSON_IsNumber(mid) && (int64_t)mid->valuedouble == id) ||
+                                 (cJSON_IsNull(mid) && cJSON_IsFalse(ok))))
+            break;
+        cJSON_Delete(msg);
+    }
+    c->n_fds = wp_reader_take_fds(&c->rd, c->fds, WP_MAX_FDS);
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(msg, "ok"))) {
+        const cJSON *result = cJSON_GetObjectItemCaseSensitive(msg, "result");
+        if (result_json && !(*result_json = result ? cJSON_PrintUnformatted(result) : strdup("null")))
+            rc = fail(c, -ENOMEM, "out of memory");
+    } else {
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(msg, "error");
+        const cJSON *code = cJSON_GetObjectItemCaseSensitive(e, "code");
+        const cJSON *text = cJSON_GetObjectItemCaseSensitive(e, "message");
+        rc = fail(c, wd_errcode(cJSON_IsString(code) ? code->valuestring : NULL), "%s",
+                  cJSON_IsString(text) ? text->valuestring : "weightd reported an error without a message");
+        if (cJSON_IsString(code))
+            snprintf(c->code, sizeof c->code, "%s", code->valuestring);
+    }
+    cJSON_Delete(msg);
+    return rc;
+}
+
+int wdc_connect(wdc_client *c, const char *path, int timeout_ms)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    char def[sizeof c->path];
+    int rc;
+
+    if (c->fd >= 0)
+        return fail(c, -EISCONN, "already connected");
+    if (!path || !*path)
+        path = wp_default_socket(def, sizeof def);
+    if (strlen(path) >= sizeof addr.sun_path)
+        return fail(c, -ENAMETOOLONG, "socket path too long: %s", path);
+    snprintf(c->path, sizeof c->path, "%s", path);
+    strcpy(addr.sun_path, path);
+    if ((c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+        return fail(c, -errno, "socket: %s", strerror(errno));
+    /* A Unix connect completes at once (or waits for room in the backlog);
+     * everything after it is non-blocking with poll() timeouts. */
+    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        rc = -errno;
+        close(c->fd);
+        c->fd = -1;
+        if (rc == -ENOENT || rc == -ECONNREFUSED)
+            return fail(c, -ECONNREFUSED, "weightd is not running at %s (%s)", path, strerror(-rc));
+        return fail(c, rc, "connecting to %s: %s", path, strerror(-rc));
+    }
+    fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
+    rc = wdc_call(c, "hello", "{\"version\":\"" WP_VERSION "\",\"client\":\"libweightd-client\"}", timeout_ms, NULL,
+                  NULL, &c->server_info);
+    if (rc) {
+        close(c->fd);
+        c->fd = -1;
+    }
+    return rc;
+}
+
+int wdc_wait_closed(wdc_client *c, int timeout_ms)
+{
+    int64_t deadline = now_ms() + (timeout_ms < 0 ? (int64_t)1 << 40 : timeout_ms);
+    int rc;
+
+    for (;;) {
+        int64_t left = deadline - now_ms();
+        if (left <= 0)
+            return fail(c, -ETIMEDOUT, "weightd did not close the connection within %d ms", timeout_ms);
+        if ((rc = wait_for(c, POLLIN, (int)left)))
+            return rc;
+        rc = wp_reader_fill(&c->rd, c->fd);
+        if (rc == 0 || rc == -ECONNRESET)
+            return 0;
+        if (rc < 0 && rc != -EAGAIN)
+            return fail(c, rc, "reading from weightd: %s", strerror(-rc));
+        c->rd.len = c->rd.consumed = 0; /* whatever arrives now is not waited for */
+    }
+}
+
+const char *wdc_error_code(const wdc_client *c) { return c->code; }
+const char *wdc_error_message(const wdc_client *c) { return c->message; }
+const char *wdc_server_info(const wdc_client *c) { return c->server_info ? c->server_info : "{}"; }
+const char *wdc_socket_path(const wdc_client *c) { return c->path; }
+int wdc_fd(const wdc_client *c) { return c->fd; }
+
+size_t wdc_take_fds(wdc_client *c, int *fds, size_t max)
+{
+    size_t n = c->n_fds < max ? c->n_fds : max;
+
+    memcpy(fds, c->fds, n * sizeof *fds);
+    memmove(c->fds, c->fds + n, (c->n_fds - n) * sizeof *fds);
+    c->n_fds -= n;
+    return n;
+}

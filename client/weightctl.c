@@ -1,0 +1,647 @@
+/* weightctl: the command line over libweightd-client. One table of commands;
+ * each is a small function that sends one request and prints its result, as
+ * text for people or, with --json, as one JSON object for programs. */
+#include <getopt.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "client/weightd-client.h"
+#include "common/errors.h"
+#include "common/size.h"
+#include "loader/checkpoint.h"
+
+#define EXIT_FAILED 1
+#define EXIT_USAGE 2
+
+typedef struct ctl {
+    const char *socket;
+    bool json;
+    int timeout_ms;
+    wdc_client *client;
+} ctl;
+
+typedef struct command {
+    const char *name;
+    int (*run)(ctl *c, int argc, char **argv);
+    const char *args;
+    const char *help;
+    bool offline;      /* needs no daemon */
+} command;
+
+/* ---- output helpers ---------------------------------------------------------- */
+
+static void print_json(const cJSON *o)
+{
+    char *text = cJSON_Print(o);
+
+    if (text)
+        puts(text);
+    free(text);
+}
+
+/* Reports a failed call: text on stderr, or the error object with --json. */
+static int report_error(ctl *c, const char *what, int rc, const char *message)
+{
+    if (c->json) {
+        cJSON *o = cJSON_CreateObject(), *e;
+        cJSON_AddBoolToObject(o, "ok", 0);
+        e = cJSON_AddObjectToObject(o, "error");
+        cJSON_AddStringToObject(e, "code", wd_errname(rc));
+        cJSON_AddStringToObject(e, "message", message);
+        print_json(o);
+        cJSON_Delete(o);
+    } else {
+        fprintf(stderr, "weightctl: %s: %s\n", what, message);
+    }
+    return EXIT_FAILED;
+}
+
+static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int usage_error(const char *fmt, ...)
+{
+    va_list ap;
+
+    fputs("weightctl: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputs(" (see weightctl --help)\n", stderr);
+    return EXIT_USAGE;
+}
+
+static double num(const cJSON *o, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsNumber(v) ? v->valuedouble : 0.0;
+}
+
+static const char *str(const cJSON *o, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsString(v) ? v->valuestring : "";
+}
+
+static const char *size_text(double bytes, char *buf, size_t len)
+{
+    return wd_size_format(bytes > 0 ? (uint64_t)bytes : 0, buf, len);
+}
+
+/* Sends one request; on success *out is the parsed result (cJSON_Delete it). */
+static int call(ctl *c, const char *op, cJSON *args, int timeout_ms, wdc_event_fn on_event, void *ctx,
+                cJSON **out)
+{
+    char *args_text = args ? cJSON_PrintUnformatted(args) : NULL, *result = NULL;
+    int rc;
+
+    rc = wdc_call(c->client, op, args_text, timeout_ms, on_event, ctx, &result);
+    free(args_text);
+    if (rc)
+        return rc;
+    *out = cJSON_Parse(result ? result : "null");
+    free(result);
+    return *out ? 0 : -EPROTO;
+}
+
+/* Parses "--flag VALUE" pairs after a command's positional argument. */
+static const char *flag_value(int argc, char **argv, int *i, const char *flag)
+{
+    size_t n = strlen(flag);
+
+    if (strncmp(argv[*i], flag, n) == 0 && argv[*i][n] == '=')
+        return argv[*i] + n + 1;
+    if (strcmp(argv[*i], flag) == 0 && *i + 1 < argc)
+        return argv[++*i];
+    return NULL;
+}
+
+/* ---- load -------------------------------------------------------------------- */
+
+typedef struct progress {
+    bool tty, quiet;
+    double start, last_print;
+    int last_percent;
+    const char *name;
+} progress;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void on_progress(const char *event_json, void *ctx)
+{
+    progress *p = ctx;
+    cJSON *ev = cJSON_Parse(event_json);
+    double done, total, elapsed, rate;
+    char a[32], b[32], r[32];
+    int percent;
+
+    if (!ev)
+        return;
+    done = num(ev, "bytes_done");
+    total = num(ev, "bytes_total");
+    elapsed = num(ev, "elapsed");
+    rate = elapsed > 0 ? done / elapsed : 0;
+    percent = total > 0 ? (int)(100.0 * done / total) : 0;
+    if (p->quiet) {
+        /* nothing */
+    } else if (p->tty) {
+        char bar[31];
+        int fill = percent * 30 / 100;
+        memset(bar, '#', (size_t)fill);
+        memset(bar + fill, '.', (size_t)(30 - fill));
+        bar[30] = '\0';
+        if (strcmp(str(ev, "phase"), "reading") == 0 || strcmp(str(ev, "phase"), "verifying") == 0) {
+            double eta = rate > 0 ? (total - done) / rate : 0;
+            fprintf(stderr, "\r\033[K%s [%s] %3d%% %s / %s  %s  ETA %.0fs", p->name, bar, percent,
+                    size_text(done, a, sizeof a), size_text(total, b, sizeof b), wd_rate_format(rate, r, sizeof r),
+                    eta);
+        } else {
+            fprintf(stderr, "\r\033[K%s: %s", p->name, str(ev, "phase"));
+        }
+        fflush(stderr);
+    } else if (percent / 10 != p->last_percent / 10 || now() - p->last_print >= 5.0) {
+        /* Not a terminal: a plain line every 10% or every 5 seconds. */
+        fprintf(stderr, "%s: %s %d%% (%s of %s, %s)\n", p->name, str(ev, "phase"), percent,
+                size_text(done, a, sizeof a), size_text(total, b, sizeof b), wd_rate_format(rate, r, sizeof r));
+        p->last_percent = percent;
+        p->last_print = now();
+    }
+    cJSON_Delete(ev);
+}
+
+static int cmd_load(ctl *c, int argc, char **argv)
+{
+    const char *path = NULL, *name = NULL, *v;
+    char abs[PATH_MAX], a[32], r[32];
+    long device = -1;
+    progress p = {0};
+    cJSON *args, *res = NULL;
+    int rc;
+
+    for (int i = 1; i < argc; i++) {
+        if ((v = flag_value(argc, argv, &i, "--name"))) {
+            name = v;
+        } else if ((v = flag_value(argc, argv, &i, "--device"))) {
+            char *end;
+            device = strtol(v, &end, 10);
+            if (*end || end == v || device < 0 || device > INT_MAX)
+                return usage_error("--device: \"%s\" is not a device number", v);
+        } else if (argv[i][0] == '-') {
+            return usage_error("load: unknown option \"%s\"", argv[i]);
+        } else if (!path) {
+            path = argv[i];
+        } else {
+            return usage_error("load: one PATH only");
+        }
+    }
+    if (!path)
+        return usage_error("load: PATH is required");
+    /* The daemon has its own working directory: send an absolute path. */
+    if (!realpath(path, abs))
+        return report_error(c, path, -errno, strerror(errno));
+    args = cJSON_CreateObject();
+    cJSON_AddStringToObject(args, "path", abs);
+    if (name)
+        cJSON_AddStringToObject(args, "name", name);
+    if (device >= 0)
+        cJSON_AddNumberToObject(args, "device", (double)device);
+    p.tty = isatty(STDERR_FILENO);
+    p.quiet = c->json;
+    p.start = p.last_print = now();
+    p.last_percent = -10;
+    p.name = name ? name : path;
+    rc = call(c, "load", args, c->timeout_ms, on_progress, &p, &res);
+    cJSON_Delete(args);
+    if (p.tty && !p.quiet)
+        fputs("\r\033[K", stderr);
+    if (rc)
+        return report_error(c, "load", rc, wdc_error_message(c->client));
+    if (c->json) {
+        print_json(res);
+    } else {
+        double secs = num(res, "seconds");
+        printf("loaded %s: %.0f tensors in %.0f shard%s, %s in %.2f s (%s) on device %.0f\n", str(res, "name"),
+               num(res, "tensors"), num(res, "shards"), num(res, "shards") == 1 ? "" : "s",
+               size_text(num(res, "bytes"), a, sizeof a), secs,
+               wd_rate_format(secs > 0 ? num(res, "bytes") / secs : 0, r, sizeof r), num(res, "device"));
+    }
+    cJSON_Delete(res);
+    return 0;
+}
+
+/* ---- commands on one model ------------------------------------------------------ */
+
+static cJSON *name_args(const char *name)
+{
+    cJSON *args = cJSON_CreateObject();
+    cJSON_AddStringToObject(args, "name", name);
+    return args;
+}
+
+static int one_name(int argc, char **argv, const char **name)
+{
+    if (argc != 2 || argv[1][0] == '-')
+        return usage_error("%s: expected exactly one NAME", argv[0]);
+    *name = argv[1];
+    return 0;
+}
+
+static int cmd_unload(ctl *c, int argc, char **argv)
+{
+    const char *name = NULL;
+    cJSON *args, *res;
+    char a[32];
+    int rc;
+
+    if ((rc = one_name(argc, argv, &name)))
+        return rc;
+    args = name_args(name);
+    rc = call(c, "unload", args, c->timeout_ms, NULL, NULL, &res);
+    cJSON_Delete(args);
+    if (rc)
+        return report_error(c, "unload", rc, wdc_error_message(c->client));
+    if (c->json)
+        print_json(res);
+    else
+        printf("unloaded %s (%s freed)\n", str(res, "name"), size_text(num(res, "bytes"), a, sizeof a));
+    cJSON_Delete(res);
+    return 0;
+}
+
+static int cmd_verify(ctl *c, int argc, char **argv)
+{
+    const char *name = NULL;
+    cJSON *args, *res;
+    progress p = {0};
+    char a[32];
+    int rc, exit_code;
+
+    if ((rc = one_name(argc, argv, &name)))
+        return rc;
+    args = name_args(name);
+    p.tty = isatty(STDERR_FILENO);
+    p.quiet = c->json;
+    p.last_percent = -10;
+    p.last_print = now();
+    p.name = name;
+    rc = call(c, "verify", args, c->timeout_ms, on_progress, &p, &res);
+    cJSON_Delete(args);
+    if (p.tty && !p.quiet)
+        fputs("\r\033[K", stderr);
+    if (rc)
+        return report_error(c, "verify", rc, wdc_error_message(c->client));
+    exit_code = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "match")) ? 0 : EXIT_FAILED;
+    if (c->json)
+        print_json(res);
+    else if (exit_code == 0)
+        printf("verified %s: all %.0f tensors match the checkpoint (%s compared in %.2f s)\n", str(res, "name"),
+               num(res, "tensors"), size_text(num(res, "bytes"), a, sizeof a), num(res, "seconds"));
+    else
+        printf("%s DIFFERS from its checkpoint: %.0f of %.0f tensors differ; %s\n", str(res, "name"),
+               num(res, "mismatched_tensors"), num(res, "tensors"), str(res, "first_mismatch"));
+    cJSON_Delete(res);
+    return exit_code;
+}
+
+static void print_shape(const cJSON *shape, char *buf, size_t len)
+{
+    size_t used = 0;
+    const cJSON *d;
+
+    used += (size_t)snprintf(buf, len, "[");
+    cJSON_ArrayForEach(d, shape)
+    {
+        if (used < len)
+            used += (size_t)snprintf(buf + used, len - used, "%s%.0f", d->prev && d != shape->child ? ", " : "",
+                                     d->valuedouble);
+    }
+    if (used < len)
+        snprintf(buf + used, len - used, "]");
+}
+
+static int cmd_info(ctl *c, int argc, char **argv)
+{
+    const char *name = NULL;
+    cJSON *all = NULL, *list = NULL;
+    double offset = 0;
+    char a[32], shape[128];
+    int rc;
+
+    if ((rc = one_name(argc, argv, &name)))
+        return rc;
+    /* The daemon answers in pages that fit a message; gather them all. */
+    for (;;) {
+        cJSON *args = name_args(name), *res, *page, *next, *t;
+        cJSON_AddNumberToObject(args, "offset", offset);
+        rc = call(c, "info", args, c->timeout_ms, NULL, NULL, &res);
+        cJSON_Delete(args);
+        if (rc) {
+            cJSON_Delete(all);
+            return report_error(c, "info", rc, wdc_error_message(c->client));
+        }
+        page = cJSON_DetachItemFromObjectCaseSensitive(res, "tensor_list");
+        next = cJSON_GetObjectItemCaseSensitive(res, "next");
+        if (!all) {
+            all = res;
+            list = cJSON_AddArrayToObject(all, "tensor_list");
+        }
+        while (page && (t = cJSON_DetachItemViaPointer(page, page->child)))
+            cJSON_AddItemToArray(list, t);
+        cJSON_Delete(page);
+        if (!cJSON_IsNumber(next)) {
+            if (res != all)
+                cJSON_Delete(res);
+            break;
+        }
+        offset = next->valuedouble;
+        if (res != all)
+            cJSON_Delete(res);
+    }
+    cJSON_DeleteItemFromObjectCaseSensitive(all, "next");
+    cJSON_DeleteItemFromObjectCaseSensitive(all, "offset");
+    if (c->json) {
+        print_json(all);
+    } else {
+        const cJSON *t, *d;
+        printf("model:    %s\npath:     %s\nstate:    %s\ndevice:   %.0f\ntensors:  %.0f in %.0f shard%s\n"
+               "bytes:    %.0f (%s)\ndtypes:  ",
+               str(all, "name"), str(all, "path"), str(all, "state"), num(all, "device"), num(all, "tensors"),
+               num(all, "shards"), num(all, "shards") == 1 ? "" : "s", num(all, "bytes"),
+               size_text(num(all, "bytes"), a, sizeof a));
+        cJSON_ArrayForEach(d, cJSON_GetObjectItemCaseSensitive(all, "dtypes"))
+            printf(" %s %s", d->string, size_text(d->valuedouble, a, sizeof a));
+        printf("\n\n%-60s %-8s %-22s %6s %7s %12s %12s\n", "TENSOR", "DTYPE", "SHAPE", "DEVICE", "SEGMENT", "OFFSET",
+               "BYTES");
+        cJSON_ArrayForEach(t, list)
+        {
+            print_shape(cJSON_GetObjectItemCaseSensitive(t, "shape"), shape, sizeof shape);
+            printf("%-60s %-8s %-22s %6.0f %7.0f %12.0f %12.0f\n", str(t, "name"), str(t, "dtype"), shape,
+                   num(t, "device"), num(t, "segment"), num(t, "offset"), num(t, "bytes"));
+        }
+    }
+    cJSON_Delete(all);
+    return 0;
+}
+
+/* ---- daemon-wide commands ------------------------------------------------------------ */
+
+static int cmd_list(ctl *c, int argc, char **argv)
+{
+    cJSON *res;
+    const cJSON *m;
+    char a[32];
+    int rc;
+    (void)argv;
+
+    if (argc != 1)
+        return usage_error("list takes no arguments");
+    if ((rc = call(c, "list", NULL, c->timeout_ms, NULL, NULL, &res)))
+        return report_error(c, "list", rc, wdc_error_message(c->client));
+    if (c->json) {
+        print_json(res);
+    } else {
+        const cJSON *models = cJSON_GetObjectItemCaseSensitive(res, "models");
+        if (!cJSON_GetArraySize(models))
+            puts("no models loaded");
+        else
+            printf("%-24s %-8s %6s %8s %12s %8s  %s\n", "NAME", "STATE", "DEVICE", "TENSORS", "SIZE", "LOAD(s)",
+                   "PATH");
+        cJSON_ArrayForEach(m, models)
+            printf("%-24s %-8s %6.0f %8.0f %12s %8.2f  %s\n", str(m, "name"), str(m, "state"), num(m, "device"),
+                   num(m, "tensors"), size_text(num(m, "bytes"), a, sizeof a), num(m, "load_seconds"),
+                   str(m, "path"));
+    }
+    cJSON_Delete(res);
+    return 0;
+}
+
+static int cmd_stats(ctl *c, int argc, char **argv)
+{
+    cJSON *res;
+    const cJSON *d, *pol;
+    char a[32], b[32];
+    int rc;
+    (void)argv;
+
+    if (argc != 1)
+        return usage_error("stats takes no arguments");
+    if ((rc = call(c, "stats", NULL, c->timeout_ms, NULL, NULL, &res)))
+        return report_error(c, "stats", rc, wdc_error_message(c->client));
+    if (c->json) {
+        print_json(res);
+        cJSON_Delete(res);
+        return 0;
+    }
+    pol = cJSON_GetObjectItemCaseSensitive(res, "policy");
+    printf("backend %s, %.0f model%s, %.0f connection%s, up %.0f s\n", str(res, "backend"), num(res, "models"),
+           num(res, "models") == 1 ? "" : "s", num(res, "connections"), num(res, "connections") == 1 ? "" : "s",
+           num(res, "uptime"));
+    printf("allocator policy in force: %s%s (load policy: %s)\n", str(pol, "current"),
+           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(pol, "load_policy_active")) ? " [a load holds it]" : "",
+           str(pol, "load"));
+    cJSON_ArrayForEach(d, cJSON_GetObjectItemCaseSensitive(res, "devices"))
+    {
+        static const char *const keys[] = {"allocated_bytes", "reserved_bytes", "active_bytes",
+                                           "inactive_split_bytes", "requested_bytes"};
+        printf("\ndevice %.0f (%s): capacity %s\n", num(d, "device"), str(d, "name"),
+               size_text(num(d, "capacity"), a, sizeof a));
+        printf("  %-22s %14s %14s\n", "", "current", "peak");
+        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+            const cJSON *s = cJSON_GetObjectItemCaseSensitive(d, keys[i]);
+            printf("  %-22s %14s %14s\n", keys[i], size_text(num(s, "current"), a, sizeof a),
+                   size_text(num(s, "peak"), b, sizeof b));
+        }
+        printf("  %-22s %14.0f %14.0f\n", "segments", num(cJSON_GetObjectItemCaseSensitive(d, "segment"), "current"),
+               num(cJSON_GetObjectItemCaseSensitive(d, "segment"), "peak"));
+        printf("  largest free block %s, fragmentation %.1f%%\n", size_text(num(d, "largest_free_block"), a, sizeof a),
+               100.0 * num(d, "fragmentation"));
+        printf("  device allocs %.0f, frees %.0f, retries %.0f, out-of-memory %.0f\n", num(d, "num_device_alloc"),
+               num(d, "num_device_free"), num(d, "num_alloc_retries"), num(d, "num_ooms"));
+    }
+    cJSON_Delete(res);
+    return 0;
+}
+
+static int cmd_shutdown(ctl *c, int argc, char **argv)
+{
+    cJSON *res;
+    int rc;
+    (void)argv;
+
+    if (argc != 1)
+        return usage_error("shutdown takes no arguments");
+    if ((rc = call(c, "shutdown", NULL, c->timeout_ms, NULL, NULL, &res)))
+        return report_error(c, "shutdown", rc, wdc_error_message(c->client));
+    cJSON_Delete(res);
+    /* Wait for the daemon to finish its orderly stop and hang up. */
+    if ((rc = wdc_wait_closed(c->client, c->timeout_ms)))
+        return report_error(c, "shutdown", rc, wdc_error_message(c->client));
+    if (c->json)
+        puts("{\"ok\": true, \"stopped\": true}");
+    else
+        puts("weightd stopped");
+    return 0;
+}
+
+/* ---- inspect: offline ------------------------------------------------------------------ */
+
+static int cmd_inspect(ctl *c, int argc, char **argv)
+{
+    wl_checkpoint ck;
+    wd_error err = {0};
+    uint64_t by_dtype[ST_DTYPE_COUNT] = {0};
+    size_t n_by_dtype[ST_DTYPE_COUNT] = {0};
+    double t0 = now(), secs;
+    char a[32];
+    int rc;
+
+    if (argc != 2 || argv[1][0] == '-')
+        return usage_error("inspect: expected exactly one PATH");
+    if ((rc = wl_checkpoint_open(argv[1], &ck, &err)))
+        return report_error(c, "inspect", rc, wd_error_text(&err));
+    secs = now() - t0;
+    for (size_t i = 0; i < ck.n_tensors; i++) {
+        by_dtype[ck.tensors[i].st->dtype] += st_tensor_nbytes(ck.tensors[i].st);
+        n_by_dtype[ck.tensors[i].st->dtype]++;
+    }
+    if (c->json) {
+        cJSON *o = cJSON_CreateObject(), *shards, *dt;
+        cJSON_AddBoolToObject(o, "ok", 1);
+        cJSON_AddStringToObject(o, "path", argv[1]);
+        if (ck.index_path)
+            cJSON_AddStringToObject(o, "index", ck.index_path);
+        cJSON_AddNumberToObject(o, "tensors", (double)ck.n_tensors);
+        cJSON_AddNumberToObject(o, "bytes", (double)ck.total_bytes);
+        cJSON_AddNumberToObject(o, "seconds", secs);
+        dt = cJSON_AddObjectToObject(o, "dtypes");
+        for (int d = 0; d < ST_DTYPE_COUNT; d++)
+            if (n_by_dtype[d]) {
+                cJSON *e = cJSON_AddObjectToObject(dt, st_dtype_name((st_dtype)d));
+                cJSON_AddNumberToObject(e, "tensors", (double)n_by_dtype[d]);
+                cJSON_AddNumberToObject(e, "bytes", (double)by_dtype[d]);
+            }
+        shards = cJSON_AddArrayToObject(o, "shards");
+        for (size_t i = 0; i < ck.n_shards; i++) {
+            cJSON *s = cJSON_CreateObject();
+            cJSON_AddStringToObject(s, "path", ck.shards[i].path);
+            cJSON_AddNumberToObject(s, "tensors", (double)ck.shards[i].st.n_tensors);
+            cJSON_AddNumberToObject(s, "bytes", (double)ck.shards[i].st.data_len);
+            cJSON_AddItemToArray(shards, s);
+        }
+        print_json(o);
+        cJSON_Delete(o);
+    } else {
+        printf("checkpoint: %s\n", argv[1]);
+        if (ck.index_path)
+            printf("index:      %s\n", ck.index_path);
+        printf("valid:      yes (headers read in %.3f s)\n", secs);
+        printf("tensors:    %zu in %zu shard%s\n", ck.n_tensors, ck.n_shards, ck.n_shards == 1 ? "" : "s");
+        printf("bytes:      %llu (%s)\n", (unsigned long long)ck.total_bytes, wd_size_format(ck.total_bytes, a, sizeof a));
+        printf("dtypes:    ");
+        for (int d = 0; d < ST_DTYPE_COUNT; d++)
+            if (n_by_dtype[d])
+                printf(" %s %zu tensors %s;", st_dtype_name((st_dtype)d), n_by_dtype[d],
+                       wd_size_format(by_dtype[d], a, sizeof a));
+        printf("\n");
+        for (size_t i = 0; i < ck.n_shards; i++)
+            printf("  %s: %zu tensors, %s\n", ck.shards[i].path, ck.shards[i].st.n_tensors,
+                   wd_size_format(ck.shards[i].st.data_len, a, sizeof a));
+    }
+    wl_checkpoint_close(&ck);
+    return 0;
+}
+
+/* ---- the table and main ----------------------------------------------------------------- */
+
+static const command commands[] = {
+    {"load", cmd_load, "PATH [--name NAME] [--device N]",
+     "load a checkpoint (file, folder or index) onto a device, with progress", false},
+    {"unload", cmd_unload, "NAME", "free a model's memory", false},
+    {"list", cmd_list, "", "the models the daemon holds", false},
+    {"info", cmd_info, "NAME", "every tensor of a model: dtype, shape, device, offset, bytes", false},
+    {"verify", cmd_verify, "NAME", "re-read the checkpoint and compare it byte for byte (exit 1 on a difference)",
+     false},
+    {"stats", cmd_stats, "", "allocator statistics per device and the policy in force", false},
+    {"shutdown", cmd_shutdown, "", "stop the daemon (every segment released)", false},
+    {"inspect", cmd_inspect, "PATH", "validate and summarise a checkpoint, without a daemon", true},
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: weightctl [--socket PATH] [--json] [--timeout SECONDS] COMMAND [ARGS]\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        char left[64];
+        snprintf(left, sizeof left, "%s %s", commands[i].name, commands[i].args);
+        fprintf(f, "  %-40s %s\n", left, commands[i].help);
+    }
+    fprintf(f, "\noptions (before the command):\n"
+               "  --socket PATH      the daemon's socket (default: $WEIGHTD_SOCKET, /run/weightd/weightd.sock\n"
+               "                     as root, else $XDG_RUNTIME_DIR/weightd.sock)\n"
+               "  --json             machine-readable output: one JSON object\n"
+               "  --timeout SECONDS  give up when the daemon says nothing for this long (default 60; 0: never)\n"
+               "\nexit status: 0 done, 1 failed (or verify found a difference), 2 usage error\n");
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"socket", required_argument, NULL, 's'}, {"json", no_argument, NULL, 'j'},
+        {"timeout", required_argument, NULL, 't'}, {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},       {NULL, 0, NULL, 0},
+    };
+    ctl c = {.timeout_ms = 60000};
+    const command *cmd = NULL;
+    int opt, rc;
+
+    /* Options stop at the command: "+" keeps getopt from permuting. */
+    while ((opt = getopt_long(argc, argv, "+h", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 's': c.socket = optarg; break;
+        case 'j': c.json = true; break;
+        case 't': {
+            char *end;
+            double secs = strtod(optarg, &end);
+            if (*end || end == optarg || secs < 0 || secs > 1e6)
+                return usage_error("--timeout: \"%s\" is not a number of seconds", optarg);
+            c.timeout_ms = secs == 0 ? -1 : (int)ceil(secs * 1000);
+            break;
+        }
+        case 'h': usage(stdout); return 0;
+        case 'V': printf("weightctl %s\n", WD_VERSION); return 0;
+        default: usage(stderr); return EXIT_USAGE;
+        }
+    }
+    if (optind >= argc) {
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(argv[optind], commands[i].name) == 0)
+            cmd = &commands[i];
+    if (!cmd)
+        return usage_error("unknown command \"%s\"", argv[optind]);
+    if (!cmd->offline) {
+        if (!(c.client = wdc_new()))
+            return report_error(&c, "weightctl", -ENOMEM, "out of memory");
+        if ((rc = wdc_connect(c.client, c.socket, c.timeout_ms))) {
+            rc = report_error(&c, "connect", rc, wdc_error_message(c.client));
+            wdc_close(c.client);
+            return rc;
+        }
+    }
+    rc = cmd->run(&c, argc - optind, argv + optind);
+    wdc_close(c.client);
+    return rc;
+}

@@ -1,0 +1,431 @@
+/* Loads and verifies. File work runs on libuv's thread pool; everything that
+ * touches the allocator or the registry runs on the loop thread, in the
+ * after-work callbacks.
+ *
+ * A load: open the checkpoint (headers only, worker) -> push the load policy
+ * and allocate every tensor (loop) -> read the bytes in (worker) -> mark the
+ * model ready and pop the policy (loop). Any failure or a cancel frees every
+ * block the load took, gives cached segments back and pops the policy, so the
+ * device's figures return to what they were before the load. */
+#include "daemon/daemon.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/size.h"
+
+#include <systemd/sd-daemon.h>
+
+typedef enum job_kind { JOB_LOAD, JOB_VERIFY } job_kind;
+typedef enum job_state { JOB_QUEUED, JOB_RUNNING } job_state;
+
+struct wd_job {
+    wd_server *srv;
+    job_kind kind;
+    job_state state;
+    wd_request *req;          /* NULL once the client is gone */
+    wd_model *model;
+    wl_checkpoint ckpt;       /* load: opened by the worker, then moved into the model */
+    wl_job io;
+    uv_work_t work;
+    bool policy_pushed;
+    bool allocating;
+    int rc;
+    wd_error err;
+    double t0;
+    wd_job *prev, *next;
+};
+
+static void job_link(wd_server *s, wd_job *j)
+{
+    wd_job **tail = &s->jobs, *prev = NULL;
+
+    while (*tail) {
+        prev = *tail;
+        tail = &(*tail)->next;
+    }
+    j->prev = prev;
+    *tail = j;
+}
+
+static void job_unlink(wd_server *s, wd_job *j)
+{
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        s->jobs = j->next;
+    if (j->next)
+        j->next->prev = j->prev;
+    j->prev = j->next = NULL;
+}
+
+static void job_free(wd_server *s, wd_job *j)
+{
+    job_unlink(s, j);
+    wl_checkpoint_close(&j->ckpt);
+    free(j);
+}
+
+static const char *phase_name(const wd_job *j)
+{
+    if (j->kind == JOB_VERIFY)
+        return "verifying";
+    if (j->state == JOB_QUEUED)
+        return "queued";
+    return j->io.ckpt ? "reading" : "opening";
+}
+
+static cJSON *progress_event(const wd_job *j)
+{
+    cJSON *ev = wp_event_new(j->req->id, "progress");
+    uint64_t total = j->io.ckpt ? j->io.ckpt->total_bytes : 0;
+    uint64_t tensors = j->io.ckpt ? j->io.ckpt->n_tensors : 0;
+
+    if (!ev)
+        return NULL;
+    cJSON_AddStringToObject(ev, "phase", phase_name(j));
+    cJSON_AddNumberToObject(ev, "bytes_done", (double)atomic_load(&j->io.bytes_done));
+    cJSON_AddNumberToObject(ev, "bytes_total", (double)total);
+    cJSON_AddNumberToObject(ev, "tensors_done", (double)atomic_load(&j->io.tensors_done));
+    cJSON_AddNumberToObject(ev, "tensors_total", (double)tensors);
+    cJSON_AddNumberToObject(ev, "elapsed", wd_now() - j->t0);
+    return ev;
+}
+
+static void set_status(wd_server *s)
+{
+    char size[32];
+    uint64_t bytes = 0;
+    size_t n = 0;
+
+    for (wd_model *m = s->models; m; m = m->next)
+        if (m->state == WD_MODEL_READY) {
+            n++;
+            bytes += m->bytes;
+        }
+    sd_notifyf(0, "STATUS=%zu model%s loaded (%s)%s", n, n == 1 ? "" : "s", wd_size_format(bytes, size, sizeof size),
+               wd_jobs_load_active(s) ? ", loading" : "");
+}
+
+static void start_next_load(wd_server *s);
+
+/* ---- load ------------------------------------------------------------------ */
+
+static void finish_load(wd_job *j)
+{
+    wd_server *s = j->srv;
+    wd_model *m = j->model;
+    char size[32], rate[32];
+    bool cancelled = atomic_load(&j->io.cancel);
+
+    if (j->rc == 0 && cancelled)
+        j->rc = wd_error_set(&j->err, -ECANCELED, "cancelled");
+    if (j->rc == 0) {
+        m->state = WD_MODEL_READY;
+        m->load_seconds = wd_now() - j->t0;
+        m->loaded_at = wd_wall();
+        wd_log(WD_LOG_notice, "loaded %s: %zu tensors, %s in %.2f s (%s) on device %d", m->name, m->ckpt.n_tensors,
+               wd_size_format(m->bytes, size, sizeof size), m->load_seconds,
+               wd_rate_format(m->load_seconds > 0 ? (double)m->bytes / m->load_seconds : 0, rate, sizeof rate),
+               m->device);
+        if (j->req) {
+            cJSON *res = cJSON_CreateObject();
+            cJSON_AddStringToObject(res, "name", m->name);
+            cJSON_AddStringToObject(res, "path", m->path);
+            cJSON_AddNumberToObject(res, "device", m->device);
+            cJSON_AddNumberToObject(res, "tensors", (double)m->ckpt.n_tensors);
+            cJSON_AddNumberToObject(res, "shards", (double)m->ckpt.n_shards);
+            cJSON_AddNumberToObject(res, "bytes", (double)m->bytes);
+            cJSON_AddNumberToObject(res, "seconds", m->load_seconds);
+            wd_reply_ok(j->req, res);
+        }
+    } else {
+        int device = m->device;
+        wd_log(j->rc == -ECANCELED ? WD_LOG_info : WD_LOG_warning, "load of %s failed: %s%s", m->name,
+               wd_error_text(&j->err), j->policy_pushed ? "; everything it took is freed" : "");
+        wd_registry_remove(s, m);
+        /* Give back the segments the load made, so the device looks as before. */
+        if (j->policy_pushed)
+            wa_empty_cache(s->alloc, device);
+        if (j->req)
+            wd_reply_err(j->req, &j->err);
+    }
+    if (j->policy_pushed)
+        wa_policy_pop(s->alloc);
+    job_free(s, j);
+    set_status(s);
+    start_next_load(s);
+    wd_server_maybe_finish(s);
+}
+
+static void read_work(uv_work_t *w)
+{
+    wd_job *j = w->data;
+
+    j->rc = wl_job_run(&j->io);
+    if (j->rc)
+        j->err = j->io.err;
+}
+
+static void after_read(uv_work_t *w, int status)
+{
+    wd_job *j = w->data;
+    (void)status;
+
+    j->srv->jobs_running--;
+    finish_load(j);
+}
+
+/* Every tensor gets its own block, as a framework would allocate it. */
+static int allocate_tensors(wd_server *s, wd_job *j)
+{
+    wd_model *m = j->model;
+    const wl_checkpoint *ck = &m->ckpt;
+    int rc;
+
+    if ((rc = wa_policy_push(s->alloc, s->conf->load_alloc_conf, &j->err)))
+        return rc;
+    j->policy_pushed = true;
+    m->tensors = calloc(ck->n_tensors ? ck->n_tensors : 1, sizeof *m->tensors);
+    m->dest = calloc(ck->n_tensors ? ck->n_tensors : 1, sizeof *m->dest);
+    if (!m->tensors || !m->dest)
+        return wd_error_set(&j->err, -ENOMEM, "out of host memory");
+    for (size_t i = 0; i < ck->n_tensors; i++) {
+        uint64_t bytes = st_tensor_nbytes(ck->tensors[i].st);
+        wa_region reg;
+        m->dest[i].device = m->device;
+        if (bytes == 0)
+            continue;
+        if ((rc = wa_malloc(s->alloc, m->device, bytes, &m->tensors[i].block, &j->err))) {
+            wd_error_prefix(&j->err, "tensor \"%s\" (%zu of %zu)", ck->tensors[i].st->name, i + 1, ck->n_tensors);
+            return rc;
+        }
+        wa_block_region(m->tensors[i].block, &reg);
+        m->dest[i].mem = reg.mem;
+        m->dest[i].offset = reg.offset;
+    }
+    m->bytes = ck->total_bytes;
+    return 0;
+}
+
+static void open_work(uv_work_t *w)
+{
+    wd_job *j = w->data;
+
+    j->rc = wl_checkpoint_open(j->model->path, &j->ckpt, &j->err);
+}
+
+static void after_open(uv_work_t *w, int status)
+{
+    wd_job *j = w->data;
+    wd_server *s = j->srv;
+    (void)status;
+
+    s->jobs_running--;
+    if (j->rc == 0 && atomic_load(&j->io.cancel))
+        j->rc = wd_error_set(&j->err, -ECANCELED, "cancelled");
+    if (j->rc) {
+        finish_load(j);
+        return;
+    }
+    j->model->ckpt = j->ckpt;
+    memset(&j->ckpt, 0, sizeof j->ckpt);
+    if ((j->rc = allocate_tensors(s, j))) {
+        finish_load(j);
+        return;
+    }
+    j->io.mode = WL_LOAD;
+    j->io.ckpt = &j->model->ckpt;
+    j->io.dest = j->model->dest;
+    j->io.backend = s->backend;
+    s->jobs_running++;
+    uv_queue_work(s->loop, &j->work, read_work, after_read);
+}
+
+static void start_next_load(wd_server *s)
+{
+    wd_job *next = NULL;
+
+    for (wd_job *j = s->jobs; j; j = j->next) {
+        if (j->kind != JOB_LOAD)
+            continue;
+        if (j->state == JOB_RUNNING)
+            return;
+        if (!next)
+            next = j;
+    }
+    if (!next || s->stopping)
+        return;
+    next->state = JOB_RUNNING;
+    next->t0 = wd_now();
+    wd_log(WD_LOG_info, "loading %s from %s onto device %d", next->model->name, next->model->path,
+           next->model->device);
+    s->jobs_running++;
+    uv_queue_work(s->loop, &next->work, open_work, after_open);
+    set_status(s);
+}
+
+int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, int device, wd_error *err)
+{
+    wd_job *j;
+    int rc;
+
+    if (s->stopping)
+        return wd_error_set(err, -ECANCELED, "weightd is stopping");
+    if (!(j = calloc(1, sizeof *j)))
+        return wd_error_set(err, -ENOMEM, "out of memory");
+    if ((rc = wd_registry_add(s, name, path, device, &j->model, err))) {
+        free(j);
+        return rc;
+    }
+    j->srv = s;
+    j->kind = JOB_LOAD;
+    j->state = JOB_QUEUED;
+    j->req = r;
+    j->work.data = j;
+    j->t0 = wd_now();
+    job_link(s, j);
+    start_next_load(s);
+    return 0;
+}
+
+/* ---- verify ---------------------------------------------------------------- */
+
+static void after_verify(uv_work_t *w, int status)
+{
+    wd_job *j = w->data;
+    wd_server *s = j->srv;
+    wd_model *m = j->model;
+    double seconds = wd_now() - j->t0;
+    (void)status;
+
+    s->jobs_running--;
+    m->busy--;
+    if (j->rc == 0 && atomic_load(&j->io.cancel))
+        j->rc = wd_error_set(&j->err, -ECANCELED, "cancelled");
+    if (j->rc) {
+        wd_log(WD_LOG_warning, "verify of %s failed: %s", m->name, wd_error_text(&j->err));
+        if (j->req)
+            wd_reply_err(j->req, &j->err);
+    } else {
+        wd_log(j->io.mismatched_tensors ? WD_LOG_warning : WD_LOG_info, "verified %s: %llu of %zu tensors differ%s%s",
+               m->name, (unsigned long long)j->io.mismatched_tensors, m->ckpt.n_tensors,
+               j->io.mismatched_tensors ? "; " : "", j->io.first_mismatch);
+        if (j->req) {
+            cJSON *res = cJSON_CreateObject();
+            cJSON_AddStringToObject(res, "name", m->name);
+            cJSON_AddBoolToObject(res, "match", j->io.mismatched_tensors == 0);
+            cJSON_AddNumberToObject(res, "tensors", (double)m->ckpt.n_tensors);
+            cJSON_AddNumberToObject(res, "bytes", (double)atomic_load(&j->io.bytes_done));
+            cJSON_AddNumberToObject(res, "mismatched_tensors", (double)j->io.mismatched_tensors);
+            if (j->io.mismatched_tensors)
+                cJSON_AddStringToObject(res, "first_mismatch", j->io.first_mismatch);
+            cJSON_AddNumberToObject(res, "seconds", seconds);
+            wd_reply_ok(j->req, res);
+        }
+    }
+    job_free(s, j);
+    wd_server_maybe_finish(s);
+}
+
+int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
+{
+    wd_job *j;
+
+    if (m->state != WD_MODEL_READY)
+        return wd_error_set(err, -EBUSY, "model \"%s\" is still loading", m->name);
+    if (s->stopping)
+        return wd_error_set(err, -ECANCELED, "weightd is stopping");
+    if (!(j = calloc(1, sizeof *j)))
+        return wd_error_set(err, -ENOMEM, "out of memory");
+    j->srv = s;
+    j->kind = JOB_VERIFY;
+    j->state = JOB_RUNNING;
+    j->req = r;
+    j->model = m;
+    j->work.data = j;
+    j->t0 = wd_now();
+    j->io.mode = WL_VERIFY;
+    j->io.ckpt = &m->ckpt;
+    j->io.dest = m->dest;
+    j->io.backend = s->backend;
+    m->busy++;
+    job_link(s, j);
+    s->jobs_running++;
+    uv_queue_work(s->loop, &j->work, read_work, after_verify);
+    return 0;
+}
+
+/* ---- cancellation and progress -------------------------------------------- */
+
+static void cancel_job(wd_server *s, wd_job *j)
+{
+    if (j->state == JOB_QUEUED) {
+        /* Nothing was taken yet: drop it here. */
+        wd_log(WD_LOG_info, "load of %s cancelled before it started", j->model->name);
+        wd_registry_remove(s, j->model);
+        if (j->req)
+            wd_reply_error(j->req, -ECANCELED, "cancelled before the load started");
+        job_free(s, j);
+        return;
+    }
+    atomic_store(&j->io.cancel, true);
+}
+
+void wd_jobs_request_gone(wd_server *s, wd_request *r)
+{
+    for (wd_job *j = s->jobs; j; j = j->next)
+        if (j->req == r) {
+            /* The request is freed here; the job ends without a reply. */
+            j->req = NULL;
+            cJSON_Delete(r->id);
+            cJSON_Delete(r->args);
+            free(r);
+            wd_log(WD_LOG_info, "client gone: cancelling the %s of %s", j->kind == JOB_LOAD ? "load" : "verify",
+                   j->model->name);
+            cancel_job(s, j);
+            return;
+        }
+    /* Not a job's request: nothing else keeps it. */
+    cJSON_Delete(r->id);
+    cJSON_Delete(r->args);
+    free(r);
+}
+
+void wd_jobs_cancel_all(wd_server *s)
+{
+    for (wd_job *j = s->jobs, *next; j; j = next) {
+        next = j->next;
+        cancel_job(s, j);
+    }
+}
+
+void wd_jobs_progress(wd_server *s)
+{
+    for (wd_job *j = s->jobs; j; j = j->next)
+        if (j->req && j->req->want_events && j->state == JOB_RUNNING)
+            wd_request_event(j->req, progress_event(j));
+}
+
+bool wd_jobs_load_active(const wd_server *s)
+{
+    for (const wd_job *j = s->jobs; j; j = j->next)
+        if (j->kind == JOB_LOAD && j->state == JOB_RUNNING)
+            return true;
+    return false;
+}
+
+void wd_jobs_describe(const wd_server *s, cJSON *out)
+{
+    cJSON *arr = cJSON_AddArrayToObject(out, "jobs");
+
+    for (const wd_job *j = s->jobs; j; j = j->next) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "kind", j->kind == JOB_LOAD ? "load" : "verify");
+        cJSON_AddStringToObject(o, "model", j->model->name);
+        cJSON_AddStringToObject(o, "phase", phase_name(j));
+        cJSON_AddNumberToObject(o, "bytes_done", (double)atomic_load(&j->io.bytes_done));
+        cJSON_AddNumberToObject(o, "bytes_total", j->io.ckpt ? (double)j->io.ckpt->total_bytes : 0.0);
+        cJSON_AddItemToArray(arr, o);
+    }
+}

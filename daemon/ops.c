@@ -1,0 +1,322 @@
+/* The operations of the protocol, one handler each, and their table. */
+#include "daemon/daemon.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/size.h"
+
+#define INFO_PAGE_DEFAULT 1000
+#define INFO_PAGE_BUDGET (768u * 1024u) /* bytes of tensor entries per reply, under WP_MAX_LINE */
+
+static size_t op_count(void);
+static const wd_op *op_at(size_t i);
+
+static int find_model(wd_server *s, wd_request *r, wd_model **out)
+{
+    const char *name;
+    int rc;
+
+    if ((rc = wp_arg_string(r->args, "name", true, &name, &r->err)))
+        return rc;
+    if (!(*out = wd_registry_find(s, name)))
+        return wd_error_set(&r->err, -ENOENT, "no model named \"%s\" is loaded", name);
+    return 0;
+}
+
+static const char *state_name(wd_model_state st)
+{
+    return st == WD_MODEL_READY ? "ready" : "loading";
+}
+
+/* ---- hello ----------------------------------------------------------------- */
+
+static int op_hello(wd_server *s, wd_request *r)
+{
+    const char *version;
+    char *end;
+    long major;
+    cJSON *res, *ops;
+    int rc;
+
+    if ((rc = wp_arg_string(r->args, "version", true, &version, &r->err)))
+        return rc;
+    major = strtol(version, &end, 10);
+    if (end == version || (*end != '.' && *end != '\0'))
+        return wd_error_set(&r->err, -EINVAL, "protocol version \"%s\" is not MAJOR.MINOR", version);
+    if (major != WP_VERSION_MAJOR)
+        return wd_error_set(&r->err, -EPROTONOSUPPORT,
+                            "protocol version %s is not supported; this weightd speaks %s", version, WP_VERSION);
+    r->conn->hello = true;
+    res = cJSON_CreateObject();
+    cJSON_AddStringToObject(res, "version", WP_VERSION);
+    cJSON_AddStringToObject(res, "server", "weightd " WD_VERSION);
+    cJSON_AddStringToObject(res, "backend", s->backend->name);
+    cJSON_AddNumberToObject(res, "devices", s->backend->n_devices);
+    cJSON_AddNumberToObject(res, "pid", (double)getpid());
+    ops = cJSON_AddArrayToObject(res, "ops");
+    for (size_t i = 0; i < op_count(); i++)
+        cJSON_AddItemToArray(ops, cJSON_CreateString(op_at(i)->name));
+    wd_reply_ok(r, res);
+    return 0;
+}
+
+/* ---- load / unload / verify ------------------------------------------------ */
+
+/* The default name: the checkpoint folder's name, or a file's name without
+ * ".safetensors". */
+static void default_name(const char *path, char *out, size_t len)
+{
+    char tmp[4096];
+    char *base, *dot;
+    size_t n;
+
+    snprintf(tmp, sizeof tmp, "%s", path);
+    n = strlen(tmp);
+    while (n > 1 && tmp[n - 1] == '/')
+        tmp[--n] = '\0';
+    if ((n = strlen(tmp)) > 11 && strcmp(tmp + n - 11, ".index.json") == 0) {
+        /* an index names its folder's model */
+        if ((base = strrchr(tmp, '/')) && base != tmp)
+            *base = '\0';
+    }
+    base = strrchr(tmp, '/');
+    base = base ? base + 1 : tmp;
+    if ((dot = strstr(base, ".safetensors")) && dot != base)
+        *dot = '\0';
+    snprintf(out, len, "%s", base);
+}
+
+static int op_load(wd_server *s, wd_request *r)
+{
+    const char *path, *name = NULL;
+    char defname[WD_MODEL_NAME_MAX + 1];
+    int64_t device = 0;
+    int rc;
+
+    if ((rc = wp_arg_string(r->args, "path", true, &path, &r->err)))
+        return rc;
+    if (path[0] != '/')
+        return wd_error_set(&r->err, -EINVAL, "path \"%s\" must be absolute (the daemon has its own working directory)",
+                            path);
+    if (strlen(path) >= 4096)
+        return wd_error_set(&r->err, -ENAMETOOLONG, "path too long");
+    if ((rc = wp_arg_string(r->args, "name", false, &name, &r->err)) && rc != -ENOENT)
+        return rc;
+    if (!name) {
+        default_name(path, defname, sizeof defname);
+        name = defname;
+    }
+    if ((rc = wp_arg_int(r->args, "device", false, 0, INT32_MAX, &device, &r->err)) == -EINVAL)
+        return rc;
+    if (device >= s->backend->n_devices)
+        return wd_error_set(&r->err, -ENODEV, "no device %lld: this daemon has %d (0 to %d)", (long long)device,
+                            s->backend->n_devices, s->backend->n_devices - 1);
+    return wd_load_start(s, r, path, name, (int)device, &r->err);
+}
+
+static int op_unload(wd_server *s, wd_request *r)
+{
+    wd_model *m;
+    cJSON *res;
+    char size[32];
+    int rc, device;
+
+    if ((rc = find_model(s, r, &m)))
+        return rc;
+    if (m->state != WD_MODEL_READY)
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is still loading", m->name);
+    if (m->busy)
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is being verified", m->name);
+    res = cJSON_CreateObject();
+    cJSON_AddStringToObject(res, "name", m->name);
+    cJSON_AddNumberToObject(res, "bytes", (double)m->bytes);
+    wd_log(WD_LOG_notice, "unloaded %s (%s)", m->name, wd_size_format(m->bytes, size, sizeof size));
+    device = m->device;
+    wd_registry_remove(s, m);
+    /* A daemon that unloads a model gives its memory back to the device. */
+    wa_empty_cache(s->alloc, device);
+    wd_reply_ok(r, res);
+    return 0;
+}
+
+static int op_verify(wd_server *s, wd_request *r)
+{
+    wd_model *m;
+    int rc;
+
+    if ((rc = find_model(s, r, &m)))
+        return rc;
+    return wd_verify_start(s, r, m, &r->err);
+}
+
+/* ---- list / info ----------------------------------------------------------- */
+
+static cJSON *model_summary(const wd_model *m)
+{
+    cJSON *o = cJSON_CreateObject();
+
+    cJSON_AddStringToObject(o, "name", m->name);
+    cJSON_AddStringToObject(o, "path", m->path);
+    cJSON_AddStringToObject(o, "state", state_name(m->state));
+    cJSON_AddNumberToObject(o, "device", m->device);
+    cJSON_AddNumberToObject(o, "tensors", (double)m->ckpt.n_tensors);
+    cJSON_AddNumberToObject(o, "shards", (double)m->ckpt.n_shards);
+    cJSON_AddNumberToObject(o, "bytes", (double)m->bytes);
+    if (m->state == WD_MODEL_READY) {
+        cJSON_AddNumberToObject(o, "load_seconds", m->load_seconds);
+        cJSON_AddNumberToObject(o, "loaded_at", m->loaded_at);
+    }
+    return o;
+}
+
+static int op_list(wd_server *s, wd_request *r)
+{
+    cJSON *res = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(res, "models");
+
+    for (wd_model *m = s->models; m; m = m->next)
+        cJSON_AddItemToArray(arr, model_summary(m));
+    wd_reply_ok(r, res);
+    return 0;
+}
+
+static int op_info(wd_server *s, wd_request *r)
+{
+    wd_model *m;
+    int64_t offset = 0, limit = INFO_PAGE_DEFAULT;
+    uint64_t by_dtype[ST_DTYPE_COUNT] = {0};
+    size_t budget = 0, i;
+    cJSON *res, *arr, *dt;
+    int rc;
+
+    if ((rc = find_model(s, r, &m)))
+        return rc;
+    if (m->state != WD_MODEL_READY)
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is still loading", m->name);
+    if ((rc = wp_arg_int(r->args, "offset", false, 0, INT32_MAX, &offset, &r->err)) == -EINVAL ||
+        (rc = wp_arg_int(r->args, "limit", false, 1, 100000, &limit, &r->err)) == -EINVAL)
+        return rc;
+    res = model_summary(m);
+    dt = cJSON_AddObjectToObject(res, "dtypes");
+    for (i = 0; i < m->ckpt.n_tensors; i++)
+        by_dtype[m->ckpt.tensors[i].st->dtype] += st_tensor_nbytes(m->ckpt.tensors[i].st);
+    for (int d = 0; d < ST_DTYPE_COUNT; d++)
+        if (by_dtype[d])
+            cJSON_AddNumberToObject(dt, st_dtype_name((st_dtype)d), (double)by_dtype[d]);
+    cJSON_AddNumberToObject(res, "offset", (double)offset);
+    arr = cJSON_AddArrayToObject(res, "tensor_list");
+    for (i = (size_t)offset; i < m->ckpt.n_tensors && i < (size_t)(offset + limit); i++) {
+        const st_tensor *t = m->ckpt.tensors[i].st;
+        cJSON *o = cJSON_CreateObject(), *shape;
+        wa_region reg = {0};
+        size_t cost = strlen(t->name) + 24 * t->ndim + 200;
+        if (budget + cost > INFO_PAGE_BUDGET) {
+            cJSON_Delete(o);
+            break;
+        }
+        budget += cost;
+        if (m->tensors[i].block)
+            wa_block_region(m->tensors[i].block, &reg);
+        cJSON_AddStringToObject(o, "name", t->name);
+        cJSON_AddStringToObject(o, "dtype", st_dtype_name(t->dtype));
+        shape = cJSON_AddArrayToObject(o, "shape");
+        for (size_t k = 0; k < t->ndim; k++)
+            cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)t->shape[k]));
+        cJSON_AddNumberToObject(o, "device", m->device);
+        cJSON_AddNumberToObject(o, "segment", reg.segment_id);
+        cJSON_AddNumberToObject(o, "offset", (double)reg.offset);
+        cJSON_AddNumberToObject(o, "bytes", (double)st_tensor_nbytes(t));
+        cJSON_AddItemToArray(arr, o);
+    }
+    if (i < m->ckpt.n_tensors)
+        cJSON_AddNumberToObject(res, "next", (double)i);
+    else
+        cJSON_AddNullToObject(res, "next");
+    wd_reply_ok(r, res);
+    return 0;
+}
+
+/* ---- stats ----------------------------------------------------------------- */
+
+static int op_stats(wd_server *s, wd_request *r)
+{
+    cJSON *res = cJSON_CreateObject(), *devs, *pol;
+    char conf[512];
+
+    cJSON_AddStringToObject(res, "backend", s->backend->name);
+    cJSON_AddNumberToObject(res, "uptime", wd_now() - s->started);
+    cJSON_AddNumberToObject(res, "models", (double)wd_registry_count(s));
+    cJSON_AddNumberToObject(res, "connections", (double)s->n_conns);
+    pol = cJSON_AddObjectToObject(res, "policy");
+    cJSON_AddStringToObject(pol, "current", wa_config_format(wa_get_config(s->alloc), conf, sizeof conf));
+    cJSON_AddNumberToObject(pol, "depth", (double)wa_policy_depth(s->alloc));
+    cJSON_AddBoolToObject(pol, "load_policy_active", wd_jobs_load_active(s));
+    cJSON_AddStringToObject(pol, "load", s->conf->load_alloc_conf);
+    wd_jobs_describe(s, res);
+    devs = cJSON_AddArrayToObject(res, "devices");
+    for (int d = 0; d < wa_device_count(s->alloc); d++) {
+        cJSON *o = cJSON_CreateObject();
+        wa_device_info info;
+        wa_stats st;
+        wa_get_stats(s->alloc, d, &st);
+        s->backend->describe(s->backend, d, &info);
+        cJSON_AddNumberToObject(o, "device", d);
+        cJSON_AddStringToObject(o, "name", info.name);
+        cJSON_AddNumberToObject(o, "capacity", (double)st.capacity);
+#define X(name, what)                                                            \
+        {                                                                        \
+            cJSON *v = cJSON_AddObjectToObject(o, #name);                        \
+            cJSON_AddNumberToObject(v, "current", (double)st.name.current);      \
+            cJSON_AddNumberToObject(v, "peak", (double)st.name.peak);            \
+        }
+        WA_STAT_LIST(X)
+#undef X
+#define X(name, what) cJSON_AddNumberToObject(o, #name, (double)st.name);
+        WA_COUNTER_LIST(X)
+#undef X
+        cJSON_AddNumberToObject(o, "largest_free_block", (double)st.largest_free_block);
+        cJSON_AddNumberToObject(o, "fragmentation", st.fragmentation);
+        cJSON_AddItemToArray(devs, o);
+    }
+    wd_reply_ok(r, res);
+    return 0;
+}
+
+/* ---- shutdown -------------------------------------------------------------- */
+
+static int op_shutdown(wd_server *s, wd_request *r)
+{
+    cJSON *res = cJSON_CreateObject();
+
+    cJSON_AddBoolToObject(res, "stopping", 1);
+    wd_reply_ok(r, res);
+    wd_server_stop(s, "shutdown requested");
+    return 0;
+}
+
+/* ---- the table ------------------------------------------------------------- */
+
+static const wd_op op_table[] = {
+    {"hello", op_hello, false},   {"load", op_load, true},   {"unload", op_unload, true},
+    {"verify", op_verify, false}, {"list", op_list, false},  {"info", op_info, false},
+    {"stats", op_stats, false},   {"shutdown", op_shutdown, true},
+};
+
+static size_t op_count(void)
+{
+    return sizeof op_table / sizeof op_table[0];
+}
+
+static const wd_op *op_at(size_t i)
+{
+    return &op_table[i];
+}
+
+const wd_op *wd_op_find(const char *name)
+{
+    for (size_t i = 0; i < sizeof op_table / sizeof op_table[0]; i++)
+        if (strcmp(op_table[i].name, name) == 0)
+            return &op_table[i];
+    return NULL;
+}

@@ -1,0 +1,609 @@
+/* The loop's side of weightd: the listening socket, connections, request
+ * dispatch, systemd notifications and the orderly stop.
+ *
+ * Connections are raw non-blocking sockets watched by uv_poll so that every
+ * message can carry descriptors (SCM_RIGHTS) exactly where the protocol puts
+ * them; framing lives in proto/. */
+#include "daemon/daemon.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <systemd/sd-daemon.h>
+
+#include "common/size.h"
+
+#define TICK_MS 200
+#define MAX_QUEUED_OUTPUT (64u << 20) /* a client this far behind is dropped */
+
+double wd_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+double wd_wall(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- connections ----------------------------------------------------------- */
+
+static void conn_close(wd_conn *c, const char *why);
+
+static void on_conn_closed(uv_handle_t *h)
+{
+    wd_conn *c = h->data;
+
+    close(c->fd);
+    wp_reader_free(&c->rd);
+    wp_writer_free(&c->wr);
+    free(c);
+}
+
+static void conn_update_poll(wd_conn *c)
+{
+    int events = c->closing ? 0 : UV_READABLE;
+
+    if (!wp_writer_empty(&c->wr))
+        events |= UV_WRITABLE;
+    if (events)
+        uv_poll_start(&c->poll, events, c->poll.poll_cb);
+    else
+        uv_poll_stop(&c->poll);
+}
+
+static void conn_flush(wd_conn *c)
+{
+    int rc = wp_writer_flush(&c->wr, c->fd);
+
+    if (rc && rc != -EAGAIN) {
+        conn_close(c, rc == -EPIPE || rc == -ECONNRESET ? "peer went away" : strerror(-rc));
+        return;
+    }
+    if (c->closing && wp_writer_empty(&c->wr)) {
+        conn_close(c, NULL);
+        return;
+    }
+    conn_update_poll(c);
+}
+
+static void conn_send(wd_conn *c, cJSON *msg, const int *fds, size_t n_fds)
+{
+    char *line;
+    size_t len;
+
+    if (!c || c->dead || !msg) {
+        cJSON_Delete(msg);
+        return;
+    }
+    line = wp_encode(msg, &len);
+    cJSON_Delete(msg);
+    if (!line || len > WP_MAX_LINE) {
+        wd_log(WD_LOG_error, "client %llu: a reply of %zu bytes does not fit a message; dropping the client",
+               (unsigned long long)c->serial, line ? len : 0);
+        free(line);
+        conn_close(c, "reply too large");
+        return;
+    }
+    if (wp_writer_push(&c->wr, line, len, fds, n_fds)) {
+        free(line);
+        conn_close(c, "out of memory queueing a reply");
+        return;
+    }
+    free(line);
+    if (c->wr.queued > MAX_QUEUED_OUTPUT) {
+        conn_close(c, "client does not read its replies");
+        return;
+    }
+    conn_flush(c);
+}
+
+static void request_unlink(wd_request *r)
+{
+    wd_conn *c = r->conn;
+
+    if (!c)
+        return;
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        c->pending = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    r->conn = NULL;
+    r->prev = r->next = NULL;
+}
+
+static void request_free(wd_request *r)
+{
+    request_unlink(r);
+    cJSON_Delete(r->id);
+    cJSON_Delete(r->args);
+    free(r);
+}
+
+void wd_reply_ok(wd_request *r, cJSON *result)
+{
+    conn_send(r->conn, wp_reply_ok(r->id, result), NULL, 0);
+    request_free(r);
+}
+
+void wd_reply_error(wd_request *r, int code, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (r->conn)
+        wd_log(WD_LOG_debug, "client %llu: %s failed: %s: %s", (unsigned long long)r->conn->serial, r->op,
+               wd_errname(code), msg);
+    conn_send(r->conn, wp_reply_error(r->id, code, msg), NULL, 0);
+    request_free(r);
+}
+
+void wd_reply_err(wd_request *r, const wd_error *e)
+{
+    wd_reply_error(r, e->code ? e->code : -EIO, "%s", wd_error_text(e));
+}
+
+void wd_request_event(wd_request *r, cJSON *ev)
+{
+    if (r->conn && r->want_events)
+        conn_send(r->conn, ev, NULL, 0);
+    else
+        cJSON_Delete(ev);
+}
+
+/* Sends an error that belongs to no request (a line we could not parse). */
+static void send_stray_error(wd_conn *c, const cJSON *id, int code, const char *msg)
+{
+    conn_send(c, wp_reply_error(id, code, msg), NULL, 0);
+}
+
+static void conn_close(wd_conn *c, const char *why)
+{
+    wd_server *s = c->srv;
+
+    if (c->dead)
+        return;
+    c->dead = true;
+    if (why)
+        wd_log(WD_LOG_info, "client %llu (pid %d): closed: %s", (unsigned long long)c->serial, (int)c->pid, why);
+    else
+        wd_log(WD_LOG_debug, "client %llu (pid %d): closed", (unsigned long long)c->serial, (int)c->pid);
+    /* Requests still running lose their client: loads it started are cancelled. */
+    while (c->pending) {
+        wd_request *r = c->pending;
+        request_unlink(r);
+        wd_jobs_request_gone(s, r);
+    }
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    s->n_conns--;
+    uv_close((uv_handle_t *)&c->poll, on_conn_closed);
+}
+
+static bool peer_privileged(const wd_conn *c)
+{
+    return c->uid == 0 || c->uid == geteuid();
+}
+
+static void handle_line(wd_conn *c, const char *line, size_t len)
+{
+    wd_server *s = c->srv;
+    wd_error err = {0};
+    cJSON *msg = NULL, *id, *op, *args;
+    const wd_op *desc;
+    wd_request *r;
+    int rc;
+
+    if (len == 0)
+        return; /* blank lines are allowed between messages */
+    if ((rc = wp_parse(line, len, &msg, &err))) {
+        wd_log(WD_LOG_info, "client %llu: bad message: %s", (unsigned long long)c->serial, wd_error_text(&err));
+        send_stray_error(c, NULL, rc, wd_error_text(&err));
+        return;
+    }
+    id = cJSON_GetObjectItemCaseSensitive(msg, "id");
+    op = cJSON_GetObjectItemCaseSensitive(msg, "op");
+    args = cJSON_GetObjectItemCaseSensitive(msg, "args");
+    if (id && !cJSON_IsNumber(id) && !cJSON_IsString(id) && !cJSON_IsNull(id)) {
+        send_stray_error(c, NULL, -EINVAL, "\"id\" must be a number or a string");
+        goto out;
+    }
+    if (!cJSON_IsString(op)) {
+        send_stray_error(c, id, -EINVAL, "\"op\" must be a string naming the operation");
+        goto out;
+    }
+    if (args && !cJSON_IsObject(args)) {
+        send_stray_error(c, id, -EINVAL, "\"args\" must be an object");
+        goto out;
+    }
+    if (!(desc = wd_op_find(op->valuestring))) {
+        char text[160];
+        snprintf(text, sizeof text, "unknown operation \"%.64s\"", op->valuestring);
+        send_stray_error(c, id, -ENOSYS, text);
+        goto out;
+    }
+    if (!c->hello && strcmp(desc->name, "hello") != 0) {
+        send_stray_error(c, id, -EPROTO, "the first request must be \"hello\"");
+        goto out;
+    }
+    if (desc->privileged && !peer_privileged(c)) {
+        char text[160];
+        snprintf(text, sizeof text, "\"%s\" is only for the daemon's own user or root (you are uid %u)",
+                 desc->name, (unsigned)c->uid);
+        send_stray_error(c, id, -EPERM, text);
+        goto out;
+    }
+    if (!(r = calloc(1, sizeof *r))) {
+        send_stray_error(c, id, -ENOMEM, "out of memory");
+        goto out;
+    }
+    r->conn = c;
+    r->id = id ? cJSON_DetachItemViaPointer(msg, id) : NULL;
+    r->args = args ? cJSON_DetachItemViaPointer(msg, args) : cJSON_CreateObject();
+    snprintf(r->op, sizeof r->op, "%s", desc->name);
+    r->next = c->pending;
+    if (c->pending)
+        c->pending->prev = r;
+    c->pending = r;
+    if (wp_arg_bool(r->args, "events", &r->want_events, &r->err) == -EINVAL) {
+        wd_reply_err(r, &r->err);
+        goto out;
+    }
+    wd_log(WD_LOG_debug, "client %llu: %s", (unsigned long long)c->serial, r->op);
+    if ((rc = desc->fn(s, r)))
+        wd_reply_error(r, rc, "%s", r->err.msg[0] ? r->err.msg : wd_strerror(rc));
+out:
+    cJSON_Delete(msg);
+}
+
+static void on_conn_event(uv_poll_t *h, int status, int events)
+{
+    wd_conn *c = h->data;
+    char *line;
+    size_t len;
+    int rc;
+
+    if (status < 0) {
+        conn_close(c, uv_strerror(status));
+        return;
+    }
+    if (events & UV_WRITABLE) {
+        conn_flush(c);
+        if (c->dead)
+            return;
+    }
+    if (!(events & UV_READABLE) || c->closing)
+        return;
+    /* A bounded number of reads per wakeup keeps one client from starving others. */
+    for (int round = 0; round < 16 && !c->dead && !c->closing; round++) {
+        rc = wp_reader_fill(&c->rd, c->fd);
+        if (rc == -EAGAIN)
+            break;
+        if (rc == 0) {
+            conn_close(c, NULL);
+            return;
+        }
+        if (rc == -EMSGSIZE) {
+            send_stray_error(c, NULL, -EMSGSIZE, "too many file descriptors sent with a message");
+        } else if (rc < 0) {
+            conn_close(c, strerror(-rc));
+            return;
+        }
+        while (!c->dead && !c->closing && (rc = wp_reader_next(&c->rd, &line, &len)) == 1)
+            handle_line(c, line, len);
+        if (rc == -EMSGSIZE && !c->dead) {
+            char text[96];
+            snprintf(text, sizeof text, "message longer than %u bytes; closing the connection", WP_MAX_LINE);
+            wd_log(WD_LOG_info, "client %llu: %s", (unsigned long long)c->serial, text);
+            send_stray_error(c, NULL, -EMSGSIZE, text);
+            if (!c->dead) {
+                c->closing = true;
+                conn_flush(c);
+            }
+            return;
+        }
+    }
+    /* Descriptors nobody asked for are not kept. */
+    if (!c->dead && c->rd.n_fds) {
+        int fds[WP_MAX_FDS];
+        size_t n;
+        while ((n = wp_reader_take_fds(&c->rd, fds, WP_MAX_FDS)))
+            for (size_t i = 0; i < n; i++)
+                close(fds[i]);
+    }
+}
+
+static void on_listen(uv_poll_t *h, int status, int events)
+{
+    wd_server *s = h->data;
+    (void)events;
+
+    if (status < 0) {
+        wd_log(WD_LOG_error, "listening socket: %s", uv_strerror(status));
+        return;
+    }
+    for (;;) {
+        struct ucred cred;
+        socklen_t clen = sizeof cred;
+        wd_conn *c;
+        int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                wd_log(WD_LOG_warning, "accept: %s", strerror(errno));
+            return;
+        }
+        if ((int64_t)s->n_conns >= s->conf->max_clients || s->stopping) {
+            static const char busy[] = "{\"id\":null,\"ok\":false,\"error\":{\"code\":\"EBUSY\","
+                                       "\"message\":\"weightd is serving its maximum number of clients\"}}\n";
+            ssize_t ignored = send(fd, busy, sizeof busy - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+            (void)ignored;
+            close(fd);
+            wd_log(WD_LOG_warning, "refused a client: %zu connections already (max_clients)", s->n_conns);
+            continue;
+        }
+        if (!(c = calloc(1, sizeof *c))) {
+            close(fd);
+            continue;
+        }
+        c->srv = s;
+        c->fd = fd;
+        c->serial = ++s->next_serial;
+        wp_reader_init(&c->rd);
+        wp_writer_init(&c->wr);
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0) {
+            c->pid = cred.pid;
+            c->uid = cred.uid;
+        } else {
+            c->uid = (uid_t)-1; /* unknown: not privileged */
+        }
+        if (uv_poll_init(s->loop, &c->poll, fd)) {
+            close(fd);
+            free(c);
+            continue;
+        }
+        c->poll.data = c;
+        c->next = s->conns;
+        if (s->conns)
+            s->conns->prev = c;
+        s->conns = c;
+        s->n_conns++;
+        uv_poll_start(&c->poll, UV_READABLE, on_conn_event);
+        wd_log(WD_LOG_debug, "client %llu connected (pid %d, uid %u)", (unsigned long long)c->serial, (int)c->pid,
+               (unsigned)c->uid);
+    }
+}
+
+/* ---- the listening socket -------------------------------------------------- */
+
+static int bind_socket(wd_server *s, const char *path, wd_error *err)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    int fd, rc;
+
+    if (strlen(path) >= sizeof addr.sun_path)
+        return wd_error_set(err, -ENAMETOOLONG, "socket path too long (%zu bytes, at most %zu): %s", strlen(path),
+                            sizeof addr.sun_path - 1, path);
+    strcpy(addr.sun_path, path);
+    if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
+        return wd_error_set(err, -errno, "socket: %s", strerror(errno));
+    for (int attempt = 0;; attempt++) {
+        if (bind(fd, (struct sockaddr *)&addr, sizeof addr) == 0)
+            break;
+        if (errno != EADDRINUSE || attempt > 0) {
+            rc = wd_error_set(err, -errno, "cannot listen on %s: %s", path, strerror(errno));
+            goto fail;
+        }
+        /* Something is there: a live daemon answers, a stale socket refuses. */
+        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (probe >= 0 && connect(probe, (struct sockaddr *)&addr, sizeof addr) == 0) {
+            close(probe);
+            rc = wd_error_set(err, -EADDRINUSE, "another weightd is already listening on %s", path);
+            goto fail;
+        }
+        if (probe >= 0)
+            close(probe);
+        if (errno != ECONNREFUSED && errno != ENOENT) {
+            rc = wd_error_set(err, -EADDRINUSE, "%s exists and is not a weightd socket (%s)", path, strerror(errno));
+            goto fail;
+        }
+        struct stat st;
+        if (lstat(path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+            rc = wd_error_set(err, -EADDRINUSE, "%s exists and is not a socket; not replacing it", path);
+            goto fail;
+        }
+        wd_log(WD_LOG_notice, "replacing the stale socket %s", path);
+        unlink(path);
+    }
+    if (chmod(path, 0660) < 0 || listen(fd, 128) < 0) {
+        rc = wd_error_set(err, -errno, "cannot listen on %s: %s", path, strerror(errno));
+        unlink(path);
+        goto fail;
+    }
+    s->listen_fd = fd;
+    s->own_socket = true;
+    snprintf(s->socket_path, sizeof s->socket_path, "%s", path);
+    return 0;
+fail:
+    close(fd);
+    return rc;
+}
+
+static int open_listener(wd_server *s, wd_error *err)
+{
+    char path[sizeof s->socket_path];
+    int n = sd_listen_fds(1);
+
+    if (n > 1)
+        return wd_error_set(err, -EINVAL, "systemd passed %d sockets; weightd takes one", n);
+    if (n == 1) {
+        struct sockaddr_un addr;
+        socklen_t len = sizeof addr;
+        if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) <= 0)
+            return wd_error_set(err, -EINVAL, "the socket systemd passed is not a listening Unix stream socket");
+        s->listen_fd = SD_LISTEN_FDS_START;
+        s->own_socket = false;
+        fcntl(s->listen_fd, F_SETFL, fcntl(s->listen_fd, F_GETFL) | O_NONBLOCK);
+        fcntl(s->listen_fd, F_SETFD, FD_CLOEXEC);
+        if (getsockname(s->listen_fd, (struct sockaddr *)&addr, &len) == 0)
+            snprintf(s->socket_path, sizeof s->socket_path, "%s", addr.sun_path);
+        wd_log(WD_LOG_info, "listening on %s (socket from systemd)", s->socket_path);
+        return 0;
+    }
+    if (s->conf->socket[0])
+        snprintf(path, sizeof path, "%s", s->conf->socket);
+    else
+        wp_default_socket(path, sizeof path);
+    return bind_socket(s, path, err);
+}
+
+/* ---- life cycle ------------------------------------------------------------ */
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    wd_server *s = h->data;
+    wd_server_stop(s, signum == SIGINT ? "SIGINT" : "SIGTERM");
+}
+
+static void on_tick(uv_timer_t *h)
+{
+    wd_server *s = h->data;
+    static double last_ping;
+
+    wd_jobs_progress(s);
+    if (s->watchdog_usec && wd_now() - last_ping >= (double)s->watchdog_usec / 2e6) {
+        sd_notify(0, "WATCHDOG=1");
+        last_ping = wd_now();
+    }
+}
+
+int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *err)
+{
+    wa_backend_opts bopts = {0};
+    wa_device_info info;
+    char size[32];
+    int rc;
+
+    memset(s, 0, sizeof *s);
+    s->loop = loop;
+    s->conf = conf;
+    s->listen_fd = -1;
+    s->started = wd_now();
+    bopts.name = conf->backend;
+    bopts.n_devices = (int)conf->host_devices;
+    bopts.capacity = conf->host_capacity;
+    if ((rc = wa_backend_create(&bopts, &s->backend, err)))
+        return rc;
+    if ((rc = wa_create(s->backend, conf->alloc_conf, &s->alloc, err)))
+        goto fail;
+    /* Check the load policy now rather than at the first load. */
+    if ((rc = wa_policy_push(s->alloc, conf->load_alloc_conf, err))) {
+        wd_error_prefix(err, "--load-alloc-conf");
+        goto fail;
+    }
+    wa_policy_pop(s->alloc);
+    if ((rc = open_listener(s, err)))
+        goto fail;
+    uv_poll_init(loop, &s->listen_poll, s->listen_fd);
+    s->listen_poll.data = s;
+    uv_poll_start(&s->listen_poll, UV_READABLE, on_listen);
+    uv_signal_init(loop, &s->sig_int);
+    uv_signal_init(loop, &s->sig_term);
+    s->sig_int.data = s->sig_term.data = s;
+    uv_signal_start(&s->sig_int, on_signal, SIGINT);
+    uv_signal_start(&s->sig_term, on_signal, SIGTERM);
+    uv_timer_init(loop, &s->tick);
+    s->tick.data = s;
+    uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
+    if (sd_watchdog_enabled(0, &s->watchdog_usec) <= 0)
+        s->watchdog_usec = 0;
+
+    for (int i = 0; i < s->backend->n_devices; i++) {
+        s->backend->describe(s->backend, i, &info);
+        wd_log(WD_LOG_info, "device %d: %s, capacity %s", i, info.name,
+               wd_size_format(info.capacity, size, sizeof size));
+    }
+    wd_log(WD_LOG_notice, "weightd %s listening on %s (backend %s, %d device%s, load policy %s)", WD_VERSION,
+           s->socket_path, s->backend->name, s->backend->n_devices, s->backend->n_devices == 1 ? "" : "s",
+           conf->load_alloc_conf);
+    sd_notifyf(0, "READY=1\nSTATUS=listening on %s, no models loaded", s->socket_path);
+    return 0;
+fail:
+    wa_destroy(s->alloc);
+    wa_backend_destroy(s->backend);
+    s->alloc = NULL;
+    s->backend = NULL;
+    return rc;
+}
+
+void wd_server_stop(wd_server *s, const char *why)
+{
+    if (s->stopping)
+        return;
+    s->stopping = true;
+    wd_log(WD_LOG_notice, "stopping (%s)", why);
+    sd_notify(0, "STOPPING=1");
+    uv_poll_stop(&s->listen_poll);
+    if (s->own_socket)
+        unlink(s->socket_path);
+    wd_jobs_cancel_all(s);
+    /* Clients get what is already queued for them, then the connection closes. */
+    for (wd_conn *c = s->conns, *next; c; c = next) {
+        next = c->next;
+        c->closing = true;
+        conn_flush(c);
+    }
+    wd_server_maybe_finish(s);
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    (void)h;
+}
+
+void wd_server_maybe_finish(wd_server *s)
+{
+    if (!s->stopping || s->jobs_running || s->jobs || !s->alloc)
+        return;
+    while (s->models)
+        wd_registry_remove(s, s->models);
+    for (wd_conn *c = s->conns, *next; c; c = next) {
+        next = c->next;
+        conn_close(c, NULL);
+    }
+    wa_destroy(s->alloc);
+    s->alloc = NULL;
+    wa_backend_destroy(s->backend);
+    s->backend = NULL;
+    uv_close((uv_handle_t *)&s->listen_poll, on_handle_closed);
+    if (s->listen_fd >= 0)
+        close(s->listen_fd);
+    s->listen_fd = -1;
+    uv_close((uv_handle_t *)&s->sig_int, on_handle_closed);
+    uv_close((uv_handle_t *)&s->sig_term, on_handle_closed);
+    uv_close((uv_handle_t *)&s->tick, on_handle_closed);
+    wd_log(WD_LOG_notice, "stopped: every segment released");
+}

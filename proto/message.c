@@ -1,0 +1,170 @@
+/* Protocol messages: parsing, encoding, builders and typed arguments. */
+#include "proto/proto.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int wp_parse(const char *line, size_t len, cJSON **out, wd_error *err)
+{
+    const char *end = NULL;
+    cJSON *msg;
+
+    if (memchr(line, '\0', len))
+        return wd_error_set(err, -EBADMSG, "message contains a NUL byte");
+    msg = cJSON_ParseWithLengthOpts(line, len, &end, 0);
+    if (!msg)
+        return wd_error_set(err, -EBADMSG, "malformed JSON near byte %zu",
+                            cJSON_GetErrorPtr() ? (size_t)(cJSON_GetErrorPtr() - line) : (size_t)0);
+    while (end && end < line + len && (*end == ' ' || *end == '\t' || *end == '\r'))
+        end++;
+    if (end && end < line + len) {
+        cJSON_Delete(msg);
+        return wd_error_set(err, -EBADMSG, "trailing bytes after the JSON object");
+    }
+    if (!cJSON_IsObject(msg)) {
+        cJSON_Delete(msg);
+        return wd_error_set(err, -EBADMSG, "a message must be a JSON object");
+    }
+    *out = msg;
+    return 0;
+}
+
+char *wp_encode(const cJSON *msg, size_t *len)
+{
+    char *text = cJSON_PrintUnformatted(msg), *line;
+    size_t n;
+
+    if (!text)
+        return NULL;
+    n = strlen(text);
+    if (!(line = realloc(text, n + 2))) {
+        free(text);
+        return NULL;
+    }
+    line[n] = '\n';
+    line[n + 1] = '\0';
+    *len = n + 1;
+    return line;
+}
+
+static void add_id(cJSON *msg, const cJSON *id)
+{
+    cJSON *copy = id ? cJSON_Duplicate(id, 1) : cJSON_CreateNull();
+    if (copy)
+        cJSON_AddItemToObject(msg, "id", copy);
+}
+
+cJSON *wp_request_new(int64_t id, const char *op, cJSON *args)
+{
+    cJSON *msg = cJSON_CreateObject();
+
+    if (!msg) {
+        cJSON_Delete(args);
+        return NULL;
+    }
+    cJSON_AddNumberToObject(msg, "id", (double)id);
+    cJSON_AddStringToObject(msg, "op", op);
+    cJSON_AddItemToObject(msg, "args", args ? args : cJSON_CreateObject());
+    return msg;
+}
+
+cJSON *wp_reply_ok(const cJSON *id, cJSON *result)
+{
+    cJSON *msg = cJSON_CreateObject();
+
+    if (!msg) {
+        cJSON_Delete(result);
+        return NULL;
+    }
+    add_id(msg, id);
+    cJSON_AddBoolToObject(msg, "ok", 1);
+    cJSON_AddItemToObject(msg, "result", result ? result : cJSON_CreateObject());
+    return msg;
+}
+
+cJSON *wp_reply_error(const cJSON *id, int code, const char *message)
+{
+    cJSON *msg = cJSON_CreateObject(), *e;
+
+    if (!msg)
+        return NULL;
+    add_id(msg, id);
+    cJSON_AddBoolToObject(msg, "ok", 0);
+    e = cJSON_AddObjectToObject(msg, "error");
+    cJSON_AddStringToObject(e, "code", wd_errname(code));
+    cJSON_AddStringToObject(e, "message", message && *message ? message : wd_strerror(code));
+    return msg;
+}
+
+cJSON *wp_event_new(const cJSON *id, const char *event)
+{
+    cJSON *msg = cJSON_CreateObject();
+
+    if (!msg)
+        return NULL;
+    cJSON_AddStringToObject(msg, "event", event);
+    add_id(msg, id);
+    return msg;
+}
+
+int wp_arg_string(const cJSON *args, const char *key, bool required, const char **out, wd_error *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(args, key);
+
+    if (!v || cJSON_IsNull(v))
+        return required ? wd_error_set(err, -EINVAL, "argument \"%s\" is required", key) : -ENOENT;
+    if (!cJSON_IsString(v))
+        return wd_error_set(err, -EINVAL, "argument \"%s\" must be a string", key);
+    *out = v->valuestring;
+    return 0;
+}
+
+int wp_arg_int(const cJSON *args, const char *key, bool required, int64_t min, int64_t max, int64_t *out,
+               wd_error *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(args, key);
+    double d;
+
+    if (!v || cJSON_IsNull(v))
+        return required ? wd_error_set(err, -EINVAL, "argument \"%s\" is required", key) : -ENOENT;
+    if (!cJSON_IsNumber(v))
+        return wd_error_set(err, -EINVAL, "argument \"%s\" must be a number", key);
+    d = v->valuedouble;
+    if (!isfinite(d) || d != floor(d))
+        return wd_error_set(err, -EINVAL, "argument \"%s\" must be a whole number", key);
+    if (d < (double)min || d > (double)max)
+        return wd_error_set(err, -EINVAL, "argument \"%s\" must be between %lld and %lld", key, (long long)min,
+                            (long long)max);
+    *out = (int64_t)d;
+    return 0;
+}
+
+int wp_arg_bool(const cJSON *args, const char *key, bool *out, wd_error *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(args, key);
+
+    if (!v || cJSON_IsNull(v))
+        return -ENOENT;
+    if (!cJSON_IsBool(v))
+        return wd_error_set(err, -EINVAL, "argument \"%s\" must be true or false", key);
+    *out = cJSON_IsTrue(v);
+    return 0;
+}
+
+const char *wp_default_socket(char *buf, size_t len)
+{
+    const char *env = getenv("WEIGHTD_SOCKET"), *xdg;
+
+    if (env && *env)
+        snprintf(buf, len, "%s", env);
+    else if (geteuid() == 0)
+        snprintf(buf, len, "/run/weightd/weightd.sock");
+    else if ((xdg = getenv("XDG_RUNTIME_DIR")) && *xdg)
+        snprintf(buf, len, "%s/weightd.sock", xdg);
+    else
+        snprintf(buf, len, "/tmp/weightd-%u.sock", (unsigned)geteuid());
+    return buf;
+}
