@@ -6,6 +6,8 @@ LIBDIR    ?= $(PREFIX)/lib
 INCDIR    ?= $(PREFIX)/include
 PCDIR     ?= $(LIBDIR)/pkgconfig
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 DESTDIR   ?=
 VERSION   := 0.1.0
 
@@ -52,10 +54,11 @@ else
 USE_CUDA := no
 endif
 ifeq ($(USE_CUDA),yes)
-# Link against the driver stub so the build works on machines without a GPU;
-# the real libcuda.so.1 is found at run time where a driver is installed.
+# Only headers and a define: nothing links libcuda, so every program starts on
+# machines without a driver (CI). Code that needs the driver resolves it at
+# run time.
 CUDA_CFLAGS := -DWD_WITH_CUDA=1 -I$(CUDA_HOME)/include
-CUDA_LIBS   := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib64/stubs -lcuda -lcudart -Wl,-rpath,$(CUDA_HOME)/lib64
+CUDA_LIBS   :=
 CUDA_REPORT := CUDA: yes ($(CUDA_HOME), WITH_CUDA=$(WITH_CUDA))
 else
 CUDA_REPORT := CUDA: no (WITH_CUDA=$(WITH_CUDA), $(CUDA_HOME)/include/cuda.h $(if $(filter yes,$(CUDA_FOUND)),found,not found))
@@ -97,7 +100,7 @@ all: config $(BINS) $(LIBS)
 config:
 	@echo "weightd $(VERSION): $(CUDA_REPORT); build in $(BUILD)$(if $(SANITIZE), with -fsanitize=$(SANITIZE))"
 
-$(BUILD)/obj/%.o: %.c
+$(BUILD)/obj/%.o: %.c Makefile
 	@mkdir -p $(dir $@)
 	$(call msg,CC,$<)$(CC) $(CFLAGS) -c $< -o $@
 
@@ -125,8 +128,10 @@ $(BUILD)/libweightd-client.so: $(BUILD)/libweightd-client.so.0
 $(BUILD)/libweightd-client.a: $(CLIENT_OBJ)
 	$(call msg,AR,$@)rm -f $@ && $(AR) rcs $@ $^
 
+PC_SED = sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCDIR@|$(INCDIR)|; s|@VERSION@|$(VERSION)|'
+
 $(BUILD)/weightd-client.pc: client/weightd-client.pc.in Makefile
-	$(call msg,GEN,$@)sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCDIR@|$(INCDIR)|; s|@VERSION@|$(VERSION)|' $< > $@
+	$(call msg,GEN,$@)$(PC_SED) $< > $@
 
 $(UNIT): $(call obj,$(UNIT_SRC)) $(DAEMON_OBJ) $(CORE_OBJ) $(call obj,$(CLIENT_SRC))
 	@mkdir -p $(dir $@)
@@ -147,22 +152,26 @@ demo: all
 	$(Q)WEIGHTD_BUILD=$(abspath $(BUILD)) scripts/demo-run
 
 install: all
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PCDIR) $(DESTDIR)$(UNITDIR)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PCDIR) $(DESTDIR)$(UNITDIR) \
+	    $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
 	install -m 755 $(BINS) $(DESTDIR)$(BINDIR)/
 	install -m 755 $(BUILD)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/
 	ln -sf libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/libweightd-client.so
 	install -m 644 $(BUILD)/libweightd-client.a $(DESTDIR)$(LIBDIR)/
 	install -m 644 client/weightd-client.h $(DESTDIR)$(INCDIR)/
-	install -m 644 $(BUILD)/weightd-client.pc $(DESTDIR)$(PCDIR)/
+	$(PC_SED) client/weightd-client.pc.in > $(DESTDIR)$(PCDIR)/weightd-client.pc
 	sed 's|@BINDIR@|$(BINDIR)|g' systemd/weightd.service.in > $(DESTDIR)$(UNITDIR)/weightd.service
 	install -m 644 systemd/weightd.socket $(DESTDIR)$(UNITDIR)/
+	install -m 644 systemd/weightd.sysusers $(DESTDIR)$(SYSUSERSDIR)/weightd.conf
+	install -m 644 systemd/weightd.tmpfiles $(DESTDIR)$(TMPFILESDIR)/weightd.conf
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(notdir $(BINS)))
 	rm -f $(DESTDIR)$(LIBDIR)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/libweightd-client.so \
 	      $(DESTDIR)$(LIBDIR)/libweightd-client.a $(DESTDIR)$(INCDIR)/weightd-client.h \
 	      $(DESTDIR)$(PCDIR)/weightd-client.pc $(DESTDIR)$(UNITDIR)/weightd.service \
-	      $(DESTDIR)$(UNITDIR)/weightd.socket
+	      $(DESTDIR)$(UNITDIR)/weightd.socket $(DESTDIR)$(SYSUSERSDIR)/weightd.conf \
+	      $(DESTDIR)$(TMPFILESDIR)/weightd.conf
 
 clean:
 	rm -rf build build-san

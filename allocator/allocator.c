@@ -353,11 +353,14 @@ static void oom_message(wa_allocator *a, int device, uint64_t requested, uint64_
     uint64_t allocated = (uint64_t)s->allocated_bytes.current;
     uint64_t limit = a->dev[device].limit;
 
+    char request[64] = "";
+
+    if (requested != seg_size)
+        snprintf(request, sizeof request, " (for a request of %s)", wd_size_format(requested, asked, sizeof asked));
     wd_error_set(err, -ENOMEM,
-                 "out of memory on device %d: tried to allocate %s (a %s request); the device has a "
-                 "capacity of %s of which %s is free; %s is allocated and %s is reserved but unallocated",
-                 device, wd_size_format(seg_size, want, sizeof want), wd_size_format(requested, asked, sizeof asked),
-                 wd_size_format(limit, cap, sizeof cap),
+                 "out of memory on device %d: tried to allocate %s%s; the device has a capacity of %s of which "
+                 "%s is free; %s is allocated and %s is reserved but unallocated",
+                 device, wd_size_format(seg_size, want, sizeof want), request, wd_size_format(limit, cap, sizeof cap),
                  wd_size_format(limit > reserved ? limit - reserved : 0, freeb, sizeof freeb),
                  wd_size_format(allocated, alloc, sizeof alloc),
                  wd_size_format(reserved - allocated, unalloc, sizeof unalloc));

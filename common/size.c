@@ -28,12 +28,19 @@ int wd_size_parse(const char *text, uint64_t *out)
         return -EINVAL;
     while (isspace((unsigned char)*text))
         text++;
-    if (!isdigit((unsigned char)*text) && *text != '.')
-        return -EINVAL;   /* no sign, no "inf", no hex */
+    /* Digits with at most one '.', nothing strtod would also take (signs,
+     * hex, exponents, "inf"). */
+    n = 0;
+    for (int dots = 0; isdigit((unsigned char)text[n]) || (text[n] == '.' && !dots++); n++)
+        ;
+    if (n == 0 || (n == 1 && text[0] == '.'))
+        return -EINVAL;
     errno = 0;
     value = strtod(text, &end);
-    if (errno || end == text || !isfinite(value))
+    if (errno || end != text + n || !isfinite(value))
         return -EINVAL;
+    while (isspace((unsigned char)*end))
+        end++;
     n = 0;
     while (end[n] && !isspace((unsigned char)end[n]))
         n++;

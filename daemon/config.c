@@ -204,10 +204,12 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             wd_config_usage(out);
+            wd_config_free(c);
             return 1;
         }
         if (strcmp(argv[i], "--version") == 0) {
             fprintf(out, "weightd %s (protocol %s; backends: %s)\n", WD_VERSION, WP_VERSION, wa_backend_names());
+            wd_config_free(c);
             return 1;
         }
         if (strcmp(argv[i], "--config") == 0 && i + 1 < argc)

@@ -66,7 +66,7 @@ typedef struct wd_config {
 
 /* Fills c from the defaults, the config file, the environment and argv, in
  * rising precedence. Returns 0, 1 when --help or --version was printed, or a
- * negative errno with err set. */
+ * negative errno with err set; only after 0 does c need wd_config_free. */
 int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err);
 void wd_config_free(wd_config *c);
 void wd_config_usage(FILE *f);

@@ -1,0 +1,124 @@
+/* The error table and size parsing. */
+#include "tests/unit/suites.h"
+
+#include <string.h>
+
+#include "common/errors.h"
+#include "common/size.h"
+
+START_TEST(errname_round_trips_every_table_entry)
+{
+#define X(code, what)                                              \
+    ck_assert_str_eq(wd_errname(-code), #code);                    \
+    ck_assert_int_eq(wd_errcode(#code), -code);                    \
+    ck_assert_str_eq(wd_strerror(-code), what);
+    WD_ERRNO_TABLE(X)
+#undef X
+}
+END_TEST
+
+START_TEST(errname_of_unknown_value_is_numeric)
+{
+    ck_assert_str_eq(wd_errname(-4000), "E4000");
+    ck_assert_int_eq(wd_errcode("ENOTANERROR"), -EPROTO);
+    ck_assert_int_eq(wd_errcode(NULL), -EPROTO);
+}
+END_TEST
+
+START_TEST(error_set_and_prefix)
+{
+    wd_error e = {0};
+
+    ck_assert_int_eq(wd_error_set(&e, -ENOENT, "tensor %s", "x"), -ENOENT);
+    ck_assert_str_eq(e.msg, "tensor x");
+    wd_error_prefix(&e, "shard %d", 3);
+    ck_assert_str_eq(e.msg, "shard 3: tensor x");
+    ck_assert_int_eq(e.code, -ENOENT);
+    ck_assert_int_eq(wd_error_set(NULL, -EIO, "ignored"), -EIO);
+}
+END_TEST
+
+START_TEST(error_prefix_truncates_instead_of_overflowing)
+{
+    wd_error e = {0};
+    char long_text[2000];
+
+    memset(long_text, 'a', sizeof long_text - 1);
+    long_text[sizeof long_text - 1] = '\0';
+    wd_error_set(&e, -EINVAL, "%s", long_text);
+    wd_error_prefix(&e, "%s", "prefix");
+    ck_assert_uint_eq(strlen(e.msg), sizeof e.msg - 1);
+    ck_assert(strncmp(e.msg, "prefix: aaa", 11) == 0);
+}
+END_TEST
+
+START_TEST(size_parse_units)
+{
+    uint64_t v;
+
+    ck_assert_int_eq(wd_size_parse("512", &v), 0);
+    ck_assert_uint_eq(v, 512);
+    ck_assert_int_eq(wd_size_parse("5GB", &v), 0);
+    ck_assert_uint_eq(v, 5000000000ULL);
+    ck_assert_int_eq(wd_size_parse("5G", &v), 0);
+    ck_assert_uint_eq(v, 5000000000ULL);
+    ck_assert_int_eq(wd_size_parse("8GiB", &v), 0);
+    ck_assert_uint_eq(v, 8ULL << 30);
+    ck_assert_int_eq(wd_size_parse("1.5KiB", &v), 0);
+    ck_assert_uint_eq(v, 1536);
+    ck_assert_int_eq(wd_size_parse(" 20 mib ", &v), 0);
+    ck_assert_uint_eq(v, 20ULL << 20);
+    ck_assert_int_eq(wd_size_parse("2T", &v), 0);
+    ck_assert_uint_eq(v, 2000000000000ULL);
+}
+END_TEST
+
+START_TEST(size_parse_rejects_garbage)
+{
+    uint64_t v = 7;
+
+    ck_assert_int_eq(wd_size_parse("", &v), -EINVAL);
+    ck_assert_int_eq(wd_size_parse("-1G", &v), -EINVAL);
+    ck_assert_int_eq(wd_size_parse("12Q", &v), -EINVAL);
+    ck_assert_int_eq(wd_size_parse("1G 2", &v), -EINVAL);
+    ck_assert_int_eq(wd_size_parse("inf", &v), -EINVAL);
+    ck_assert_int_eq(wd_size_parse("0x10", &v), -EINVAL);
+    ck_assert_int_eq(wd_size_parse("99999999T", &v), -ERANGE);
+    ck_assert_uint_eq(v, 7);
+}
+END_TEST
+
+START_TEST(size_format_binary_and_rate_decimal)
+{
+    char buf[32];
+
+    ck_assert_str_eq(wd_size_format(512, buf, sizeof buf), "512 B");
+    ck_assert_str_eq(wd_size_format(3ULL << 29, buf, sizeof buf), "1.50 GiB");
+    ck_assert_str_eq(wd_rate_format(41.6e9, buf, sizeof buf), "41.6 GB/s");
+}
+END_TEST
+
+Suite *errors_suite(void)
+{
+    Suite *s = suite_create("errors");
+    TCase *tc = tcase_create("errors");
+
+    tcase_add_test(tc, errname_round_trips_every_table_entry);
+    tcase_add_test(tc, errname_of_unknown_value_is_numeric);
+    tcase_add_test(tc, error_set_and_prefix);
+    tcase_add_test(tc, error_prefix_truncates_instead_of_overflowing);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+Suite *size_suite(void)
+{
+    Suite *s = suite_create("size");
+    TCase *tc = tcase_create("size");
+
+    tcase_add_test(tc, size_parse_units);
+    tcase_add_test(tc, size_parse_rejects_garbage);
+    tcase_add_test(tc, size_format_binary_and_rate_decimal);
+    suite_add_tcase(s, tc);
+    return s;
+}
