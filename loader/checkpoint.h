@@ -1,0 +1,61 @@
+/* Checkpoint discovery: a single .safetensors file, a directory of them, or a
+ * Hugging Face *.safetensors.index.json with its shards. Only the headers
+ * are read (st_read); the data is the read pipeline's job.
+ *
+ * PATH may be:
+ *  - a file ending in ".json": an index, {"weight_map": {tensor: shard file},
+ *    "metadata": {...}}, shard files relative to the index's folder;
+ *  - any other file: one safetensors file;
+ *  - a directory: its model.safetensors.index.json if present; else its one
+ *    *.safetensors.index.json (more than one is an error); else every
+ *    *.safetensors file in it, in name order. Names starting with '.' are
+ *    skipped (partial downloads and writers' temporary files).
+ *
+ * Every tensor must be in exactly one shard; with an index, the index and
+ * the shards must agree exactly. */
+#ifndef WL_CHECKPOINT_H
+#define WL_CHECKPOINT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/errors.h"
+#include "loader/safetensors.h"
+
+/* Largest index file read (real ones are a few MB). */
+#define WL_INDEX_MAX_LEN (256ULL << 20)
+
+typedef struct wl_shard {
+    char *path;
+    uint64_t file_size;
+    st_file st;
+} wl_shard;
+
+typedef struct wl_tensor {
+    const st_tensor *st;      /* points into shards[shard].st */
+    uint32_t shard;
+} wl_tensor;
+
+typedef struct wl_checkpoint {
+    char *path;               /* as given */
+    char *index_path;         /* NULL without an index */
+    size_t n_shards;
+    wl_shard *shards;         /* in file-name order */
+    size_t n_tensors;
+    wl_tensor *tensors;       /* shard by shard, each in data order */
+    uint64_t total_bytes;     /* sum of tensor bytes */
+    /* Internal: the tensors in name order, for wl_checkpoint_find. */
+    const wl_tensor **by_name;
+} wl_checkpoint;
+
+/* 0, or a negative errno with err naming the file, tensor and rule:
+ * -ENOENT (missing path or shard), -EBADMSG (any format or consistency
+ * violation), -EFBIG (index over WL_INDEX_MAX_LEN), -ENOMEM, -EIO/-errno.
+ * out is zeroed on failure. */
+int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err);
+/* Safe on a zeroed or already-closed checkpoint. */
+void wl_checkpoint_close(wl_checkpoint *c);
+/* NULL if absent. O(log n). */
+const wl_tensor *wl_checkpoint_find(const wl_checkpoint *c, const char *name);
+
+#endif

@@ -1,0 +1,3 @@
+/* The one translation unit that holds the implementation of safetensors.h. */
+#define ST_IMPLEMENTATION
+#include "loader/safetensors.h"
