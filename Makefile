@@ -120,7 +120,7 @@ $(BUILD)/weightd-mkckpt: $(call obj,loader/mkckpt.c) $(CORE_OBJ)
 
 $(BUILD)/libweightd-client.so.0: $(CLIENT_OBJ) client/libweightd-client.map
 	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,-soname,libweightd-client.so.0 \
-	    -Wl,--version-script=client/libweightd-client.map -o $@ $(CLIENT_OBJ) $(PKG_LIBS)
+	    -Wl,--version-script=client/libweightd-client.map -o $@ $(CLIENT_OBJ) $(PKG_LIBS) -lm
 
 $(BUILD)/libweightd-client.so: $(BUILD)/libweightd-client.so.0
 	$(Q)ln -sf libweightd-client.so.0 $@

@@ -217,7 +217,7 @@ int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_m
 int wdc_connect(wdc_client *c, const char *path, int timeout_ms)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    char def[sizeof c->path];
+    char def[4096]; /* longer than any sun_path: a long $WEIGHTD_SOCKET is refused, not truncated */
     int rc;
 
     if (c->fd >= 0)

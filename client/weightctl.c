@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -34,7 +35,6 @@ typedef struct command {
     int (*run)(ctl *c, int argc, char **argv);
     const char *args;
     const char *help;
-    bool offline;      /* needs no daemon */
 } command;
 
 /* ---- output helpers ---------------------------------------------------------- */
@@ -95,13 +95,28 @@ static const char *size_text(double bytes, char *buf, size_t len)
     return wd_size_format(bytes > 0 ? (uint64_t)bytes : 0, buf, len);
 }
 
-/* Sends one request; on success *out is the parsed result (cJSON_Delete it). */
+/* The words for the last failure of a call. */
+static const char *last_error(const ctl *c)
+{
+    return c->client ? wdc_error_message(c->client) : "out of memory";
+}
+
+/* Sends one request; on success *out is the parsed result (cJSON_Delete it).
+ * The first call connects, so that a command's usage errors come before any
+ * talk with the daemon. */
 static int call(ctl *c, const char *op, cJSON *args, int timeout_ms, wdc_event_fn on_event, void *ctx,
                 cJSON **out)
 {
-    char *args_text = args ? cJSON_PrintUnformatted(args) : NULL, *result = NULL;
+    char *args_text, *result = NULL;
     int rc;
 
+    if (!c->client) {
+        if (!(c->client = wdc_new()))
+            return -ENOMEM;
+        if ((rc = wdc_connect(c->client, c->socket, c->timeout_ms)))
+            return rc;
+    }
+    args_text = args ? cJSON_PrintUnformatted(args) : NULL;
     rc = wdc_call(c->client, op, args_text, timeout_ms, on_event, ctx, &result);
     free(args_text);
     if (rc)
@@ -181,6 +196,55 @@ static void on_progress(const char *event_json, void *ctx)
     cJSON_Delete(ev);
 }
 
+/* The daemon has its own working directory: it needs an absolute path. Only
+ * the folders are resolved; the last component keeps the name it was given,
+ * because the name matters: a Hugging Face cache's
+ * "snapshots/REV/model.safetensors.index.json" is a symlink to a blob whose
+ * name is a hash (no ".index.json", so not read as an index), and the default
+ * model name comes from it. Returns 0 or a negative errno. */
+static int absolute_path(const char *path, char *out, size_t len)
+{
+    char tmp[PATH_MAX], dir[PATH_MAX];
+    const char *base;
+    struct stat st;
+    size_t n;
+
+    if (stat(path, &st) < 0)
+        return -errno;
+    if (strlen(path) >= sizeof tmp)
+        return -ENAMETOOLONG;
+    strcpy(tmp, path);
+    n = strlen(tmp);
+    while (n > 1 && tmp[n - 1] == '/')
+        tmp[--n] = '\0';
+    base = strrchr(tmp, '/');
+    if (!base) {
+        base = tmp;
+        strcpy(dir, ".");
+    } else if (base == tmp) {
+        strcpy(dir, "/");
+        base++;
+    } else {
+        tmp[base - tmp] = '\0';
+        snprintf(dir, sizeof dir, "%s", tmp);
+        base++;
+    }
+    if (!*base || strcmp(base, ".") == 0 || strcmp(base, "..") == 0) {
+        /* "." or "..": nothing to keep; resolve it all */
+        if (!realpath(path, dir))
+            return -errno;
+        return snprintf(out, len, "%s", dir) >= (int)len ? -ENAMETOOLONG : 0;
+    }
+    {
+        char resolved[PATH_MAX];
+        if (!realpath(dir, resolved))
+            return -errno;
+        if (snprintf(out, len, "%s/%s", strcmp(resolved, "/") == 0 ? "" : resolved, base) >= (int)len)
+            return -ENAMETOOLONG;
+    }
+    return 0;
+}
+
 static int cmd_load(ctl *c, int argc, char **argv)
 {
     const char *path = NULL, *name = NULL, *v;
@@ -209,8 +273,8 @@ static int cmd_load(ctl *c, int argc, char **argv)
     if (!path)
         return usage_error("load: PATH is required");
     /* The daemon has its own working directory: send an absolute path. */
-    if (!realpath(path, abs))
-        return report_error(c, path, -errno, strerror(errno));
+    if ((rc = absolute_path(path, abs, sizeof abs)))
+        return report_error(c, path, rc, strerror(-rc));
     args = cJSON_CreateObject();
     cJSON_AddStringToObject(args, "path", abs);
     if (name)
@@ -227,7 +291,7 @@ static int cmd_load(ctl *c, int argc, char **argv)
     if (p.tty && !p.quiet)
         fputs("\r\033[K", stderr);
     if (rc)
-        return report_error(c, "load", rc, wdc_error_message(c->client));
+        return report_error(c, "load", rc, last_error(c));
     if (c->json) {
         print_json(res);
     } else {
@@ -271,7 +335,7 @@ static int cmd_unload(ctl *c, int argc, char **argv)
     rc = call(c, "unload", args, c->timeout_ms, NULL, NULL, &res);
     cJSON_Delete(args);
     if (rc)
-        return report_error(c, "unload", rc, wdc_error_message(c->client));
+        return report_error(c, "unload", rc, last_error(c));
     if (c->json)
         print_json(res);
     else
@@ -301,7 +365,7 @@ static int cmd_verify(ctl *c, int argc, char **argv)
     if (p.tty && !p.quiet)
         fputs("\r\033[K", stderr);
     if (rc)
-        return report_error(c, "verify", rc, wdc_error_message(c->client));
+        return report_error(c, "verify", rc, last_error(c));
     exit_code = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "match")) ? 0 : EXIT_FAILED;
     if (c->json)
         print_json(res);
@@ -349,7 +413,7 @@ static int cmd_info(ctl *c, int argc, char **argv)
         cJSON_Delete(args);
         if (rc) {
             cJSON_Delete(all);
-            return report_error(c, "info", rc, wdc_error_message(c->client));
+            return report_error(c, "info", rc, last_error(c));
         }
         page = cJSON_DetachItemFromObjectCaseSensitive(res, "tensor_list");
         next = cJSON_GetObjectItemCaseSensitive(res, "next");
@@ -408,7 +472,7 @@ static int cmd_list(ctl *c, int argc, char **argv)
     if (argc != 1)
         return usage_error("list takes no arguments");
     if ((rc = call(c, "list", NULL, c->timeout_ms, NULL, NULL, &res)))
-        return report_error(c, "list", rc, wdc_error_message(c->client));
+        return report_error(c, "list", rc, last_error(c));
     if (c->json) {
         print_json(res);
     } else {
@@ -438,7 +502,7 @@ static int cmd_stats(ctl *c, int argc, char **argv)
     if (argc != 1)
         return usage_error("stats takes no arguments");
     if ((rc = call(c, "stats", NULL, c->timeout_ms, NULL, NULL, &res)))
-        return report_error(c, "stats", rc, wdc_error_message(c->client));
+        return report_error(c, "stats", rc, last_error(c));
     if (c->json) {
         print_json(res);
         cJSON_Delete(res);
@@ -483,11 +547,11 @@ static int cmd_shutdown(ctl *c, int argc, char **argv)
     if (argc != 1)
         return usage_error("shutdown takes no arguments");
     if ((rc = call(c, "shutdown", NULL, c->timeout_ms, NULL, NULL, &res)))
-        return report_error(c, "shutdown", rc, wdc_error_message(c->client));
+        return report_error(c, "shutdown", rc, last_error(c));
     cJSON_Delete(res);
     /* Wait for the daemon to finish its orderly stop and hang up. */
     if ((rc = wdc_wait_closed(c->client, c->timeout_ms)))
-        return report_error(c, "shutdown", rc, wdc_error_message(c->client));
+        return report_error(c, "shutdown", rc, last_error(c));
     if (c->json)
         puts("{\"ok\": true, \"stopped\": true}");
     else
@@ -567,15 +631,14 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
 
 static const command commands[] = {
     {"load", cmd_load, "PATH [--name NAME] [--device N]",
-     "load a checkpoint (file, folder or index) onto a device, with progress", false},
-    {"unload", cmd_unload, "NAME", "free a model's memory", false},
-    {"list", cmd_list, "", "the models the daemon holds", false},
-    {"info", cmd_info, "NAME", "every tensor of a model: dtype, shape, device, offset, bytes", false},
-    {"verify", cmd_verify, "NAME", "re-read the checkpoint and compare it byte for byte (exit 1 on a difference)",
-     false},
-    {"stats", cmd_stats, "", "allocator statistics per device and the policy in force", false},
-    {"shutdown", cmd_shutdown, "", "stop the daemon (every segment released)", false},
-    {"inspect", cmd_inspect, "PATH", "validate and summarise a checkpoint, without a daemon", true},
+     "load a checkpoint (file, folder or index) onto a device, with progress"},
+    {"unload", cmd_unload, "NAME", "free a model's memory"},
+    {"list", cmd_list, "", "the models the daemon holds"},
+    {"info", cmd_info, "NAME", "every tensor of a model: dtype, shape, device, offset, bytes"},
+    {"verify", cmd_verify, "NAME", "re-read the checkpoint and compare it byte for byte (exit 1 on a difference)"},
+    {"stats", cmd_stats, "", "allocator statistics per device and the policy in force"},
+    {"shutdown", cmd_shutdown, "", "stop the daemon (every segment released)"},
+    {"inspect", cmd_inspect, "PATH", "validate and summarise a checkpoint, without a daemon"},
 };
 
 static void usage(FILE *f)
@@ -632,15 +695,6 @@ int main(int argc, char **argv)
             cmd = &commands[i];
     if (!cmd)
         return usage_error("unknown command \"%s\"", argv[optind]);
-    if (!cmd->offline) {
-        if (!(c.client = wdc_new()))
-            return report_error(&c, "weightctl", -ENOMEM, "out of memory");
-        if ((rc = wdc_connect(c.client, c.socket, c.timeout_ms))) {
-            rc = report_error(&c, "connect", rc, wdc_error_message(c.client));
-            wdc_close(c.client);
-            return rc;
-        }
-    }
     rc = cmd->run(&c, argc - optind, argv + optind);
     wdc_close(c.client);
     return rc;

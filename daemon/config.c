@@ -160,6 +160,34 @@ static void env_name(const opt_desc *o, char *buf, size_t len)
         *p = (char)toupper((unsigned char)*p);
 }
 
+/* Checks that span the values themselves: known names and well-formed
+ * allocator configurations, so that a typo is a usage error at once. */
+static int validate(const wd_config *c, wd_error *err)
+{
+    static const char *const backends[] = {"host", "fake", "cuda", "cuda-ipc"};
+    wa_config conf;
+    size_t i;
+    int rc;
+
+    for (i = 0; i < sizeof backends / sizeof backends[0]; i++)
+        if (strcmp(c->backend, backends[i]) == 0)
+            break;
+    if (i == sizeof backends / sizeof backends[0])
+        return wd_error_set(err, -EINVAL, "unknown backend \"%s\" (host, fake, cuda or cuda-ipc)", c->backend);
+    if (c->devices[0] && (strcmp(c->backend, "host") == 0 || strcmp(c->backend, "fake") == 0))
+        return wd_error_set(err, -EINVAL, "--devices picks GPUs for the cuda backends; the %s backend takes "
+                            "--host-devices", c->backend);
+    if ((rc = wa_config_parse(c->alloc_conf, NULL, WA_CONF_OVERLAY, &conf, err))) {
+        wd_error_prefix(err, "alloc_conf");
+        return rc;
+    }
+    if ((rc = wa_config_parse(c->load_alloc_conf, NULL, WA_CONF_OVERLAY, &conf, err))) {
+        wd_error_prefix(err, "load_alloc_conf");
+        return rc;
+    }
+    return 0;
+}
+
 void wd_config_usage(FILE *f)
 {
     fprintf(f, "usage: weightd [OPTION...]\n\n"
@@ -257,6 +285,8 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
         if (strcmp(o->name, "config") != 0 && (rc = set_option(c, o, value, name, err)))
             goto fail;
     }
+    if ((rc = validate(c, err)))
+        goto fail;
     return 0;
 fail:
     wd_config_free(c);

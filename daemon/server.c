@@ -23,6 +23,7 @@
 
 #define TICK_MS 200
 #define MAX_QUEUED_OUTPUT (64u << 20) /* a client this far behind is dropped */
+#define PAUSE_QUEUED_OUTPUT (1u << 20) /* a client this far behind is not read until it catches up */
 
 double wd_now(void)
 {
@@ -52,9 +53,17 @@ static void on_conn_closed(uv_handle_t *h)
     free(c);
 }
 
+/* A client that does not read its replies gets no more requests handled
+ * (they wait in its socket) until it catches up: its backlog stays bounded
+ * and the loop stays free for the other clients. */
+static bool conn_paused(const wd_conn *c)
+{
+    return c->wr.queued >= PAUSE_QUEUED_OUTPUT;
+}
+
 static void conn_update_poll(wd_conn *c)
 {
-    int events = c->closing ? 0 : UV_READABLE;
+    int events = c->closing || conn_paused(c) ? 0 : UV_READABLE;
 
     if (!wp_writer_empty(&c->wr))
         events |= UV_WRITABLE;
@@ -134,24 +143,32 @@ static void request_free(wd_request *r)
     free(r);
 }
 
+/* A reply ends its request: r leaves the connection's pending list before
+ * the send, because a send that fails closes the connection, and closing
+ * frees every request still pending on it. */
 void wd_reply_ok(wd_request *r, cJSON *result)
 {
-    conn_send(r->conn, wp_reply_ok(r->id, result), NULL, 0);
+    wd_conn *c = r->conn;
+
+    request_unlink(r);
+    conn_send(c, wp_reply_ok(r->id, result), NULL, 0);
     request_free(r);
 }
 
 void wd_reply_error(wd_request *r, int code, const char *fmt, ...)
 {
+    wd_conn *c = r->conn;
     char msg[1024];
     va_list ap;
 
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    if (r->conn)
-        wd_log(WD_LOG_debug, "client %llu: %s failed: %s: %s", (unsigned long long)r->conn->serial, r->op,
+    if (c)
+        wd_log(WD_LOG_debug, "client %llu: %s failed: %s: %s", (unsigned long long)c->serial, r->op,
                wd_errname(code), msg);
-    conn_send(r->conn, wp_reply_error(r->id, code, msg), NULL, 0);
+    request_unlink(r);
+    conn_send(c, wp_reply_error(r->id, code, msg), NULL, 0);
     request_free(r);
 }
 
@@ -277,11 +294,36 @@ out:
     cJSON_Delete(msg);
 }
 
+/* Handles the complete lines buffered, while the client keeps up. */
+static void conn_handle_lines(wd_conn *c)
+{
+    char *line;
+    size_t len;
+    int rc;
+
+    while (!c->dead && !c->closing && !conn_paused(c)) {
+        rc = wp_reader_next(&c->rd, &line, &len);
+        if (rc == 1) {
+            handle_line(c, line, len);
+            continue;
+        }
+        if (rc == -EMSGSIZE) {
+            char text[96];
+            snprintf(text, sizeof text, "message longer than %u bytes; closing the connection", WP_MAX_LINE);
+            wd_log(WD_LOG_info, "client %llu: %s", (unsigned long long)c->serial, text);
+            send_stray_error(c, NULL, -EMSGSIZE, text);
+            if (!c->dead) {
+                c->closing = true;
+                conn_flush(c);
+            }
+        }
+        return;
+    }
+}
+
 static void on_conn_event(uv_poll_t *h, int status, int events)
 {
     wd_conn *c = h->data;
-    char *line;
-    size_t len;
     int rc;
 
     if (status < 0) {
@@ -289,14 +331,22 @@ static void on_conn_event(uv_poll_t *h, int status, int events)
         return;
     }
     if (events & UV_WRITABLE) {
+        bool was_paused = conn_paused(c);
         conn_flush(c);
         if (c->dead)
             return;
+        if (was_paused && !conn_paused(c)) {
+            /* caught up: the requests it sent meanwhile */
+            conn_handle_lines(c);
+            if (c->dead)
+                return;
+            conn_update_poll(c);
+        }
     }
     if (!(events & UV_READABLE) || c->closing)
         return;
     /* A bounded number of reads per wakeup keeps one client from starving others. */
-    for (int round = 0; round < 16 && !c->dead && !c->closing; round++) {
+    for (int round = 0; round < 16 && !c->dead && !c->closing && !conn_paused(c); round++) {
         rc = wp_reader_fill(&c->rd, c->fd);
         if (rc == -EAGAIN)
             break;
@@ -310,19 +360,7 @@ static void on_conn_event(uv_poll_t *h, int status, int events)
             conn_close(c, strerror(-rc));
             return;
         }
-        while (!c->dead && !c->closing && (rc = wp_reader_next(&c->rd, &line, &len)) == 1)
-            handle_line(c, line, len);
-        if (rc == -EMSGSIZE && !c->dead) {
-            char text[96];
-            snprintf(text, sizeof text, "message longer than %u bytes; closing the connection", WP_MAX_LINE);
-            wd_log(WD_LOG_info, "client %llu: %s", (unsigned long long)c->serial, text);
-            send_stray_error(c, NULL, -EMSGSIZE, text);
-            if (!c->dead) {
-                c->closing = true;
-                conn_flush(c);
-            }
-            return;
-        }
+        conn_handle_lines(c);
     }
     /* Descriptors nobody asked for are not kept. */
     if (!c->dead && c->rd.n_fds) {
@@ -454,7 +492,9 @@ fail:
 
 static int open_listener(wd_server *s, wd_error *err)
 {
-    char path[sizeof s->socket_path];
+    /* Longer than any sun_path, so that bind_socket sees (and refuses) a
+     * path that does not fit instead of a silently truncated one. */
+    char path[4096];
     int n = sd_listen_fds(1);
 
     if (n > 1)

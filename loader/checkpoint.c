@@ -101,7 +101,7 @@ static int read_small_file(const char *path, uint64_t max, char **out, size_t *l
     size_t got = 0, size;
     int fd, rc;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC);
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block us */
     if (fd < 0) {
         rc = -errno;
         return wd_error_set(err, rc, "index %s: cannot open: %s", path, strerror(-rc));

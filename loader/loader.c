@@ -66,12 +66,17 @@ int wl_job_run(wl_job *job)
             struct stat st;
             if (fd >= 0)
                 close(fd);
-            fd = open(sh->path, O_RDONLY | O_CLOEXEC);
+            /* O_NONBLOCK: a shard replaced by a FIFO must not hang the load. */
+            fd = open(sh->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
             if (fd < 0) {
                 rc = wd_error_set(&job->err, -errno, "%s: %s", sh->path, strerror(errno));
                 goto out;
             }
-            if (fstat(fd, &st) == 0 && (uint64_t)st.st_size != sh->file_size) {
+            if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+                rc = wd_error_set(&job->err, -EINVAL, "%s: not a regular file", sh->path);
+                goto out;
+            }
+            if ((uint64_t)st.st_size != sh->file_size) {
                 rc = wd_error_set(&job->err, -EIO, "%s: the file changed size since its header was read "
                                   "(%llu bytes, was %llu)", sh->path, (unsigned long long)st.st_size,
                                   (unsigned long long)sh->file_size);

@@ -1243,6 +1243,8 @@ int st_read_fd(int fd, const char *display_name, st_file *out, char *err, size_t
     }
     if (S_ISDIR(sb.st_mode))
         return st__fail(err, errlen, -EISDIR, "%s: is a directory, not a safetensors file", name);
+    if (!S_ISREG(sb.st_mode))
+        return st__fail(err, errlen, -EINVAL, "%s: not a regular file", name);
     size = (uint64_t)sb.st_size;
     if (size < 8)
         return st__fail(err, errlen, -EBADMSG,
@@ -1291,7 +1293,9 @@ int st_read(const char *path, st_file *out, char *err, size_t errlen)
         memset(out, 0, sizeof *out);
     if (!path || !out)
         return st__fail(err, errlen, -EINVAL, "st_read: bad arguments");
-    fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer; st_read_fd
+     * refuses anything but a regular file. */
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         rc = -errno;
         return st__fail(err, errlen, rc, "%s: cannot open: %s", path, strerror(-rc));

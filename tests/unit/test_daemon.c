@@ -75,6 +75,16 @@ START_TEST(bad_options_are_errors_that_name_them)
     wd_error err = {0};
     ck_assert_int_eq(wd_config_load(&c, 2, argv, stdout, &err), -EINVAL);
     ck_assert_ptr_nonnull(strstr(err.msg, "needs a value"));
+    /* Values that only make sense together, or parse only as a whole. */
+    char *gpus[] = {"weightd", "--backend", "host", "--devices", "0,1", NULL};
+    ck_assert_int_eq(wd_config_load(&c, 5, gpus, stdout, &err), -EINVAL);
+    ck_assert_ptr_nonnull(strstr(err.msg, "--host-devices"));
+    char *backend[] = {"weightd", "--backend", "tpu", NULL};
+    ck_assert_int_eq(wd_config_load(&c, 3, backend, stdout, &err), -EINVAL);
+    ck_assert_ptr_nonnull(strstr(err.msg, "unknown backend \"tpu\""));
+    char *conf[] = {"weightd", "--load-alloc-conf", "max_split_size_mb:2", NULL};
+    ck_assert_int_eq(wd_config_load(&c, 3, conf, stdout, &err), -EINVAL);
+    ck_assert_ptr_nonnull(strstr(err.msg, "load_alloc_conf"));
 }
 END_TEST
 
