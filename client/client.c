@@ -23,8 +23,6 @@ struct wdc_client {
     char code[32];
     char message[1024];
     char *server_info;
-    int fds[WP_MAX_FDS];
-    size_t n_fds;
 };
 
 static int fail(wdc_client *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -39,11 +37,15 @@ static int fail(wdc_client *c, int code, const char *fmt, ...)
     return code;
 }
 
+/* Descriptors nobody took from an earlier reply are not kept. */
 static void drop_fds(wdc_client *c)
 {
-    for (size_t i = 0; i < c->n_fds; i++)
-        close(c->fds[i]);
-    c->n_fds = 0;
+    int fds[WP_MAX_FDS];
+    size_t n;
+
+    while ((n = wp_reader_take_fds(&c->rd, fds, WP_MAX_FDS)))
+        for (size_t i = 0; i < n; i++)
+            close(fds[i]);
 }
 
 wdc_client *wdc_new(void)
@@ -196,7 +198,6 @@ int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_m
             break;
         cJSON_Delete(msg);
     }
-    c->n_fds = wp_reader_take_fds(&c->rd, c->fds, WP_MAX_FDS);
     if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(msg, "ok"))) {
         const cJSON *result = cJSON_GetObjectItemCaseSensitive(msg, "result");
         if (result_json && !(*result_json = result ? cJSON_PrintUnformatted(result) : strdup("null")))
@@ -278,10 +279,5 @@ int wdc_fd(const wdc_client *c) { return c->fd; }
 
 size_t wdc_take_fds(wdc_client *c, int *fds, size_t max)
 {
-    size_t n = c->n_fds < max ? c->n_fds : max;
-
-    memcpy(fds, c->fds, n * sizeof *fds);
-    memmove(c->fds, c->fds + n, (c->n_fds - n) * sizeof *fds);
-    c->n_fds -= n;
-    return n;
+    return wp_reader_take_fds(&c->rd, fds, max);
 }

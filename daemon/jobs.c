@@ -109,6 +109,23 @@ static void set_status(wd_server *s)
 
 static void start_next_load(wd_server *s);
 
+static wd_job *job_new(wd_server *s, job_kind kind, job_state state, wd_request *r, wd_error *err)
+{
+    wd_job *j = calloc(1, sizeof *j);
+
+    if (!j) {
+        wd_error_set(err, -ENOMEM, "out of memory");
+        return NULL;
+    }
+    j->srv = s;
+    j->kind = kind;
+    j->state = state;
+    j->req = r;
+    j->work.data = j;
+    j->t0 = wd_now();
+    return j;
+}
+
 /* ---- load ------------------------------------------------------------------ */
 
 static void finish_load(wd_job *j)
@@ -272,18 +289,12 @@ int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *nam
 
     if (s->stopping)
         return wd_error_set(err, -ECANCELED, "weightd is stopping");
-    if (!(j = calloc(1, sizeof *j)))
-        return wd_error_set(err, -ENOMEM, "out of memory");
+    if (!(j = job_new(s, JOB_LOAD, JOB_QUEUED, r, err)))
+        return -ENOMEM;
     if ((rc = wd_registry_add(s, name, path, device, &j->model, err))) {
         free(j);
         return rc;
     }
-    j->srv = s;
-    j->kind = JOB_LOAD;
-    j->state = JOB_QUEUED;
-    j->req = r;
-    j->work.data = j;
-    j->t0 = wd_now();
     job_link(s, j);
     start_next_load(s);
     return 0;
@@ -336,15 +347,9 @@ int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
         return wd_error_set(err, -EBUSY, "model \"%s\" is still loading", m->name);
     if (s->stopping)
         return wd_error_set(err, -ECANCELED, "weightd is stopping");
-    if (!(j = calloc(1, sizeof *j)))
-        return wd_error_set(err, -ENOMEM, "out of memory");
-    j->srv = s;
-    j->kind = JOB_VERIFY;
-    j->state = JOB_RUNNING;
-    j->req = r;
+    if (!(j = job_new(s, JOB_VERIFY, JOB_RUNNING, r, err)))
+        return -ENOMEM;
     j->model = m;
-    j->work.data = j;
-    j->t0 = wd_now();
     j->io.mode = WL_VERIFY;
     j->io.ckpt = &m->ckpt;
     j->io.dest = m->dest;

@@ -37,6 +37,28 @@ char *wd_test_tmpdir(void)
     return path;
 }
 
+char *wd_test_tmp;
+
+void wd_test_tmp_setup(void)
+{
+    wd_test_tmp = wd_test_tmpdir();
+    ck_assert_ptr_nonnull(wd_test_tmp);
+}
+
+void wd_test_tmp_teardown(void)
+{
+    wd_test_rmtree(wd_test_tmp);
+    free(wd_test_tmp);
+    wd_test_tmp = NULL;
+}
+
+char *wd_test_path(const char *name)
+{
+    char *p;
+    ck_assert_int_ge(asprintf(&p, "%s/%s", wd_test_tmp, name), 0);
+    return p;
+}
+
 static int wanted(int argc, char **argv, const char *name)
 {
     if (argc < 2)

@@ -26,4 +26,11 @@ WD_TEST_SUITES(X)
 char *wd_test_tmpdir(void);
 void wd_test_rmtree(const char *path);
 
+/* A checked fixture: a fresh wd_test_tmp for each test, removed after it. */
+extern char *wd_test_tmp;
+void wd_test_tmp_setup(void);
+void wd_test_tmp_teardown(void);
+/* "wd_test_tmp/name", malloc'd. */
+char *wd_test_path(const char *name);
+
 #endif

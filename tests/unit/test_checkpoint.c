@@ -13,31 +13,10 @@
 
 #include "loader/checkpoint.h"
 
-static char *tmp;
-
-static void setup(void)
-{
-    tmp = wd_test_tmpdir();
-    ck_assert_ptr_nonnull(tmp);
-}
-
-static void teardown(void)
-{
-    wd_test_rmtree(tmp);
-    free(tmp);
-    tmp = NULL;
-}
-
-static char *path_of(const char *name)
-{
-    char *p;
-    ck_assert_int_ge(asprintf(&p, "%s/%s", tmp, name), 0);
-    return p;
-}
 
 static void put_file(const char *name, const void *data, size_t n)
 {
-    char *p = path_of(name);
+    char *p = wd_test_path(name);
     int fd = open(p, O_WRONLY | O_CREAT | O_TRUNC, 0644);
 
     ck_assert_int_ge(fd, 0);
@@ -80,7 +59,7 @@ static void put_text(const char *file, const char *text)
 
 static int open_at(const char *name, wl_checkpoint *c, wd_error *e)
 {
-    char *p = name ? path_of(name) : strdup(tmp);
+    char *p = name ? wd_test_path(name) : strdup(wd_test_tmp);
     int rc;
 
     memset(e, 0, sizeof *e);
@@ -355,7 +334,7 @@ START_TEST(test_bad_shard)
 
     put_shard("a.safetensors", "a", NULL);
     put_file("b.safetensors", "\x02\0\0\0\0\0\0\0[]", 10);
-    p = path_of("b.safetensors");
+    p = wd_test_path("b.safetensors");
     OPEN_FAILS(NULL, -EBADMSG, p);
     OPEN_FAILS(NULL, -EBADMSG, "b.safetensors: header does not start with '{'");
     OPEN_FAILS("b.safetensors", -EBADMSG, "does not start");
@@ -365,7 +344,7 @@ END_TEST
 
 START_TEST(test_index_too_big)
 {
-    char *p = path_of("big.safetensors.index.json");
+    char *p = wd_test_path("big.safetensors.index.json");
     int fd = open(p, O_WRONLY | O_CREAT | O_TRUNC, 0644);
 
     ck_assert_int_ge(fd, 0);
@@ -395,7 +374,7 @@ Suite *checkpoint_suite(void)
     TCase *tc;
 
     tc = tcase_create("discovery");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_checked_fixture(tc, wd_test_tmp_setup, wd_test_tmp_teardown);
     tcase_add_test(tc, test_single_file);
     tcase_add_test(tc, test_dir_without_index);
     tcase_add_test(tc, test_dir_with_index);
@@ -405,7 +384,7 @@ Suite *checkpoint_suite(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("errors");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_checked_fixture(tc, wd_test_tmp_setup, wd_test_tmp_teardown);
     tcase_add_test(tc, test_dir_two_indexes);
     tcase_add_test(tc, test_empty_dir_and_missing);
     tcase_add_test(tc, test_missing_shard);

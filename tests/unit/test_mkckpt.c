@@ -28,27 +28,6 @@ static const wl_tensor_tmpl tiny_tmpl[] = {
 static const wl_preset tiny = {"tiny", "test/tiny", 2, 2, 10, tiny_tmpl,
                                sizeof tiny_tmpl / sizeof tiny_tmpl[0]};
 
-static char *tmp;
-
-static void setup(void)
-{
-    tmp = wd_test_tmpdir();
-    ck_assert_ptr_nonnull(tmp);
-}
-
-static void teardown(void)
-{
-    wd_test_rmtree(tmp);
-    free(tmp);
-    tmp = NULL;
-}
-
-static char *sub(const char *name)
-{
-    char *p;
-    ck_assert_int_ge(asprintf(&p, "%s/%s", tmp, name), 0);
-    return p;
-}
 
 static wl_ckpt_options tiny_opts(const char *dir)
 {
@@ -317,7 +296,7 @@ END_TEST
 
 START_TEST(test_write_tiny)
 {
-    char *dir = sub("out/nested"), *index, *text, *shard1;
+    char *dir = wd_test_path("out/nested"), *index, *text, *shard1;
     wl_ckpt_options o = tiny_opts(dir);
     wl_ckpt_result res;
     wl_ckpt_plan p;
@@ -374,7 +353,7 @@ END_TEST
 
 START_TEST(test_write_one_shard_has_index)
 {
-    char *dir = sub("one");
+    char *dir = wd_test_path("one");
     wl_ckpt_options o = tiny_opts(dir);
     wl_checkpoint c;
 
@@ -390,7 +369,7 @@ END_TEST
 
 START_TEST(test_write_reproducible)
 {
-    char *d1 = sub("s1"), *d2 = sub("s2"), *d3 = sub("s3");
+    char *d1 = wd_test_path("s1"), *d2 = wd_test_path("s2"), *d3 = wd_test_path("s3");
     wl_ckpt_options o = tiny_opts(d1);
     wl_ckpt_plan p;
     wd_error e = {0};
@@ -439,7 +418,7 @@ END_TEST
 
 START_TEST(test_write_refuses_existing)
 {
-    char *dir = sub("x"), *shard, *junk;
+    char *dir = wd_test_path("x"), *shard, *junk;
     wl_ckpt_options o = tiny_opts(dir);
     wl_checkpoint c;
     wd_error e = {0};
@@ -485,7 +464,7 @@ END_TEST
 
 START_TEST(test_write_failure_leaves_nothing)
 {
-    char *dir = sub("fail"), *blocker;
+    char *dir = wd_test_path("fail"), *blocker;
     wl_ckpt_options o = tiny_opts(dir);
     wd_error e = {0};
 
@@ -508,7 +487,7 @@ END_TEST
 
 START_TEST(test_write_errors)
 {
-    char *file = sub("plain");
+    char *file = wd_test_path("plain");
     wl_ckpt_options o = tiny_opts(file);
     wd_error e = {0};
 
@@ -524,7 +503,7 @@ END_TEST
 /* The real presets, cut down, through the real reader. */
 START_TEST(test_write_gpt_oss)
 {
-    char *dir = sub("gpt");
+    char *dir = wd_test_path("gpt");
     wl_ckpt_options o = {0};
     wl_checkpoint c;
     const wl_tensor *t;
@@ -559,7 +538,7 @@ END_TEST
 
 START_TEST(test_write_qwen3)
 {
-    char *dir = sub("qwen");
+    char *dir = wd_test_path("qwen");
     wl_ckpt_options o = {0};
     wl_checkpoint c;
     const wl_tensor *t;
@@ -585,7 +564,7 @@ END_TEST
 
 START_TEST(test_write_mixtral_sparse)
 {
-    char *dir = sub("mixtral");
+    char *dir = wd_test_path("mixtral");
     wl_ckpt_options o = {0};
     wl_ckpt_result res;
     wl_checkpoint c;
@@ -628,7 +607,7 @@ Suite *mkckpt_suite(void)
 
     tc = tcase_create("write");
     tcase_set_timeout(tc, 120);
-    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_checked_fixture(tc, wd_test_tmp_setup, wd_test_tmp_teardown);
     tcase_add_test(tc, test_write_tiny);
     tcase_add_test(tc, test_write_one_shard_has_index);
     tcase_add_test(tc, test_write_reproducible);
