@@ -11,20 +11,6 @@
 
 #include "common/size.h"
 
-/* ---- statistics helpers (increase_stat / decrease_stat) ----------------- */
-
-static void stat_add(wa_stat *s, uint64_t amount)
-{
-    s->current += (int64_t)amount;
-    if (s->current > s->peak)
-        s->peak = s->current;
-}
-
-static void stat_sub(wa_stat *s, uint64_t amount)
-{
-    s->current -= (int64_t)amount;
-}
-
 /* ---- sizes ------------------------------------------------------------- */
 
 /* AllocatorConfig::roundup_power2_divisions(size): intervals 1 MiB..64 GiB. */
@@ -77,272 +63,128 @@ static uint64_t segment_size_for(uint64_t size)
     return WA_ROUND_LARGE * ((size + WA_ROUND_LARGE - 1) / WA_ROUND_LARGE);
 }
 
-static bool is_split(const wa_block *b)
-{
-    return b->prev || b->next;
-}
-
-static wa_pool *pool_of(wa_device *d, const wa_block *b)
-{
-    return b->seg->small ? &d->small : &d->large;
-}
-
-/* ---- segments (alloc_block / release_block) ----------------------------- */
-
-static int segment_new(wa_allocator *a, int device, uint64_t size, bool small,
-                       wa_block **out, wd_error *err)
-{
-    wa_device *d = &a->dev[device];
-    wa_segment *seg;
-    wa_block *b;
-    int rc;
-
-    /* alloc_block(): with a memory fraction set, refuse before asking the device. */
-    if (d->limit && (uint64_t)d->stats.reserved_bytes.current + size > d->limit)
-        return -ENOMEM;
-    seg = calloc(1, sizeof *seg);
-    b = calloc(1, sizeof *b);
-    if (!seg || !b) {
-        rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
-        goto fail;
-    }
-    if ((rc = a->backend->seg_alloc(a->backend, device, size, &seg->mem, err)))
-        goto fail;
-    seg->size = size;
-    seg->device = device;
-    seg->small = small;
-    seg->id = a->next_segment_id++;
-    seg->head = b;
-    seg->next = d->segments;
-    if (d->segments)
-        d->segments->prev = seg;
-    d->segments = seg;
-    b->addr = seg->mem.addr;
-    b->size = size;
-    b->seg = seg;
-
-    stat_add(&d->stats.segment, 1);
-    stat_add(&d->stats.reserved_bytes, size);
-    if (size >= a->conf.max_split_size) {
-        seg->counted_oversize = true;
-        stat_add(&d->stats.oversize_segments, 1);
-    }
-    d->stats.num_device_alloc++;
-    *out = b;
-    return 0;
-fail:
-    free(seg);
-    free(b);
-    return rc;
-}
-
-/* release_block(): b is free, unsplit and in its pool. */
-static void segment_release(wa_allocator *a, wa_block *b)
-{
-    wa_segment *seg = b->seg;
-    wa_device *d = &a->dev[seg->device];
-
-    wa__pool_erase(pool_of(d, b), b);
-    a->backend->seg_free(a->backend, seg->device, &seg->mem);
-    stat_sub(&d->stats.segment, 1);
-    stat_sub(&d->stats.reserved_bytes, seg->size);
-    if (seg->counted_oversize)
-        stat_sub(&d->stats.oversize_segments, 1);
-    d->stats.num_device_free++;
-    if (seg->prev)
-        seg->prev->next = seg->next;
-    else
-        d->segments = seg->next;
-    if (seg->next)
-        seg->next->prev = seg->prev;
-    free(seg);
-    free(b);
-}
-
-/* release_blocks(): every unsplit free block of a pool goes back to the device. */
-static void release_pool(wa_allocator *a, wa_pool *pool)
-{
-    size_t n = pool->count;
-    wa_block **all;
-
-    if (!n)
-        return;
-    if (!(all = malloc(n * sizeof *all))) {
-        /* Without scratch space, release one at a time from the top. */
-        for (wa_block *b = wa__pool_max(pool), *prev; b; b = prev) {
-            prev = wa__pool_before(pool, b->size, b->addr);
-            if (!is_split(b))
-                segment_release(a, b);
-        }
-        return;
-    }
-    n = wa__pool_collect(pool, all);
-    for (size_t i = 0; i < n; i++)
-        if (!is_split(all[i]))
-            segment_release(a, all[i]);
-    free(all);
-}
-
-/* release_cached_blocks() */
-static void release_cached(wa_allocator *a, int device)
-{
-    release_pool(a, &a->dev[device].large);
-    release_pool(a, &a->dev[device].small);
-}
-
-/* release_available_cached_blocks(): free oversize cached blocks, just enough
- * for the request, largest first. Only when max_split_size is set. */
-static bool release_available(wa_allocator *a, wa_pool *pool, uint64_t size)
-{
-    uint64_t max_split = a->conf.max_split_size, want, released = 0;
-    wa_block *b;
-
-    if (max_split == UINT64_MAX)
-        return false;
-    want = size < max_split ? max_split : size;
-    if ((b = wa__pool_lower_bound(pool, want))) {
-        /* A split block cannot go back alone; oversize blocks are never split,
-         * so this only happens after max_split_size grew. */
-        if (is_split(b))
-            return false;
-        segment_release(a, b);
-        return true;
-    }
-    /* No single block is large enough: free oversize blocks, largest first. */
-    b = wa__pool_max(pool);
-    while (b && released < want && b->size >= max_split) {
-        wa_block *below = wa__pool_before(pool, b->size, b->addr);
-        if (!is_split(b)) {
-            released += b->size;
-            segment_release(a, b);
-        }
-        b = below;
-    }
-    return released >= want;
-}
-
-/* garbage_collect_cached_blocks(): when reserved passes the threshold share of
- * capacity, free unsplit cached large blocks older than the average age. */
-static void garbage_collect(wa_allocator *a, wa_device *d)
-{
-    uint64_t threshold = (uint64_t)(a->conf.garbage_collection_threshold * (double)d->limit);
-    uint64_t reserved = (uint64_t)d->stats.reserved_bytes.current, target, reclaimed = 0;
-    uint64_t total_age = 0;
-    size_t n, freeable = 0;
-    wa_block **all;
-    bool freed = true;
-
-    if (reserved <= threshold || !d->large.count)
-        return;
-    target = reserved - threshold;
-    if (!(all = malloc(d->large.count * sizeof *all)))
-        return;
-    n = wa__pool_collect(&d->large, all);
-    for (size_t i = 0; i < n; i++)
-        if (!is_split(all[i])) {
-            total_age += d->large.get_free_calls - all[i]->gc_base;
-            freeable++;
-        }
-    while (reclaimed < target && freed && freeable > 0) {
-        double age_threshold = (double)total_age / (double)freeable;
-        freed = false;
-        for (size_t i = 0; i < n; i++) {
-            wa_block *b = all[i];
-            uint64_t age;
-            if (!b || is_split(b))
-                continue;
-            age = d->large.get_free_calls - b->gc_base;
-            if ((double)age >= age_threshold) {
-                freed = true;
-                reclaimed += b->size;
-                total_age -= age;
-                freeable--;
-                all[i] = NULL;
-                segment_release(a, b);
-            }
-        }
-    }
-    free(all);
-}
 
 /* ---- blocks ------------------------------------------------------------ */
 
-/* get_free_block(): best fit, but an oversize block only serves a request that
- * is itself oversize and within max_non_split_rounding of it. */
+/* The size a block of an expandable segment could grow to without moving. */
+static uint64_t expandable_size(const wa_block *b)
+{
+    return b->size + (b->next && !b->next->mapped ? b->next->size : 0);
+}
+
+/* get_free_block(): best fit, with two exceptions. An oversize block only
+ * serves a request that is itself oversize and within max_non_split_rounding
+ * of it. Blocks of expandable segments are weighed by what they could grow
+ * to, and skipped while expandable_segments is off. */
 static wa_block *take_free_block(wa_allocator *a, wa_pool *pool, uint64_t size)
 {
     wa_block *b;
 
     if (a->conf.garbage_collection_threshold > 0)
         pool->get_free_calls++;
-    b = wa__pool_lower_bound(pool, size);
+    b = wa__tree_lower_bound(&pool->blocks, size, 0);
+    if (b && b->seg->expandable) {
+        if (a->conf.expandable_segments) {
+            wa_block *n;
+            while (b->seg->expandable && (n = wa__tree_next(&pool->blocks, b)) &&
+                   expandable_size(n) < expandable_size(b))
+                b = n;
+        } else {
+            do
+                b = wa__tree_next(&pool->blocks, b);
+            while (b && b->seg->expandable);
+        }
+    }
     if (!b)
         return NULL;
     if (size < a->conf.max_split_size && b->size >= a->conf.max_split_size)
         return NULL;
     if (size >= a->conf.max_split_size && b->size >= size + a->conf.max_non_split_rounding)
         return NULL;
-    wa__pool_erase(pool, b);
+    wa__tree_erase(&pool->blocks, b);
     return b;
 }
 
-/* should_split() */
+/* should_split(): note that PyTorch asks whether expandable segments are on,
+ * not whether this block is in one. */
 static bool should_split(const wa_allocator *a, const wa_block *b, uint64_t size)
 {
     uint64_t remaining = b->size - size;
 
-    if (b->seg->small)
+    if (b->seg->small || a->conf.expandable_segments)
         return remaining >= WA_MIN_BLOCK_SIZE;
     return size < a->conf.max_split_size && remaining > WA_SMALL_SIZE;
 }
 
 /* alloc_found_block(): b is out of its pool; split off the remainder if the
- * rules say so and hand out the front. */
-static wa_block *hand_out(wa_allocator *a, wa_device *d, wa_block *b, uint64_t size,
-                          uint64_t requested, wa_block *spare)
+ * rules say so (spare is the bookkeeping for the front part) and hand out
+ * the front. inactive_split counts classic segments only, as in PyTorch. */
+static wa_block *hand_out(wa_allocator *a, wa_device *d, wa_block *b, uint64_t size, uint64_t requested,
+                          wa_block *spare)
 {
-    wa_pool *pool = pool_of(d, b);
-    bool already_split = is_split(b);
+    wa_pool *pool = wa__pool_of(d, b);
+    bool already_split = wa__is_split(b), counts = !b->seg->expandable;
 
     if (spare) {
         /* spare becomes the front part; b keeps the remainder, as in PyTorch. */
-        spare->addr = b->addr;
-        spare->size = size;
-        spare->seg = b->seg;
-        spare->prev = b->prev;
+        *spare = (wa_block){.addr = b->addr, .size = size, .seg = b->seg, .mapped = true, .prev = b->prev, .next = b};
         if (spare->prev)
             spare->prev->next = spare;
         else
             b->seg->head = spare;
-        spare->next = b;
         b->prev = spare;
         b->addr += size;
         b->size -= size;
         b->requested = 0;
         b->gc_base = pool->get_free_calls;
-        wa__pool_insert(pool, b);
-        if (already_split) {
-            stat_sub(&d->stats.inactive_split_bytes, size);
-        } else {
-            stat_add(&d->stats.inactive_split_bytes, b->size);
-            stat_add(&d->stats.inactive_split, 1);
+        wa__tree_insert(&pool->blocks, b);
+        if (counts && already_split) {
+            wa__stat_sub(&d->stats.inactive_split_bytes, size);
+        } else if (counts) {
+            wa__stat_add(&d->stats.inactive_split_bytes, b->size);
+            wa__stat_add(&d->stats.inactive_split, 1);
         }
         b = spare;
-    } else if (already_split) {
-        stat_sub(&d->stats.inactive_split_bytes, b->size);
-        stat_sub(&d->stats.inactive_split, 1);
+    } else if (counts && already_split) {
+        wa__stat_sub(&d->stats.inactive_split_bytes, b->size);
+        wa__stat_sub(&d->stats.inactive_split, 1);
     }
     b->allocated = true;
     b->requested = requested;
-    stat_add(&d->stats.allocation, 1);
-    stat_add(&d->stats.allocated_bytes, b->size);
-    stat_add(&d->stats.active, 1);
-    stat_add(&d->stats.active_bytes, b->size);
-    stat_add(&d->stats.requested_bytes, requested);
+    wa__stat_add(&d->stats.allocation, 1);
+    wa__stat_add(&d->stats.allocated_bytes, b->size);
+    wa__stat_add(&d->stats.active, 1);
+    wa__stat_add(&d->stats.active_bytes, b->size);
+    wa__stat_add(&d->stats.requested_bytes, requested);
     b->counted_oversize = b->size >= a->conf.max_split_size;
     if (b->counted_oversize)
-        stat_add(&d->stats.oversize_allocations, 1);
+        wa__stat_add(&d->stats.oversize_allocations, 1);
     return b;
+}
+
+/* expandable_page_align (weightd): a block of a page or less that would
+ * straddle a page boundary starts at the boundary instead, when the free
+ * block is long enough; the bytes skipped stay a free block. Freeing the
+ * block then frees a whole page, which an expandable segment gives back,
+ * where a straddling block would pin two half-used pages. */
+static void keep_in_one_page(wa_pool *pool, wa_block *b, uint64_t size)
+{
+    uint64_t page = b->seg->page, off = (b->addr - b->seg->mem.addr) % page;
+    uint64_t skip = off && off + size > page ? page - off : 0;
+    wa_block *front;
+
+    if (!skip || skip + size > b->size || !(front = calloc(1, sizeof *front)))
+        return; /* no room (or no memory) to move: it straddles, as in PyTorch */
+    *front = (wa_block){.addr = b->addr, .size = skip, .seg = b->seg, .mapped = true, .prev = b->prev, .next = b};
+    if (b->prev)
+        b->prev->next = front;
+    else
+        b->seg->head = front;
+    b->prev = front;
+    b->addr += skip;
+    b->size -= skip;
+    front->gc_base = pool->get_free_calls;
+    wa__tree_insert(&pool->blocks, front);
 }
 
 static void oom_message(wa_allocator *a, int device, uint64_t requested, uint64_t seg_size, wd_error *err)
@@ -352,7 +194,6 @@ static void oom_message(wa_allocator *a, int device, uint64_t requested, uint64_
     uint64_t reserved = (uint64_t)s->reserved_bytes.current;
     uint64_t allocated = (uint64_t)s->allocated_bytes.current;
     uint64_t limit = a->dev[device].limit;
-
     char request[64] = "";
 
     if (requested != seg_size)
@@ -364,6 +205,21 @@ static void oom_message(wa_allocator *a, int device, uint64_t requested, uint64_
                  wd_size_format(limit > reserved ? limit - reserved : 0, freeb, sizeof freeb),
                  wd_size_format(allocated, alloc, sizeof alloc),
                  wd_size_format(reserved - allocated, unalloc, sizeof unalloc));
+}
+
+/* alloc_block(): new memory from the device, refused before asking when it
+ * would pass the capacity (PyTorch's memory-fraction check, which counts the
+ * classic segment size even on the expandable path). */
+static int take_new_memory(wa_allocator *a, int device, wa_pool *pool, uint64_t size, uint64_t seg_size,
+                           wa_block **out, wd_error *err)
+{
+    wa_device *d = &a->dev[device];
+
+    if (d->limit && (uint64_t)d->stats.reserved_bytes.current + seg_size > d->limit)
+        return -ENOMEM;
+    if (a->conf.expandable_segments)
+        return wa__expandable_alloc(a, device, pool, size, out, err);
+    return wa__segment_new(a, device, seg_size, pool->small, out, err);
 }
 
 /* malloc() */
@@ -387,14 +243,14 @@ int wa_malloc(wa_allocator *a, int device, uint64_t requested, wa_block **out, w
     b = take_free_block(a, pool, size);
     if (!b) {
         if (a->conf.garbage_collection_threshold > 0 && d->limit)
-            garbage_collect(a, d);
-        rc = segment_new(a, device, seg_size, pool->small, &b, err);
-        if (rc == -ENOMEM && release_available(a, pool, size))
-            rc = segment_new(a, device, seg_size, pool->small, &b, err);
+            wa__garbage_collect(a, d);
+        rc = take_new_memory(a, device, pool, size, seg_size, &b, err);
+        if (rc == -ENOMEM && wa__release_available(a, pool, size))
+            rc = take_new_memory(a, device, pool, size, seg_size, &b, err);
         if (rc == -ENOMEM) {
-            release_cached(a, device);
+            wa__release_cached(a, device);
             d->stats.num_alloc_retries++;
-            rc = segment_new(a, device, seg_size, pool->small, &b, err);
+            rc = take_new_memory(a, device, pool, size, seg_size, &b, err);
         }
         if (rc == -ENOMEM) {
             d->stats.num_ooms++;
@@ -404,24 +260,27 @@ int wa_malloc(wa_allocator *a, int device, uint64_t requested, wa_block **out, w
         if (rc)
             return rc;
     }
+    if (a->conf.expandable_page_align && b->seg->expandable && size <= b->seg->page)
+        keep_in_one_page(pool, b, size);
     if (should_split(a, b, size) && !(spare = calloc(1, sizeof *spare))) {
         /* Put the block back untouched so nothing is half done. */
         b->gc_base = pool->get_free_calls;
-        wa__pool_insert(pool, b);
+        wa__tree_insert(&pool->blocks, b);
         return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
     }
     *out = hand_out(a, d, b, size, requested, spare);
     return 0;
 }
 
-/* try_merge_blocks(): absorb a free neighbour into b; returns its size or 0. */
-static uint64_t merge(wa_device *d, wa_block *b, wa_block *n)
+uint64_t wa__merge(wa_device *d, wa_block *b, wa_block *n)
 {
+    wa_pool *pool;
     uint64_t size;
 
-    if (!n || n->allocated)
+    if (!n || n->allocated || n->mapped != b->mapped)
         return 0;
-    wa__pool_erase(pool_of(d, n), n);
+    pool = wa__pool_of(d, n);
+    wa__tree_erase(n->mapped ? &pool->blocks : &pool->unmapped, n);
     if (b->prev == n) {
         b->addr = n->addr;
         b->prev = n->prev;
@@ -451,49 +310,51 @@ void wa_free(wa_allocator *a, wa_block *b)
     if (!b)
         return;
     d = &a->dev[b->seg->device];
-    pool = pool_of(d, b);
+    pool = wa__pool_of(d, b);
     size = b->size;
     requested = b->requested;
     b->allocated = false;
-    stat_sub(&d->stats.allocation, 1);
-    stat_sub(&d->stats.allocated_bytes, size);
+    wa__stat_sub(&d->stats.allocation, 1);
+    wa__stat_sub(&d->stats.allocated_bytes, size);
     if (b->counted_oversize)
-        stat_sub(&d->stats.oversize_allocations, 1);
+        wa__stat_sub(&d->stats.oversize_allocations, 1);
     b->counted_oversize = false;
 
-    if ((merged = merge(d, b, b->prev))) {
+    if ((merged = wa__merge(d, b, b->prev))) {
         split_blocks--;
         split_bytes -= (int64_t)merged;
     }
-    if ((merged = merge(d, b, b->next))) {
+    if ((merged = wa__merge(d, b, b->next))) {
         split_blocks--;
         split_bytes -= (int64_t)merged;
     }
     b->requested = 0;
     b->gc_base = pool->get_free_calls;
-    wa__pool_insert(pool, b);
-    if (is_split(b)) {
+    wa__tree_insert(&pool->blocks, b);
+    if (wa__is_split(b)) {
         split_blocks++;
         split_bytes += (int64_t)b->size;
     }
-    if (split_blocks > 0)
-        stat_add(&d->stats.inactive_split, (uint64_t)split_blocks);
-    else
-        stat_sub(&d->stats.inactive_split, (uint64_t)-split_blocks);
-    if (split_bytes > 0)
-        stat_add(&d->stats.inactive_split_bytes, (uint64_t)split_bytes);
-    else
-        stat_sub(&d->stats.inactive_split_bytes, (uint64_t)-split_bytes);
-    stat_sub(&d->stats.active, 1);
-    stat_sub(&d->stats.active_bytes, size);
-    stat_sub(&d->stats.requested_bytes, requested);
+    if (!b->seg->expandable) {
+        if (split_blocks > 0)
+            wa__stat_add(&d->stats.inactive_split, (uint64_t)split_blocks);
+        else
+            wa__stat_sub(&d->stats.inactive_split, (uint64_t)-split_blocks);
+        if (split_bytes > 0)
+            wa__stat_add(&d->stats.inactive_split_bytes, (uint64_t)split_bytes);
+        else
+            wa__stat_sub(&d->stats.inactive_split_bytes, (uint64_t)-split_bytes);
+    }
+    wa__stat_sub(&d->stats.active, 1);
+    wa__stat_sub(&d->stats.active_bytes, size);
+    wa__stat_sub(&d->stats.requested_bytes, requested);
 }
 
 void wa_empty_cache(wa_allocator *a, int device)
 {
     for (int i = 0; i < a->n_devices; i++)
         if (device < 0 || device == i)
-            release_cached(a, i);
+            wa__release_cached(a, i);
 }
 
 void wa_block_region(const wa_block *b, wa_region *out)
@@ -529,13 +390,14 @@ int wa_create(wa_backend *backend, const char *conf_text, wa_allocator **out, wd
     for (int i = 0; i < a->n_devices; i++) {
         wa_device_info info;
         a->dev[i].small.small = true;
+        a->dev[i].small.unmapped.by_addr = a->dev[i].large.unmapped.by_addr = true;
         if (backend->describe(backend, i, &info) == 0)
             a->dev[i].limit = info.capacity;
         a->dev[i].stats.capacity = a->dev[i].limit;
     }
     if ((rc = wa_set_config(a, &conf))) {
-        wd_error_set(err, rc, "allocator configuration \"%s\" is not supported by the %s backend",
-                     conf_text, backend->name);
+        wd_error_set(err, rc, "allocator configuration \"%s\" is not supported by the %s backend", conf_text,
+                     backend->name);
         wa_destroy(a);
         return rc;
     }
@@ -558,7 +420,7 @@ void wa_destroy(wa_allocator *a)
                 } else {
                     b = b->next;
                 }
-        release_cached(a, i);
+        wa__release_cached(a, i);
     }
     free(a->dev);
     free(a->stack);
@@ -586,11 +448,13 @@ const wa_config *wa_get_config(const wa_allocator *a)
  * on, a cached block of at least the new max_split_size is oversize (never
  * split, reused only within max_non_split_rounding of its size), and a block
  * under it may be split again. The oversize_* statistics count what was
- * oversize when it was made, so they never go negative across changes. */
+ * oversize when it was made, so they never go negative across changes.
+ * Turning expandable_segments off leaves expandable segments in place; their
+ * free blocks are no longer handed out (as PyTorch does) until it is on again. */
 int wa_set_config(wa_allocator *a, const wa_config *conf)
 {
-    if (conf->expandable_segments)
-        return -ENOTSUP; /* no backend built so far can grow a segment */
+    if (conf->expandable_segments && !a->backend->va_reserve)
+        return -ENOTSUP;
     a->conf = *conf;
     return 0;
 }
@@ -612,8 +476,8 @@ int wa_policy_push(wa_allocator *a, const char *conf_text, wd_error *err)
     }
     a->stack[a->depth] = a->conf;
     if ((rc = wa_set_config(a, &next)))
-        return wd_error_set(err, rc, "allocator policy \"%s\" is not supported by the %s backend",
-                            conf_text, a->backend->name);
+        return wd_error_set(err, rc, "allocator policy \"%s\" is not supported by the %s backend", conf_text,
+                            a->backend->name);
     a->depth++;
     return 0;
 }
@@ -629,186 +493,4 @@ int wa_policy_pop(wa_allocator *a)
 size_t wa_policy_depth(const wa_allocator *a)
 {
     return a->depth;
-}
-
-/* ---- statistics and snapshots ------------------------------------------ */
-
-int wa_get_stats(const wa_allocator *a, int device, wa_stats *out)
-{
-    const wa_device *d;
-    const wa_block *big, *small;
-    uint64_t cached;
-
-    if (device < 0 || device >= a->n_devices)
-        return -ENODEV;
-    d = &a->dev[device];
-    *out = d->stats;
-    big = wa__pool_max(&d->large);
-    small = wa__pool_max(&d->small);
-    out->largest_free_block = big ? big->size : 0;
-    if (small && small->size > out->largest_free_block)
-        out->largest_free_block = small->size;
-    cached = (uint64_t)(d->stats.reserved_bytes.current - d->stats.allocated_bytes.current);
-    out->fragmentation = cached ? 1.0 - (double)out->largest_free_block / (double)cached : 0.0;
-    return 0;
-}
-
-void wa_reset_peaks(wa_allocator *a, int device)
-{
-    for (int i = 0; i < a->n_devices; i++) {
-        if (device >= 0 && device != i)
-            continue;
-#define X(name, what) a->dev[i].stats.name.peak = a->dev[i].stats.name.current;
-        WA_STAT_LIST(X)
-#undef X
-    }
-}
-
-static int cmp_segment(const void *x, const void *y)
-{
-    const wa_snap_segment *p = x, *q = y;
-    return p->addr < q->addr ? -1 : p->addr > q->addr;
-}
-
-int wa_snapshot(const wa_allocator *a, int device, wa_snap_segment **segs, size_t *n)
-{
-    const wa_segment *seg;
-    wa_snap_segment *out;
-    size_t count = 0, i = 0;
-
-    if (device < 0 || device >= a->n_devices)
-        return -ENODEV;
-    for (seg = a->dev[device].segments; seg; seg = seg->next)
-        count++;
-    if (!(out = calloc(count ? count : 1, sizeof *out)))
-        return -ENOMEM;
-    for (seg = a->dev[device].segments; seg; seg = seg->next, i++) {
-        size_t nb = 0, j = 0;
-        for (const wa_block *b = seg->head; b; b = b->next)
-            nb++;
-        out[i].id = seg->id;
-        out[i].addr = seg->mem.addr;
-        out[i].size = seg->size;
-        out[i].small_pool = seg->small;
-        out[i].n_blocks = nb;
-        if (!(out[i].blocks = calloc(nb, sizeof *out[i].blocks))) {
-            wa_snapshot_free(out, i);
-            return -ENOMEM;
-        }
-        for (const wa_block *b = seg->head; b; b = b->next, j++) {
-            out[i].blocks[j].addr = b->addr;
-            out[i].blocks[j].size = b->size;
-            out[i].blocks[j].requested = b->requested;
-            out[i].blocks[j].allocated = b->allocated;
-        }
-    }
-    qsort(out, count, sizeof *out, cmp_segment);
-    *segs = out;
-    *n = count;
-    return 0;
-}
-
-void wa_snapshot_free(wa_snap_segment *segs, size_t n)
-{
-    if (!segs)
-        return;
-    for (size_t i = 0; i < n; i++)
-        free(segs[i].blocks);
-    free(segs);
-}
-
-/* ---- invariants -------------------------------------------------------- */
-
-struct tree_check {
-    const wa_block *last;
-    size_t n;
-    bool ordered;
-};
-
-static void tree_check_one(wa_block *b, void *ctx)
-{
-    struct tree_check *c = ctx;
-
-    if (c->last && !(c->last->size < b->size || (c->last->size == b->size && c->last->addr < b->addr)))
-        c->ordered = false;
-    if (b->allocated)
-        c->ordered = false;
-    c->last = b;
-    c->n++;
-}
-
-int wa_check(const wa_allocator *a, wd_error *err)
-{
-    for (int i = 0; i < a->n_devices; i++) {
-        const wa_device *d = &a->dev[i];
-        wa_stats recount;
-        size_t free_blocks = 0;
-        struct tree_check tc;
-
-        memset(&recount, 0, sizeof recount);
-        for (const wa_segment *seg = d->segments; seg; seg = seg->next) {
-            uint64_t at = seg->mem.addr;
-            const wa_block *prev = NULL;
-            if (!seg->head || seg->head->prev)
-                return wd_error_set(err, -EFAULT, "device %d segment %u: bad head block", i, seg->id);
-            for (const wa_block *b = seg->head; b; prev = b, b = b->next) {
-                if (b->seg != seg || b->prev != prev)
-                    return wd_error_set(err, -EFAULT, "device %d segment %u: broken block links", i, seg->id);
-                if (b->addr != at || b->size == 0)
-                    return wd_error_set(err, -EFAULT, "device %d segment %u: block at %#" PRIx64
-                                        " does not follow the previous one (expected %#" PRIx64 ")",
-                                        i, seg->id, b->addr, at);
-                if (!b->allocated && prev && !prev->allocated)
-                    return wd_error_set(err, -EFAULT, "device %d segment %u: free neighbours at %#" PRIx64
-                                        " not merged", i, seg->id, b->addr);
-                at += b->size;
-                if (b->allocated) {
-                    recount.allocation.current++;
-                    recount.allocated_bytes.current += (int64_t)b->size;
-                    recount.requested_bytes.current += (int64_t)b->requested;
-                    if (b->counted_oversize)
-                        recount.oversize_allocations.current++;
-                } else {
-                    free_blocks++;
-                    if (seg->head != b || b->next) {
-                        recount.inactive_split.current++;
-                        recount.inactive_split_bytes.current += (int64_t)b->size;
-                    }
-                }
-            }
-            if (at != seg->mem.addr + seg->size)
-                return wd_error_set(err, -EFAULT, "device %d segment %u: blocks cover %" PRIu64 " of %" PRIu64
-                                    " bytes", i, seg->id, at - seg->mem.addr, seg->size);
-            recount.segment.current++;
-            recount.reserved_bytes.current += (int64_t)seg->size;
-            if (seg->counted_oversize)
-                recount.oversize_segments.current++;
-        }
-        recount.active = recount.allocation;
-        recount.active_bytes = recount.allocated_bytes;
-#define CHECK(name, what)                                                                            \
-        if (recount.name.current != d->stats.name.current)                                       \
-            return wd_error_set(err, -EFAULT, "device %d: statistic " #name " is %" PRId64       \
-                                " but a recount gives %" PRId64, i, d->stats.name.current,       \
-                                recount.name.current);                                           \
-        if (d->stats.name.peak < d->stats.name.current)                                          \
-            return wd_error_set(err, -EFAULT, "device %d: " #name " peak below current", i);
-        WA_STAT_LIST(CHECK)
-#undef CHECK
-        if (free_blocks != d->small.count + d->large.count)
-            return wd_error_set(err, -EFAULT, "device %d: %zu free blocks but the pools hold %zu", i,
-                                free_blocks, d->small.count + d->large.count);
-        for (int p = 0; p < 2; p++) {
-            const wa_pool *pool = p ? &d->large : &d->small;
-            memset(&tc, 0, sizeof tc);
-            tc.ordered = true;
-            wa__pool_each(pool, tree_check_one, &tc);
-            if (!tc.ordered || tc.n != pool->count)
-                return wd_error_set(err, -EFAULT, "device %d: %s pool out of order or miscounted", i,
-                                    p ? "large" : "small");
-        }
-        if (d->limit && (uint64_t)d->stats.reserved_bytes.current > d->limit)
-            return wd_error_set(err, -EFAULT, "device %d: reserved over capacity", i);
-    }
-    return 0;
 }

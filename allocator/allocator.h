@@ -26,9 +26,22 @@ typedef struct wa_config {
     uint64_t max_non_split_rounding;  /* an oversize block serves a request only if under request + this */
     double garbage_collection_threshold; /* 0 = off, else (0, 1) of capacity */
     uint32_t roundup_power2_divisions[WA_ROUNDUP_INTERVALS]; /* 0 = plain 512-byte rounding */
-    bool expandable_segments;         /* accepted; needs a backend that can (cuda) */
+    bool expandable_segments;         /* pages mapped into address ranges; needs a backend that can */
     bool release_lock_on_cudamalloc;  /* accepted for compatibility; no effect here */
+    /* weightd's own keys */
+    uint64_t expandable_page;         /* expandable_page_mb: large-pool page (PyTorch: 20 MiB) */
+    bool expandable_page_align;       /* blocks of a page or less never straddle a page boundary */
 } wa_config;
+
+/* weightd's load policy: what `weightctl load` pushes unless told otherwise,
+ * and what `weightd-replay --policy weightd` applies. Expandable segments
+ * with 2 MiB pages return freed memory page by page, and sub-page blocks kept
+ * inside one page make those pages free as soon as the block is; README.md
+ * ("Beating PyTorch's allocator") says why. */
+#define WA_WEIGHTD_POLICY \
+    "expandable_segments:True,expandable_page_mb:2,expandable_page_align:True,max_split_size_mb:20"
+/* The policy for backends without expandable segments: vLLM's. */
+#define WA_FALLBACK_POLICY "max_split_size_mb:20"
 
 typedef enum wa_conf_mode {
     /* Keys named in the text override the base; the rest stay as in base.
@@ -142,11 +155,14 @@ void wa_reset_peaks(wa_allocator *a, int device);
 typedef struct wa_snap_block {
     uint64_t addr, size, requested;
     bool allocated;
+    bool mapped;              /* false: an unmapped range of an expandable segment */
 } wa_snap_block;
 typedef struct wa_snap_segment {
     uint32_t id;
     uint64_t addr, size;
+    uint64_t mapped;          /* bytes with memory behind them */
     bool small_pool;
+    bool expandable;
     size_t n_blocks;
     wa_snap_block *blocks;
 } wa_snap_segment;

@@ -45,6 +45,18 @@ struct wa_backend {
                 void *dst, size_t len, wd_error *err);
     int (*describe)(wa_backend *b, int device, wa_device_info *out);
     void (*destroy)(wa_backend *b);
+
+    /* Expandable segments (NULL where the backend cannot): an address range
+     * reserved up front, into which pages of physical memory are mapped and
+     * unmapped one by one (CUDA's cuMemAddressReserve/cuMemCreate/cuMemMap).
+     * page_map makes `size` bytes (a multiple of granularity) at va + offset;
+     * -ENOMEM when the device cannot hold them. */
+    uint64_t granularity;
+    int (*va_reserve)(wa_backend *b, int device, uint64_t size, wa_mem *va, wd_error *err);
+    void (*va_release)(wa_backend *b, int device, wa_mem *va);
+    int (*page_map)(wa_backend *b, int device, const wa_mem *va, uint64_t offset, uint64_t size, wa_mem *page,
+                    wd_error *err);
+    void (*page_unmap)(wa_backend *b, int device, const wa_mem *va, wa_mem *page);
 };
 
 typedef struct wa_backend_opts {

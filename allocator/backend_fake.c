@@ -52,6 +52,48 @@ static int fake_write(wa_backend *b, int device, const wa_mem *mem, uint64_t off
     return fake_copy(b, device, mem, offset, (void *)src, len, err);
 }
 
+/* Expandable segments: address ranges cost nothing; pages count against the
+ * capacity, at CUDA's 2 MiB granularity. */
+static int fake_va_reserve(wa_backend *b, int device, uint64_t size, wa_mem *va, wd_error *err)
+{
+    fake_backend *f = (fake_backend *)b;
+    (void)device;
+    (void)err;
+
+    *va = (wa_mem){.addr = f->next_addr, .size = size, .fd = -1};
+    f->next_addr += (size + FAKE_ALIGN - 1) / FAKE_ALIGN * FAKE_ALIGN;
+    return 0;
+}
+
+static void fake_va_release(wa_backend *b, int device, wa_mem *va)
+{
+    (void)b;
+    (void)device;
+    va->size = 0;
+}
+
+static int fake_page_map(wa_backend *b, int device, const wa_mem *va, uint64_t offset, uint64_t size, wa_mem *page,
+                         wd_error *err)
+{
+    fake_backend *f = (fake_backend *)b;
+    (void)err;
+
+    if (size > f->capacity || f->used[device] + size > f->capacity)
+        return -ENOMEM;
+    f->used[device] += size;
+    *page = (wa_mem){.addr = va->addr + offset, .size = size, .fd = -1};
+    return 0;
+}
+
+static void fake_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem *page)
+{
+    fake_backend *f = (fake_backend *)b;
+    (void)va;
+
+    f->used[device] -= page->size;
+    page->size = 0;
+}
+
 static int fake_describe(wa_backend *b, int device, wa_device_info *out)
 {
     fake_backend *f = (fake_backend *)b;
@@ -87,6 +129,11 @@ int wa_backend_fake_create(int n_devices, uint64_t capacity, wa_backend **out, w
         .read = fake_copy,
         .describe = fake_describe,
         .destroy = fake_destroy,
+        .granularity = FAKE_ALIGN,
+        .va_reserve = fake_va_reserve,
+        .va_release = fake_va_release,
+        .page_map = fake_page_map,
+        .page_unmap = fake_page_unmap,
     };
     f->capacity = capacity;
     f->next_addr = FAKE_BASE;

@@ -107,6 +107,72 @@ static int host_read(wa_backend *b, int device, const wa_mem *mem, uint64_t offs
     return 0;
 }
 
+/* Expandable segments: one sparse memfd the size of the address range,
+ * mapped whole; a page is committed with fallocate and given back by punching
+ * a hole, so a segment is one descriptor however many pages it maps. */
+static int host_va_reserve(wa_backend *b, int device, uint64_t size, wa_mem *va, wd_error *err)
+{
+    char name[48];
+    void *map;
+    int fd, rc;
+    (void)b;
+
+    snprintf(name, sizeof name, "weightd-host%d-expandable", device);
+    if ((fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0)
+        return wd_error_set(err, -errno, "memfd_create: %s", strerror(errno));
+    if (ftruncate(fd, (off_t)size) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
+        rc = wd_error_set(err, -errno, "sizing a %llu-byte address range: %s", (unsigned long long)size,
+                          strerror(errno));
+        close(fd);
+        return rc;
+    }
+    map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (map == MAP_FAILED) {
+        rc = wd_error_set(err, -errno, "mapping a %llu-byte address range: %s", (unsigned long long)size,
+                          strerror(errno));
+        close(fd);
+        return rc;
+    }
+    *va = (wa_mem){.addr = (uint64_t)(uintptr_t)map, .size = size, .host = map, .fd = fd};
+    return 0;
+}
+
+static void host_va_release(wa_backend *b, int device, wa_mem *va)
+{
+    (void)b;
+    (void)device;
+    munmap(va->host, va->size);
+    close(va->fd);
+    va->host = NULL;
+    va->fd = -1;
+}
+
+static int host_page_map(wa_backend *b, int device, const wa_mem *va, uint64_t offset, uint64_t size, wa_mem *page,
+                         wd_error *err)
+{
+    host_backend *h = (host_backend *)b;
+
+    if (size > h->capacity || h->used[device] + size > h->capacity)
+        return -ENOMEM;
+    if (fallocate(va->fd, 0, (off_t)offset, (off_t)size) < 0) {
+        int rc = errno == ENOSPC ? -ENOMEM : -errno;
+        return wd_error_set(err, rc, "committing %llu bytes of host memory: %s", (unsigned long long)size,
+                            strerror(errno));
+    }
+    h->used[device] += size;
+    *page = (wa_mem){.addr = va->addr + offset, .size = size, .host = (char *)va->host + offset, .fd = -1};
+    return 0;
+}
+
+static void host_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem *page)
+{
+    host_backend *h = (host_backend *)b;
+
+    fallocate(va->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(page->addr - va->addr), (off_t)page->size);
+    h->used[device] -= page->size;
+    page->size = 0;
+}
+
 static int host_describe(wa_backend *b, int device, wa_device_info *out)
 {
     host_backend *h = (host_backend *)b;
@@ -145,6 +211,11 @@ int wa_backend_host_create(int n_devices, uint64_t capacity, wa_backend **out, w
         .read = host_read,
         .describe = host_describe,
         .destroy = host_destroy,
+        .granularity = 2ULL << 20,
+        .va_reserve = host_va_reserve,
+        .va_release = host_va_release,
+        .page_map = host_page_map,
+        .page_unmap = host_page_unmap,
     };
     h->capacity = capacity;
     *out = &h->base;

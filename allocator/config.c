@@ -18,6 +18,7 @@ void wa_config_default(wa_config *conf)
     memset(conf, 0, sizeof *conf);
     conf->max_split_size = UINT64_MAX;           /* AllocatorConfig(): SIZE_MAX */
     conf->max_non_split_rounding = WA_LARGE_BUFFER;
+    conf->expandable_page = WA_LARGE_BUFFER;
 }
 
 bool wa_config_equal(const wa_config *a, const wa_config *b)
@@ -28,7 +29,8 @@ bool wa_config_equal(const wa_config *a, const wa_config *b)
            memcmp(a->roundup_power2_divisions, b->roundup_power2_divisions,
                   sizeof a->roundup_power2_divisions) == 0 &&
            a->expandable_segments == b->expandable_segments &&
-           a->release_lock_on_cudamalloc == b->release_lock_on_cudamalloc;
+           a->release_lock_on_cudamalloc == b->release_lock_on_cudamalloc &&
+           a->expandable_page == b->expandable_page && a->expandable_page_align == b->expandable_page_align;
 }
 
 /* ---- lexer: like lexArgs, tokens are runs of text or one of ",:[]" ------- */
@@ -277,6 +279,20 @@ int wa_config_parse(const char *text, const wa_config *base, wa_conf_mode mode,
         } else if (strcmp(key, "release_lock_on_cudamalloc") == 0) {
             if (!(rc = expect(lx, ":", key)) && !(rc = value(lx, key, &v)))
                 rc = parse_bool(lx, key, v, &c.release_lock_on_cudamalloc);
+        } else if (strcmp(key, "expandable_page_mb") == 0) {
+            uint64_t mb;
+            if ((rc = expect(lx, ":", key)) || (rc = value(lx, key, &v)) || (rc = parse_uint(lx, key, v, &mb)))
+                goto out;
+            /* Whole 2 MiB pages: CUDA's granularity for cuMemCreate. */
+            if (mb < 2 || mb % 2 || mb > 1024) {
+                rc = wd_error_set(err, -EINVAL, "allocator configuration: %s:%s must be an even number of MiB "
+                                  "from 2 to 1024", key, v);
+                goto out;
+            }
+            c.expandable_page = mb * MiB;
+        } else if (strcmp(key, "expandable_page_align") == 0) {
+            if (!(rc = expect(lx, ":", key)) && !(rc = value(lx, key, &v)))
+                rc = parse_bool(lx, key, v, &c.expandable_page_align);
         } else if (strcmp(key, "backend") == 0) {
             if (!(rc = expect(lx, ":", key)) && !(rc = value(lx, key, &v)) && strcmp(v, "native") != 0)
                 rc = wd_error_set(err, -EINVAL, "allocator configuration: backend:%s is not supported; weightd is the native caching allocator", v);
@@ -344,6 +360,10 @@ const char *wa_config_format(const wa_config *conf, char *buf, size_t len)
         append(buf, len, &used, "%sexpandable_segments:True", SEP);
     if (conf->release_lock_on_cudamalloc)
         append(buf, len, &used, "%srelease_lock_on_cudamalloc:True", SEP);
+    if (conf->expandable_page != d.expandable_page)
+        append(buf, len, &used, "%sexpandable_page_mb:%llu", SEP, (unsigned long long)(conf->expandable_page / MiB));
+    if (conf->expandable_page_align)
+        append(buf, len, &used, "%sexpandable_page_align:True", SEP);
 #undef SEP
     if (!used)
         snprintf(buf, len, "default");

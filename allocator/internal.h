@@ -17,35 +17,48 @@ typedef struct wa_segment wa_segment;
 
 /* A block: a run of bytes inside one segment, free or handed out.
  * Invariant: the blocks of a segment, followed through next, tile it exactly
- * from its first byte to its last; two free blocks are never neighbours. */
+ * from its first byte to its last; two free blocks with the same mapped state
+ * are never neighbours. In an expandable segment, unmapped blocks cover whole
+ * pages that have no memory behind them. */
 struct wa_block {
     uint64_t addr, size;
     uint64_t requested;          /* 0 while free */
     wa_segment *seg;
     wa_block *prev, *next;       /* address neighbours in the segment */
-    wa_block *left, *right;      /* free-tree links, while free */
-    uint32_t prio;               /* free-tree heap priority */
+    wa_block *left, *right;      /* tree links, while in a pool's tree */
+    uint32_t prio;               /* tree heap priority */
     bool allocated;
+    bool mapped;                 /* false only for unmapped ranges of expandable segments */
     bool counted_oversize;       /* counted in oversize_allocations when handed out */
     uint64_t gc_base;            /* pool's get_free_block count when freed */
 };
 
-/* A free-block pool ordered by (size, address): best fit is the first block
- * at or after (size, 0). A treap keyed by (size, address). */
-typedef struct wa_pool {
+/* A treap of blocks, ordered by (size, address) — best fit is the first
+ * block at or after (size, 0) — or by address alone. */
+typedef struct wa_tree {
     wa_block *root;
     size_t count;
+    bool by_addr;
+} wa_tree;
+
+typedef struct wa_pool {
+    wa_tree blocks;              /* free mapped blocks, by (size, address) */
+    wa_tree unmapped;            /* unmapped ranges of expandable segments, by address */
     bool small;
     uint64_t get_free_calls;     /* PyTorch's get_free_blocks_call_count */
 } wa_pool;
 
 struct wa_segment {
-    wa_mem mem;
+    wa_mem mem;                  /* the segment, or an expandable segment's address range */
     uint64_t size;
     uint32_t id;
     int device;
     bool small;
     bool counted_oversize;       /* counted in oversize_segments when made */
+    bool expandable;
+    uint64_t page;               /* expandable: bytes per page */
+    wa_mem *pages;               /* expandable: page i's memory, size 0 while unmapped */
+    size_t n_pages;              /* entries in pages (grows as pages are mapped) */
     wa_block *head;              /* first block (lowest address) */
     wa_segment *prev, *next;     /* the device's segment list */
 };
@@ -65,21 +78,59 @@ struct wa_allocator {
     wa_config *stack;            /* configurations saved by wa_policy_push */
     size_t depth, stack_cap;
     uint32_t next_segment_id;
-    uint32_t prio_state;
 };
 
-/* pool.c: the free-block treap */
-void wa__pool_insert(wa_pool *pool, wa_block *b);
-void wa__pool_erase(wa_pool *pool, wa_block *b);
-/* Smallest block with (size, addr) >= (size, 0), or NULL. */
-wa_block *wa__pool_lower_bound(const wa_pool *pool, uint64_t size);
-/* Largest block whose key is below (size, addr), or NULL; (UINT64_MAX,
- * UINT64_MAX) gives the largest block. */
-wa_block *wa__pool_before(const wa_pool *pool, uint64_t size, uint64_t addr);
-wa_block *wa__pool_max(const wa_pool *pool);
-/* Visits every block in key order; the callback may not change the pool. */
-void wa__pool_each(const wa_pool *pool, void (*fn)(wa_block *b, void *ctx), void *ctx);
-/* Fills out (capacity pool->count) in key order; returns how many. */
-size_t wa__pool_collect(const wa_pool *pool, wa_block **out);
+static inline void wa__stat_add(wa_stat *s, uint64_t amount)
+{
+    s->current += (int64_t)amount;
+    if (s->current > s->peak)
+        s->peak = s->current;
+}
+
+static inline void wa__stat_sub(wa_stat *s, uint64_t amount)
+{
+    s->current -= (int64_t)amount;
+}
+
+static inline bool wa__is_split(const wa_block *b)
+{
+    return b->prev || b->next;
+}
+
+static inline wa_pool *wa__pool_of(wa_device *d, const wa_block *b)
+{
+    return b->seg->small ? &d->small : &d->large;
+}
+
+/* allocator.c */
+/* try_merge_blocks(): b absorbs its free neighbour n (same mapped state);
+ * returns n's size, or 0 when they cannot merge. */
+uint64_t wa__merge(wa_device *d, wa_block *b, wa_block *n);
+
+/* segment.c: taking memory from the device and giving it back */
+/* alloc_block(): a new segment of `size` bytes, as one free block, not in a pool. */
+int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_block **out, wd_error *err);
+/* try_allocate_expandable_block(): a free mapped block of at least `size`
+ * bytes in an expandable segment, mapping pages as needed; not in a pool. */
+int wa__expandable_alloc(wa_allocator *a, int device, wa_pool *pool, uint64_t size, wa_block **out,
+                         wd_error *err);
+void wa__release_cached(wa_allocator *a, int device);
+bool wa__release_available(wa_allocator *a, wa_pool *pool, uint64_t size);
+void wa__garbage_collect(wa_allocator *a, wa_device *d);
+/* Every page of the expandable segment seg that is mapped. */
+uint64_t wa__mapped_bytes(const wa_segment *seg);
+
+/* tree.c: the treaps */
+void wa__tree_insert(wa_tree *t, wa_block *b);
+void wa__tree_erase(wa_tree *t, wa_block *b);
+/* The first block whose key is at or after (size, addr) — by (size, addr)
+ * trees — or at or after addr (by-address trees; size ignored). NULL if none. */
+wa_block *wa__tree_lower_bound(const wa_tree *t, uint64_t size, uint64_t addr);
+/* The first block after b, or the last block before b, in the tree's order. */
+wa_block *wa__tree_next(const wa_tree *t, const wa_block *b);
+wa_block *wa__tree_prev(const wa_tree *t, const wa_block *b);
+wa_block *wa__tree_max(const wa_tree *t);
+/* Fills out (room for t->count) in order; returns how many. */
+size_t wa__tree_collect(const wa_tree *t, wa_block **out);
 
 #endif

@@ -7,6 +7,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "allocator/allocator.h"
 #include "allocator/trace.h"
 #include "common/size.h"
 
@@ -15,13 +16,19 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: weightd-replay TRACE [--capacity SIZE] [--conf CONF] [--min-capacity] [--check] [--json]\n"
+            "usage: weightd-replay TRACE [--capacity SIZE] [--conf CONF] [--policy pytorch|weightd]\n"
+            "                      [--load-policy CONF] [--min-capacity] [--check] [--json]\n"
             "\n"
             "Replays an allocation trace (alloc/free/policy/mark lines) through weightd's\n"
-            "allocator with PyTorch's semantics on the fake backend.\n"
+            "allocator on the fake backend (2 MiB granularity, as CUDA).\n"
             "\n"
             "  --capacity SIZE   device capacity (default: unlimited); K/M/G/T, KiB/MiB/GiB/TiB\n"
             "  --conf CONF       starting allocator configuration (PYTORCH_CUDA_ALLOC_CONF syntax)\n"
+            "  --policy pytorch  apply the trace's policy lines literally, as PyTorch would (default)\n"
+            "  --policy weightd  each policy line that sets a configuration starts weightd's load\n"
+            "                    policy (" WA_WEIGHTD_POLICY ")\n"
+            "                    and \"policy default\" ends it\n"
+            "  --load-policy CONF  as --policy weightd, with CONF as the load policy\n"
             "  --min-capacity    also search the smallest capacity, in 64 MiB steps, that completes\n"
             "  --check           check the allocator's invariants after every operation (slow)\n"
             "  --json            print one JSON object\n");
@@ -54,7 +61,8 @@ static void print_text(const char *path, const wa_replay_result *r, size_t ops, 
            r->seconds > 0 ? (double)r->ops / r->seconds / 1e6 : 0.0);
 }
 
-static int print_json(const char *path, const wa_replay_result *r, size_t ops, bool have_min, uint64_t min_cap)
+static int print_json(const char *path, const char *load_policy, const wa_replay_result *r, size_t ops, bool have_min,
+                      uint64_t min_cap)
 {
     cJSON *o = cJSON_CreateObject(), *marks;
     char *text;
@@ -62,6 +70,7 @@ static int print_json(const char *path, const wa_replay_result *r, size_t ops, b
     if (!o)
         return -1;
     cJSON_AddStringToObject(o, "trace", path);
+    cJSON_AddStringToObject(o, "policy", load_policy ? load_policy : "pytorch");
     cJSON_AddBoolToObject(o, "ok", r->ok);
     cJSON_AddNumberToObject(o, "operations", (double)ops);
     cJSON_AddNumberToObject(o, "peak_live", (double)r->peak_live);
@@ -98,6 +107,7 @@ int main(int argc, char **argv)
         {"capacity", required_argument, NULL, 'c'}, {"conf", required_argument, NULL, 'C'},
         {"min-capacity", no_argument, NULL, 'm'},   {"check", no_argument, NULL, 'k'},
         {"json", no_argument, NULL, 'j'},           {"help", no_argument, NULL, 'h'},
+        {"policy", required_argument, NULL, 'p'},   {"load-policy", required_argument, NULL, 'L'},
         {NULL, 0, NULL, 0},
     };
     wa_replay_opts opts = {0};
@@ -117,6 +127,15 @@ int main(int argc, char **argv)
             }
             break;
         case 'C': opts.conf = optarg; break;
+        case 'p':
+            if (strcmp(optarg, "weightd") == 0) {
+                opts.load_policy = WA_WEIGHTD_POLICY;
+            } else if (strcmp(optarg, "pytorch") != 0) {
+                fprintf(stderr, "weightd-replay: --policy: \"%s\" is neither pytorch nor weightd\n", optarg);
+                return 2;
+            }
+            break;
+        case 'L': opts.load_policy = optarg; break;
         case 'm': want_min = true; break;
         case 'k': opts.check = true; break;
         case 'j': json = true; break;
@@ -137,7 +156,7 @@ int main(int argc, char **argv)
         goto fail;
     }
     if (json)
-        rc = print_json(argv[optind], &r, wa_trace_ops(trace), want_min, min_cap);
+        rc = print_json(argv[optind], opts.load_policy, &r, wa_trace_ops(trace), want_min, min_cap);
     else
         print_text(argv[optind], &r, wa_trace_ops(trace), want_min, min_cap);
     wa_replay_result_free(&r);

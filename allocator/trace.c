@@ -415,12 +415,17 @@ int wa_trace_replay(const wa_trace *t, const wa_replay_opts *opts, wa_replay_res
         }
         case OP_POLICY: {
             /* Literal PyTorch semantics: each line is a parseArgs() call;
-             * "default" goes back to what the replay started with. */
+             * or each line starts the load policy. "default" goes back to
+             * what the replay started with. */
             wa_config next;
             const char *text = t->texts[op->text];
             if (strcmp(text, "default") == 0)
                 next = start;
-            else if ((rc = wa_config_parse(text, wa_get_config(a), WA_CONF_PYTORCH, &next, err)))
+            else if (opts->load_policy)
+                rc = wa_config_parse(opts->load_policy, &start, WA_CONF_OVERLAY, &next, err);
+            else
+                rc = wa_config_parse(text, wa_get_config(a), WA_CONF_PYTORCH, &next, err);
+            if (rc)
                 goto bad_line;
             if ((rc = wa_set_config(a, &next))) {
                 wd_error_set(err, rc, "the fake backend cannot apply \"%s\"", text);

@@ -23,6 +23,11 @@ uint64_t wa_trace_peak_live(const wa_trace *t);
 typedef struct wa_replay_opts {
     uint64_t capacity;   /* per device; 0 = unlimited */
     const char *conf;    /* starting configuration; NULL = default */
+    /* NULL: each "policy CONF" line is applied literally, with PyTorch's
+     * semantics (parseArgs). Otherwise each "policy CONF" line starts this
+     * load policy instead (on top of the starting configuration), and
+     * "policy default" ends it: weightd-replay --policy weightd. */
+    const char *load_policy;
     bool check;          /* run wa_check after every operation (slow) */
 } wa_replay_opts;
 

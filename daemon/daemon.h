@@ -48,8 +48,9 @@ void wd_log(wd_log_level level, const char *fmt, ...) __attribute__((format(prin
     X(host_devices, INT, "1", "N", "number of emulated devices (host backend)")                   \
     X(host_capacity, SIZE, "8GiB", "SIZE", "capacity of each emulated device (host backend)")      \
     X(alloc_conf, STRING, "", "CONF", "allocator configuration in PYTORCH_CUDA_ALLOC_CONF syntax") \
-    X(load_alloc_conf, STRING, "max_split_size_mb:20", "CONF",                                     \
-      "allocator policy pushed for the length of each load")                                      \
+    X(load_alloc_conf, STRING, WA_WEIGHTD_POLICY, "CONF",                                          \
+      "allocator policy pushed for the length of each load (weightd's; vLLM's max_split_size_mb:20 " \
+      "on backends without expandable segments)")                                                 \
     X(config, STRING, "", "FILE", "read options from FILE (key = value lines)")                   \
     X(log_level, LEVEL, "info", "LEVEL", "error, warning, notice, info or debug")                 \
     X(max_clients, INT, "256", "N", "most connections served at once")

@@ -559,8 +559,21 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
         return rc;
     if ((rc = wa_create(s->backend, conf->alloc_conf, &s->alloc, err)))
         goto fail;
-    /* Check the load policy now rather than at the first load. */
-    if ((rc = wa_policy_push(s->alloc, conf->load_alloc_conf, err))) {
+    /* Check the load policy now rather than at the first load. weightd's
+     * own needs expandable segments; where the backend has none and nobody
+     * asked for it by name, vLLM's policy stands in. */
+    if ((rc = wa_policy_push(s->alloc, conf->load_alloc_conf, err)) == -ENOTSUP &&
+        strcmp(conf->load_alloc_conf, WA_WEIGHTD_POLICY) == 0) {
+        wd_log(WD_LOG_notice, "the %s backend has no expandable segments: load policy %s", s->backend->name,
+               WA_FALLBACK_POLICY);
+        free(conf->load_alloc_conf);
+        if (!(conf->load_alloc_conf = strdup(WA_FALLBACK_POLICY))) {
+            rc = wd_error_set(err, -ENOMEM, "out of memory");
+            goto fail;
+        }
+        rc = wa_policy_push(s->alloc, conf->load_alloc_conf, err);
+    }
+    if (rc) {
         wd_error_prefix(err, "--load-alloc-conf");
         goto fail;
     }

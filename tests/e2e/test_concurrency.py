@@ -79,7 +79,7 @@ class Concurrency(h.E2ETestCase):
         d = self.daemon(capacity="4GiB")
         before = d.stats()["policy"]
         self.assertEqual(before, {"current": "default", "depth": 0, "load_policy_active": False,
-                                  "load": "max_split_size_mb:20"})
+                                  "load": h.LOAD_POLICY})
         c, ev = self.start_load(d, self.big, "big")
         self.assertEqual(ev["event"], "progress")
         for key in ("bytes_done", "bytes_total", "tensors_done", "tensors_total", "elapsed"):
@@ -88,7 +88,7 @@ class Concurrency(h.E2ETestCase):
         pol = s["policy"]
         self.assertIs(pol["load_policy_active"], True)
         self.assertEqual(pol["depth"], 1)
-        self.assertIn("max_split_size_mb:20", pol["current"])
+        self.assertEqual(pol["current"], h.LOAD_POLICY_CANONICAL)
         job = s["jobs"][0]
         self.assertEqual((job["kind"], job["model"], job["phase"]), ("load", "big", "reading"))
         self.assertEqual(job["bytes_total"], h.checkpoint_bytes(self.big))

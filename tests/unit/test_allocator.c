@@ -341,6 +341,10 @@ START_TEST(policy_push_with_a_bad_conf_changes_nothing)
     ck_assert_int_eq(wa_policy_push(f.a, "max_split_size_mb:5", &err), -EINVAL);
     ck_assert_uint_eq(wa_policy_depth(f.a), 0);
     ck_assert_uint_eq(wa_get_config(f.a)->max_split_size, UINT64_MAX);
+    ck_assert_int_eq(wa_policy_push(f.a, "expandable_page_mb:3", &err), -EINVAL);
+    ck_assert_uint_eq(wa_policy_depth(f.a), 0);
+    /* A backend that cannot map pages refuses expandable segments. */
+    f.backend->va_reserve = NULL;
     ck_assert_int_eq(wa_policy_push(f.a, "expandable_segments:True", &err), -ENOTSUP);
     ck_assert_uint_eq(wa_policy_depth(f.a), 0);
     teardown(&f);

@@ -24,7 +24,7 @@ START_TEST(defaults_come_from_the_table)
     ck_assert_str_eq(c.backend, "host");
     ck_assert_int_eq(c.host_devices, 1);
     ck_assert_uint_eq(c.host_capacity, 8ULL << 30);
-    ck_assert_str_eq(c.load_alloc_conf, "max_split_size_mb:20");
+    ck_assert_str_eq(c.load_alloc_conf, WA_WEIGHTD_POLICY);
     ck_assert_int_eq(c.log_level, WD_LOG_info);
     wd_config_free(&c);
 }

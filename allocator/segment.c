@@ -1,0 +1,430 @@
+/* Taking memory from the device and giving it back: classic segments (one
+ * backend allocation each, PyTorch's cudaMalloc path) and expandable segments
+ * (an address range with pages mapped in and out, PyTorch's
+ * expandable_segments:True path). */
+#include "allocator/internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* The address space of an expandable segment: 1 1/8 of the device, as
+ * PyTorch reserves; capped for backends with no real capacity (fake). */
+#define VA_LIMIT (1ULL << 46)
+
+static void segment_link(wa_device *d, wa_segment *seg)
+{
+    seg->prev = NULL;
+    seg->next = d->segments;
+    if (d->segments)
+        d->segments->prev = seg;
+    d->segments = seg;
+}
+
+static void segment_unlink(wa_device *d, wa_segment *seg)
+{
+    if (seg->prev)
+        seg->prev->next = seg->next;
+    else
+        d->segments = seg->next;
+    if (seg->next)
+        seg->next->prev = seg->prev;
+}
+
+/* ---- classic segments ------------------------------------------------------ */
+
+int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_block **out, wd_error *err)
+{
+    wa_device *d = &a->dev[device];
+    wa_segment *seg = calloc(1, sizeof *seg);
+    wa_block *b = calloc(1, sizeof *b);
+    int rc;
+
+    if (!seg || !b) {
+        rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
+        goto fail;
+    }
+    if ((rc = a->backend->seg_alloc(a->backend, device, size, &seg->mem, err)))
+        goto fail;
+    seg->size = size;
+    seg->device = device;
+    seg->small = small;
+    seg->id = a->next_segment_id++;
+    seg->head = b;
+    segment_link(d, seg);
+    b->addr = seg->mem.addr;
+    b->size = size;
+    b->seg = seg;
+    b->mapped = true;
+    wa__stat_add(&d->stats.segment, 1);
+    wa__stat_add(&d->stats.reserved_bytes, size);
+    if (size >= a->conf.max_split_size) {
+        seg->counted_oversize = true;
+        wa__stat_add(&d->stats.oversize_segments, 1);
+    }
+    d->stats.num_device_alloc++;
+    *out = b;
+    return 0;
+fail:
+    free(seg);
+    free(b);
+    return rc;
+}
+
+/* release_block(): b is a free, unsplit block of a classic segment, in its pool. */
+static void segment_release(wa_allocator *a, wa_block *b)
+{
+    wa_segment *seg = b->seg;
+    wa_device *d = &a->dev[seg->device];
+
+    wa__tree_erase(&wa__pool_of(d, b)->blocks, b);
+    a->backend->seg_free(a->backend, seg->device, &seg->mem);
+    wa__stat_sub(&d->stats.segment, 1);
+    wa__stat_sub(&d->stats.reserved_bytes, seg->size);
+    if (seg->counted_oversize)
+        wa__stat_sub(&d->stats.oversize_segments, 1);
+    d->stats.num_device_free++;
+    segment_unlink(d, seg);
+    free(seg);
+    free(b);
+}
+
+/* ---- expandable segments --------------------------------------------------- */
+
+/* PyTorch maps 2 MiB pages in the small pool and 20 MiB pages (kLargeBuffer)
+ * in the large pool (ExpandableSegment's segment_size); expandable_page_mb
+ * sets the large pool's. A segment keeps the page size it was made with. */
+static uint64_t page_size(const wa_allocator *a, bool small)
+{
+    return small ? WA_SMALL_BUFFER : a->conf.expandable_page;
+}
+
+uint64_t wa__mapped_bytes(const wa_segment *seg)
+{
+    uint64_t bytes = 0;
+
+    for (size_t i = 0; i < seg->n_pages; i++)
+        bytes += seg->pages[i].size;
+    return bytes;
+}
+
+/* A new expandable segment: its whole address range one unmapped block. */
+static int expandable_new(wa_allocator *a, int device, wa_pool *pool, wa_block **out, wd_error *err)
+{
+    wa_device *d = &a->dev[device];
+    uint64_t page = page_size(a, pool->small);
+    uint64_t cap = d->limit && d->limit < VA_LIMIT ? d->limit : VA_LIMIT;
+    uint64_t size = (cap + cap / 8 + page - 1) / page * page;
+    wa_segment *seg = calloc(1, sizeof *seg);
+    wa_block *b = calloc(1, sizeof *b);
+    int rc;
+
+    if (!seg || !b) {
+        rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
+        goto fail;
+    }
+    if ((rc = a->backend->va_reserve(a->backend, device, size, &seg->mem, err)))
+        goto fail;
+    seg->size = size;
+    seg->device = device;
+    seg->small = pool->small;
+    seg->expandable = true;
+    seg->page = page;
+    seg->id = a->next_segment_id++;
+    seg->head = b;
+    segment_link(d, seg);
+    b->addr = seg->mem.addr;
+    b->size = size;
+    b->seg = seg;
+    wa__tree_insert(&pool->unmapped, b);
+    *out = b;
+    return 0;
+fail:
+    free(seg);
+    free(b);
+    return rc;
+}
+
+static void expandable_release(wa_allocator *a, wa_pool *pool, wa_block *b)
+{
+    wa_segment *seg = b->seg;
+
+    wa__tree_erase(&pool->unmapped, b);
+    a->backend->va_release(a->backend, seg->device, &seg->mem);
+    segment_unlink(&a->dev[seg->device], seg);
+    free(seg->pages);
+    free(seg);
+    free(b);
+}
+
+static bool allocatable(const wa_block *b)
+{
+    return b && !b->allocated;
+}
+
+/* find_expandable_block(): the lowest address where `size` bytes of free or
+ * unmapped blocks follow one another; a new segment when there is none. */
+static int find_expandable(wa_allocator *a, int device, wa_pool *pool, uint64_t size, wa_block **out,
+                           wd_error *err)
+{
+    for (wa_block *u = wa__tree_lower_bound(&pool->unmapped, 0, 0); u; u = wa__tree_next(&pool->unmapped, u)) {
+        wa_block *c = allocatable(u->prev) ? u->prev : u;
+        uint64_t bytes = 0;
+        for (wa_block *b = c; b && bytes < size && allocatable(b); b = b->next)
+            bytes += b->size;
+        if (bytes >= size) {
+            *out = c;
+            return 0;
+        }
+    }
+    return expandable_new(a, device, pool, out, err);
+}
+
+/* map_block(): maps the pages under the first `size` bytes of the unmapped
+ * block b; the mapped part merges with free neighbours and joins the pool. */
+static int map_block(wa_allocator *a, wa_pool *pool, wa_block *b, uint64_t size, wd_error *err)
+{
+    wa_segment *seg = b->seg;
+    wa_device *d = &a->dev[seg->device];
+    size_t first = (size_t)((b->addr - seg->mem.addr) / seg->page);
+    size_t last = (size_t)((b->addr - seg->mem.addr + size + seg->page - 1) / seg->page);
+    uint64_t mapped = (uint64_t)(last - first) * seg->page;
+    wa_block *rest = NULL;
+    int rc = 0;
+
+    if (mapped < b->size && !(rest = calloc(1, sizeof *rest)))
+        return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
+    if (last > seg->n_pages) {
+        wa_mem *pages = realloc(seg->pages, last * sizeof *pages);
+        if (!pages) {
+            free(rest);
+            return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
+        }
+        memset(pages + seg->n_pages, 0, (last - seg->n_pages) * sizeof *pages);
+        seg->pages = pages;
+        seg->n_pages = last;
+    }
+    for (size_t i = first; i < last; i++) {
+        rc = a->backend->page_map(a->backend, seg->device, &seg->mem, (uint64_t)i * seg->page, seg->page,
+                                  &seg->pages[i], err);
+        if (rc) {
+            /* Undo what was mapped: all or nothing. */
+            while (i-- > first) {
+                a->backend->page_unmap(a->backend, seg->device, &seg->mem, &seg->pages[i]);
+                memset(&seg->pages[i], 0, sizeof seg->pages[i]);
+            }
+            free(rest);
+            return rc;
+        }
+    }
+    wa__tree_erase(&pool->unmapped, b);
+    b->mapped = true;
+    if (rest) {
+        rest->addr = b->addr + mapped;
+        rest->size = b->size - mapped;
+        rest->seg = seg;
+        rest->prev = b;
+        rest->next = b->next;
+        if (b->next)
+            b->next->prev = rest;
+        b->next = rest;
+        b->size = mapped;
+        wa__tree_insert(&pool->unmapped, rest);
+    }
+    wa__merge(d, b, b->prev);
+    wa__merge(d, b, b->next);
+    b->gc_base = pool->get_free_calls;
+    wa__tree_insert(&pool->blocks, b);
+    wa__stat_add(&d->stats.reserved_bytes, mapped);
+    d->stats.num_device_alloc++;
+    return 0;
+}
+
+int wa__expandable_alloc(wa_allocator *a, int device, wa_pool *pool, uint64_t size, wa_block **out, wd_error *err)
+{
+    wa_block *c = NULL;
+    int rc;
+
+    if ((rc = find_expandable(a, device, pool, size, &c, err)))
+        return rc;
+    if (!c->mapped && (rc = map_block(a, pool, c, c->size < size ? c->size : size, err)))
+        return rc;
+    /* c is free and mapped now; map what follows until it is large enough.
+     * Each map merges c into the block it maps. */
+    while (c->size < size) {
+        wa_block *n = c->next;
+        uint64_t want = size - c->size;
+        if ((rc = map_block(a, pool, n, want < n->size ? want : n->size, err)))
+            return rc;
+        c = n;
+    }
+    wa__tree_erase(&pool->blocks, c);
+    *out = c;
+    return 0;
+}
+
+/* unmap_block(): gives back the pages wholly inside the free block b; what is
+ * left of b on either side stays mapped and free. */
+static void unmap_block(wa_allocator *a, wa_pool *pool, wa_block *b)
+{
+    wa_segment *seg = b->seg;
+    wa_device *d = &a->dev[seg->device];
+    uint64_t base = seg->mem.addr;
+    size_t first = (size_t)((b->addr - base + seg->page - 1) / seg->page);
+    size_t last = (size_t)((b->addr - base + b->size) / seg->page);
+    uint64_t start = base + (uint64_t)first * seg->page, size = (uint64_t)(last - first) * seg->page;
+    uint64_t before, after;
+    wa_block *front = NULL, *back = NULL;
+
+    if (first >= last)
+        return;
+    before = start - b->addr;
+    after = b->addr + b->size - (start + size);
+    /* Take the bookkeeping first, so that nothing is half done. */
+    if ((before && !(front = calloc(1, sizeof *front))) || (after && !(back = calloc(1, sizeof *back)))) {
+        free(front);
+        return;
+    }
+    wa__tree_erase(&pool->blocks, b);
+    if (front) {
+        *front = (wa_block){.addr = b->addr, .size = before, .seg = seg, .mapped = true, .prev = b->prev, .next = b};
+        if (b->prev)
+            b->prev->next = front;
+        else
+            seg->head = front;
+        b->prev = front;
+        front->gc_base = pool->get_free_calls;
+        wa__tree_insert(&pool->blocks, front);
+    }
+    if (back) {
+        *back = (wa_block){.addr = start + size, .size = after, .seg = seg, .mapped = true, .prev = b, .next = b->next};
+        if (b->next)
+            b->next->prev = back;
+        b->next = back;
+        back->gc_base = pool->get_free_calls;
+        wa__tree_insert(&pool->blocks, back);
+    }
+    for (size_t i = first; i < last; i++) {
+        a->backend->page_unmap(a->backend, seg->device, &seg->mem, &seg->pages[i]);
+        memset(&seg->pages[i], 0, sizeof seg->pages[i]);
+    }
+    b->addr = start;
+    b->size = size;
+    b->mapped = false;
+    wa__merge(d, b, b->prev);
+    wa__merge(d, b, b->next);
+    wa__tree_insert(&pool->unmapped, b);
+    wa__stat_sub(&d->stats.reserved_bytes, size);
+    d->stats.num_device_free++;
+}
+
+/* ---- giving memory back ---------------------------------------------------- */
+
+/* release_blocks(): every unsplit free block of a classic segment goes back;
+ * expandable segments give back their free pages, and the whole address
+ * range once nothing is left in it. */
+static void release_pool(wa_allocator *a, wa_pool *pool)
+{
+    size_t n = pool->blocks.count;
+    wa_block **all;
+
+    if (!n || !(all = malloc(n * sizeof *all)))
+        return; /* without scratch space nothing is released; the caller sees the OOM */
+    n = wa__tree_collect(&pool->blocks, all);
+    for (size_t i = 0; i < n; i++) {
+        wa_block *b = all[i];
+        if (b->seg->expandable) {
+            unmap_block(a, pool, b);
+            if (!b->mapped && !wa__is_split(b))
+                expandable_release(a, pool, b);
+        } else if (!wa__is_split(b)) {
+            segment_release(a, b);
+        }
+    }
+    free(all);
+}
+
+/* release_cached_blocks() */
+void wa__release_cached(wa_allocator *a, int device)
+{
+    release_pool(a, &a->dev[device].large);
+    release_pool(a, &a->dev[device].small);
+}
+
+/* release_available_cached_blocks(): free oversize cached blocks, just enough
+ * for the request, largest first. Only when max_split_size is set, and only
+ * classic segments (PyTorch's release_block cannot take expandable ones). */
+bool wa__release_available(wa_allocator *a, wa_pool *pool, uint64_t size)
+{
+    uint64_t max_split = a->conf.max_split_size, want, released = 0;
+    wa_block *b;
+
+    if (max_split == UINT64_MAX)
+        return false;
+    want = size < max_split ? max_split : size;
+    if ((b = wa__tree_lower_bound(&pool->blocks, want, 0))) {
+        /* A split block cannot go back alone; oversize blocks are never split,
+         * so this only happens after max_split_size grew. */
+        if (wa__is_split(b) || b->seg->expandable)
+            return false;
+        segment_release(a, b);
+        return true;
+    }
+    /* No single block is large enough: free oversize blocks, largest first. */
+    b = wa__tree_max(&pool->blocks);
+    while (b && released < want && b->size >= max_split) {
+        wa_block *below = wa__tree_prev(&pool->blocks, b);
+        if (!wa__is_split(b) && !b->seg->expandable) {
+            released += b->size;
+            segment_release(a, b);
+        }
+        b = below;
+    }
+    return released >= want;
+}
+
+/* garbage_collect_cached_blocks(): when reserved passes the threshold share of
+ * capacity, free unsplit cached large blocks older than the average age. */
+void wa__garbage_collect(wa_allocator *a, wa_device *d)
+{
+    uint64_t threshold = (uint64_t)(a->conf.garbage_collection_threshold * (double)d->limit);
+    uint64_t reserved = (uint64_t)d->stats.reserved_bytes.current, target, reclaimed = 0;
+    uint64_t total_age = 0;
+    size_t n, freeable = 0;
+    wa_block **all;
+    bool freed = true;
+
+    if (reserved <= threshold || !d->large.blocks.count)
+        return;
+    target = reserved - threshold;
+    if (!(all = malloc(d->large.blocks.count * sizeof *all)))
+        return;
+    n = wa__tree_collect(&d->large.blocks, all);
+    for (size_t i = 0; i < n; i++) {
+        if (wa__is_split(all[i]) || all[i]->seg->expandable) {
+            all[i] = NULL;
+            continue;
+        }
+        total_age += d->large.get_free_calls - all[i]->gc_base;
+        freeable++;
+    }
+    while (reclaimed < target && freed && freeable > 0) {
+        double age_threshold = (double)total_age / (double)freeable;
+        freed = false;
+        for (size_t i = 0; i < n; i++) {
+            wa_block *b = all[i];
+            uint64_t age;
+            if (!b)
+                continue;
+            age = d->large.get_free_calls - b->gc_base;
+            if ((double)age >= age_threshold) {
+                freed = true;
+                reclaimed += b->size;
+                total_age -= age;
+                freeable--;
+                all[i] = NULL;
+                segment_release(a, b);
+            }
+        }
+    }
+    free(all);
+}
