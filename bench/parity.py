@@ -129,10 +129,14 @@ def main():
                 row["torch_expandable"] = tr.figures(ops, peak_live, "expandable_segments:True")
         rows.append(row)
         print(json.dumps(row), flush=True)
+        # After every trace, so that a run cut short still leaves its figures.
+        write(a.out, tr, rows)
 
-    os.makedirs(a.out, exist_ok=True)
+
+def write(out, tr, rows):
+    os.makedirs(out, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": tr.version if tr else None, "gpu": tr.device if tr else None}
-    with open(os.path.join(a.out, "parity.json"), "w") as f:
+    with open(os.path.join(out, "parity.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
     lines = ["Parity: PyTorch %s on %s vs weightd-replay --policy pytorch (same trace, same semantics)" %
@@ -164,10 +168,10 @@ def main():
             r["trace"], pt["min_capacity"] / live, "%.4f" % (pe["min_capacity"] / live) if pe else "-", wp / live,
             mib(wp - best)))
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(a.out, "parity.md"), "w") as f:
+    with open(os.path.join(out, "parity.md"), "w") as f:
         f.write(text)
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
