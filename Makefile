@@ -94,7 +94,7 @@ LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/l
         $(BUILD)/weightd-client.pc
 UNIT := $(BUILD)/tests/unit-tests
 
-.PHONY: all config test unit e2e install uninstall clean help demo
+.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu
 all: config $(BINS) $(LIBS)
 
 config:
@@ -151,6 +151,19 @@ e2e: all
 demo: all
 	$(Q)WEIGHTD_BUILD=$(abspath $(BUILD)) scripts/demo-run
 
+# Benchmarks (bench/README.md). `bench` runs anywhere: replay speed on one
+# core and the allocator table from weightd's side. `bench-gpu` runs on the
+# GPU machine, where PyTorch replays the same traces side by side.
+bench: $(BUILD)/weightd-replay
+	$(Q)python3 bench/gen_traces.py --random 1000000 $(BUILD)/random-1m.trace
+	$(Q)echo "replay speed, one core, 1,000,000 operations:"
+	$(Q)taskset -c 0 $(BUILD)/weightd-replay $(BUILD)/random-1m.trace | grep 'replay time'
+	$(Q)python3 bench/parity.py --no-torch --replay $(BUILD)/weightd-replay --out $(BUILD)/bench \
+	    bench/traces/*.trace | sed -n '/^Minimum capacity/,$$p'
+
+bench-gpu: $(BUILD)/weightd-replay
+	$(Q)python3 bench/parity.py --replay $(BUILD)/weightd-replay --out $(BUILD)/bench bench/traces/*.trace
+
 install: all
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PCDIR) $(DESTDIR)$(UNITDIR) \
 	    $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
@@ -177,7 +190,7 @@ clean:
 	rm -rf build build-san
 
 help:
-	@echo "targets: all (default) test unit e2e demo install uninstall clean"
+	@echo "targets: all (default) test unit e2e demo bench bench-gpu install uninstall clean"
 	@echo "switches: PREFIX=$(PREFIX) DESTDIR= WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
 	@echo "          SANITIZE=address,undefined BUILD=dir V=1"
 

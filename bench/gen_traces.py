@@ -17,6 +17,7 @@ the sequences model what an inference engine does at load time.
                 is complete.
 
 Usage: bench/gen_traces.py [OUTDIR]   (default: bench/traces next to this file)
+       bench/gen_traces.py --random N FILE   a trace of N random operations (replay speed)
 """
 import os
 import sys
@@ -192,7 +193,29 @@ def qwen3_staging(tight):
 WORKLOADS = {"gptoss-tp1": gptoss_tp1, "mixtral-fuse": mixtral_fuse, "qwen3-staging": qwen3_staging}
 
 
+def random_trace(n, path):
+    """n operations: allocations of log-uniform sizes from 512 B to 64 MiB
+    and frees of random live blocks, about 2000 alive at a time."""
+    import random
+    rng = random.Random(42)
+    live, next_id, lines = [], 1, ["# %d random operations (weightd bench/gen_traces.py --random)" % n]
+    for _ in range(n):
+        if live and (len(live) > 2000 or rng.random() < 0.5):
+            i = rng.randrange(len(live))
+            live[i], live[-1] = live[-1], live[i]
+            lines.append("free %d" % live.pop())
+        else:
+            lines.append("alloc %d %d" % (next_id, int(2 ** rng.uniform(9, 26))))
+            live.append(next_id)
+            next_id += 1
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--random":
+        random_trace(int(sys.argv[2]), sys.argv[3])
+        return
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces")
     os.makedirs(out, exist_ok=True)
     for name, make in WORKLOADS.items():

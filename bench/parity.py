@@ -130,7 +130,8 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
         # After every trace, so that a run cut short still leaves its figures.
-        write(a.out, tr, rows)
+        text = write(a.out, tr, rows)
+    print(text)
 
 
 def write(out, tr, rows):
@@ -155,7 +156,9 @@ def write(out, tr, rows):
             lines.append("| %s | %d | - | %d | - | - | %d | - |" % (r["trace"], r["peak_live"], w["peak_reserved"],
                                                                    w["min_capacity"]))
     lines += ["", "Minimum capacity / peak live: PyTorch's configurations against weightd's load policy",
-              "(weightd-replay --policy weightd: each policy line starts weightd's policy, `policy default` ends it)", "",
+              "(weightd-replay --policy weightd: each policy line starts weightd's policy, `policy default` ends it)",
+              "" if tr else "(no GPU: the PyTorch columns are weightd-replay --policy pytorch, which matches "
+              "PyTorch exactly on the trace's own policy lines; run make bench-gpu for PyTorch itself)", "",
               "| trace | PyTorch, trace's policy | PyTorch, + expandable_segments | weightd policy | weightd vs PyTorch's best |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for r in rows:

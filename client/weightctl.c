@@ -559,6 +559,119 @@ static int cmd_shutdown(ctl *c, int argc, char **argv)
     return 0;
 }
 
+static int cmd_policy(ctl *c, int argc, char **argv)
+{
+    cJSON *args = NULL, *res;
+    int rc;
+
+    if (argc > 2 || (argc == 2 && argv[1][0] == '-'))
+        return usage_error("policy: expected at most one CONF");
+    if (argc == 2) {
+        args = cJSON_CreateObject();
+        cJSON_AddStringToObject(args, "conf", argv[1]);
+    }
+    rc = call(c, "policy", args, c->timeout_ms, NULL, NULL, &res);
+    cJSON_Delete(args);
+    if (rc)
+        return report_error(c, "policy", rc, last_error(c));
+    if (c->json)
+        print_json(res);
+    else
+        printf("in force: %s%s\nload policy: %s\n", str(res, "current"),
+               cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "load_policy_active")) ? " (a load holds it)" : "",
+               str(res, "load"));
+    cJSON_Delete(res);
+    return 0;
+}
+
+/* Every device's segments and blocks, page by page. */
+static int cmd_snapshot(ctl *c, int argc, char **argv)
+{
+    cJSON *all = cJSON_CreateObject(), *devices = cJSON_AddArrayToObject(all, "devices");
+    char a[32], b[32];
+    int rc = 0;
+    (void)argv;
+
+    if (argc != 1) {
+        cJSON_Delete(all);
+        return usage_error("snapshot takes no arguments");
+    }
+    for (int dev = 0;; dev++) {
+        cJSON *segs = NULL;
+        double seg = 0, blk = 0;
+        for (;;) {
+            cJSON *args = cJSON_CreateObject(), *res, *page, *next, *sg;
+            cJSON_AddNumberToObject(args, "device", dev);
+            cJSON_AddNumberToObject(args, "segment", seg);
+            cJSON_AddNumberToObject(args, "block", blk);
+            rc = call(c, "snapshot", args, c->timeout_ms, NULL, NULL, &res);
+            cJSON_Delete(args);
+            if (rc == -ENODEV && dev > 0) {
+                rc = 0;
+                goto done;
+            }
+            if (rc) {
+                cJSON_Delete(all);
+                return report_error(c, "snapshot", rc, last_error(c));
+            }
+            if (!segs) {
+                cJSON *d = cJSON_CreateObject();
+                cJSON_AddNumberToObject(d, "device", dev);
+                segs = cJSON_AddArrayToObject(d, "segments");
+                cJSON_AddItemToArray(devices, d);
+            }
+            /* A segment split over two pages continues its block list. */
+            page = cJSON_GetObjectItemCaseSensitive(res, "segments");
+            while ((sg = page ? page->child : NULL)) {
+                cJSON *last = cJSON_GetArrayItem(segs, cJSON_GetArraySize(segs) - 1);
+                cJSON_DetachItemViaPointer(page, sg);
+                if (last && num(sg, "first_block") > 0 && num(last, "id") == num(sg, "id")) {
+                    cJSON *more = cJSON_GetObjectItemCaseSensitive(sg, "blocks"), *bl;
+                    while ((bl = more->child))
+                        cJSON_AddItemToArray(cJSON_GetObjectItemCaseSensitive(last, "blocks"),
+                                             cJSON_DetachItemViaPointer(more, bl));
+                    cJSON_Delete(sg);
+                } else {
+                    cJSON_DeleteItemFromObjectCaseSensitive(sg, "first_block");
+                    cJSON_AddItemToArray(segs, sg);
+                }
+            }
+            next = cJSON_GetObjectItemCaseSensitive(res, "next");
+            if (!cJSON_IsObject(next)) {
+                cJSON_Delete(res);
+                break;
+            }
+            seg = num(next, "segment");
+            blk = num(next, "block");
+            cJSON_Delete(res);
+        }
+    }
+done:
+    if (c->json) {
+        print_json(all);
+    } else {
+        const cJSON *d, *sg, *bl;
+        cJSON_ArrayForEach(d, devices)
+        {
+            printf("device %.0f: %d segment%s\n", num(d, "device"), cJSON_GetArraySize(cJSON_GetObjectItem(d, "segments")),
+                   cJSON_GetArraySize(cJSON_GetObjectItem(d, "segments")) == 1 ? "" : "s");
+            cJSON_ArrayForEach(sg, cJSON_GetObjectItemCaseSensitive(d, "segments"))
+            {
+                printf("  segment %.0f at %#llx: %s, %s mapped, %s pool%s\n", num(sg, "id"),
+                       (unsigned long long)num(sg, "address"), size_text(num(sg, "size"), a, sizeof a),
+                       size_text(num(sg, "mapped"), b, sizeof b), str(sg, "pool"),
+                       cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(sg, "expandable")) ? ", expandable" : "");
+                cJSON_ArrayForEach(bl, cJSON_GetObjectItemCaseSensitive(sg, "blocks"))
+                    printf("    %#14llx %12s  %-9s requested %s\n", (unsigned long long)num(bl, "address"),
+                           size_text(num(bl, "size"), a, sizeof a), str(bl, "state"),
+                           size_text(num(bl, "requested"), b, sizeof b));
+            }
+        }
+    }
+    cJSON_Delete(all);
+    return rc;
+}
+
 /* ---- inspect: offline ------------------------------------------------------------------ */
 
 static int cmd_inspect(ctl *c, int argc, char **argv)
@@ -637,6 +750,8 @@ static const command commands[] = {
     {"info", cmd_info, "NAME", "every tensor of a model: dtype, shape, device, offset, bytes"},
     {"verify", cmd_verify, "NAME", "re-read the checkpoint and compare it byte for byte (exit 1 on a difference)"},
     {"stats", cmd_stats, "", "allocator statistics per device and the policy in force"},
+    {"policy", cmd_policy, "[CONF]", "the allocator policy in force; with CONF, change the keys it names"},
+    {"snapshot", cmd_snapshot, "", "every segment and block of every device"},
     {"shutdown", cmd_shutdown, "", "stop the daemon (every segment released)"},
     {"inspect", cmd_inspect, "PATH", "validate and summarise a checkpoint, without a daemon"},
 };

@@ -130,6 +130,9 @@ void wd_server_stop(wd_server *s, const char *why);
 /* Called when a job ends, to finish a stop that waits for it. */
 void wd_server_maybe_finish(wd_server *s);
 
+/* The peer is the daemon's own user or root (SO_PEERCRED). */
+bool wd_conn_privileged(const wd_conn *c);
+
 /* Replies: each sends to the client (if it is still there) and frees r. */
 void wd_reply_ok(wd_request *r, cJSON *result);
 void wd_reply_error(wd_request *r, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -239,20 +239,28 @@ static int op_info(wd_server *s, wd_request *r)
 
 /* ---- stats ----------------------------------------------------------------- */
 
+static cJSON *policy_state(wd_server *s)
+{
+    cJSON *o = cJSON_CreateObject();
+    char conf[512];
+
+    cJSON_AddStringToObject(o, "current", wa_config_format(wa_get_config(s->alloc), conf, sizeof conf));
+    cJSON_AddNumberToObject(o, "depth", (double)wa_policy_depth(s->alloc));
+    cJSON_AddBoolToObject(o, "load_policy_active", wd_jobs_load_active(s));
+    cJSON_AddStringToObject(o, "load", s->conf->load_alloc_conf);
+    return o;
+}
+
+
 static int op_stats(wd_server *s, wd_request *r)
 {
-    cJSON *res = cJSON_CreateObject(), *devs, *pol;
-    char conf[512];
+    cJSON *res = cJSON_CreateObject(), *devs;
 
     cJSON_AddStringToObject(res, "backend", s->backend->name);
     cJSON_AddNumberToObject(res, "uptime", wd_now() - s->started);
     cJSON_AddNumberToObject(res, "models", (double)wd_registry_count(s));
     cJSON_AddNumberToObject(res, "connections", (double)s->n_conns);
-    pol = cJSON_AddObjectToObject(res, "policy");
-    cJSON_AddStringToObject(pol, "current", wa_config_format(wa_get_config(s->alloc), conf, sizeof conf));
-    cJSON_AddNumberToObject(pol, "depth", (double)wa_policy_depth(s->alloc));
-    cJSON_AddBoolToObject(pol, "load_policy_active", wd_jobs_load_active(s));
-    cJSON_AddStringToObject(pol, "load", s->conf->load_alloc_conf);
+    cJSON_AddItemToObject(res, "policy", policy_state(s));
     wd_jobs_describe(s, res);
     devs = cJSON_AddArrayToObject(res, "devices");
     for (int d = 0; d < wa_device_count(s->alloc); d++) {
@@ -283,6 +291,98 @@ static int op_stats(wd_server *s, wd_request *r)
     return 0;
 }
 
+/* ---- policy ---------------------------------------------------------------- */
+
+/* Without "conf": the policy in force. With it: the keys it names change in
+ * the configuration in force between loads ("default": every key back to
+ * its default). Not while a load holds its policy: the pop at its end
+ * restores what was there when it began. */
+static int op_policy(wd_server *s, wd_request *r)
+{
+    const char *text;
+    wa_config next;
+    char conf[512];
+    int rc;
+
+    if ((rc = wp_arg_string(r->args, "conf", false, &text, &r->err)) == -EINVAL)
+        return rc;
+    if (rc == 0) {
+        if (!wd_conn_privileged(r->conn))
+            return wd_error_set(&r->err, -EPERM, "changing the policy is only for the daemon's own user or root");
+        if (wa_policy_depth(s->alloc))
+            return wd_error_set(&r->err, -EBUSY, "a load holds the load policy; change the policy after it");
+        if ((rc = wa_config_parse(text, wa_get_config(s->alloc), WA_CONF_OVERLAY, &next, &r->err)))
+            return rc;
+        if ((rc = wa_set_config(s->alloc, &next)))
+            return wd_error_set(&r->err, rc, "the %s backend cannot apply \"%s\"", s->backend->name, text);
+        wd_log(WD_LOG_notice, "allocator policy now %s", wa_config_format(&next, conf, sizeof conf));
+    }
+    wd_reply_ok(r, policy_state(s));
+    return 0;
+}
+
+/* ---- snapshot -------------------------------------------------------------- */
+
+/* One device's segments and blocks, in address order, from (segment, block)
+ * on, as much as fits a message; "next" says where the following page starts. */
+static int op_snapshot(wd_server *s, wd_request *r)
+{
+    int64_t device = 0, seg0 = 0, blk0 = 0;
+    wa_snap_segment *segs;
+    size_t n, budget = 0, i, j = 0;
+    cJSON *res, *arr, *next;
+    int rc;
+
+    if ((rc = wp_arg_int(r->args, "device", false, 0, INT32_MAX, &device, &r->err)) == -EINVAL ||
+        (rc = wp_arg_int(r->args, "segment", false, 0, INT32_MAX, &seg0, &r->err)) == -EINVAL ||
+        (rc = wp_arg_int(r->args, "block", false, 0, INT32_MAX, &blk0, &r->err)) == -EINVAL)
+        return rc;
+    if (device >= wa_device_count(s->alloc))
+        return wd_error_set(&r->err, -ENODEV, "no device %lld", (long long)device);
+    if ((rc = wa_snapshot(s->alloc, (int)device, &segs, &n)))
+        return wd_error_set(&r->err, rc, "snapshot: %s", wd_strerror(rc));
+    res = cJSON_CreateObject();
+    cJSON_AddNumberToObject(res, "device", (double)device);
+    cJSON_AddNumberToObject(res, "segments_total", (double)n);
+    arr = cJSON_AddArrayToObject(res, "segments");
+    for (i = (size_t)seg0; i < n && budget < INFO_PAGE_BUDGET; i++, blk0 = 0) {
+        const wa_snap_segment *sg = &segs[i];
+        cJSON *o = cJSON_CreateObject(), *blocks;
+        cJSON_AddNumberToObject(o, "id", sg->id);
+        cJSON_AddNumberToObject(o, "address", (double)sg->addr);
+        cJSON_AddNumberToObject(o, "size", (double)sg->size);
+        cJSON_AddNumberToObject(o, "mapped", (double)sg->mapped);
+        cJSON_AddStringToObject(o, "pool", sg->small_pool ? "small" : "large");
+        cJSON_AddBoolToObject(o, "expandable", sg->expandable);
+        cJSON_AddNumberToObject(o, "first_block", (double)blk0);
+        blocks = cJSON_AddArrayToObject(o, "blocks");
+        for (j = (size_t)blk0; j < sg->n_blocks && budget < INFO_PAGE_BUDGET; j++) {
+            const wa_snap_block *b = &sg->blocks[j];
+            cJSON *bo = cJSON_CreateObject();
+            cJSON_AddNumberToObject(bo, "address", (double)b->addr);
+            cJSON_AddNumberToObject(bo, "size", (double)b->size);
+            cJSON_AddNumberToObject(bo, "requested", (double)b->requested);
+            cJSON_AddStringToObject(bo, "state", b->allocated ? "allocated" : b->mapped ? "free" : "unmapped");
+            cJSON_AddItemToArray(blocks, bo);
+            budget += 160;
+        }
+        budget += 200;
+        cJSON_AddItemToArray(arr, o);
+        if (j < sg->n_blocks)
+            break; /* the rest of this segment comes on the next page */
+    }
+    if (i < n) {
+        next = cJSON_AddObjectToObject(res, "next");
+        cJSON_AddNumberToObject(next, "segment", (double)i);
+        cJSON_AddNumberToObject(next, "block", (double)(i < n && j < segs[i].n_blocks ? j : 0));
+    } else {
+        cJSON_AddNullToObject(res, "next");
+    }
+    wa_snapshot_free(segs, n);
+    wd_reply_ok(r, res);
+    return 0;
+}
+
 /* ---- shutdown -------------------------------------------------------------- */
 
 static int op_shutdown(wd_server *s, wd_request *r)
@@ -300,7 +400,8 @@ static int op_shutdown(wd_server *s, wd_request *r)
 static const wd_op op_table[] = {
     {"hello", op_hello, false},   {"load", op_load, true},   {"unload", op_unload, true},
     {"verify", op_verify, false}, {"list", op_list, false},  {"info", op_info, false},
-    {"stats", op_stats, false},   {"shutdown", op_shutdown, true},
+    {"stats", op_stats, false},   {"policy", op_policy, false},  {"snapshot", op_snapshot, false},
+    {"shutdown", op_shutdown, true},
 };
 
 static size_t op_count(void)

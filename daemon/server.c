@@ -218,7 +218,7 @@ static void conn_close(wd_conn *c, const char *why)
     uv_close((uv_handle_t *)&c->poll, on_conn_closed);
 }
 
-static bool peer_privileged(const wd_conn *c)
+bool wd_conn_privileged(const wd_conn *c)
 {
     return c->uid == 0 || c->uid == geteuid();
 }
@@ -264,7 +264,7 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
         send_stray_error(c, id, -EPROTO, "the first request must be \"hello\"");
         goto out;
     }
-    if (desc->privileged && !peer_privileged(c)) {
+    if (desc->privileged && !wd_conn_privileged(c)) {
         char text[160];
         snprintf(text, sizeof text, "\"%s\" is only for the daemon's own user or root (you are uid %u)",
                  desc->name, (unsigned)c->uid);

@@ -2,6 +2,7 @@
  * and a randomized replay that checks every invariant after every step. */
 #include "tests/unit/suites.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -435,13 +436,16 @@ START_TEST(random_traces_keep_every_invariant)
         NULL, "max_split_size_mb:20", "max_split_size_mb:64,max_non_split_rounding_mb:40",
         "garbage_collection_threshold:0.6", "roundup_power2_divisions:[1:4,64:8,>:2]",
         "max_split_size_mb:24,garbage_collection_threshold:0.9,roundup_power2_divisions:2",
+        "expandable_segments:True", WA_WEIGHTD_POLICY,
+        "expandable_segments:True,expandable_page_mb:4,max_split_size_mb:64,roundup_power2_divisions:4",
     };
+#define N_CONFS (sizeof confs / sizeof confs[0])
     unsigned seed = 12345u + (unsigned)_i;
     fixture f;
     wa_block *live[512] = {0};
     wd_error err = {0};
 
-    setup(&f, (uint64_t)(256 + rand_r(&seed) % 2048) * MiB, confs[_i % 6]);
+    setup(&f, (uint64_t)(256 + rand_r(&seed) % 2048) * MiB, confs[_i % N_CONFS]);
     for (int step = 0; step < 6000; step++) {
         unsigned k = (unsigned)rand_r(&seed) % 512, r = (unsigned)rand_r(&seed);
         if (live[k]) {
@@ -456,7 +460,8 @@ START_TEST(random_traces_keep_every_invariant)
                 live[k] = NULL;
         }
         if (step % 997 == 0 && (r & 1)) {
-            wa_policy_push(f.a, confs[r % 6] ? confs[r % 6] : "max_split_size_mb:32", &err);
+            /* Policies come and go, expandable segments on and off among them. */
+            wa_policy_push(f.a, confs[r % N_CONFS] ? confs[r % N_CONFS] : "expandable_segments:False", &err);
         } else if (step % 1499 == 0) {
             wa_policy_pop(f.a);
             wa_empty_cache(f.a, 0);
@@ -468,6 +473,150 @@ START_TEST(random_traces_keep_every_invariant)
     wa_empty_cache(f.a, 0);
     ck_assert_int_eq(stats(&f).reserved_bytes.current, 0);
     teardown(&f);
+}
+END_TEST
+
+/* ---- expandable segments and weightd's keys ------------------------------------ */
+
+static wa_region region(const wa_block *b)
+{
+    wa_region r;
+    wa_block_region(b, &r);
+    return r;
+}
+
+START_TEST(expandable_segments_map_pages_as_needed)
+{
+    fixture f;
+    setup(&f, 4 * GiB, "expandable_segments:True");
+    wa_block *a = alloc_ok(&f, 5 * MiB), *b = alloc_ok(&f, 5 * MiB);
+    wa_stats s = stats(&f);
+    /* PyTorch's large-pool page is 20 MiB: both fit the first page. */
+    ck_assert_int_eq(s.reserved_bytes.current, (int64_t)(20 * MiB));
+    ck_assert_int_eq(s.segment.current, 0); /* PyTorch counts no expandable segments */
+    ck_assert_uint_eq(s.num_device_alloc, 1);
+    /* One address range: the second block follows the first. */
+    ck_assert_uint_eq(region(b).addr, region(a).addr + region(a).size);
+    /* 30 MiB more: the 10 MiB left in the first page, and one more page. */
+    alloc_ok(&f, 30 * MiB);
+    ck_assert_int_eq(stats(&f).reserved_bytes.current, (int64_t)(40 * MiB));
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(expandable_page_mb_sets_the_large_page)
+{
+    fixture f;
+    setup(&f, 4 * GiB, "expandable_segments:True,expandable_page_mb:2");
+    alloc_ok(&f, 5 * MiB);
+    ck_assert_int_eq(stats(&f).reserved_bytes.current, (int64_t)(6 * MiB));
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(freed_pages_go_back_and_the_range_with_them)
+{
+    fixture f;
+    wa_snap_segment *segs;
+    size_t n;
+
+    setup(&f, 4 * GiB, "expandable_segments:True,expandable_page_mb:2");
+    wa_block *a = alloc_ok(&f, 7 * MiB), *b = alloc_ok(&f, 7 * MiB);
+    wa_free(f.a, a);
+    wa_empty_cache(f.a, 0);
+    /* a's pages that b does not touch are unmapped: 14 MiB of blocks on
+     * 7 pages, 3 of them a's alone. */
+    ck_assert_int_eq(stats(&f).reserved_bytes.current, (int64_t)(8 * MiB));
+    wa_free(f.a, b);
+    wa_empty_cache(f.a, 0);
+    ck_assert_int_eq(stats(&f).reserved_bytes.current, 0);
+    ck_assert_int_eq(wa_snapshot(f.a, 0, &segs, &n), 0);
+    ck_assert_uint_eq(n, 0);
+    wa_snapshot_free(segs, n);
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(page_align_keeps_sub_page_blocks_inside_one_page)
+{
+    static const char *const confs[] = {"expandable_segments:True,expandable_page_mb:2",
+                                        "expandable_segments:True,expandable_page_mb:2,expandable_page_align:True"};
+    for (int aligned = 0; aligned < 2; aligned++) {
+        fixture f;
+        setup(&f, 4 * GiB, confs[aligned]);
+        wa_block *a = alloc_ok(&f, 1536 * KiB), *b = alloc_ok(&f, 1536 * KiB), *c = alloc_ok(&f, 1536 * KiB);
+        uint64_t off = region(b).addr - region(b).segment_addr;
+        wa_free(f.a, b);
+        wa_empty_cache(f.a, 0);
+        if (aligned) {
+            /* b started on a page of its own; freeing it gives the page back. */
+            ck_assert_uint_eq(off % (2 * MiB), 0);
+            ck_assert_int_eq(stats(&f).reserved_bytes.current, (int64_t)(4 * MiB));
+        } else {
+            /* b straddled two pages shared with a and c: nothing goes back. */
+            ck_assert_uint_ne(off % (2 * MiB), 0);
+            ck_assert_int_eq(stats(&f).reserved_bytes.current, (int64_t)(6 * MiB));
+        }
+        wa_free(f.a, a);
+        wa_free(f.a, c);
+        teardown(&f);
+    }
+}
+END_TEST
+
+START_TEST(expandable_out_of_memory_unmaps_and_retries)
+{
+    fixture f;
+    wa_block *b = NULL;
+    wd_error err = {0};
+
+    setup(&f, 64 * MiB, WA_WEIGHTD_POLICY);
+    wa_block *x = alloc_ok(&f, 30 * MiB);
+    alloc_ok(&f, 30 * MiB);
+    wa_free(f.a, x);
+    /* 30 MiB free but mapped: the retry path unmaps it and maps it again. */
+    alloc_ok(&f, 32 * MiB);
+    ck_assert_uint_eq(stats(&f).num_alloc_retries, 1);
+    ck_assert_int_eq(wa_malloc(f.a, 0, 40 * MiB, &b, &err), -ENOMEM);
+    ck_assert_ptr_nonnull(strstr(err.msg, "reserved but unallocated"));
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(expandable_blocks_wait_while_expandable_segments_are_off)
+{
+    fixture f;
+    wd_error err = {0};
+
+    setup(&f, 4 * GiB, "expandable_segments:True,expandable_page_mb:2");
+    wa_free(f.a, alloc_ok(&f, 40 * MiB));
+    ck_assert_int_eq(wa_policy_push(f.a, "expandable_segments:False", &err), 0);
+    /* The free expandable block is not handed out: a classic segment is made. */
+    wa_block *b = alloc_ok(&f, 10 * MiB);
+    ck_assert_int_eq(stats(&f).segment.current, 1);
+    wa_free(f.a, b);
+    wa_policy_pop(f.a);
+    alloc_ok(&f, 10 * MiB);
+    ck_assert_int_eq(stats(&f).reserved_bytes.current, (int64_t)(40 * MiB + 10 * MiB));
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(weightd_keys_parse_and_print)
+{
+    wa_config c;
+    wd_error err = {0};
+    char text[256];
+
+    ck_assert_int_eq(wa_config_parse(WA_WEIGHTD_POLICY, NULL, WA_CONF_OVERLAY, &c, &err), 0);
+    ck_assert(c.expandable_segments && c.expandable_page_align);
+    ck_assert_uint_eq(c.expandable_page, 2 * MiB);
+    ck_assert_uint_eq(c.max_split_size, 20 * MiB);
+    ck_assert_str_eq(wa_config_format(&c, text, sizeof text),
+                     "max_split_size_mb:20,expandable_segments:True,expandable_page_mb:2,expandable_page_align:True");
+    ck_assert_int_eq(wa_config_parse("expandable_page_mb:3", NULL, WA_CONF_OVERLAY, &c, &err), -EINVAL);
+    ck_assert_int_eq(wa_config_parse("expandable_page_mb:0", NULL, WA_CONF_OVERLAY, &c, &err), -EINVAL);
+    ck_assert_int_eq(wa_config_parse("expandable_page_align:yes", NULL, WA_CONF_OVERLAY, &c, &err), -EINVAL);
 }
 END_TEST
 
@@ -535,6 +684,60 @@ START_TEST(min_capacity_is_the_smallest_step_that_completes)
 }
 END_TEST
 
+/* The committed traces (bench/traces; run from the repository's root, as
+ * make does): PyTorch's own figures, and weightd's policy against them. */
+static void replay_file(const char *name, const char *load_policy, uint64_t *peak_reserved, uint64_t *min_cap,
+                        uint64_t *peak_live)
+{
+    char path[256];
+    wa_trace *t = NULL;
+    wa_replay_opts o = {.load_policy = load_policy};
+    wa_replay_result r;
+    wd_error err = {0};
+
+    snprintf(path, sizeof path, "bench/traces/%s.trace", name);
+    ck_assert_msg(wa_trace_load(path, &t, &err) == 0, "%s", err.msg);
+    ck_assert_int_eq(wa_trace_replay(t, &o, &r, &err), 0);
+    ck_assert(r.ok);
+    *peak_reserved = r.peak_reserved;
+    *peak_live = r.peak_live;
+    wa_replay_result_free(&r);
+    ck_assert_int_eq(wa_trace_min_capacity(t, &o, 64 * MiB, min_cap, &err), 0);
+    wa_trace_free(t);
+}
+
+START_TEST(shared_traces_give_pytorchs_figures)
+{
+    /* shared/traces/README.md: PyTorch 2.11 on an H200. */
+    static const struct {
+        const char *name;
+        uint64_t peak_reserved, min_capacity;
+    } ref[] = {
+        {"gptoss-tp2-default", 37467717632ULL, 37379637248ULL},
+        {"gptoss-tp2-tight", 36983275520ULL, 35836133376ULL},
+        {"dead-slabs-default", 1530920960ULL, 1543503872ULL},
+        {"dead-slabs-tight", 2386558976ULL, 1342177280ULL},
+    };
+    for (size_t i = 0; i < sizeof ref / sizeof ref[0]; i++) {
+        uint64_t peak, cap, live;
+        replay_file(ref[i].name, NULL, &peak, &cap, &live);
+        ck_assert_uint_eq(peak, ref[i].peak_reserved);
+        ck_assert_uint_eq(cap, ref[i].min_capacity);
+    }
+}
+END_TEST
+
+START_TEST(weightd_policy_meets_its_targets)
+{
+    uint64_t peak, cap, live;
+
+    replay_file("gptoss-tp2-tight", WA_WEIGHTD_POLICY, &peak, &cap, &live);
+    ck_assert_msg((double)cap / (double)live <= 1.005, "gpt-oss: %.4f", (double)cap / (double)live);
+    replay_file("dead-slabs-tight", WA_WEIGHTD_POLICY, &peak, &cap, &live);
+    ck_assert_msg((double)cap / (double)live <= 1.05, "dead slabs: %.4f", (double)cap / (double)live);
+}
+END_TEST
+
 Suite *allocator_suite(void)
 {
     Suite *s = suite_create("allocator");
@@ -563,15 +766,27 @@ Suite *allocator_suite(void)
     tcase_add_test(tc, bad_device_is_enodev);
     suite_add_tcase(s, tc);
 
+    tc = tcase_create("expandable");
+    tcase_add_test(tc, expandable_segments_map_pages_as_needed);
+    tcase_add_test(tc, expandable_page_mb_sets_the_large_page);
+    tcase_add_test(tc, freed_pages_go_back_and_the_range_with_them);
+    tcase_add_test(tc, page_align_keeps_sub_page_blocks_inside_one_page);
+    tcase_add_test(tc, expandable_out_of_memory_unmaps_and_retries);
+    tcase_add_test(tc, expandable_blocks_wait_while_expandable_segments_are_off);
+    tcase_add_test(tc, weightd_keys_parse_and_print);
+    suite_add_tcase(s, tc);
+
     tc = tcase_create("random");
     tcase_set_timeout(tc, 300);
-    tcase_add_loop_test(tc, random_traces_keep_every_invariant, 0, 6);
+    tcase_add_loop_test(tc, random_traces_keep_every_invariant, 0, 9);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("traces");
     tcase_add_test(tc, trace_replay_reports_peaks_marks_and_oom_line);
     tcase_add_test(tc, trace_parse_errors_name_the_line);
     tcase_add_test(tc, min_capacity_is_the_smallest_step_that_completes);
+    tcase_add_test(tc, shared_traces_give_pytorchs_figures);
+    tcase_add_test(tc, weightd_policy_meets_its_targets);
     suite_add_tcase(s, tc);
     return s;
 }
