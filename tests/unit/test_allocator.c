@@ -53,11 +53,17 @@ static wa_stats stats(fixture *f)
     return s;
 }
 
-static uint64_t block_size(const wa_block *b)
+
+static wa_region region(const wa_block *b)
 {
     wa_region r;
     wa_block_region(b, &r);
-    return r.size;
+    return r;
+}
+
+static uint64_t block_size(const wa_block *b)
+{
+    return region(b).size;
 }
 
 START_TEST(sizes_round_to_512_bytes)
@@ -374,6 +380,27 @@ START_TEST(shrinking_max_split_size_makes_cached_blocks_oversize)
 }
 END_TEST
 
+START_TEST(growing_max_split_size_lets_cached_blocks_split_again)
+{
+    fixture f;
+    wd_error err = {0};
+
+    setup(&f, 4 * GiB, "max_split_size_mb:20");
+    wa_free(f.a, alloc_ok(&f, 60 * MiB));
+    /* Oversize under 20 MiB: a 5 MiB request gets a segment of its own. */
+    wa_free(f.a, alloc_ok(&f, 5 * MiB));
+    ck_assert_int_eq(stats(&f).segment.current, 2);
+    /* Grown to 128 MiB: the same cached 60 MiB block is split for it. */
+    ck_assert_int_eq(wa_policy_push(f.a, "max_split_size_mb:128", &err), 0);
+    wa_block *b = alloc_ok(&f, 30 * MiB);
+    ck_assert_int_eq(stats(&f).segment.current, 2);
+    ck_assert_uint_eq(region(b).segment_size, 60 * MiB);
+    ck_assert_int_eq(stats(&f).inactive_split.current, 1);
+    wa_policy_pop(f.a);
+    teardown(&f);
+}
+END_TEST
+
 START_TEST(destroy_frees_blocks_still_handed_out)
 {
     fixture f;
@@ -477,13 +504,6 @@ START_TEST(random_traces_keep_every_invariant)
 END_TEST
 
 /* ---- expandable segments and weightd's keys ------------------------------------ */
-
-static wa_region region(const wa_block *b)
-{
-    wa_region r;
-    wa_block_region(b, &r);
-    return r;
-}
 
 START_TEST(expandable_segments_map_pages_as_needed)
 {
@@ -761,6 +781,7 @@ Suite *allocator_suite(void)
     tcase_add_test(tc, policy_pop_restores_every_key);
     tcase_add_test(tc, policy_push_with_a_bad_conf_changes_nothing);
     tcase_add_test(tc, shrinking_max_split_size_makes_cached_blocks_oversize);
+    tcase_add_test(tc, growing_max_split_size_lets_cached_blocks_split_again);
     tcase_add_test(tc, destroy_frees_blocks_still_handed_out);
     tcase_add_test(tc, snapshot_lists_segments_in_address_order_with_tiling_blocks);
     tcase_add_test(tc, bad_device_is_enodev);
