@@ -19,6 +19,7 @@
 #include "common/errors.h"
 #include "common/size.h"
 #include "loader/checkpoint.h"
+#include "loader/moe.h"
 
 #define EXIT_FAILED 1
 #define EXIT_USAGE 2
@@ -674,9 +675,69 @@ done:
 
 /* ---- inspect: offline ------------------------------------------------------------------ */
 
+static cJSON *moe_json(const wl_moe *m)
+{
+    cJSON *o = cJSON_CreateObject(), *layers;
+
+    cJSON_AddStringToObject(o, "layout", wl_moe_layout_name(m->layout));
+    cJSON_AddNumberToObject(o, "layers", (double)m->n_layers);
+    cJSON_AddNumberToObject(o, "experts_per_layer", m->experts_per_layer);
+    cJSON_AddNumberToObject(o, "expert_tensors", (double)m->expert_tensors);
+    cJSON_AddNumberToObject(o, "expert_bytes", (double)m->expert_bytes);
+    cJSON_AddNumberToObject(o, "layer_bytes", (double)m->layer_bytes);
+    cJSON_AddNumberToObject(o, "outside_layers_bytes", (double)m->outside_bytes);
+    layers = cJSON_AddArrayToObject(o, "per_layer");
+    for (size_t i = 0; i < m->n_layers; i++) {
+        const wl_moe_layer *l = &m->layers[i];
+        cJSON *lo = cJSON_CreateObject();
+        cJSON_AddNumberToObject(lo, "layer", (double)l->index);
+        cJSON_AddNumberToObject(lo, "experts", l->experts);
+        cJSON_AddStringToObject(lo, "experts_stored", l->experts ? (l->fused ? "fused" : "per-expert") : "none");
+        cJSON_AddNumberToObject(lo, "expert_bytes", (double)l->expert_bytes);
+        cJSON_AddNumberToObject(lo, "bytes_per_expert", l->experts ? (double)(l->expert_bytes / l->experts) : 0.0);
+        cJSON_AddNumberToObject(lo, "other_bytes", (double)l->other_bytes);
+        cJSON_AddNumberToObject(lo, "bytes", (double)(l->expert_bytes + l->other_bytes));
+        cJSON_AddItemToArray(layers, lo);
+    }
+    return o;
+}
+
+static void moe_text(const wl_moe *m, uint64_t total)
+{
+    char a[32], b[32], e[32];
+
+    if (!m->n_layers) {
+        printf("layers:     none found in the tensor names\n");
+        return;
+    }
+    printf("layers:     %zu (%llu to %llu), %s per layer on average\n", m->n_layers,
+           (unsigned long long)m->layers[0].index, (unsigned long long)m->layers[m->n_layers - 1].index,
+           wd_size_format(m->layer_bytes / m->n_layers, a, sizeof a));
+    if (m->layout == WL_MOE_DENSE) {
+        printf("experts:    none (a dense model)\n");
+        return;
+    }
+    printf("experts:    %u per layer, stored %s; %s of experts per layer, %s per expert; experts hold %.1f%% "
+           "of the bytes\n",
+           m->experts_per_layer, wl_moe_layout_name(m->layout),
+           wd_size_format(m->expert_bytes / m->n_layers, a, sizeof a),
+           wd_size_format(m->experts_per_layer ? m->expert_bytes / m->n_layers / m->experts_per_layer : 0, e, sizeof e),
+           total ? 100.0 * (double)m->expert_bytes / (double)total : 0.0);
+    printf("\n  %6s %8s %10s %14s %14s %14s\n", "LAYER", "EXPERTS", "STORED", "EXPERT BYTES", "PER EXPERT",
+           "OTHER BYTES");
+    for (size_t i = 0; i < m->n_layers; i++) {
+        const wl_moe_layer *l = &m->layers[i];
+        printf("  %6llu %8u %10s %14s %14s %14s\n", (unsigned long long)l->index, l->experts,
+               l->experts ? (l->fused ? "fused" : "per-expert") : "-", wd_size_format(l->expert_bytes, a, sizeof a),
+               wd_size_format(l->experts ? l->expert_bytes / l->experts : 0, e, sizeof e),
+               wd_size_format(l->other_bytes, b, sizeof b));
+    }
+}
+
 static int cmd_inspect(ctl *c, int argc, char **argv)
 {
     wl_checkpoint ck;
+    wl_moe moe;
     wd_error err = {0};
     uint64_t by_dtype[ST_DTYPE_COUNT] = {0};
     size_t n_by_dtype[ST_DTYPE_COUNT] = {0};
@@ -689,6 +750,10 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
     if ((rc = wl_checkpoint_open(argv[1], &ck, &err)))
         return report_error(c, "inspect", rc, wd_error_text(&err));
     secs = now() - t0;
+    if ((rc = wl_moe_analyse(&ck, &moe, &err))) {
+        wl_checkpoint_close(&ck);
+        return report_error(c, "inspect", rc, wd_error_text(&err));
+    }
     for (size_t i = 0; i < ck.n_tensors; i++) {
         by_dtype[ck.tensors[i].st->dtype] += st_tensor_nbytes(ck.tensors[i].st);
         n_by_dtype[ck.tensors[i].st->dtype]++;
@@ -709,6 +774,7 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
                 cJSON_AddNumberToObject(e, "tensors", (double)n_by_dtype[d]);
                 cJSON_AddNumberToObject(e, "bytes", (double)by_dtype[d]);
             }
+        cJSON_AddItemToObject(o, "moe", moe_json(&moe));
         shards = cJSON_AddArrayToObject(o, "shards");
         for (size_t i = 0; i < ck.n_shards; i++) {
             cJSON *s = cJSON_CreateObject();
@@ -725,17 +791,21 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
             printf("index:      %s\n", ck.index_path);
         printf("valid:      yes (headers read in %.3f s)\n", secs);
         printf("tensors:    %zu in %zu shard%s\n", ck.n_tensors, ck.n_shards, ck.n_shards == 1 ? "" : "s");
-        printf("bytes:      %llu (%s)\n", (unsigned long long)ck.total_bytes, wd_size_format(ck.total_bytes, a, sizeof a));
+        printf("bytes:      %llu (%s)\n", (unsigned long long)ck.total_bytes,
+               wd_size_format(ck.total_bytes, a, sizeof a));
         printf("dtypes:    ");
         for (int d = 0; d < ST_DTYPE_COUNT; d++)
             if (n_by_dtype[d])
                 printf(" %s %zu tensors %s;", st_dtype_name((st_dtype)d), n_by_dtype[d],
                        wd_size_format(by_dtype[d], a, sizeof a));
         printf("\n");
+        moe_text(&moe, ck.total_bytes);
+        printf("\nshards:\n");
         for (size_t i = 0; i < ck.n_shards; i++)
             printf("  %s: %zu tensors, %s\n", ck.shards[i].path, ck.shards[i].st.n_tensors,
                    wd_size_format(ck.shards[i].st.data_len, a, sizeof a));
     }
+    wl_moe_free(&moe);
     wl_checkpoint_close(&ck);
     return 0;
 }

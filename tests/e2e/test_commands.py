@@ -295,6 +295,21 @@ class ManyTensors(h.E2ETestCase):
 class Inspect(h.E2ETestCase):
     """The offline inspect: no daemon anywhere."""
 
+    def test_mixture_of_experts(self):
+        # small: gpt-oss, 1 layer, 2 experts, fused; qwen: 1 layer, 4 experts, per-expert
+        for kind, layout, experts in (("small", "fused", 2), ("qwen", "per-expert", 4)):
+            with self.subTest(kind=kind):
+                path = h.checkpoint(kind)
+                r = h.run_ctl(None, "inspect", path, json_mode=True)
+                self.assertEqual(r.rc, 0, r)
+                moe = r.json["moe"]
+                self.assertEqual((moe["layout"], moe["layers"], moe["experts_per_layer"]), (layout, 1, experts))
+                layer = moe["per_layer"][0]
+                self.assertEqual(layer["bytes_per_expert"] * experts, layer["expert_bytes"])
+                self.assertEqual(moe["layer_bytes"] + moe["outside_layers_bytes"], r.json["bytes"])
+                text = h.run_ctl(None, "inspect", path)
+                self.assertIn("experts:    %d per layer, stored %s" % (experts, layout), text.out)
+
     def test_valid_checkpoints(self):
         small = h.checkpoint("small")
         for path, tensors, shards in ((small, 22, 6),

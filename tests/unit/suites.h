@@ -10,6 +10,7 @@
     X(safetensors)        \
     X(checkpoint)         \
     X(mkckpt)             \
+    X(moe)                \
     X(allocator)          \
     X(alloc_config)       \
     X(backend_host)       \
