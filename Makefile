@@ -34,7 +34,7 @@ OPT ?= -O2
 CFLAGS  ?= $(OPT) -g
 CFLAGS  += -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
            -fPIC -MMD -MP -D_GNU_SOURCE -DWD_VERSION='"$(VERSION)"' -I. $(PKG_CFLAGS)
-LDLIBS  += $(PKG_LIBS) -lpthread -lm
+LDLIBS  += $(PKG_LIBS) -lpthread -lm -ldl
 
 ifneq ($(SANITIZE),)
 CFLAGS  += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
@@ -55,8 +55,7 @@ USE_CUDA := no
 endif
 ifeq ($(USE_CUDA),yes)
 # Only headers and a define: nothing links libcuda, so every program starts on
-# machines without a driver (CI). Code that needs the driver resolves it at
-# run time.
+# machines without a driver (CI); allocator/cuda_driver.c opens it at run time.
 CUDA_CFLAGS := -DWD_WITH_CUDA=1 -I$(CUDA_HOME)/include
 CUDA_LIBS   :=
 CUDA_REPORT := CUDA: yes ($(CUDA_HOME), WITH_CUDA=$(WITH_CUDA))
@@ -75,7 +74,8 @@ endif
 
 # Sources by folder: the folders are the architecture.
 COMMON_SRC  := $(wildcard common/*.c)
-ALLOC_SRC   := $(filter-out allocator/replay.c,$(wildcard allocator/*.c))
+CUDA_SRC    := allocator/backend_cuda.c allocator/cuda_driver.c
+ALLOC_SRC   := $(filter-out allocator/replay.c $(if $(filter yes,$(USE_CUDA)),,$(CUDA_SRC)),$(wildcard allocator/*.c))
 LOADER_SRC  := $(filter-out loader/mkckpt.c,$(wildcard loader/*.c))
 PROTO_SRC   := $(wildcard proto/*.c)
 DAEMON_SRC  := $(filter-out daemon/main.c,$(wildcard daemon/*.c))
@@ -94,7 +94,7 @@ LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/l
         $(BUILD)/weightd-client.pc
 UNIT := $(BUILD)/tests/unit-tests
 
-.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu
+.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load
 all: config $(BINS) $(LIBS)
 
 config:
@@ -164,6 +164,16 @@ bench: $(BUILD)/weightd-replay
 bench-gpu: $(BUILD)/weightd-replay
 	$(Q)python3 bench/parity.py --replay $(BUILD)/weightd-replay --out $(BUILD)/bench bench/traces/*.trace
 
+# On the GPU machine: the GPU tests, and the load benchmark (bench/load_bench.py).
+gpu-test: all
+	$(Q)WEIGHTD_BUILD=$(abspath $(BUILD)) python3 -m unittest discover -s tests/gpu -t . -v
+
+$(BUILD)/readbw: bench/readbw.c
+	$(call msg,LD,$@)$(CC) -O2 -Wall -Wextra -Werror -pthread -o $@ $<
+
+bench-load: all $(BUILD)/readbw
+	$(Q)python3 bench/load_bench.py --build $(BUILD) --out $(BUILD)/bench
+
 install: all
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PCDIR) $(DESTDIR)$(UNITDIR) \
 	    $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
@@ -190,8 +200,57 @@ clean:
 	rm -rf build build-san
 
 help:
-	@echo "targets: all (default) test unit e2e demo bench bench-gpu install uninstall clean"
+	@echo "targets: all (default) test unit e2e demo bench install uninstall clean"
+	@echo "         on the GPU machine: gpu-test bench-gpu bench-load"
 	@echo "switches: PREFIX=$(PREFIX) DESTDIR= WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
 	@echo "          SANITIZE=address,undefined BUILD=dir V=1"
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+
+# ---- fuzzing (tests/fuzz/README.md) ------------------------------------------
+# libFuzzer harnesses for the safetensors parser and checkpoint discovery,
+# built with clang from the sources themselves (not this build's gcc
+# objects). Not part of `all` or `test`, which need no clang; the committed
+# corpus is replayed by the end-to-end tests (tests/e2e/test_corpus.py).
+#   make fuzz                      build/fuzz/fuzz_header, build/fuzz/fuzz_discovery
+#   make fuzz-run FUZZ_SECONDS=N   each harness for N seconds (default 60)
+FUZZ_CC      ?= clang
+FUZZ_OUT     := build/fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS   ?=
+FUZZ_CFLAGS  := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -g -O1 -std=gnu11 \
+                -D_GNU_SOURCE -Wall -Wextra -I. $(shell pkg-config --cflags libcjson 2>/dev/null)
+FUZZ_LIBS    := $(shell pkg-config --libs libcjson 2>/dev/null)
+FUZZ_SRC     := loader/safetensors.c loader/checkpoint.c common/errors.c common/size.c
+FUZZ_DEPS    := $(FUZZ_SRC) loader/safetensors.h loader/checkpoint.h common/errors.h common/size.h \
+                tests/fuzz/fuzz_check.h Makefile
+# -max_len per harness: a whole-file image of a few tensors; an archive of
+# up to 8 such files.
+FUZZ_MAXLEN_header    := 4096
+FUZZ_MAXLEN_discovery := 8192
+
+.PHONY: fuzz fuzz-run
+fuzz: $(FUZZ_OUT)/fuzz_header $(FUZZ_OUT)/fuzz_discovery
+
+$(FUZZ_OUT)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DEPS)
+	@mkdir -p $(dir $@)
+	$(call msg,FUZZCC,$@)$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $< $(FUZZ_SRC) $(FUZZ_LIBS)
+
+# Each harness works on its own corpus in build/fuzz/corpus/NAME (new inputs
+# go there), seeded from tests/fuzz/corpus/NAME and tests/fuzz/regressions/NAME,
+# with tests/fuzz/NAME.dict. The full log is build/fuzz/fuzz_NAME.log; crashes
+# go to build/fuzz/artifacts/. Extra libFuzzer flags: FUZZ_FLAGS="-jobs=2 ...".
+fuzz-run: fuzz
+	$(Q)for h in header discovery; do \
+	    mkdir -p $(FUZZ_OUT)/corpus/$$h $(FUZZ_OUT)/artifacts; \
+	    seeds=tests/fuzz/corpus/$$h; \
+	    if [ -d tests/fuzz/regressions/$$h ]; then seeds="$$seeds tests/fuzz/regressions/$$h"; fi; \
+	    if [ "$$h" = header ]; then maxlen=$(FUZZ_MAXLEN_header); else maxlen=$(FUZZ_MAXLEN_discovery); fi; \
+	    echo "== fuzz_$$h: $(FUZZ_SECONDS) s, -max_len=$$maxlen, log in $(FUZZ_OUT)/fuzz_$$h.log"; \
+	    rc=0; $(FUZZ_OUT)/fuzz_$$h -max_total_time=$(FUZZ_SECONDS) -max_len=$$maxlen -timeout=10 \
+	        -print_final_stats=1 -dict=tests/fuzz/$$h.dict -artifact_prefix=$(FUZZ_OUT)/artifacts/$$h- \
+	        $(FUZZ_FLAGS) $(FUZZ_OUT)/corpus/$$h $$seeds > $(FUZZ_OUT)/fuzz_$$h.log 2>&1 || rc=$$?; \
+	    sed -e '/^#[0-9]*[[:space:]]*\(NEW\|REDUCE\|pulse\|RELOAD\)/d' \
+	        -e '/Recommended dictionary/,/End of recommended dictionary/d' $(FUZZ_OUT)/fuzz_$$h.log; \
+	    if [ $$rc != 0 ]; then echo "fuzz_$$h FAILED (exit $$rc): see $(FUZZ_OUT)/artifacts/"; exit $$rc; fi; \
+	done

@@ -26,7 +26,7 @@ typedef struct wa_mem {
 } wa_mem;
 
 typedef struct wa_device_info {
-    char name[64];         /* "host device 0", "NVIDIA H200" */
+    char name[128];        /* "host device 0", "NVIDIA H200 (CUDA device 0)" */
     char uuid[48];         /* stable identity where the backend has one */
     uint64_t capacity;     /* bytes the allocator may reserve on it */
 } wa_device_info;
@@ -57,12 +57,24 @@ struct wa_backend {
     int (*page_map)(wa_backend *b, int device, const wa_mem *va, uint64_t offset, uint64_t size, wa_mem *page,
                     wd_error *err);
     void (*page_unmap)(wa_backend *b, int device, const wa_mem *va, wa_mem *page);
+
+    /* Staging for devices the CPU cannot address (NULL on host and fake):
+     * pinned host memory, and asynchronous copies into segments on numbered
+     * lanes (a stream per device and lane; copies on one lane run in order).
+     * copy_wait returns once every copy queued on the lane is done. These are
+     * called from the loader's threads, each on lanes of its own. */
+    int (*pinned_alloc)(wa_backend *b, size_t size, void **out, wd_error *err);
+    void (*pinned_free)(wa_backend *b, void *p, size_t size);
+    int (*copy_async)(wa_backend *b, int device, const wa_mem *mem, uint64_t offset, const void *src, size_t len,
+                      unsigned lane, wd_error *err);
+    int (*copy_wait)(wa_backend *b, int device, unsigned lane, wd_error *err);
 };
 
 typedef struct wa_backend_opts {
-    const char *name;        /* "fake", "host", ... */
+    const char *name;        /* "fake", "host", "cuda", "cuda-ipc" */
     int n_devices;           /* fake/host: emulated devices */
-    uint64_t capacity;       /* fake/host: bytes per device */
+    uint64_t capacity;       /* bytes per device; cuda: 0 = what is free at start */
+    const char *devices;     /* cuda: "0,1" or UUIDs; NULL or "" = every GPU */
 } wa_backend_opts;
 
 /* Makes the backend named in opts. -ENOTSUP for one not built in. */
@@ -77,5 +89,9 @@ const char *wa_backend_names(void);
 
 int wa_backend_fake_create(int n_devices, uint64_t capacity, wa_backend **out, wd_error *err);
 int wa_backend_host_create(int n_devices, uint64_t capacity, wa_backend **out, wd_error *err);
+#ifdef WD_WITH_CUDA
+int wa_backend_cuda_create(const wa_backend_opts *opts, wa_backend **out, wd_error *err);
+int wa_backend_cuda_ipc_create(const wa_backend_opts *opts, wa_backend **out, wd_error *err);
+#endif
 
 #endif

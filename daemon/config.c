@@ -83,7 +83,7 @@ static int set_option(wd_config *c, const opt_desc *o, const char *value, const 
         return 0;
     }
     case OPT_SIZE:
-        if (wd_size_parse(value, (uint64_t *)field) || *(uint64_t *)field == 0)
+        if (wd_size_parse(value, (uint64_t *)field))
             return wd_error_set(err, -EINVAL, "%s: %s must be a size such as 8GiB or 512M, not \"%s\"", source,
                                 o->name, value);
         return 0;
@@ -174,6 +174,14 @@ static int validate(const wd_config *c, wd_error *err)
             break;
     if (i == sizeof backends / sizeof backends[0])
         return wd_error_set(err, -EINVAL, "unknown backend \"%s\" (host, fake, cuda or cuda-ipc)", c->backend);
+    if (strcmp(c->direct_io, "auto") != 0 && strcmp(c->direct_io, "on") != 0 && strcmp(c->direct_io, "off") != 0)
+        return wd_error_set(err, -EINVAL, "direct_io must be auto, on or off, not \"%s\"", c->direct_io);
+    if (c->host_capacity == 0)
+        return wd_error_set(err, -EINVAL, "host_capacity must be more than 0");
+    if (c->read_threads > 256)
+        return wd_error_set(err, -EINVAL, "read_threads: at most 256");
+    if (c->staging_memory < (4u << 20))
+        return wd_error_set(err, -EINVAL, "staging_memory: at least 4MiB");
     if (c->devices[0] && (strcmp(c->backend, "host") == 0 || strcmp(c->backend, "fake") == 0))
         return wd_error_set(err, -EINVAL, "--devices picks GPUs for the cuda backends; the %s backend takes "
                             "--host-devices", c->backend);

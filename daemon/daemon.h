@@ -47,6 +47,10 @@ void wd_log(wd_log_level level, const char *fmt, ...) __attribute__((format(prin
     X(devices, STRING, "", "LIST", "GPUs to use, by index or UUID, comma-separated (cuda backends)") \
     X(host_devices, INT, "1", "N", "number of emulated devices (host backend)")                   \
     X(host_capacity, SIZE, "8GiB", "SIZE", "capacity of each emulated device (host backend)")      \
+    X(device_capacity, SIZE, "0", "SIZE", "memory each GPU may hold (cuda backends; 0: what is free at start)") \
+    X(read_threads, INT, "0", "N", "threads reading checkpoints (0: one per CPU, at most 32)")     \
+    X(staging_memory, SIZE, "512MiB", "SIZE", "pinned host memory for staging GPU loads (bounds the host memory a load uses)") \
+    X(direct_io, STRING, "auto", "MODE", "O_DIRECT reads: auto (when the data is not in the page cache), on or off") \
     X(alloc_conf, STRING, "", "CONF", "allocator configuration in PYTORCH_CUDA_ALLOC_CONF syntax") \
     X(load_alloc_conf, STRING, WA_WEIGHTD_POLICY, "CONF",                                          \
       "allocator policy pushed for the length of each load (weightd's; vLLM's max_split_size_mb:20 " \
@@ -105,6 +109,7 @@ struct wd_server {
     wd_config *conf;
     wa_backend *backend;
     wa_allocator *alloc;
+    wl_pipeline *pipeline;    /* the loads' readers and staging */
     char socket_path[108];
     int listen_fd;
     bool own_socket;          /* bound here (not passed by systemd): unlink on exit */

@@ -179,9 +179,25 @@ static void read_work(uv_work_t *w)
 {
     wd_job *j = w->data;
 
-    j->rc = wl_job_run(&j->io);
+    j->rc = wl_job_run(j->srv->pipeline, &j->io);
     if (j->rc)
         j->err = j->io.err;
+}
+
+/* A verify reads with a pipeline of its own, with plain buffers: it may run
+ * while a load has the daemon's. */
+static void verify_work(uv_work_t *w)
+{
+    wd_job *j = w->data;
+    wl_pipeline_opts po = {.threads = 4, .staging = 64u << 20, .direct = WL_DIRECT_OFF, .plain = true};
+    wl_pipeline *p;
+
+    if ((j->rc = wl_pipeline_create(j->srv->backend, &po, &p, &j->err)))
+        return;
+    j->rc = wl_job_run(p, &j->io);
+    if (j->rc)
+        j->err = j->io.err;
+    wl_pipeline_destroy(p);
 }
 
 static void after_read(uv_work_t *w, int status)
@@ -254,7 +270,6 @@ static void after_open(uv_work_t *w, int status)
     j->io.mode = WL_LOAD;
     j->io.ckpt = &j->model->ckpt;
     j->io.dest = j->model->dest;
-    j->io.backend = s->backend;
     s->jobs_running++;
     uv_queue_work(s->loop, &j->work, read_work, after_read);
 }
@@ -353,11 +368,10 @@ int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
     j->io.mode = WL_VERIFY;
     j->io.ckpt = &m->ckpt;
     j->io.dest = m->dest;
-    j->io.backend = s->backend;
     m->busy++;
     job_link(s, j);
     s->jobs_running++;
-    uv_queue_work(s->loop, &j->work, read_work, after_verify);
+    uv_queue_work(s->loop, &j->work, verify_work, after_verify);
     return 0;
 }
 

@@ -554,7 +554,8 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     s->started = wd_now();
     bopts.name = conf->backend;
     bopts.n_devices = (int)conf->host_devices;
-    bopts.capacity = conf->host_capacity;
+    bopts.capacity = strncmp(conf->backend, "cuda", 4) == 0 ? conf->device_capacity : conf->host_capacity;
+    bopts.devices = conf->devices;
     if ((rc = wa_backend_create(&bopts, &s->backend, err)))
         return rc;
     if ((rc = wa_create(s->backend, conf->alloc_conf, &s->alloc, err)))
@@ -578,6 +579,14 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
         goto fail;
     }
     wa_policy_pop(s->alloc);
+    {
+        wl_pipeline_opts po = {.threads = (unsigned)conf->read_threads, .staging = conf->staging_memory,
+                               .direct = strcmp(conf->direct_io, "on") == 0    ? WL_DIRECT_ON
+                                         : strcmp(conf->direct_io, "off") == 0 ? WL_DIRECT_OFF
+                                                                                : WL_DIRECT_AUTO};
+        if ((rc = wl_pipeline_create(s->backend, &po, &s->pipeline, err)))
+            goto fail;
+    }
     if ((rc = open_listener(s, err)))
         goto fail;
     uv_poll_init(loop, &s->listen_poll, s->listen_fd);
@@ -599,14 +608,17 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
         wd_log(WD_LOG_info, "device %d: %s, capacity %s", i, info.name,
                wd_size_format(info.capacity, size, sizeof size));
     }
-    wd_log(WD_LOG_notice, "weightd %s listening on %s (backend %s, %d device%s, load policy %s)", WD_VERSION,
-           s->socket_path, s->backend->name, s->backend->n_devices, s->backend->n_devices == 1 ? "" : "s",
-           conf->load_alloc_conf);
+    wd_log(WD_LOG_notice, "weightd %s listening on %s (backend %s, %d device%s, load policy %s, %u readers with "
+           "%s chunks)", WD_VERSION, s->socket_path, s->backend->name, s->backend->n_devices,
+           s->backend->n_devices == 1 ? "" : "s", conf->load_alloc_conf, wl_pipeline_threads(s->pipeline),
+           wd_size_format(wl_pipeline_chunk(s->pipeline), size, sizeof size));
     sd_notifyf(0, "READY=1\nSTATUS=listening on %s, no models loaded", s->socket_path);
     return 0;
 fail:
+    wl_pipeline_destroy(s->pipeline);
     wa_destroy(s->alloc);
     wa_backend_destroy(s->backend);
+    s->pipeline = NULL;
     s->alloc = NULL;
     s->backend = NULL;
     return rc;
@@ -647,6 +659,8 @@ void wd_server_maybe_finish(wd_server *s)
         next = c->next;
         conn_close(c, NULL);
     }
+    wl_pipeline_destroy(s->pipeline);
+    s->pipeline = NULL;
     wa_destroy(s->alloc);
     s->alloc = NULL;
     wa_backend_destroy(s->backend);

@@ -14,6 +14,27 @@
 #define SHARD_SUFFIX ".safetensors"
 #define DEFAULT_INDEX "model.safetensors.index.json"
 
+/* Names and paths in messages come from the checkpoint (an index's keys and
+ * values, file names, tensor names): each is shown on one printable line,
+ * cut at a UTF-8 boundary (st_msg_str), so that a message stays one line of
+ * valid UTF-8 whatever the files hold. */
+#define SHOWN_NAME_MAX 200
+#define SHOWN_PATH_MAX 1024
+typedef char name_buf[ST_MSG_BUF(SHOWN_NAME_MAX)];
+typedef char path_buf[ST_MSG_BUF(SHOWN_PATH_MAX)];
+
+/* "name", quoted and escaped. */
+static const char *qname(const char *s, char *buf)
+{
+    return st_msg_str(s, SHOWN_NAME_MAX, 1, buf);
+}
+
+/* A path, control bytes escaped. */
+static const char *spath(const char *s, char *buf)
+{
+    return st_msg_str(s, SHOWN_PATH_MAX, 0, buf);
+}
+
 /* One weight_map entry; name points into the parsed index. */
 typedef struct wl__entry {
     const char *name;
@@ -98,31 +119,33 @@ static int read_small_file(const char *path, uint64_t max, char **out, size_t *l
 {
     struct stat sb;
     char *buf = NULL;
+    path_buf pb;
+    const char *shown = spath(path, pb);
     size_t got = 0, size;
     int fd, rc;
 
     fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block us */
     if (fd < 0) {
         rc = -errno;
-        return wd_error_set(err, rc, "index %s: cannot open: %s", path, strerror(-rc));
+        return wd_error_set(err, rc, "index %s: cannot open: %s", shown, strerror(-rc));
     }
     if (fstat(fd, &sb) < 0) {
-        rc = wd_error_set(err, -errno, "index %s: cannot stat: %s", path, strerror(errno));
+        rc = wd_error_set(err, -errno, "index %s: cannot stat: %s", shown, strerror(errno));
         goto out;
     }
     if (!S_ISREG(sb.st_mode)) {
-        rc = wd_error_set(err, -EBADMSG, "index %s: not a regular file", path);
+        rc = wd_error_set(err, -EBADMSG, "index %s: not a regular file", shown);
         goto out;
     }
     if ((uint64_t)sb.st_size > max) {
-        rc = wd_error_set(err, -EFBIG, "index %s: %llu bytes, over the limit of %llu", path,
+        rc = wd_error_set(err, -EFBIG, "index %s: %llu bytes, over the limit of %llu", shown,
                           (unsigned long long)sb.st_size, (unsigned long long)max);
         goto out;
     }
     size = (size_t)sb.st_size;
     buf = malloc(size + 1);
     if (!buf) {
-        rc = wd_error_set(err, -ENOMEM, "index %s: out of memory for %zu bytes", path, size);
+        rc = wd_error_set(err, -ENOMEM, "index %s: out of memory for %zu bytes", shown, size);
         goto out;
     }
     while (got < size) {
@@ -130,11 +153,11 @@ static int read_small_file(const char *path, uint64_t max, char **out, size_t *l
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0) {
-            rc = wd_error_set(err, -errno, "index %s: cannot read: %s", path, strerror(errno));
+            rc = wd_error_set(err, -errno, "index %s: cannot read: %s", shown, strerror(errno));
             goto out;
         }
         if (r == 0) {
-            rc = wd_error_set(err, -EIO, "index %s: file shrank while being read", path);
+            rc = wd_error_set(err, -EIO, "index %s: file shrank while being read", shown);
             goto out;
         }
         got += (size_t)r;
@@ -159,6 +182,9 @@ static int bad_shard_name(const char *s)
 static int index_load(const char *path, wl__index *ix, wd_error *err)
 {
     char *text = NULL, msg[512];
+    path_buf pb;
+    name_buf q1, q2;
+    const char *shown = spath(path, pb);
     const cJSON *wm = NULL, *md = NULL, *e;
     const char *stop = NULL;
     size_t len = 0, end = 0, i, n = 0;
@@ -170,20 +196,20 @@ static int index_load(const char *path, wl__index *ix, wd_error *err)
         return rc;
     rc = st_json_check(text, len, &end, msg, sizeof msg);
     if (rc < 0) {
-        rc = wd_error_set(err, rc, "index %s: %s", path, msg);
+        rc = wd_error_set(err, rc, "index %s: %s", shown, msg);
         goto out;
     }
     for (i = end; i < len; i++) {
         if (!strchr(" \t\r\n", text[i])) {
             rc = wd_error_set(err, -EBADMSG, "index %s: data after the JSON object at byte %zu",
-                              path, i);
+                              shown, i);
             goto out;
         }
     }
     text[end] = '\0';   /* cJSON sees exactly the object */
     ix->root = cJSON_ParseWithLengthOpts(text, end + 1, &stop, 1);
     if (!ix->root) {
-        rc = wd_error_set(err, -EBADMSG, "index %s: not valid JSON (error near byte %zu)", path,
+        rc = wd_error_set(err, -EBADMSG, "index %s: not valid JSON (error near byte %zu)", shown,
                           stop && stop >= text ? (size_t)(stop - text) : (size_t)0);
         goto out;
     }
@@ -193,46 +219,47 @@ static int index_load(const char *path, wl__index *ix, wd_error *err)
         if (!slot)
             continue;   /* other keys are not ours to judge */
         if (*slot) {
-            rc = wd_error_set(err, -EBADMSG, "index %s: \"%s\" appears twice", path, e->string);
+            rc = wd_error_set(err, -EBADMSG, "index %s: \"%s\" appears twice", shown, e->string);
             goto out;
         }
         *slot = e;
     }
     if (!wm) {
-        rc = wd_error_set(err, -EBADMSG, "index %s: no \"weight_map\"", path);
+        rc = wd_error_set(err, -EBADMSG, "index %s: no \"weight_map\"", shown);
         goto out;
     }
     if (!cJSON_IsObject(wm)) {
-        rc = wd_error_set(err, -EBADMSG, "index %s: \"weight_map\" is not an object", path);
+        rc = wd_error_set(err, -EBADMSG, "index %s: \"weight_map\" is not an object", shown);
         goto out;
     }
     if (md && !cJSON_IsObject(md)) {
-        rc = wd_error_set(err, -EBADMSG, "index %s: \"metadata\" is not an object", path);
+        rc = wd_error_set(err, -EBADMSG, "index %s: \"metadata\" is not an object", shown);
         goto out;
     }
     for (e = wm->child; e; e = e->next) {
         if (!cJSON_IsString(e)) {
             rc = wd_error_set(err, -EBADMSG,
-                              "index %s: weight_map: tensor \"%.200s\" maps to a non-string",
-                              path, e->string);
+                              "index %s: weight_map: tensor %s maps to a non-string",
+                              shown, qname(e->string, q1));
             goto out;
         }
         if (bad_shard_name(e->valuestring)) {
             rc = wd_error_set(err, -EBADMSG,
-                              "index %s: weight_map: tensor \"%.200s\" maps to \"%.200s\", not a "
-                              "file name in the index's folder", path, e->string, e->valuestring);
+                              "index %s: weight_map: tensor %s maps to %s, not a "
+                              "file name in the index's folder", shown, qname(e->string, q1),
+                              qname(e->valuestring, q2));
             goto out;
         }
         n++;
     }
     if (n == 0) {
-        rc = wd_error_set(err, -EBADMSG, "index %s: \"weight_map\" is empty", path);
+        rc = wd_error_set(err, -EBADMSG, "index %s: \"weight_map\" is empty", shown);
         goto out;
     }
     ix->entries = calloc(n, sizeof *ix->entries);
     ix->files = calloc(n, sizeof *ix->files);
     if (!ix->entries || !ix->files) {
-        rc = wd_error_set(err, -ENOMEM, "index %s: out of memory", path);
+        rc = wd_error_set(err, -ENOMEM, "index %s: out of memory", shown);
         goto out;
     }
     for (e = wm->child, i = 0; e; e = e->next, i++) {
@@ -244,8 +271,8 @@ static int index_load(const char *path, wl__index *ix, wd_error *err)
     for (i = 1; i < n; i++) {
         if (strcmp(ix->entries[i - 1].name, ix->entries[i].name) == 0) {
             rc = wd_error_set(err, -EBADMSG,
-                              "index %s: weight_map: tensor \"%.200s\" appears twice", path,
-                              ix->entries[i].name);
+                              "index %s: weight_map: tensor %s appears twice", shown,
+                              qname(ix->entries[i].name, q1));
             goto out;
         }
     }
@@ -281,6 +308,7 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
     char **shards = NULL, **indexes = NULL, **grown;
     size_t ns = 0, ni = 0, cs = 0, ci = 0;
     int rc = 0, has_default = 0;
+    path_buf pb;
 
     *index_path = NULL;
     *files = NULL;
@@ -288,7 +316,8 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
     d = opendir(dir);
     if (!d) {
         rc = -errno;
-        return wd_error_set(err, rc, "%s: cannot open directory: %s", dir, strerror(-rc));
+        return wd_error_set(err, rc, "%s: cannot open directory: %s", spath(dir, pb),
+                            strerror(-rc));
     }
     for (;;) {
         char ***v;
@@ -298,7 +327,7 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
         de = readdir(d);
         if (!de) {
             if (errno) {
-                rc = wd_error_set(err, -errno, "%s: cannot read directory: %s", dir,
+                rc = wd_error_set(err, -errno, "%s: cannot read directory: %s", spath(dir, pb),
                                   strerror(errno));
                 goto out;
             }
@@ -335,15 +364,22 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
         const char *pick = DEFAULT_INDEX;
         if (!has_default && ni > 1) {
             char list[512];
+            name_buf nb;
             size_t o = 0;
             qsort(indexes, ni, sizeof *indexes, cmp_str);
             list[0] = '\0';
-            for (size_t i = 0; i < ni && o < sizeof list; i++)
-                o += (size_t)snprintf(list + o, sizeof list - o, "%s%s", i ? ", " : "",
-                                      indexes[i]);
+            /* Whole names only (a cut one could end in half a character). */
+            for (size_t i = 0; i < ni; i++) {
+                const char *shown = st_msg_str(indexes[i], SHOWN_NAME_MAX, 0, nb);
+                if (o + strlen(shown) + 2 + 5 >= sizeof list) {
+                    strcpy(list + o, i ? ", ..." : "...");
+                    break;
+                }
+                o += (size_t)snprintf(list + o, sizeof list - o, "%s%s", i ? ", " : "", shown);
+            }
             rc = wd_error_set(err, -EBADMSG,
                               "%s: %zu index files and none is " DEFAULT_INDEX
-                              "; name one of: %s", dir, ni, list);
+                              "; name one of: %s", spath(dir, pb), ni, list);
             goto out;
         }
         if (!has_default)
@@ -354,7 +390,8 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
         goto out;
     }
     if (ns == 0) {
-        rc = wd_error_set(err, -ENOENT, "%s: no *.safetensors files and no index", dir);
+        rc = wd_error_set(err, -ENOENT, "%s: no *.safetensors files and no index",
+                          spath(dir, pb));
         goto out;
     }
     qsort(shards, ns, sizeof *shards, cmp_str);
@@ -406,6 +443,8 @@ static int load_shards(wl_checkpoint *c, char **paths, size_t n, wd_error *err)
 static int link_tensors(wl_checkpoint *c, const wl__index *ix, wd_error *err)
 {
     size_t n = 0, k = 0, i, j;
+    name_buf q;
+    path_buf p1, p2, p3;
 
     for (i = 0; i < c->n_shards; i++)
         n += c->shards[i].st.n_tensors;
@@ -432,8 +471,9 @@ static int link_tensors(wl_checkpoint *c, const wl__index *ix, wd_error *err)
     for (i = 1; i < n; i++) {
         const wl_tensor *a = c->by_name[i - 1], *b = c->by_name[i];
         if (strcmp(a->st->name, b->st->name) == 0)
-            return wd_error_set(err, -EBADMSG, "tensor \"%.200s\" is in two shards: %s and %s",
-                                b->st->name, c->shards[a->shard].path, c->shards[b->shard].path);
+            return wd_error_set(err, -EBADMSG, "tensor %s is in two shards: %s and %s",
+                                qname(b->st->name, q), spath(c->shards[a->shard].path, p1),
+                                spath(c->shards[b->shard].path, p2));
     }
     if (!ix)
         return 0;
@@ -446,17 +486,20 @@ static int link_tensors(wl_checkpoint *c, const wl__index *ix, wd_error *err)
 
         if (cmp < 0)
             return wd_error_set(err, -EBADMSG,
-                                "index %s: tensor \"%.200s\" is absent from its shard %s",
-                                c->index_path, e->name, c->shards[e->shard].path);
+                                "index %s: tensor %s is absent from its shard %s",
+                                spath(c->index_path, p1), qname(e->name, q),
+                                spath(c->shards[e->shard].path, p2));
         if (cmp > 0)
             return wd_error_set(err, -EBADMSG,
-                                "index %s: tensor \"%.200s\" is in shard %s but not in the index",
-                                c->index_path, t->st->name, c->shards[t->shard].path);
+                                "index %s: tensor %s is in shard %s but not in the index",
+                                spath(c->index_path, p1), qname(t->st->name, q),
+                                spath(c->shards[t->shard].path, p2));
         if (e->shard != t->shard)
             return wd_error_set(err, -EBADMSG,
-                                "index %s: tensor \"%.200s\" is mapped to %s but is in %s",
-                                c->index_path, e->name, c->shards[e->shard].path,
-                                c->shards[t->shard].path);
+                                "index %s: tensor %s is mapped to %s but is in %s",
+                                spath(c->index_path, p1), qname(e->name, q),
+                                spath(c->shards[e->shard].path, p2),
+                                spath(c->shards[t->shard].path, p3));
         i++;
         j++;
     }
@@ -478,8 +521,9 @@ int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err)
     if (!path || !out)
         return wd_error_set(err, -EINVAL, "wl_checkpoint_open: bad arguments");
     if (stat(path, &sb) < 0) {
+        path_buf pb;
         rc = -errno;
-        return wd_error_set(err, rc, "%s: %s", path, strerror(-rc));
+        return wd_error_set(err, rc, "%s: %s", spath(path, pb), strerror(-rc));
     }
     c.path = strdup(path);
     if (!c.path)
@@ -524,12 +568,16 @@ int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err)
             }
             if (access(paths[i], F_OK) < 0) {
                 const wl__entry *e = NULL;
+                int errnum = errno;
+                name_buf q;
+                path_buf p1, p2;
                 for (size_t k = 0; k < ix.n_entries && !e; k++)
                     if (ix.entries[k].shard == i)
                         e = &ix.entries[k];
-                rc = wd_error_set(err, errno == ENOENT ? -ENOENT : -errno,
-                                  "index %s: shard %s (of tensor \"%.200s\") is missing: %s",
-                                  c.index_path, paths[i], e ? e->name : "?", strerror(errno));
+                rc = wd_error_set(err, -errnum,
+                                  "index %s: shard %s (of tensor %s) is missing: %s",
+                                  spath(c.index_path, p1), spath(paths[i], p2),
+                                  e ? qname(e->name, q) : "?", strerror(errnum));
                 goto out;
             }
         }

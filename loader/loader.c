@@ -1,19 +1,227 @@
-/* The read path. Each shard is opened once and read in file order, in
- * chunks, so progress moves smoothly and a cancel is seen within one chunk.
- * A segment the daemon can address (host backend) is read into directly;
- * others go through a bounce buffer and the backend's copy. */
+/* The read pipeline (loader.h says what it is). */
 #include "loader/loader.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
-#define DEFAULT_CHUNK (16u << 20)
+#define ALIGN 4096u
+#define MAX_THREADS 256
+#define MIN_CHUNK (1u << 20)
+#define MAX_CHUNK (64u << 20)
 
-static int read_full(int fd, void *buf, size_t len, uint64_t off, const char *path, wd_error *err)
+static uint64_t align_down(uint64_t v) { return v & ~(uint64_t)(ALIGN - 1); }
+static uint64_t align_up(uint64_t v) { return (v + ALIGN - 1) & ~(uint64_t)(ALIGN - 1); }
+
+/* A run of one tensor's bytes inside a chunk. */
+typedef struct piece {
+    uint32_t tensor;
+    uint64_t at;         /* offset in the chunk's buffer */
+    uint64_t tensor_off; /* offset within the tensor */
+    uint64_t len;
+} piece;
+
+/* A range of one shard's file, read with one pread. */
+typedef struct chunk {
+    uint32_t shard;
+    uint64_t read_off;   /* aligned down */
+    uint64_t read_len;   /* up to the chunk's end */
+    size_t first, n;     /* its pieces */
+} chunk;
+
+typedef struct worker {
+    wl_pipeline *p;
+    unsigned index;
+    void *buf[2];        /* staging: pinned for device backends */
+    void *cmp;           /* verify: what the device holds */
+    uint64_t busy_devices[2]; /* devices with copies in flight from buf[k] */
+    pthread_t thread;
+} worker;
+
+struct wl_pipeline {
+    wa_backend *backend;
+    unsigned threads;
+    uint64_t chunk;
+    wl_direct direct;
+    bool pinned;
+    worker *workers;
+    /* the job in progress */
+    wl_job *job;
+    chunk *chunks;
+    piece *pieces;
+    size_t n_chunks;
+    int *fd, *fd_direct; /* per shard */
+    unsigned char *mismatched; /* verify: per tensor, already counted */
+    _Atomic size_t next;
+    pthread_mutex_t err_lock;
+};
+
+/* ---- life cycle ------------------------------------------------------------ */
+
+static void *buffer_alloc(wl_pipeline *p, size_t size, wd_error *err)
+{
+    void *b = NULL;
+
+    if (p->pinned) {
+        if (p->backend->pinned_alloc(p->backend, size, &b, err))
+            return NULL;
+    } else if (posix_memalign(&b, ALIGN, size)) {
+        wd_error_set(err, -ENOMEM, "out of host memory for a %zu-byte read buffer", size);
+        return NULL;
+    }
+    return b;
+}
+
+static void buffer_free(wl_pipeline *p, void *b, size_t size)
+{
+    if (!b)
+        return;
+    if (p->pinned)
+        p->backend->pinned_free(p->backend, b, size);
+    else
+        free(b);
+}
+
+void wl_pipeline_destroy(wl_pipeline *p)
+{
+    if (!p)
+        return;
+    for (unsigned i = 0; p->workers && i < p->threads; i++) {
+        for (int k = 0; k < 2; k++)
+            buffer_free(p, p->workers[i].buf[k], p->chunk + 2 * ALIGN);
+        free(p->workers[i].cmp);
+    }
+    free(p->workers);
+    pthread_mutex_destroy(&p->err_lock);
+    free(p);
+}
+
+int wl_pipeline_create(wa_backend *backend, const wl_pipeline_opts *opts, wl_pipeline **out, wd_error *err)
+{
+    wl_pipeline *p = calloc(1, sizeof *p);
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int rc = 0;
+
+    if (!p)
+        return wd_error_set(err, -ENOMEM, "out of host memory");
+    pthread_mutex_init(&p->err_lock, NULL);
+    p->backend = backend;
+    p->direct = opts->direct;
+    p->threads = opts->threads ? opts->threads : (unsigned)(cpus < 1 ? 1 : cpus > 32 ? 32 : cpus);
+    if (p->threads > MAX_THREADS)
+        p->threads = MAX_THREADS;
+    p->pinned = !opts->plain && backend->pinned_alloc && backend->copy_async;
+    /* Two staging buffers a thread, within the staging budget. */
+    p->chunk = align_down(opts->staging / (2ULL * p->threads));
+    if (p->chunk < MIN_CHUNK)
+        p->chunk = MIN_CHUNK;
+    if (p->chunk > MAX_CHUNK)
+        p->chunk = MAX_CHUNK;
+    if (!(p->workers = calloc(p->threads, sizeof *p->workers))) {
+        rc = wd_error_set(err, -ENOMEM, "out of host memory");
+        goto fail;
+    }
+    for (unsigned i = 0; i < p->threads; i++) {
+        worker *w = &p->workers[i];
+        w->p = p;
+        w->index = i;
+        /* Pinned staging is taken now, so that no load pays for it; plain
+         * buffers (verify on the host backend) when first needed. */
+        for (int k = 0; k < 2 && p->pinned; k++)
+            if (!(w->buf[k] = buffer_alloc(p, p->chunk + 2 * ALIGN, err))) {
+                rc = err->code ? err->code : -ENOMEM;
+                goto fail;
+            }
+    }
+    *out = p;
+    return 0;
+fail:
+    wl_pipeline_destroy(p);
+    return rc;
+}
+
+unsigned wl_pipeline_threads(const wl_pipeline *p) { return p->threads; }
+uint64_t wl_pipeline_chunk(const wl_pipeline *p) { return p->chunk; }
+
+/* ---- planning: chunks and their pieces -------------------------------------- */
+
+static int plan(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
+{
+    size_t cap_chunks = 64, cap_pieces = 256, t = 0;
+
+    p->n_chunks = 0;
+    if (!(p->chunks = malloc(cap_chunks * sizeof *p->chunks)) || !(p->pieces = malloc(cap_pieces * sizeof *p->pieces)))
+        goto nomem;
+    size_t n_pieces = 0;
+    for (uint32_t s = 0; s < ck->n_shards; s++) {
+        const st_file *st = &ck->shards[s].st;
+        uint64_t start = st->data_offset, end = st->data_offset + st->data_len;
+        /* ck->tensors lists shard by shard, each in data order: t walks along. */
+        while (start < end) {
+            uint64_t cend = align_down(start) + p->chunk;
+            chunk *c;
+            if (cend > end)
+                cend = end;
+            if (p->n_chunks == cap_chunks) {
+                chunk *nc = realloc(p->chunks, (cap_chunks *= 2) * sizeof *nc);
+                if (!nc)
+                    goto nomem;
+                p->chunks = nc;
+            }
+            c = &p->chunks[p->n_chunks++];
+            c->shard = s;
+            c->read_off = align_down(start);
+            c->read_len = cend - c->read_off;
+            c->first = n_pieces;
+            c->n = 0;
+            while (t < ck->n_tensors && ck->tensors[t].shard == s) {
+                const st_tensor *x = ck->tensors[t].st;
+                uint64_t tb = st->data_offset + x->begin, te = st->data_offset + x->end;
+                uint64_t a = tb > start ? tb : start, b = te < cend ? te : cend;
+                if (a < b) {
+                    if (n_pieces == cap_pieces) {
+                        piece *np = realloc(p->pieces, (cap_pieces *= 2) * sizeof *np);
+                        if (!np)
+                            goto nomem;
+                        p->pieces = np;
+                    }
+                    p->pieces[n_pieces++] = (piece){(uint32_t)t, a - c->read_off, a - tb, b - a};
+                    c->n++;
+                }
+                if (te > cend)
+                    break; /* the tensor goes on in the next chunk */
+                t++;
+            }
+            start = cend;
+        }
+        while (t < ck->n_tensors && ck->tensors[t].shard == s)
+            t++; /* empty tensors at the very end */
+    }
+    return 0;
+nomem:
+    return wd_error_set(err, -ENOMEM, "out of host memory planning the reads");
+}
+
+/* ---- the workers ------------------------------------------------------------ */
+
+static void fail_job(wl_pipeline *p, int rc, const wd_error *e)
+{
+    pthread_mutex_lock(&p->err_lock);
+    if (!p->job->err.code)
+        p->job->err = *e;
+    if (!p->job->err.code)
+        p->job->err.code = rc;
+    pthread_mutex_unlock(&p->err_lock);
+    atomic_store(&p->job->cancel, true);
+}
+
+static int read_full(int fd, void *buf, size_t len, uint64_t off, const char *path, bool allow_short,
+                     wd_error *err)
 {
     size_t got = 0;
 
@@ -24,110 +232,266 @@ static int read_full(int fd, void *buf, size_t len, uint64_t off, const char *pa
         if (n < 0)
             return wd_error_set(err, -errno, "%s: read at byte %llu: %s", path, (unsigned long long)(off + got),
                                 strerror(errno));
-        if (n == 0)
-            return wd_error_set(err, -EIO, "%s: file ends at byte %llu, before the data its header describes",
-                                path, (unsigned long long)(off + got));
+        if (n == 0) {
+            if (allow_short)
+                return 0;
+            return wd_error_set(err, -EIO, "%s: file ends at byte %llu, before the data its header describes", path,
+                                (unsigned long long)(off + got));
+        }
         got += (size_t)n;
     }
     return 0;
 }
 
-static uint64_t first_difference(const unsigned char *a, const unsigned char *b, size_t len)
+/* Reads a chunk into buf: from the page cache when it is there; with
+ * O_DIRECT, whole aligned blocks, when it is not (auto) or always (on). */
+static int read_chunk(worker *w, const chunk *c, void *buf, wd_error *err)
 {
-    for (size_t i = 0; i < len; i++)
-        if (a[i] != b[i])
-            return i;
-    return len;
+    wl_pipeline *p = w->p;
+    const char *path = p->job->ckpt->shards[c->shard].path;
+    int dfd = p->fd_direct[c->shard];
+
+    if (dfd >= 0 && p->direct == WL_DIRECT_AUTO) {
+        struct iovec iov = {buf, c->read_len};
+        ssize_t n = preadv2(p->fd[c->shard], &iov, 1, (off_t)c->read_off, RWF_NOWAIT);
+        if (n == (ssize_t)c->read_len) {
+            atomic_fetch_add(&p->job->buffered_chunks, 1);
+            return 0;
+        }
+    }
+    if (dfd >= 0) {
+        /* The length rounds up to whole blocks; the file may end sooner. */
+        int rc = read_full(dfd, buf, align_up(c->read_len), c->read_off, path, true, err);
+        if (rc != -EINVAL) {
+            atomic_fetch_add(&p->job->direct_chunks, 1);
+            return rc;
+        }
+        /* O_DIRECT refused (a filesystem that cannot): plain reads instead. */
+    }
+    atomic_fetch_add(&p->job->buffered_chunks, 1);
+    return read_full(p->fd[c->shard], buf, c->read_len, c->read_off, path, false, err);
 }
 
-int wl_job_run(wl_job *job)
+static int wait_buffer(worker *w, int k, wd_error *err)
 {
-    const wl_checkpoint *ck = job->ckpt;
-    size_t chunk = job->chunk_size ? job->chunk_size : DEFAULT_CHUNK;
-    unsigned char *bounce = NULL, *held = NULL;
-    int fd = -1, rc = 0;
-    uint32_t open_shard = UINT32_MAX;
+    wa_backend *b = w->p->backend;
 
-    bounce = malloc(chunk);
-    if (job->mode == WL_VERIFY)
-        held = malloc(chunk);
-    if (!bounce || (job->mode == WL_VERIFY && !held)) {
-        rc = wd_error_set(&job->err, -ENOMEM, "out of host memory for a %zu-byte buffer", chunk);
-        goto out;
+    for (int d = 0; d < 64 && w->busy_devices[k]; d++)
+        if (w->busy_devices[k] & (1ULL << d)) {
+            int rc = b->copy_wait(b, d, w->index * 2 + (unsigned)k, err);
+            if (rc)
+                return rc;
+            w->busy_devices[k] &= ~(1ULL << d);
+        }
+    return 0;
+}
+
+static int compare(worker *w, const piece *pc, const void *have_file, wd_error *err)
+{
+    wl_job *job = w->p->job;
+    const wl_dest *d = &job->dest[pc->tensor];
+    const unsigned char *want = have_file, *have;
+    int rc;
+
+    if (d->mem->host) {
+        have = (const unsigned char *)d->mem->host + d->offset + pc->tensor_off;
+    } else {
+        if (!w->cmp && !(w->cmp = malloc(w->p->chunk)))
+            return wd_error_set(err, -ENOMEM, "out of host memory");
+        if ((rc = w->p->backend->read(w->p->backend, d->device, d->mem, d->offset + pc->tensor_off, w->cmp, pc->len,
+                                      err)))
+            return rc;
+        have = w->cmp;
     }
-    for (size_t i = 0; i < ck->n_tensors; i++) {
-        const wl_tensor *t = &ck->tensors[i];
-        const wl_shard *sh = &ck->shards[t->shard];
-        const wl_dest *d = &job->dest[i];
-        uint64_t size = st_tensor_nbytes(t->st), done = 0;
-        bool differs = false;
-
-        if (t->shard != open_shard) {
-            struct stat st;
-            if (fd >= 0)
-                close(fd);
-            /* O_NONBLOCK: a shard replaced by a FIFO must not hang the load. */
-            fd = open(sh->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-            if (fd < 0) {
-                rc = wd_error_set(&job->err, -errno, "%s: %s", sh->path, strerror(errno));
-                goto out;
-            }
-            if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-                rc = wd_error_set(&job->err, -EINVAL, "%s: not a regular file", sh->path);
-                goto out;
-            }
-            if ((uint64_t)st.st_size != sh->file_size) {
-                rc = wd_error_set(&job->err, -EIO, "%s: the file changed size since its header was read "
-                                  "(%llu bytes, was %llu)", sh->path, (unsigned long long)st.st_size,
-                                  (unsigned long long)sh->file_size);
-                goto out;
-            }
-            posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-            open_shard = t->shard;
+    if (memcmp(want, have, pc->len) != 0) {
+        uint64_t at = 0;
+        while (want[at] == have[at])
+            at++;
+        pthread_mutex_lock(&w->p->err_lock);
+        /* Count each tensor once, however many of its pieces differ. */
+        if (!w->p->mismatched[pc->tensor]) {
+            w->p->mismatched[pc->tensor] = 1;
+            if (!job->mismatched_tensors)
+                snprintf(job->first_mismatch, sizeof job->first_mismatch,
+                         "tensor \"%s\": first difference at byte %llu", job->ckpt->tensors[pc->tensor].st->name,
+                         (unsigned long long)(pc->tensor_off + at));
+            job->mismatched_tensors++;
         }
-        while (done < size) {
-            size_t n = size - done > chunk ? chunk : (size_t)(size - done);
-            uint64_t file_off = sh->st.data_offset + t->st->begin + done;
-            uint64_t seg_off = d->offset + done;
+        pthread_mutex_unlock(&w->p->err_lock);
+    }
+    return 0;
+}
 
-            if (atomic_load_explicit(&job->cancel, memory_order_relaxed)) {
-                rc = wd_error_set(&job->err, -ECANCELED, "cancelled");
-                goto out;
-            }
-            if (job->mode == WL_LOAD && d->mem->host) {
-                rc = read_full(fd, (char *)d->mem->host + seg_off, n, file_off, sh->path, &job->err);
+static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
+{
+    wl_pipeline *p = w->p;
+    wl_job *job = p->job;
+    const wl_checkpoint *ck = job->ckpt;
+    bool direct_to_host = job->mode == WL_LOAD;
+    uint64_t useful = 0;
+    int rc = 0;
+
+    for (size_t i = 0; i < c->n; i++) {
+        const piece *pc = &p->pieces[c->first + i];
+        direct_to_host &= job->dest[pc->tensor].mem->host != NULL;
+        useful += pc->len;
+    }
+    if (direct_to_host) {
+        /* Host memory the CPU can address: read each piece where it goes. */
+        for (size_t i = 0; i < c->n && !rc; i++) {
+            const piece *pc = &p->pieces[c->first + i];
+            const wl_dest *d = &job->dest[pc->tensor];
+            rc = read_full(p->fd[c->shard], (char *)d->mem->host + d->offset + pc->tensor_off, pc->len,
+                           c->read_off + pc->at, ck->shards[c->shard].path, false, err);
+        }
+    } else {
+        void *buf;
+        if (!w->buf[*k] && !(w->buf[*k] = buffer_alloc(p, p->chunk + 2 * ALIGN, err))) {
+            rc = err->code ? err->code : -ENOMEM;
+            goto out;
+        }
+        buf = w->buf[*k];
+        if ((rc = wait_buffer(w, *k, err)) || (rc = read_chunk(w, c, buf, err)))
+            goto out;
+        for (size_t i = 0; i < c->n && !rc; i++) {
+            const piece *pc = &p->pieces[c->first + i];
+            const wl_dest *d = &job->dest[pc->tensor];
+            const char *src = (const char *)buf + pc->at;
+            if (job->mode == WL_VERIFY) {
+                rc = compare(w, pc, src, err);
+            } else if (p->pinned) {
+                rc = p->backend->copy_async(p->backend, d->device, d->mem, d->offset + pc->tensor_off, src, pc->len,
+                                            w->index * 2 + (unsigned)*k, err);
+                w->busy_devices[*k] |= 1ULL << d->device;
             } else {
-                rc = read_full(fd, bounce, n, file_off, sh->path, &job->err);
-                if (!rc && job->mode == WL_LOAD)
-                    rc = job->backend->write(job->backend, d->device, d->mem, seg_off, bounce, n, &job->err);
+                rc = p->backend->write(p->backend, d->device, d->mem, d->offset + pc->tensor_off, src, pc->len, err);
             }
-            if (!rc && job->mode == WL_VERIFY && !differs) {
-                const unsigned char *have = d->mem->host ? (const unsigned char *)d->mem->host + seg_off : held;
-                uint64_t at;
-                if (!d->mem->host)
-                    rc = job->backend->read(job->backend, d->device, d->mem, seg_off, held, n, &job->err);
-                if (!rc && (at = first_difference(bounce, have, n)) < n) {
-                    differs = true;
-                    if (!job->mismatched_tensors)
-                        snprintf(job->first_mismatch, sizeof job->first_mismatch,
-                                 "tensor \"%s\": first difference at byte %llu", t->st->name,
-                                 (unsigned long long)(done + at));
-                    job->mismatched_tensors++;
-                }
-            }
-            if (rc) {
-                wd_error_prefix(&job->err, "tensor \"%s\"", t->st->name);
-                goto out;
-            }
-            done += n;
-            atomic_fetch_add_explicit(&job->bytes_done, n, memory_order_relaxed);
         }
-        atomic_fetch_add_explicit(&job->tensors_done, 1, memory_order_relaxed);
+        *k ^= 1;
     }
 out:
-    if (fd >= 0)
-        close(fd);
-    free(bounce);
-    free(held);
+    if (rc) {
+        const piece *pc = c->n ? &p->pieces[c->first] : NULL;
+        if (pc)
+            wd_error_prefix(err, "tensor \"%s\"", ck->tensors[pc->tensor].st->name);
+        return rc;
+    }
+    atomic_fetch_add_explicit(&job->bytes_done, useful, memory_order_relaxed);
+    for (size_t i = 0; i < c->n; i++) {
+        const piece *pc = &p->pieces[c->first + i];
+        if (pc->tensor_off + pc->len == st_tensor_nbytes(ck->tensors[pc->tensor].st))
+            atomic_fetch_add_explicit(&job->tensors_done, 1, memory_order_relaxed);
+    }
+    return 0;
+}
+
+static void *worker_main(void *arg)
+{
+    worker *w = arg;
+    wl_pipeline *p = w->p;
+    wd_error err = {0};
+    int k = 0, rc = 0;
+
+    memset(w->busy_devices, 0, sizeof w->busy_devices);
+    while (!atomic_load_explicit(&p->job->cancel, memory_order_relaxed)) {
+        size_t i = atomic_fetch_add(&p->next, 1);
+        if (i >= p->n_chunks)
+            break;
+        if ((rc = run_chunk(w, &p->chunks[i], &k, &err)))
+            break;
+    }
+    /* Every copy from this thread's buffers is done before the job is. */
+    for (int b = 0; b < 2; b++) {
+        wd_error e2 = {0};
+        int r2 = p->pinned ? wait_buffer(w, b, &e2) : 0;
+        if (r2 && !rc) {
+            rc = r2;
+            err = e2;
+        }
+    }
+    if (rc)
+        fail_job(p, rc, &err);
+    return NULL;
+}
+
+/* ---- a job ------------------------------------------------------------------- */
+
+static int open_shards(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
+{
+    if (!(p->fd = malloc(ck->n_shards * sizeof *p->fd)) || !(p->fd_direct = malloc(ck->n_shards * sizeof *p->fd)))
+        return wd_error_set(err, -ENOMEM, "out of host memory");
+    for (size_t s = 0; s < ck->n_shards; s++)
+        p->fd[s] = p->fd_direct[s] = -1;
+    for (size_t s = 0; s < ck->n_shards; s++) {
+        const wl_shard *sh = &ck->shards[s];
+        struct stat st;
+        /* O_NONBLOCK: a shard replaced by a FIFO must not hang the load. */
+        if ((p->fd[s] = open(sh->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)) < 0)
+            return wd_error_set(err, -errno, "%s: %s", sh->path, strerror(errno));
+        if (fstat(p->fd[s], &st) < 0 || !S_ISREG(st.st_mode))
+            return wd_error_set(err, -EINVAL, "%s: not a regular file", sh->path);
+        if ((uint64_t)st.st_size != sh->file_size)
+            return wd_error_set(err, -EIO, "%s: the file changed size since its header was read (%llu bytes, was %llu)",
+                                sh->path, (unsigned long long)st.st_size, (unsigned long long)sh->file_size);
+        posix_fadvise(p->fd[s], 0, 0, POSIX_FADV_SEQUENTIAL);
+        /* Staged reads only: reading straight into host segments stays buffered. */
+        if (p->pinned && p->direct != WL_DIRECT_OFF)
+            p->fd_direct[s] = open(sh->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_DIRECT);
+    }
+    return 0;
+}
+
+static void close_shards(wl_pipeline *p, const wl_checkpoint *ck)
+{
+    for (size_t s = 0; p->fd && s < ck->n_shards; s++) {
+        if (p->fd[s] >= 0)
+            close(p->fd[s]);
+        if (p->fd_direct && p->fd_direct[s] >= 0)
+            close(p->fd_direct[s]);
+    }
+    free(p->fd);
+    free(p->fd_direct);
+    p->fd = p->fd_direct = NULL;
+}
+
+int wl_job_run(wl_pipeline *p, wl_job *job)
+{
+    const wl_checkpoint *ck = job->ckpt;
+    unsigned started = 0;
+    int rc;
+
+    p->job = job;
+    atomic_store(&p->next, 0);
+    if ((rc = plan(p, ck, &job->err)) || (rc = open_shards(p, ck, &job->err)))
+        goto out;
+    if (job->mode == WL_VERIFY && !(p->mismatched = calloc(ck->n_tensors ? ck->n_tensors : 1, 1))) {
+        rc = wd_error_set(&job->err, -ENOMEM, "out of host memory");
+        goto out;
+    }
+    /* Empty tensors are done before anything is read. */
+    for (size_t t = 0; t < ck->n_tensors; t++)
+        if (!st_tensor_nbytes(ck->tensors[t].st))
+            atomic_fetch_add(&job->tensors_done, 1);
+    for (; started < p->threads && started < p->n_chunks; started++)
+        if (pthread_create(&p->workers[started].thread, NULL, worker_main, &p->workers[started])) {
+            rc = wd_error_set(&job->err, -EAGAIN, "cannot start a reader thread");
+            atomic_store(&job->cancel, true);
+            break;
+        }
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(p->workers[i].thread, NULL);
+    if (!rc && job->err.code)
+        rc = job->err.code;
+    if (!rc && atomic_load(&job->cancel))
+        rc = wd_error_set(&job->err, -ECANCELED, "cancelled");
+out:
+    close_shards(p, ck);
+    free(p->chunks);
+    free(p->pieces);
+    free(p->mismatched);
+    p->chunks = NULL;
+    p->pieces = NULL;
+    p->mismatched = NULL;
+    p->job = NULL;
     return rc;
 }

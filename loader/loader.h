@@ -1,6 +1,15 @@
 /* Moving tensor bytes between checkpoint files and device segments: a load
- * copies them in, a verify compares them. A job runs on one worker thread;
- * its progress and cancel flag may be touched from any thread. */
+ * copies them in, a verify compares them.
+ *
+ * A pipeline is the reading machinery, made once and kept across loads:
+ * reader threads and, for devices the CPU cannot address, pinned staging
+ * buffers (two per thread, each with its own copy lane, so that a thread
+ * reads its next chunk while the last one is being copied). The checkpoint's
+ * data is cut into chunks of the staging buffers' size, 4 KiB-aligned in the
+ * file; small tensors share a chunk and large ones span several. Chunks are
+ * taken in file order. Host memory use is the staging size, whatever the
+ * model's. Segments the CPU can address (host backend) are read into
+ * directly. */
 #ifndef WL_LOADER_H
 #define WL_LOADER_H
 
@@ -20,15 +29,28 @@ typedef struct wl_dest {
 } wl_dest;
 
 typedef enum wl_mode { WL_LOAD, WL_VERIFY } wl_mode;
+typedef enum wl_direct { WL_DIRECT_AUTO, WL_DIRECT_ON, WL_DIRECT_OFF } wl_direct;
+
+typedef struct wl_pipeline_opts {
+    unsigned threads;    /* 0: one per CPU, at most 32 */
+    uint64_t staging;    /* bytes of staging in all (device backends) */
+    wl_direct direct;    /* O_DIRECT: where the data is not cached (auto), always, never */
+    bool plain;          /* plain buffers, no pinned staging (verify pipelines) */
+} wl_pipeline_opts;
+
+typedef struct wl_pipeline wl_pipeline;
+
+int wl_pipeline_create(wa_backend *backend, const wl_pipeline_opts *opts, wl_pipeline **out, wd_error *err);
+void wl_pipeline_destroy(wl_pipeline *p);
+unsigned wl_pipeline_threads(const wl_pipeline *p);
+uint64_t wl_pipeline_chunk(const wl_pipeline *p);
 
 typedef struct wl_job {
     /* set by the caller */
     wl_mode mode;
     const wl_checkpoint *ckpt;
     const wl_dest *dest;         /* one per ckpt->tensors entry */
-    wa_backend *backend;
-    size_t chunk_size;           /* bytes per read; 0 = 16 MiB */
-    /* progress */
+    /* progress, readable from any thread */
     _Atomic uint64_t bytes_done;
     _Atomic uint64_t tensors_done;
     atomic_bool cancel;
@@ -36,11 +58,14 @@ typedef struct wl_job {
     wd_error err;
     uint64_t mismatched_tensors; /* verify */
     char first_mismatch[512];    /* verify: "tensor X: first difference at byte N" */
+    /* statistics: chunks read with O_DIRECT, and through the page cache */
+    _Atomic uint64_t direct_chunks, buffered_chunks;
 } wl_job;
 
-/* Runs the job to the end; 0, -ECANCELED, or a negative errno with job->err
- * naming the file and the tensor. A verify that finds differences returns 0
- * and counts them in mismatched_tensors. */
-int wl_job_run(wl_job *job);
+/* Runs the job to the end on the pipeline's threads; one job at a time per
+ * pipeline. 0, -ECANCELED, or a negative errno with job->err naming the
+ * file and the tensor. A verify that finds differences returns 0 and counts
+ * them in mismatched_tensors. */
+int wl_job_run(wl_pipeline *p, wl_job *job);
 
 #endif

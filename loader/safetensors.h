@@ -124,6 +124,13 @@ int st_utf8_check(const char *s, size_t len, size_t *bad_at);
 int st_json_check(const char *json, size_t len, size_t *end, char *err, size_t errlen);
 /* A malloc'd JSON string literal for s, quotes included; NULL on ENOMEM. */
 char *st_json_quote(const char *s);
+/* s as a message shows it, on one printable line: control bytes and DEL
+ * become \xNN; quoted puts it in double quotes and escapes " and \ (names),
+ * unquoted leaves every other byte as is (paths). More than max bytes are
+ * cut at a UTF-8 boundary and end in "...". buf must hold ST_MSG_BUF(max)
+ * bytes. Returns buf. */
+#define ST_MSG_BUF(max) ((size_t)(max) * 4 + 8)
+const char *st_msg_str(const char *s, size_t max, int quoted, char *buf);
 
 #endif /* ST_SAFETENSORS_H */
 
@@ -236,16 +243,18 @@ static void st__prefix(char *err, size_t errlen, const char *name)
 #define ST__QUOTE_MAX 160
 #define ST__QUOTE_BUF (ST__QUOTE_MAX * 4 + 8)
 
-/* Writes s[0..n) as a double-quoted, one-line, printable string: control
- * bytes escaped, long strings cut (at a UTF-8 boundary) with "...". */
-static const char *st__quote_n(const char *s, size_t n, char *buf)
+/* Writes s[0..n) on one printable line: control bytes escaped, quoted (in
+ * double quotes, " and \ escaped) or not, more than max bytes cut (at a
+ * UTF-8 boundary) with "...". buf holds ST_MSG_BUF(max) bytes. */
+static const char *st__msg_n(const char *s, size_t n, size_t max, int quoted, char *buf)
 {
-    size_t o = 0, i;
+    size_t o = 0, i, first = quoted ? 1 : 0;
 
-    buf[o++] = '"';
-    for (i = 0; i < n && i < ST__QUOTE_MAX; i++) {
+    if (quoted)
+        buf[o++] = '"';
+    for (i = 0; i < n && i < max; i++) {
         unsigned char c = (unsigned char)s[i];
-        if (c == '"' || c == '\\') {
+        if (quoted && (c == '"' || c == '\\')) {
             buf[o++] = '\\';
             buf[o++] = (char)c;
         } else if (c < 0x20 || c == 0x7f) {
@@ -256,16 +265,27 @@ static const char *st__quote_n(const char *s, size_t n, char *buf)
     }
     if (i < n) {
         /* Do not leave half of a multi-byte character before the dots. */
-        while (o > 1 && ((unsigned char)buf[o - 1] & 0xc0) == 0x80)
+        while (o > first && ((unsigned char)buf[o - 1] & 0xc0) == 0x80)
             o--;
-        if (o > 1 && (unsigned char)buf[o - 1] >= 0xc0)
+        if (o > first && (unsigned char)buf[o - 1] >= 0xc0)
             o--;
         memcpy(buf + o, "...", 3);
         o += 3;
     }
-    buf[o++] = '"';
+    if (quoted)
+        buf[o++] = '"';
     buf[o] = '\0';
     return buf;
+}
+
+static const char *st__quote_n(const char *s, size_t n, char *buf)
+{
+    return st__msg_n(s, n, ST__QUOTE_MAX, 1, buf);
+}
+
+const char *st_msg_str(const char *s, size_t max, int quoted, char *buf)
+{
+    return st__msg_n(s ? s : "(null)", s ? strlen(s) : 6, max, quoted, buf);
 }
 
 static const char *st__quote(const char *s, char *buf)
@@ -1223,9 +1243,13 @@ static int st__pread_full(int fd, void *buf, size_t n, uint64_t off, size_t *got
     return 0;
 }
 
+/* Longest file name shown in a message. */
+#define ST__NAME_MAX 1024
+
 int st_read_fd(int fd, const char *display_name, st_file *out, char *err, size_t errlen)
 {
-    const char *name = display_name ? display_name : "(fd)";
+    char name_buf[ST_MSG_BUF(ST__NAME_MAX)];
+    const char *name = st_msg_str(display_name ? display_name : "(fd)", ST__NAME_MAX, 0, name_buf);
     unsigned char prefix[8];
     char *header = NULL;
     struct stat sb;
@@ -1297,8 +1321,10 @@ int st_read(const char *path, st_file *out, char *err, size_t errlen)
      * refuses anything but a regular file. */
     fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
+        char name_buf[ST_MSG_BUF(ST__NAME_MAX)];
         rc = -errno;
-        return st__fail(err, errlen, rc, "%s: cannot open: %s", path, strerror(-rc));
+        return st__fail(err, errlen, rc, "%s: cannot open: %s",
+                        st_msg_str(path, ST__NAME_MAX, 0, name_buf), strerror(-rc));
     }
     rc = st_read_fd(fd, path, out, err, errlen);
     close(fd);

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Load benchmark, on the GPU machine, all in one call and side by side.
+
+On a gpt-oss-120b-shaped checkpoint written by weightd-mkckpt:
+  - the machine's limits, measured now on the same files: a parallel read
+    of the shards (bench/readbw, 16 threads of 16 MiB preads) and a pinned
+    host-to-device copy (64 MiB pieces on 4 streams);
+  - safetensors.torch.load_file(shard, device="cuda") over every shard;
+  - weightd (cuda backend): `weightctl --json load`, the daemon's own time.
+Each cold (page cache dropped before the run) and warm, RUNS times; medians
+with min and max. Writes OUT/load.json and OUT/load.md and prints the table.
+
+Usage: bench/load_bench.py --build build --work /tmp/wdbench --out DIR [--layers 12] [--runs 3]
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def warm(shards, readbw):
+    subprocess.run([readbw, "-t", "16"] + shards, check=True, capture_output=True)
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def read_limit(readbw, shards, cold):
+    if cold:
+        drop_caches()
+    else:
+        warm(shards, readbw)
+    out = subprocess.run([readbw, "-t", "16"] + shards, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["gbps"]
+
+
+def copy_limit(torch):
+    size, piece = 1 << 30, 64 << 20
+    src = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(size, dtype=torch.uint8, device="cuda")
+    streams = [torch.cuda.Stream() for _ in range(4)]
+
+    def once():
+        for i in range(size // piece):
+            with torch.cuda.stream(streams[i % 4]):
+                dst[i * piece:(i + 1) * piece].copy_(src[i * piece:(i + 1) * piece], non_blocking=True)
+        torch.cuda.synchronize()
+
+    once()
+    t0 = time.perf_counter()
+    for _ in range(4):
+        once()
+    secs = time.perf_counter() - t0
+    del src, dst
+    torch.cuda.empty_cache()
+    return 4 * size / secs / 1e9
+
+
+def safetensors_load(torch, shards, total, cold, readbw):
+    from safetensors.torch import load_file
+    if cold:
+        drop_caches()
+    else:
+        warm(shards, readbw)
+    t0 = time.perf_counter()
+    loaded = [load_file(s, device="cuda") for s in shards]
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    del loaded
+    torch.cuda.empty_cache()
+    return total / secs / 1e9
+
+
+class Daemon:
+    def __init__(self, build, work, extra):
+        self.sock = os.path.join(work, "weightd.sock")
+        self.log = open(os.path.join(work, "weightd.log"), "w")
+        self.ctl = os.path.join(build, "weightctl")
+        self.p = subprocess.Popen([os.path.join(build, "weightd"), "--backend", "cuda", "--socket", self.sock] + extra,
+                                  stderr=self.log)
+        for _ in range(300):
+            if os.path.exists(self.sock):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("weightd did not start; see weightd.log")
+
+    def run(self, *args):
+        r = subprocess.run([self.ctl, "--socket", self.sock, "--json", "--timeout", "600"] + list(args),
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError("weightctl %s: %s %s" % (args, r.stdout, r.stderr))
+        return json.loads(r.stdout)
+
+    def load(self, path, total, cold, shards, readbw):
+        if cold:
+            drop_caches()
+        else:
+            warm(shards, readbw)
+        res = self.run("load", path, "--name", "bench")
+        assert res["bytes"] == total, res
+        self.run("unload", "bench")
+        return total / res["seconds"] / 1e9
+
+    def stop(self):
+        subprocess.run([self.ctl, "--socket", self.sock, "shutdown"], capture_output=True)
+        self.p.wait(timeout=60)
+        self.log.close()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--work", default="/tmp/wdbench")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--daemon-args", default="", help="more weightd flags, space-separated")
+    a = ap.parse_args()
+    import torch
+
+    os.makedirs(a.work, exist_ok=True)
+    ckpt = os.path.join(a.work, "gpt-oss-120b-%dl" % a.layers)
+    if not os.path.exists(os.path.join(ckpt, "model.safetensors.index.json")):
+        subprocess.run([os.path.join(a.build, "weightd-mkckpt"), "--preset", "gpt-oss-120b", "--layers",
+                        str(a.layers), "--quiet", "--out", ckpt], check=True)
+    shards = sorted(glob.glob(os.path.join(ckpt, "*.safetensors")))
+    total = int(json.loads(subprocess.run([os.path.join(a.build, "weightctl"), "--json", "inspect", ckpt],
+                                          check=True, capture_output=True, text=True).stdout)["bytes"])
+    readbw = os.path.join(a.build, "readbw")
+    print("checkpoint: %s, %d shards, %.2f GB of tensors" % (ckpt, len(shards), total / 1e9), flush=True)
+
+    res = {"checkpoint": {"path": ckpt, "shards": len(shards), "bytes": total, "layers": a.layers},
+           "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    d = Daemon(a.build, a.work, a.daemon_args.split())
+    try:
+        for temp in ("cold", "warm"):
+            cold = temp == "cold"
+            res["read_" + temp] = summary([read_limit(readbw, shards, cold) for _ in range(a.runs)])
+            res["weightd_" + temp] = summary([d.load(ckpt, total, cold, shards, readbw) for _ in range(a.runs)])
+            res["safetensors_" + temp] = summary([safetensors_load(torch, shards, total, cold, readbw)
+                                                  for _ in range(a.runs)])
+            print(temp, {k: round(v["median"], 2) for k, v in res.items() if k.endswith(temp)}, flush=True)
+        res["copy"] = summary([copy_limit(torch) for _ in range(a.runs)])
+    finally:
+        d.stop()
+    res["weightd_log"] = open(os.path.join(a.work, "weightd.log")).read()[-4000:]
+
+    def cell(x):
+        return "%.2f (%.2f-%.2f)" % (x["median"], x["min"], x["max"])
+    warm_limit = min(res["read_warm"]["median"], res["copy"]["median"])
+    rows = [("parallel read of the shards (16 threads)", res["read_cold"], res["read_warm"]),
+            ("pinned host-to-device copy", res["copy"], res["copy"]),
+            ("safetensors.torch.load_file(device=\"cuda\")", res["safetensors_cold"], res["safetensors_warm"]),
+            ("weightd (cuda backend)", res["weightd_cold"], res["weightd_warm"])]
+    lines = ["Load benchmark, %s, %s, PyTorch %s: %s, %d shards, %.2f GB of tensors; GB/s, median (min-max) of %d" %
+             (res["date"], res["gpu"], res["torch"], os.path.basename(ckpt), len(shards), total / 1e9, a.runs), "",
+             "| | cold | warm |", "| --- | ---: | ---: |"]
+    for name, c, w in rows:
+        lines.append("| %s | %s | %s |" % (name, cell(c), cell(w)))
+    wc, ww = res["weightd_cold"]["median"], res["weightd_warm"]["median"]
+    lines += ["",
+              "weightd warm / lower of read and copy limits: %.1f%% (goal 90%%)" % (100 * ww / warm_limit),
+              "weightd cold / read limit: %.1f%% (goal 95%%)" % (100 * wc / res["read_cold"]["median"]),
+              "weightd / safetensors: %.1fx warm, %.2fx cold" % (ww / res["safetensors_warm"]["median"],
+                                                               wc / res["safetensors_cold"]["median"])]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "load.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(a.out, "load.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

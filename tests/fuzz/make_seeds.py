@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of the fuzz harnesses (Python 3 stdlib only).
+
+    tests/fuzz/make_seeds.py [--out tests/fuzz/corpus]
+
+OUT/header/     inputs of fuzz_header: whole safetensors files (valid ones of
+                every dtype and several shapes, empty and 0-dim tensors,
+                metadata, escaped and non-ASCII names, writer padding), a few
+                bare header JSONs, a few "8-byte data length + JSON" inputs,
+                and a few files that break one rule each.
+OUT/discovery/  inputs of fuzz_discovery: tiny archives (the format is in
+                fuzz_discovery.c) of checkpoints: one shard, shards without an
+                index, a sharded set with model.safetensors.index.json, other
+                index names, hidden files, and a few broken sets.
+
+Files are named by the SHA-1 of their contents, as libFuzzer names what it
+adds, so running this again next to a merged corpus adds nothing twice.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+
+DTYPES = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+
+def nbytes(dtype, shape):
+    n = 1
+    for d in shape:
+        n *= d
+    bits = n * DTYPES[dtype]
+    assert bits % 8 == 0, (dtype, shape)
+    return bits // 8
+
+
+def header_json(tensors, metadata=None):
+    """tensors: [(name, dtype, shape)], laid out in order. Returns (json
+    text, data length)."""
+    obj, off = {}, 0
+    if metadata is not None:
+        obj["__metadata__"] = metadata
+    for name, dtype, shape in tensors:
+        n = nbytes(dtype, shape)
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False), off
+
+
+def st_file(tensors, metadata=None, pad=True, ensure_ascii=False):
+    text, data_len = header_json(tensors, metadata)
+    if ensure_ascii:
+        text = json.dumps(json.loads(text), separators=(",", ":"))
+    raw = text.encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    data = bytes((i * 37 + 11) & 0xFF for i in range(data_len))
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def raw_file(header_text, data=b""):
+    raw = header_text.encode() if isinstance(header_text, str) else header_text
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def archive(files):
+    """files: [(name, bytes, is_index)] -> the fuzz_discovery archive format.
+    Names must be in [a-z0-9._-] and at most 32 bytes; the suffix is added
+    by the unpacker when missing."""
+    out = b""
+    for name, data, is_index in files:
+        n = name.encode()
+        assert len(n) <= 32 and len(data) <= 0xFFFF, name
+        out += bytes([1 if is_index else 0, len(n)]) + n + struct.pack("<H", len(data)) + data
+    return out
+
+
+def index(weight_map, metadata=None):
+    obj = {}
+    if metadata is not None:
+        obj["metadata"] = metadata
+    obj["weight_map"] = weight_map
+    return json.dumps(obj, indent=2).encode()
+
+
+def header_seeds():
+    s = []
+    # Every dtype, one small tensor each (F4 and F6 need whole bytes).
+    for dt in DTYPES:
+        shape = [4] if DTYPES[dt] == 6 else [2, 3] if DTYPES[dt] >= 8 else [2, 2]
+        s.append(st_file([("w." + dt.lower(), dt, shape)]))
+    # Several dtypes and shapes together, the writer's way and unpadded.
+    mixed = [("model.embed_tokens.weight", "BF16", [8, 4]), ("model.norm.weight", "F32", [4]),
+             ("lm_head.weight", "F16", [2, 2, 2]), ("experts.blocks", "U8", [2, 3, 4]),
+             ("experts.scales", "F8_E8M0", [2, 3]), ("mxfp4", "F4", [3, 2])]
+    s.append(st_file(mixed))
+    s.append(st_file(mixed, pad=False))
+    s.append(st_file(list(reversed(mixed))))
+    # Empty tensors ([0, 4] and an empty dim among big ones), a 0-dim tensor.
+    s.append(st_file([("empty", "F32", [0, 4]), ("a", "U8", [3]), ("empty2", "I64", [0])]))
+    s.append(st_file([("zero_dims", "F64", [0, 18446744073709551615])]))
+    s.append(st_file([("scalar", "F32", []), ("scalar2", "BF16", [])]))
+    # No tensors at all; metadata only; metadata with tensors.
+    s.append(st_file([]))
+    s.append(st_file([], metadata={"format": "pt"}))
+    s.append(st_file([("w", "F16", [2])], metadata={"format": "pt", "total": "4", "note": "caf\u00e9 \u2603"}))
+    s.append(st_file([("w", "F16", [2])], metadata={}))
+    # Names with escapes and non-ASCII text, raw and \u-escaped.
+    names = [("caf\u00e9", "U8", [1]), ("quote\"back\\slash", "U8", [2]), ("tab\there\nnl", "U8", [1]),
+             ("\U0001F600 emoji", "U8", [1]), ("", "U8", [1]), ("/slash/name", "U8", [1])]
+    s.append(st_file(names))
+    s.append(st_file(names, ensure_ascii=True))
+    # Whitespace and tokens as other writers lay them out.
+    s.append(raw_file('{ "a" : { "dtype" : "U8" , "shape" : [ 2 ] , "data_offsets" : [ 0 , 2 ] } }\n\t\r ',
+                      b"xy"))
+    s.append(raw_file('{"a":{"data_offsets":[0,4],"shape":[2],"dtype":"I16"}}', b"abcd"))
+    # One broken rule each: a head start for the error paths.
+    s.append(raw_file('{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}', b"ab"))
+    s.append(raw_file('{"a":{"dtype":"U8","shape":[2.0],"data_offsets":[0,2]}}', b"ab"))
+    s.append(raw_file('{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},'
+                      '"b":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}', b"abc"))
+    s.append(raw_file('{"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}', b"abcd"))
+    s.append(raw_file('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
+                      '"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}', b"ab"))
+    s.append(raw_file('{"a\\u0000b":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"a"))
+    s.append(raw_file('{"__metadata__":{"k":1}}'))
+    s.append(raw_file('{"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,1]}}', b"a"))
+    s.append(raw_file('{"a":{"dtype":"U8","shape":[18446744073709551616],"data_offsets":[0,1]}}', b"a"))
+    s.append(raw_file(b'{"\xff":1}'))
+    s.append(raw_file('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}x', b"a"))
+    s.append(struct.pack("<Q", 100000001) + b"{}")
+    # Header JSON alone (mode C of the harness).
+    s.append(header_json(mixed)[0].encode())
+    s.append(header_json([("scalar", "F32", []), ("e", "F32", [0, 4])], {"k": "v"})[0].encode())
+    s.append(b"{}")
+    # An 8-byte data length, then header JSON (mode D).
+    text, n = header_json(mixed[:3])
+    s.append(struct.pack("<Q", n) + text.encode())
+    text, n = header_json([("x", "U16", [3])])
+    s.append(struct.pack("<Q", n + 1) + text.encode())
+    return s
+
+
+def discovery_seeds():
+    s = []
+    one = st_file([("a", "U8", [1]), ("b", "F16", [2])])
+    s.append(archive([("model", one, False)]))
+    # Shards without an index, in name order; a hidden one and a stray file.
+    s1 = st_file([("a0", "U8", [1])])
+    s2 = st_file([("b0", "BF16", [2]), ("b1", "F32", [])])
+    s.append(archive([("b", s2, False), ("a", s1, False), (".partial", b"junk", False)]))
+    # A sharded set the Hugging Face way, with and without metadata.
+    sh1 = st_file([("y", "U8", [1])], metadata={"format": "pt"})
+    sh2 = st_file([("z", "U8", [2]), ("x", "F4", [2])])
+    wm = {"x": "model-00002-of-00002.safetensors", "y": "model-00001-of-00002.safetensors",
+          "z": "model-00002-of-00002.safetensors"}
+    s.append(archive([("model-00001-of-00002", sh1, False), ("model-00002-of-00002", sh2, False),
+                      ("model", index(wm, {"total_size": 4}), True)]))
+    s.append(archive([("model", index(wm), True), ("model-00001-of-00002", sh1, False),
+                      ("model-00002-of-00002", sh2, False), ("stray", s1, False)]))
+    # Another index name; two indexes with the default among them.
+    s.append(archive([("pytorch_model", index(wm), True), ("model-00001-of-00002", sh1, False),
+                      ("model-00002-of-00002", sh2, False)]))
+    s.append(archive([("model", index(wm), True), ("other", b"not json", True),
+                      ("model-00001-of-00002", sh1, False), ("model-00002-of-00002", sh2, False)]))
+    # Short names, so that mutations can line the names up with weight_map.
+    s.append(archive([("a", st_file([("t", "U8", [1])]), False), ("b", st_file([("u", "I8", [2])]), False),
+                      ("i", index({"t": "a.safetensors", "u": "b.safetensors"}), True)]))
+    # Broken sets: a missing shard, a tensor in two shards, index and shard
+    # disagreeing, two indexes and no default.
+    s.append(archive([("model", index({"t": "gone.safetensors"}), True)]))
+    s.append(archive([("a", st_file([("t", "U8", [1])]), False), ("b", st_file([("t", "U8", [1])]), False)]))
+    s.append(archive([("a", st_file([("t", "U8", [1]), ("v", "U8", [1])]), False),
+                      ("i", index({"t": "a.safetensors", "u": "a.safetensors"}), True)]))
+    s.append(archive([("i", index({"t": "a.safetensors"}), True), ("j", index({"t": "a.safetensors"}), True),
+                      ("a", st_file([("t", "U8", [1])]), False)]))
+    s.append(archive([]))
+    return s
+
+
+def write(out, kind, seeds):
+    d = os.path.join(out, kind)
+    os.makedirs(d, exist_ok=True)
+    new = 0
+    for data in seeds:
+        path = os.path.join(d, hashlib.sha1(data).hexdigest())
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(data)
+            new += 1
+    print("%s: %d seeds, %d new" % (d, len(seeds), new))
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(here, "corpus"))
+    a = ap.parse_args()
+    write(a.out, "header", header_seeds())
+    write(a.out, "discovery", discovery_seeds())
+
+
+if __name__ == "__main__":
+    main()

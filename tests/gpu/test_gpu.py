@@ -1,0 +1,96 @@
+"""On the GPU machine (make gpu-test): the cuda and cuda-ipc backends
+through the real daemon. Device memory is read with nvidia-smi, outside the
+daemon: a load, a verify, an unload that gives every byte back, the load
+policy in stats while a load runs, and an out-of-memory in the middle of a
+load that leaves the device as it was."""
+
+import os
+import subprocess
+import unittest
+
+from tests.e2e import harness as h
+
+
+def device_used_mib(index=0):
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i",
+                          str(index)], check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+class Gpu(h.E2ETestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.medium = h.checkpoint("medium")
+        cls.big = h.checkpoint("big")
+        cls.qwen = h.checkpoint("qwen")
+
+    def gpu_daemon(self, backend="cuda", *extra):
+        return self.daemon("--backend", backend, *extra, host_flags=False)
+
+    def test_load_verify_unload_give_every_byte_back(self):
+        for backend in ("cuda", "cuda-ipc"):
+            with self.subTest(backend=backend):
+                d = self.gpu_daemon(backend)
+                before = device_used_mib()
+                h.load_ok(self, d, self.medium, "--name", "m")
+                h.load_ok(self, d, self.qwen, "--name", "q")
+                loaded = device_used_mib()
+                self.assertGreater(loaded - before, h.checkpoint_bytes(self.medium) >> 20)
+                r = d.ctl("verify", "m")
+                self.assertEqual(r.rc, 0, r)
+                self.assertEqual(d.ctl("verify", "q").rc, 0)
+                info = d.ctl_json("info", "m").json
+                self.assertTrue(all(t["device"] == 0 for t in info["tensor_list"]))
+                self.assertEqual(d.ctl("unload", "m").rc, 0)
+                self.assertEqual(d.ctl("unload", "q").rc, 0)
+                self.assertEqual(d.stats()["devices"][0]["reserved_bytes"]["current"], 0)
+                self.assertEqual(device_used_mib(), before, "every byte back after unload")
+                self.assertClean(d, d.stop())
+
+    def test_the_load_policy_shows_in_stats_during_a_load(self):
+        d = self.gpu_daemon()
+        c = self.raw(d)
+        c.send_request("load", {"path": self.big, "name": "big"}, id="l", events=True)
+        seen = False
+        while True:
+            m = c.recv(timeout=h.T(60))
+            if "event" not in m:
+                self.assertTrue(m["ok"], m)
+                break
+            if m["phase"] == "reading" and not seen:
+                pol = d.stats()["policy"]
+                self.assertTrue(pol["load_policy_active"], pol)
+                self.assertEqual(pol["current"], h.LOAD_POLICY_CANONICAL)
+                seen = True
+        self.assertTrue(seen, "the load was observed while it read")
+        self.assertEqual(d.stats()["policy"]["current"], "default")
+
+    def test_out_of_memory_mid_load_rolls_back(self):
+        d = self.gpu_daemon("cuda", "--device-capacity", "400MiB")
+        before = device_used_mib()
+        r = d.ctl("load", self.big)  # 899 MiB into 400 MiB
+        self.assertEqual(r.rc, 1, r)
+        self.assertIn("out of memory", r.err)
+        self.assertIn("reserved but unallocated", r.err)
+        dev = d.stats()["devices"][0]
+        self.assertEqual((dev["reserved_bytes"]["current"], dev["allocated_bytes"]["current"]), (0, 0))
+        self.assertEqual(device_used_mib(), before, "the device as it was before the load")
+        h.load_ok(self, d, self.qwen)  # and the daemon goes on
+        self.assertClean(d, d.stop())
+
+    def test_devices_by_index_and_uuid(self):
+        uuid = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader", "-i", "0"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        d = self.gpu_daemon("cuda", "--devices", uuid[:12])
+        self.assertIn("CUDA device 0", d.stats()["devices"][0]["name"])
+        self.assertClean(d, d.stop())
+        r = h.run_program([h.WEIGHTD, "--backend", "cuda", "--devices", "7", "--socket",
+                           os.path.join(self.tmp, "x.sock")])
+        self.assertEqual(r.rc, 1, r)
+        self.assertIn("no CUDA device \"7\"", r.err)
+
+
+if __name__ == "__main__":
+    unittest.main()
