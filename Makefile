@@ -171,6 +171,9 @@ gpu-test: all
 $(BUILD)/readbw: bench/readbw.c
 	$(call msg,LD,$@)$(CC) -O2 -Wall -Wextra -Werror -pthread -o $@ $<
 
+$(BUILD)/vmmcost: bench/vmmcost.c allocator/cuda_driver.c common/errors.c
+	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $^ -ldl -lpthread
+
 bench-load: all $(BUILD)/readbw
 	$(Q)python3 bench/load_bench.py --build $(BUILD) --out $(BUILD)/bench
 

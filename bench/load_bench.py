@@ -85,7 +85,7 @@ def safetensors_load(torch, shards, total, cold, readbw):
 class Daemon:
     def __init__(self, build, work, extra):
         self.sock = os.path.join(work, "weightd.sock")
-        self.log = open(os.path.join(work, "weightd.log"), "w")
+        self.log = open(os.path.join(work, "weightd.log"), "a")
         self.ctl = os.path.join(build, "weightctl")
         self.p = subprocess.Popen([os.path.join(build, "weightd"), "--backend", "cuda", "--socket", self.sock] + extra,
                                   stderr=self.log)
@@ -125,7 +125,10 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--daemon-args", default="", help="more weightd flags, space-separated")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=FLAGS: a weightd configuration to measure (repeatable; default: weightd's defaults)")
+    ap.add_argument("--warm-only", action="store_true", help="only warm runs (quick)")
+    ap.add_argument("--no-torch", action="store_true", help="weightd and the read limit only")
     a = ap.parse_args()
     import torch
 
@@ -142,38 +145,55 @@ def main():
 
     res = {"checkpoint": {"path": ckpt, "shards": len(shards), "bytes": total, "layers": a.layers},
            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    d = Daemon(a.build, a.work, a.daemon_args.split())
-    try:
-        for temp in ("cold", "warm"):
-            cold = temp == "cold"
-            res["read_" + temp] = summary([read_limit(readbw, shards, cold) for _ in range(a.runs)])
-            res["weightd_" + temp] = summary([d.load(ckpt, total, cold, shards, readbw) for _ in range(a.runs)])
+    variants = [v.split("=", 1) for v in a.variant] or [["weightd", ""]]
+    temps = ("warm",) if a.warm_only else ("cold", "warm")
+    for temp in temps:
+        cold = temp == "cold"
+        res["read_" + temp] = summary([read_limit(readbw, shards, cold) for _ in range(a.runs)])
+        for name, flags in variants:
+            d = Daemon(a.build, a.work, flags.split())
+            try:
+                res[name + "_" + temp] = summary([d.load(ckpt, total, cold, shards, readbw) for _ in range(a.runs)])
+            finally:
+                d.stop()
+        if not a.no_torch:
             res["safetensors_" + temp] = summary([safetensors_load(torch, shards, total, cold, readbw)
                                                   for _ in range(a.runs)])
-            print(temp, {k: round(v["median"], 2) for k, v in res.items() if k.endswith(temp)}, flush=True)
+        print(temp, {k: round(v["median"], 2) for k, v in res.items() if k.endswith(temp)}, flush=True)
+    if not a.no_torch:
         res["copy"] = summary([copy_limit(torch) for _ in range(a.runs)])
-    finally:
-        d.stop()
     res["weightd_log"] = open(os.path.join(a.work, "weightd.log")).read()[-4000:]
 
+
     def cell(x):
-        return "%.2f (%.2f-%.2f)" % (x["median"], x["min"], x["max"])
-    warm_limit = min(res["read_warm"]["median"], res["copy"]["median"])
-    rows = [("parallel read of the shards (16 threads)", res["read_cold"], res["read_warm"]),
-            ("pinned host-to-device copy", res["copy"], res["copy"]),
-            ("safetensors.torch.load_file(device=\"cuda\")", res["safetensors_cold"], res["safetensors_warm"]),
-            ("weightd (cuda backend)", res["weightd_cold"], res["weightd_warm"])]
+        return "%.2f (%.2f-%.2f)" % (x["median"], x["min"], x["max"]) if x else "-"
+
+    rows = [("parallel read of the shards (16 threads)", "read")]
+    if "copy" in res:
+        rows.append(("pinned host-to-device copy (64 MiB pieces, 4 streams)", "copy"))
+    if not a.no_torch:
+        rows.append(("safetensors.torch.load_file(device=\"cuda\")", "safetensors"))
+    rows += [("weightd %s" % (flags or "(defaults)"), name) for name, flags in variants]
     lines = ["Load benchmark, %s, %s, PyTorch %s: %s, %d shards, %.2f GB of tensors; GB/s, median (min-max) of %d" %
              (res["date"], res["gpu"], res["torch"], os.path.basename(ckpt), len(shards), total / 1e9, a.runs), "",
              "| | cold | warm |", "| --- | ---: | ---: |"]
-    for name, c, w in rows:
-        lines.append("| %s | %s | %s |" % (name, cell(c), cell(w)))
-    wc, ww = res["weightd_cold"]["median"], res["weightd_warm"]["median"]
-    lines += ["",
-              "weightd warm / lower of read and copy limits: %.1f%% (goal 90%%)" % (100 * ww / warm_limit),
-              "weightd cold / read limit: %.1f%% (goal 95%%)" % (100 * wc / res["read_cold"]["median"]),
-              "weightd / safetensors: %.1fx warm, %.2fx cold" % (ww / res["safetensors_warm"]["median"],
-                                                               wc / res["safetensors_cold"]["median"])]
+    for label, key in rows:
+        c = res["copy"] if key == "copy" else res.get(key + "_cold")
+        w = res["copy"] if key == "copy" else res.get(key + "_warm")
+        lines.append("| %s | %s | %s |" % (label, cell(c), cell(w)))
+    lines.append("")
+    for name, _ in variants:
+        if "copy" in res and name + "_warm" in res:
+            limit = min(res["read_warm"]["median"], res["copy"]["median"])
+            lines.append("%s warm / lower of the read and copy limits: %.1f%% (goal 90%%)" %
+                         (name, 100 * res[name + "_warm"]["median"] / limit))
+        if name + "_cold" in res:
+            lines.append("%s cold / read limit: %.1f%% (goal 95%%)" %
+                         (name, 100 * res[name + "_cold"]["median"] / res["read_cold"]["median"]))
+        for temp in temps:
+            if "safetensors_" + temp in res:
+                lines.append("%s / safetensors, %s: %.2fx" % (name, temp, res[name + "_" + temp]["median"] /
+                                                               res["safetensors_" + temp]["median"]))
     text = "\n".join(lines) + "\n"
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "load.json"), "w") as f:

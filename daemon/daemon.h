@@ -114,7 +114,8 @@ struct wd_server {
     int listen_fd;
     bool own_socket;          /* bound here (not passed by systemd): unlink on exit */
     uv_poll_t listen_poll;
-    uv_signal_t sig_int, sig_term;
+    int signal_fd;            /* SIGINT and SIGTERM, blocked in every thread, read here */
+    uv_poll_t signal_poll;
     uv_timer_t tick;          /* progress events and the systemd watchdog */
     uint64_t watchdog_usec;
     uint64_t next_serial;
@@ -128,6 +129,9 @@ struct wd_server {
     int exit_code;
 };
 
+/* Blocks SIGINT and SIGTERM in the calling thread, and so in every thread
+ * made after it: call first thing in main. */
+void wd_block_stop_signals(void);
 int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *err);
 /* Begins an orderly stop: no new connections, jobs cancelled, then every
  * model freed and every handle closed; the loop then runs out. */

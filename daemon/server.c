@@ -11,6 +11,8 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -522,10 +524,28 @@ static int open_listener(wd_server *s, wd_error *err)
 
 /* ---- life cycle ------------------------------------------------------------ */
 
-static void on_signal(uv_signal_t *h, int signum)
+/* The stop signals are blocked in every thread and read from a signalfd:
+ * no thread can take them, and no signal handler that a library installs
+ * (the CUDA driver's, say) can take them over. */
+void wd_block_stop_signals(void)
+{
+    sigset_t set;
+
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
+static void on_signal(uv_poll_t *h, int status, int events)
 {
     wd_server *s = h->data;
-    wd_server_stop(s, signum == SIGINT ? "SIGINT" : "SIGTERM");
+    struct signalfd_siginfo si;
+    (void)status;
+    (void)events;
+
+    while (read(s->signal_fd, &si, sizeof si) == (ssize_t)sizeof si)
+        wd_server_stop(s, si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
 }
 
 static void on_tick(uv_timer_t *h)
@@ -551,6 +571,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     s->loop = loop;
     s->conf = conf;
     s->listen_fd = -1;
+    s->signal_fd = -1;
     s->started = wd_now();
     bopts.name = conf->backend;
     bopts.n_devices = (int)conf->host_devices;
@@ -587,16 +608,24 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
         if ((rc = wl_pipeline_create(s->backend, &po, &s->pipeline, err)))
             goto fail;
     }
+    {
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGINT);
+        sigaddset(&set, SIGTERM);
+        if ((s->signal_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC)) < 0) {
+            rc = wd_error_set(err, -errno, "signalfd: %s", strerror(errno));
+            goto fail;
+        }
+    }
     if ((rc = open_listener(s, err)))
         goto fail;
     uv_poll_init(loop, &s->listen_poll, s->listen_fd);
     s->listen_poll.data = s;
     uv_poll_start(&s->listen_poll, UV_READABLE, on_listen);
-    uv_signal_init(loop, &s->sig_int);
-    uv_signal_init(loop, &s->sig_term);
-    s->sig_int.data = s->sig_term.data = s;
-    uv_signal_start(&s->sig_int, on_signal, SIGINT);
-    uv_signal_start(&s->sig_term, on_signal, SIGTERM);
+    uv_poll_init(loop, &s->signal_poll, s->signal_fd);
+    s->signal_poll.data = s;
+    uv_poll_start(&s->signal_poll, UV_READABLE, on_signal);
     uv_timer_init(loop, &s->tick);
     s->tick.data = s;
     uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
@@ -615,6 +644,8 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     sd_notifyf(0, "READY=1\nSTATUS=listening on %s, no models loaded", s->socket_path);
     return 0;
 fail:
+    if (s->signal_fd >= 0)
+        close(s->signal_fd);
     wl_pipeline_destroy(s->pipeline);
     wa_destroy(s->alloc);
     wa_backend_destroy(s->backend);
@@ -669,8 +700,8 @@ void wd_server_maybe_finish(wd_server *s)
     if (s->listen_fd >= 0)
         close(s->listen_fd);
     s->listen_fd = -1;
-    uv_close((uv_handle_t *)&s->sig_int, on_handle_closed);
-    uv_close((uv_handle_t *)&s->sig_term, on_handle_closed);
+    uv_close((uv_handle_t *)&s->signal_poll, on_handle_closed);
+    close(s->signal_fd);
     uv_close((uv_handle_t *)&s->tick, on_handle_closed);
     wd_log(WD_LOG_notice, "stopped: every segment released");
 }

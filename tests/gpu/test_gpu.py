@@ -25,6 +25,8 @@ class Gpu(h.E2ETestCase):
         cls.medium = h.checkpoint("medium")
         cls.big = h.checkpoint("big")
         cls.qwen = h.checkpoint("qwen")
+        # 5.4 GB: a load that lasts long enough to be watched
+        cls.huge = h.make_checkpoint(os.path.join(h.new_tempdir("wdgpu-"), "huge"), "gpt-oss-120b", layers=2)
 
     def gpu_daemon(self, backend="cuda", *extra):
         return self.daemon("--backend", backend, *extra, host_flags=False)
@@ -33,6 +35,10 @@ class Gpu(h.E2ETestCase):
         for backend in ("cuda", "cuda-ipc"):
             with self.subTest(backend=backend):
                 d = self.gpu_daemon(backend)
+                # The first load makes what the context keeps (streams and
+                # the like): measure from after one load and unload.
+                h.load_ok(self, d, self.qwen, "--name", "warmup")
+                self.assertEqual(d.ctl("unload", "warmup").rc, 0)
                 before = device_used_mib()
                 h.load_ok(self, d, self.medium, "--name", "m")
                 h.load_ok(self, d, self.qwen, "--name", "q")
@@ -50,9 +56,9 @@ class Gpu(h.E2ETestCase):
                 self.assertClean(d, d.stop())
 
     def test_the_load_policy_shows_in_stats_during_a_load(self):
-        d = self.gpu_daemon()
+        d = self.gpu_daemon("cuda", "--read-threads", "1")
         c = self.raw(d)
-        c.send_request("load", {"path": self.big, "name": "big"}, id="l", events=True)
+        c.send_request("load", {"path": self.huge, "name": "huge"}, id="l", events=True)
         seen = False
         while True:
             m = c.recv(timeout=h.T(60))
@@ -69,6 +75,8 @@ class Gpu(h.E2ETestCase):
 
     def test_out_of_memory_mid_load_rolls_back(self):
         d = self.gpu_daemon("cuda", "--device-capacity", "400MiB")
+        h.load_ok(self, d, self.qwen, "--name", "warmup")
+        self.assertEqual(d.ctl("unload", "warmup").rc, 0)
         before = device_used_mib()
         r = d.ctl("load", self.big)  # 899 MiB into 400 MiB
         self.assertEqual(r.rc, 1, r)
