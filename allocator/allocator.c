@@ -348,6 +348,10 @@ void wa_free(wa_allocator *a, wa_block *b)
     wa__stat_sub(&d->stats.active, 1);
     wa__stat_sub(&d->stats.active_bytes, size);
     wa__stat_sub(&d->stats.requested_bytes, requested);
+    /* Coalesced allocations are not cached: reused by smaller requests, a
+     * large one would be pinned whole by a few live blocks. */
+    if (b->seg->expandable && b->seg->coalesce)
+        wa__release_free_chunks(a, b);
 }
 
 void wa_empty_cache(wa_allocator *a, int device)

@@ -31,6 +31,7 @@ typedef struct wa_config {
     /* weightd's own keys */
     uint64_t expandable_page;         /* expandable_page_mb: large-pool page (PyTorch: 20 MiB) */
     bool expandable_page_align;       /* blocks of a page or less never straddle a page boundary */
+    bool expandable_coalesce;         /* the pages mapped for one request are one physical allocation */
 } wa_config;
 
 /* weightd's load policy: what `weightctl load` pushes unless told otherwise,
@@ -38,8 +39,9 @@ typedef struct wa_config {
  * with 2 MiB pages return freed memory page by page, and sub-page blocks kept
  * inside one page make those pages free as soon as the block is; README.md
  * ("Beating PyTorch's allocator") says why. */
-#define WA_WEIGHTD_POLICY \
-    "expandable_segments:True,expandable_page_mb:2,expandable_page_align:True,max_split_size_mb:20"
+#define WA_WEIGHTD_POLICY                                                                           \
+    "expandable_segments:True,expandable_page_mb:2,expandable_page_align:True,expandable_coalesce:True," \
+    "max_split_size_mb:20"
 /* The policy for backends without expandable segments: vLLM's. */
 #define WA_FALLBACK_POLICY "max_split_size_mb:20"
 

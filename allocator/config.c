@@ -30,7 +30,8 @@ bool wa_config_equal(const wa_config *a, const wa_config *b)
                   sizeof a->roundup_power2_divisions) == 0 &&
            a->expandable_segments == b->expandable_segments &&
            a->release_lock_on_cudamalloc == b->release_lock_on_cudamalloc &&
-           a->expandable_page == b->expandable_page && a->expandable_page_align == b->expandable_page_align;
+           a->expandable_page == b->expandable_page && a->expandable_page_align == b->expandable_page_align &&
+           a->expandable_coalesce == b->expandable_coalesce;
 }
 
 /* ---- lexer: like lexArgs, tokens are runs of text or one of ",:[]" ------- */
@@ -293,6 +294,9 @@ int wa_config_parse(const char *text, const wa_config *base, wa_conf_mode mode,
         } else if (strcmp(key, "expandable_page_align") == 0) {
             if (!(rc = expect(lx, ":", key)) && !(rc = value(lx, key, &v)))
                 rc = parse_bool(lx, key, v, &c.expandable_page_align);
+        } else if (strcmp(key, "expandable_coalesce") == 0) {
+            if (!(rc = expect(lx, ":", key)) && !(rc = value(lx, key, &v)))
+                rc = parse_bool(lx, key, v, &c.expandable_coalesce);
         } else if (strcmp(key, "backend") == 0) {
             if (!(rc = expect(lx, ":", key)) && !(rc = value(lx, key, &v)) && strcmp(v, "native") != 0)
                 rc = wd_error_set(err, -EINVAL, "allocator configuration: backend:%s is not supported; weightd is the native caching allocator", v);
@@ -364,6 +368,8 @@ const char *wa_config_format(const wa_config *conf, char *buf, size_t len)
         append(buf, len, &used, "%sexpandable_page_mb:%llu", SEP, (unsigned long long)(conf->expandable_page / MiB));
     if (conf->expandable_page_align)
         append(buf, len, &used, "%sexpandable_page_align:True", SEP);
+    if (conf->expandable_coalesce)
+        append(buf, len, &used, "%sexpandable_coalesce:True", SEP);
 #undef SEP
     if (!used)
         snprintf(buf, len, "default");

@@ -12,6 +12,7 @@
 #define WA_LARGE_BUFFER     (20ULL << 20)         /* kLargeBuffer */
 #define WA_MIN_LARGE_ALLOC  (10ULL << 20)         /* kMinLargeAlloc */
 #define WA_ROUND_LARGE      (2ULL << 20)          /* kRoundLarge */
+#define WA_UNMAPPED         UINT32_MAX
 
 typedef struct wa_segment wa_segment;
 
@@ -57,8 +58,13 @@ struct wa_segment {
     bool counted_oversize;       /* counted in oversize_segments when made */
     bool expandable;
     uint64_t page;               /* expandable: bytes per page */
-    wa_mem *pages;               /* expandable: page i's memory, size 0 while unmapped */
-    size_t n_pages;              /* entries in pages (grows as pages are mapped) */
+    bool coalesce;               /* expandable: one physical allocation per mapping */
+    /* Expandable: the physical allocations. chunk[i] is the first page of the
+     * allocation that maps page i (WA_UNMAPPED if none); pages[h] is that
+     * allocation's memory, for its first page h only (size 0 elsewhere). */
+    wa_mem *pages;
+    uint32_t *chunk;
+    size_t n_pages;              /* entries in pages and chunk (grows as pages are mapped) */
     wa_block *head;              /* first block (lowest address) */
     wa_segment *prev, *next;     /* the device's segment list */
 };
@@ -115,6 +121,9 @@ int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_b
 int wa__expandable_alloc(wa_allocator *a, int device, wa_pool *pool, uint64_t size, wa_block **out,
                          wd_error *err);
 void wa__release_cached(wa_allocator *a, int device);
+/* expandable_coalesce: the physical allocations wholly inside the free block
+ * b go back to the device now (b may be merged away). */
+void wa__release_free_chunks(wa_allocator *a, wa_block *b);
 bool wa__release_available(wa_allocator *a, wa_pool *pool, uint64_t size);
 void wa__garbage_collect(wa_allocator *a, wa_device *d);
 /* Every page of the expandable segment seg that is mapped. */

@@ -129,6 +129,7 @@ static int expandable_new(wa_allocator *a, int device, wa_pool *pool, wa_block *
     seg->small = pool->small;
     seg->expandable = true;
     seg->page = page;
+    seg->coalesce = a->conf.expandable_coalesce;
     seg->id = a->next_segment_id++;
     seg->head = b;
     segment_link(d, seg);
@@ -152,6 +153,7 @@ static void expandable_release(wa_allocator *a, wa_pool *pool, wa_block *b)
     a->backend->va_release(a->backend, seg->device, &seg->mem);
     segment_unlink(&a->dev[seg->device], seg);
     free(seg->pages);
+    free(seg->chunk);
     free(seg);
     free(b);
 }
@@ -179,8 +181,52 @@ static int find_expandable(wa_allocator *a, int device, wa_pool *pool, uint64_t 
     return expandable_new(a, device, pool, out, err);
 }
 
+/* Room for `last` pages in a segment's page tables. */
+static int grow_pages(wa_segment *seg, size_t last, wd_error *err)
+{
+    wa_mem *pages;
+    uint32_t *chunk;
+
+    if (last <= seg->n_pages)
+        return 0;
+    if (!(pages = realloc(seg->pages, last * sizeof *pages)))
+        return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
+    seg->pages = pages;
+    if (!(chunk = realloc(seg->chunk, last * sizeof *chunk)))
+        return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
+    seg->chunk = chunk;
+    memset(pages + seg->n_pages, 0, (last - seg->n_pages) * sizeof *pages);
+    for (size_t i = seg->n_pages; i < last; i++)
+        chunk[i] = WA_UNMAPPED;
+    seg->n_pages = last;
+    return 0;
+}
+
+/* One physical allocation for pages [first, last). */
+static int map_pages(wa_allocator *a, wa_segment *seg, size_t first, size_t last, wd_error *err)
+{
+    int rc = a->backend->page_map(a->backend, seg->device, &seg->mem, (uint64_t)first * seg->page,
+                                  (uint64_t)(last - first) * seg->page, &seg->pages[first], err);
+    if (rc)
+        return rc;
+    for (size_t i = first; i < last; i++)
+        seg->chunk[i] = (uint32_t)first;
+    return 0;
+}
+
+static void unmap_pages(wa_allocator *a, wa_segment *seg, size_t head)
+{
+    size_t n = (size_t)(seg->pages[head].size / seg->page);
+
+    a->backend->page_unmap(a->backend, seg->device, &seg->mem, &seg->pages[head]);
+    memset(&seg->pages[head], 0, sizeof seg->pages[head]);
+    for (size_t i = head; i < head + n; i++)
+        seg->chunk[i] = WA_UNMAPPED;
+}
+
 /* map_block(): maps the pages under the first `size` bytes of the unmapped
- * block b; the mapped part merges with free neighbours and joins the pool. */
+ * block b, page by page (PyTorch) or as one allocation (expandable_coalesce);
+ * the mapped part merges with free neighbours and joins the pool. */
 static int map_block(wa_allocator *a, wa_pool *pool, wa_block *b, uint64_t size, wd_error *err)
 {
     wa_segment *seg = b->seg;
@@ -193,28 +239,26 @@ static int map_block(wa_allocator *a, wa_pool *pool, wa_block *b, uint64_t size,
 
     if (mapped < b->size && !(rest = calloc(1, sizeof *rest)))
         return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
-    if (last > seg->n_pages) {
-        wa_mem *pages = realloc(seg->pages, last * sizeof *pages);
-        if (!pages) {
-            free(rest);
-            return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
-        }
-        memset(pages + seg->n_pages, 0, (last - seg->n_pages) * sizeof *pages);
-        seg->pages = pages;
-        seg->n_pages = last;
+    if ((rc = grow_pages(seg, last, err))) {
+        free(rest);
+        return rc;
     }
-    for (size_t i = first; i < last; i++) {
-        rc = a->backend->page_map(a->backend, seg->device, &seg->mem, (uint64_t)i * seg->page, seg->page,
-                                  &seg->pages[i], err);
-        if (rc) {
-            /* Undo what was mapped: all or nothing. */
-            while (i-- > first) {
-                a->backend->page_unmap(a->backend, seg->device, &seg->mem, &seg->pages[i]);
-                memset(&seg->pages[i], 0, sizeof seg->pages[i]);
-            }
-            free(rest);
-            return rc;
-        }
+    if (seg->coalesce) {
+        /* The pages the request fills are one allocation; a last page it
+         * fills only in part is one of its own, because the next block will
+         * share it, and it must not pin the rest when this block is freed. */
+        size_t full = (b->addr - seg->mem.addr + size) % seg->page && last - first > 1 ? last - 1 : last;
+        if (!(rc = map_pages(a, seg, first, full, err)) && full < last && (rc = map_pages(a, seg, full, last, err)))
+            unmap_pages(a, seg, first);
+    } else {
+        for (size_t i = first; i < last && !rc; i++)
+            if ((rc = map_pages(a, seg, i, i + 1, err)))
+                while (i-- > first) /* all or nothing */
+                    unmap_pages(a, seg, i);
+    }
+    if (rc) {
+        free(rest);
+        return rc;
     }
     wa__tree_erase(&pool->unmapped, b);
     b->mapped = true;
@@ -262,31 +306,28 @@ int wa__expandable_alloc(wa_allocator *a, int device, wa_pool *pool, uint64_t si
     return 0;
 }
 
-/* unmap_block(): gives back the pages wholly inside the free block b; what is
- * left of b on either side stays mapped and free. */
-static void unmap_block(wa_allocator *a, wa_pool *pool, wa_block *b)
+/* Gives back pages [first, last) under the free mapped block b, which spans
+ * them (whole physical allocations only). b becomes the unmapped range and
+ * merges with unmapped neighbours; what was before and after it stays
+ * mapped and free. Returns the unmapped block, and in *after the free block
+ * after it (or NULL). */
+static wa_block *carve(wa_allocator *a, wa_pool *pool, wa_block *b, size_t first, size_t last, wa_block **after)
 {
     wa_segment *seg = b->seg;
     wa_device *d = &a->dev[seg->device];
-    uint64_t base = seg->mem.addr;
-    size_t first = (size_t)((b->addr - base + seg->page - 1) / seg->page);
-    size_t last = (size_t)((b->addr - base + b->size) / seg->page);
-    uint64_t start = base + (uint64_t)first * seg->page, size = (uint64_t)(last - first) * seg->page;
-    uint64_t before, after;
+    uint64_t start = seg->mem.addr + (uint64_t)first * seg->page, size = (uint64_t)(last - first) * seg->page;
+    uint64_t before_len = start - b->addr, after_len = b->addr + b->size - (start + size);
     wa_block *front = NULL, *back = NULL;
 
-    if (first >= last)
-        return;
-    before = start - b->addr;
-    after = b->addr + b->size - (start + size);
+    *after = NULL;
     /* Take the bookkeeping first, so that nothing is half done. */
-    if ((before && !(front = calloc(1, sizeof *front))) || (after && !(back = calloc(1, sizeof *back)))) {
+    if ((before_len && !(front = calloc(1, sizeof *front))) || (after_len && !(back = calloc(1, sizeof *back)))) {
         free(front);
-        return;
+        return NULL;
     }
     wa__tree_erase(&pool->blocks, b);
     if (front) {
-        *front = (wa_block){.addr = b->addr, .size = before, .seg = seg, .mapped = true, .prev = b->prev, .next = b};
+        *front = (wa_block){.addr = b->addr, .size = before_len, .seg = seg, .mapped = true, .prev = b->prev, .next = b};
         if (b->prev)
             b->prev->next = front;
         else
@@ -296,16 +337,17 @@ static void unmap_block(wa_allocator *a, wa_pool *pool, wa_block *b)
         wa__tree_insert(&pool->blocks, front);
     }
     if (back) {
-        *back = (wa_block){.addr = start + size, .size = after, .seg = seg, .mapped = true, .prev = b, .next = b->next};
+        *back = (wa_block){.addr = start + size, .size = after_len, .seg = seg, .mapped = true, .prev = b, .next = b->next};
         if (b->next)
             b->next->prev = back;
         b->next = back;
         back->gc_base = pool->get_free_calls;
         wa__tree_insert(&pool->blocks, back);
     }
-    for (size_t i = first; i < last; i++) {
-        a->backend->page_unmap(a->backend, seg->device, &seg->mem, &seg->pages[i]);
-        memset(&seg->pages[i], 0, sizeof seg->pages[i]);
+    for (size_t i = first; i < last;) {
+        size_t n = (size_t)(seg->pages[i].size / seg->page);
+        unmap_pages(a, seg, i);
+        i += n;
     }
     b->addr = start;
     b->size = size;
@@ -315,9 +357,51 @@ static void unmap_block(wa_allocator *a, wa_pool *pool, wa_block *b)
     wa__tree_insert(&pool->unmapped, b);
     wa__stat_sub(&d->stats.reserved_bytes, size);
     d->stats.num_device_free++;
+    *after = back;
+    return b;
+}
+
+/* unmap_block(): gives back every physical allocation wholly inside the free
+ * block b (a page each, unless expandable_coalesce made them larger).
+ * Returns the last range unmapped (the block that survives the merges), or
+ * NULL when nothing could go back. */
+static wa_block *unmap_block(wa_allocator *a, wa_pool *pool, wa_block *b)
+{
+    wa_block *unmapped = NULL;
+
+    while (b) {
+        wa_segment *seg = b->seg;
+        uint64_t base = seg->mem.addr;
+        size_t first = (size_t)((b->addr - base + seg->page - 1) / seg->page);
+        size_t last = (size_t)((b->addr - base + b->size) / seg->page);
+        size_t rs = SIZE_MAX, re = 0;
+
+        /* The first run of allocations that lie wholly within the free pages. */
+        for (size_t i = first; i < last;) {
+            size_t h = seg->chunk[i], n = (size_t)(seg->pages[h].size / seg->page);
+            bool inside = h >= first && h + n <= last;
+            if (inside && rs == SIZE_MAX)
+                rs = h;
+            if (inside)
+                re = h + n;
+            else if (rs != SIZE_MAX)
+                break;
+            i = h + n > i ? h + n : i + 1;
+        }
+        if (rs == SIZE_MAX)
+            break;
+        if (!(unmapped = carve(a, pool, b, rs, re, &b)))
+            break;
+    }
+    return unmapped;
 }
 
 /* ---- giving memory back ---------------------------------------------------- */
+
+void wa__release_free_chunks(wa_allocator *a, wa_block *b)
+{
+    unmap_block(a, wa__pool_of(&a->dev[b->seg->device], b), b);
+}
 
 /* release_blocks(): every unsplit free block of a classic segment goes back;
  * expandable segments give back their free pages, and the whole address
@@ -327,15 +411,22 @@ static void release_pool(wa_allocator *a, wa_pool *pool)
     size_t n = pool->blocks.count;
     wa_block **all;
 
+    /* Expandable segments already wholly unmapped (expandable_coalesce gives
+     * pages back as blocks are freed): their address ranges go now. */
+    for (wa_block *r = wa__tree_lower_bound(&pool->unmapped, 0, 0), *next; r; r = next) {
+        next = wa__tree_next(&pool->unmapped, r);
+        if (!wa__is_split(r))
+            expandable_release(a, pool, r);
+    }
     if (!n || !(all = malloc(n * sizeof *all)))
         return; /* without scratch space nothing is released; the caller sees the OOM */
     n = wa__tree_collect(&pool->blocks, all);
     for (size_t i = 0; i < n; i++) {
         wa_block *b = all[i];
         if (b->seg->expandable) {
-            unmap_block(a, pool, b);
-            if (!b->mapped && !wa__is_split(b))
-                expandable_release(a, pool, b);
+            wa_block *u = unmap_block(a, pool, b);
+            if (u && !wa__is_split(u))
+                expandable_release(a, pool, u);
         } else if (!wa__is_split(b)) {
             segment_release(a, b);
         }

@@ -130,7 +130,7 @@ static int check_pages(const wa_segment *seg, const wa_block *b, int dev, wd_err
         return BROKEN("device %d segment %u: unmapped block at %#" PRIx64 " is not page-aligned", dev, seg->id,
                       b->addr);
     for (size_t i = first; i < last; i++) {
-        bool mapped = i < seg->n_pages && seg->pages[i].size;
+        bool mapped = i < seg->n_pages && seg->chunk[i] != WA_UNMAPPED;
         if (mapped != b->mapped)
             return BROKEN("device %d segment %u: page %zu is %smapped under a%s block", dev, seg->id, i,
                           mapped ? "" : "not ", b->mapped ? " mapped" : "n unmapped");

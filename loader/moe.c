@@ -152,7 +152,8 @@ int wl_moe_analyse(const wl_checkpoint *c, wl_moe *out, wd_error *err)
                 l->experts = (uint32_t)t->shape[0];
         }
     }
-    qsort(out->layers, out->n_layers, sizeof *out->layers, cmp_layer);
+    if (out->n_layers)
+        qsort(out->layers, out->n_layers, sizeof *out->layers, cmp_layer);
     for (size_t i = 0; i < out->n_layers; i++)
         if (out->layers[i].experts > out->experts_per_layer)
             out->experts_per_layer = out->layers[i].experts;

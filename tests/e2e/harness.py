@@ -32,8 +32,10 @@ WEIGHTCTL = os.path.join(BUILD, "weightctl")
 MKCKPT = os.path.join(BUILD, "weightd-mkckpt")
 # weightd's load policy (allocator/allocator.h, WA_WEIGHTD_POLICY), as given
 # and as the allocator writes it back.
-LOAD_POLICY = "expandable_segments:True,expandable_page_mb:2,expandable_page_align:True,max_split_size_mb:20"
-LOAD_POLICY_CANONICAL = "max_split_size_mb:20,expandable_segments:True,expandable_page_mb:2,expandable_page_align:True"
+LOAD_POLICY = ("expandable_segments:True,expandable_page_mb:2,expandable_page_align:True,expandable_coalesce:True,"
+               "max_split_size_mb:20")
+LOAD_POLICY_CANONICAL = ("max_split_size_mb:20,expandable_segments:True,expandable_page_mb:2,expandable_page_align:True,"
+                         "expandable_coalesce:True")
 
 SANITIZER_MARKERS = (
     "ERROR: AddressSanitizer",

@@ -23,7 +23,8 @@
  * tensors), closes, and removes the directory.
  *
  * The directory lives under $FUZZ_TMPDIR, else /dev/shm, else $TMPDIR, else
- * /tmp. */
+ * /tmp, and is gone after each iteration (a crash leaves its files behind,
+ * as evidence). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -96,28 +97,18 @@ static size_t unpack(const uint8_t *p, size_t size, fz_file *files)
     return n;
 }
 
-static char base[256];
-
-static void remove_base(void)
+/* Where the temporary directories go; chosen once. */
+static const char *tmp_base(void)
 {
-    if (base[0])
-        rmdir(base);
-}
-
-static void make_base(void)
-{
+    static const char *base;
     const char *dirs[] = {getenv("FUZZ_TMPDIR"), "/dev/shm", getenv("TMPDIR"), "/tmp"};
 
-    for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++) {
-        if (!dirs[i] || !*dirs[i] || access(dirs[i], W_OK) < 0)
-            continue;
-        snprintf(base, sizeof base, "%s/fuzz_discovery.XXXXXX", dirs[i]);
-        if (mkdtemp(base)) {
-            atexit(remove_base);
-            return;
-        }
-    }
-    fz_fail(__FILE__, __LINE__, "no writable temporary directory");
+    for (size_t i = 0; !base && i < sizeof dirs / sizeof *dirs; i++)
+        if (dirs[i] && *dirs[i] && strlen(dirs[i]) < 200 && access(dirs[i], W_OK) == 0)
+            base = dirs[i];
+    if (!base)
+        fz_fail(__FILE__, __LINE__, "no writable temporary directory");
+    return base;
 }
 
 static void check_failed(int rc, const wl_checkpoint *c, const wd_error *e, const char *path)
@@ -227,12 +218,12 @@ static void try_open(const char *path)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fz_file files[FZ_MAX_FILES];
-    char dir[sizeof base + 16], path[sizeof dir + sizeof files[0].name + 1];
+    char dir[256], path[sizeof dir + sizeof files[0].name + 1];
     size_t n = unpack(data, size, files);
 
-    if (!base[0])
-        make_base();
-    snprintf(dir, sizeof dir, "%s/XXXXXX", base);
+    /* A fresh directory each time, removed at the end of the iteration
+     * (libFuzzer may leave with _Exit, so nothing is left for atexit). */
+    snprintf(dir, sizeof dir, "%s/fuzz_discovery.XXXXXX", tmp_base());
     FZ_CHECK(mkdtemp(dir) != NULL, "mkdtemp %s: %s", dir, strerror(errno));
     for (size_t i = 0; i < n; i++) {
         int fd;

@@ -134,6 +134,15 @@ def header_seeds():
     s.append(raw_file(b'{"\xff":1}'))
     s.append(raw_file('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}x', b"a"))
     s.append(struct.pack("<Q", 100000001) + b"{}")
+    s.append(raw_file('{"__metadata__":{"k":"a","k":"b"}}'))
+    s.append(raw_file('{"__metadata__":{},"__metadata__":{}}'))
+    # Long names (messages cut them at a character boundary), control
+    # characters the writer must escape, many dims in a message.
+    long_name = "\u00e9" * 100 + "\U0001F600" * 20
+    s.append(st_file([(long_name, "U8", [1]), ("\x01\x0c\x1f\x7f", "U8", [1])]))
+    s.append(raw_file('{"%s":{"dtype":"F4","shape":[1,1,1,1,1,1,1,1,1,3],"data_offsets":[0,2]}}' % long_name, b"ab"))
+    s.append(raw_file('{"%s":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
+                      '"%s":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}' % (long_name, long_name[1:]), b"a"))
     # Header JSON alone (mode C of the harness).
     s.append(header_json(mixed)[0].encode())
     s.append(header_json([("scalar", "F32", []), ("e", "F32", [0, 4])], {"k": "v"})[0].encode())
@@ -180,6 +189,14 @@ def discovery_seeds():
     s.append(archive([("i", index({"t": "a.safetensors"}), True), ("j", index({"t": "a.safetensors"}), True),
                       ("a", st_file([("t", "U8", [1])]), False)]))
     s.append(archive([]))
+    # Index rules: keys twice, wrong types, a shard name that leaves the folder.
+    t = st_file([("t", "U8", [1])])
+    for text in ('{"weight_map":{"t":"a.safetensors"},"weight_map":{"t":"a.safetensors"}}',
+                 '{"metadata":{},"metadata":{},"weight_map":{"t":"a.safetensors"}}',
+                 '{"weight_map":["a.safetensors"]}', '{"metadata":"x","weight_map":{"t":"a.safetensors"}}',
+                 '{"weight_map":{"t":1}}', '{"weight_map":{"t":"../a.safetensors"}}', '{"weight_map":{}}',
+                 '{"weight_map":{"t":"a.safetensors","t":"a.safetensors"}}', '{"weight_map":{"t":"a.safetensors"}} x'):
+        s.append(archive([("a", t, False), ("model", text.encode(), True)]))
     return s
 
 

@@ -590,7 +590,7 @@ START_TEST(expandable_out_of_memory_unmaps_and_retries)
     wa_block *b = NULL;
     wd_error err = {0};
 
-    setup(&f, 64 * MiB, WA_WEIGHTD_POLICY);
+    setup(&f, 64 * MiB, "expandable_segments:True,expandable_page_mb:2,max_split_size_mb:20");
     wa_block *x = alloc_ok(&f, 30 * MiB);
     alloc_ok(&f, 30 * MiB);
     wa_free(f.a, x);
@@ -599,6 +599,24 @@ START_TEST(expandable_out_of_memory_unmaps_and_retries)
     ck_assert_uint_eq(stats(&f).num_alloc_retries, 1);
     ck_assert_int_eq(wa_malloc(f.a, 0, 40 * MiB, &b, &err), -ENOMEM);
     ck_assert_ptr_nonnull(strstr(err.msg, "reserved but unallocated"));
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(coalesced_mappings_are_one_allocation_and_go_back_when_free)
+{
+    fixture f;
+    setup(&f, 4 * GiB, WA_WEIGHTD_POLICY);
+    /* 31 MiB: 15 full pages as one allocation, the part-filled 16th alone. */
+    wa_block *a = alloc_ok(&f, 31 * MiB), *b = alloc_ok(&f, 10 * MiB);
+    ck_assert_uint_eq(stats(&f).num_device_alloc, 2); /* mappings, as PyTorch counts them */
+    ck_assert_int_eq(stats(&f).reserved_bytes.current, (int64_t)(42 * MiB));
+    /* Freeing a gives its own allocation back at once; the page it shares
+     * with b stays. */
+    wa_free(f.a, a);
+    ck_assert_int_eq(stats(&f).reserved_bytes.current, (int64_t)(12 * MiB));
+    wa_free(f.a, b);
+    ck_assert_int_eq(stats(&f).reserved_bytes.current, 0);
     teardown(&f);
 }
 END_TEST
@@ -633,7 +651,8 @@ START_TEST(weightd_keys_parse_and_print)
     ck_assert_uint_eq(c.expandable_page, 2 * MiB);
     ck_assert_uint_eq(c.max_split_size, 20 * MiB);
     ck_assert_str_eq(wa_config_format(&c, text, sizeof text),
-                     "max_split_size_mb:20,expandable_segments:True,expandable_page_mb:2,expandable_page_align:True");
+                     "max_split_size_mb:20,expandable_segments:True,expandable_page_mb:2,expandable_page_align:True,"
+                     "expandable_coalesce:True");
     ck_assert_int_eq(wa_config_parse("expandable_page_mb:3", NULL, WA_CONF_OVERLAY, &c, &err), -EINVAL);
     ck_assert_int_eq(wa_config_parse("expandable_page_mb:0", NULL, WA_CONF_OVERLAY, &c, &err), -EINVAL);
     ck_assert_int_eq(wa_config_parse("expandable_page_align:yes", NULL, WA_CONF_OVERLAY, &c, &err), -EINVAL);
@@ -793,6 +812,7 @@ Suite *allocator_suite(void)
     tcase_add_test(tc, freed_pages_go_back_and_the_range_with_them);
     tcase_add_test(tc, page_align_keeps_sub_page_blocks_inside_one_page);
     tcase_add_test(tc, expandable_out_of_memory_unmaps_and_retries);
+    tcase_add_test(tc, coalesced_mappings_are_one_allocation_and_go_back_when_free);
     tcase_add_test(tc, expandable_blocks_wait_while_expandable_segments_are_off);
     tcase_add_test(tc, weightd_keys_parse_and_print);
     suite_add_tcase(s, tc);
