@@ -19,7 +19,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-#define MAX_LANES 128
+#define MAX_LANES 512 /* two a reader thread, at most 256 threads */
 
 typedef struct cuda_device {
     int ordinal;

@@ -128,6 +128,7 @@ def main():
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=FLAGS: a weightd configuration to measure (repeatable; default: weightd's defaults)")
     ap.add_argument("--warm-only", action="store_true", help="only warm runs (quick)")
+    ap.add_argument("--cold-only", action="store_true", help="only cold runs")
     ap.add_argument("--no-torch", action="store_true", help="weightd and the read limit only")
     a = ap.parse_args()
     import torch
@@ -146,7 +147,7 @@ def main():
     res = {"checkpoint": {"path": ckpt, "shards": len(shards), "bytes": total, "layers": a.layers},
            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     variants = [v.split("=", 1) for v in a.variant] or [["weightd", ""]]
-    temps = ("warm",) if a.warm_only else ("cold", "warm")
+    temps = ("warm",) if a.warm_only else ("cold",) if a.cold_only else ("cold", "warm")
     for temp in temps:
         cold = temp == "cold"
         res["read_" + temp] = summary([read_limit(readbw, shards, cold) for _ in range(a.runs)])

@@ -138,6 +138,12 @@ int wl_pipeline_create(wa_backend *backend, const wl_pipeline_opts *opts, wl_pip
                 goto fail;
             }
     }
+    /* Every lane's stream now, not at some later load: what a load takes from
+     * the device is then the same every time. */
+    for (int d = 0; p->pinned && d < backend->n_devices; d++)
+        for (unsigned lane = 0; lane < 2 * p->threads; lane++)
+            if ((rc = backend->copy_wait(backend, d, lane, err)))
+                goto fail;
     *out = p;
     return 0;
 fail:
