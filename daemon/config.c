@@ -174,8 +174,8 @@ static int validate(const wd_config *c, wd_error *err)
             break;
     if (i == sizeof backends / sizeof backends[0])
         return wd_error_set(err, -EINVAL, "unknown backend \"%s\" (host, fake, cuda or cuda-ipc)", c->backend);
-    if (strcmp(c->direct_io, "auto") != 0 && strcmp(c->direct_io, "on") != 0 && strcmp(c->direct_io, "off") != 0)
-        return wd_error_set(err, -EINVAL, "direct_io must be auto, on or off, not \"%s\"", c->direct_io);
+    if (strcmp(c->direct_io, "on") != 0 && strcmp(c->direct_io, "off") != 0)
+        return wd_error_set(err, -EINVAL, "direct_io must be on or off, not \"%s\"", c->direct_io);
     if (c->host_capacity == 0)
         return wd_error_set(err, -EINVAL, "host_capacity must be more than 0");
     if (c->read_threads > 256)

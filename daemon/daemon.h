@@ -48,9 +48,9 @@ void wd_log(wd_log_level level, const char *fmt, ...) __attribute__((format(prin
     X(host_devices, INT, "1", "N", "number of emulated devices (host backend)")                   \
     X(host_capacity, SIZE, "8GiB", "SIZE", "capacity of each emulated device (host backend)")      \
     X(device_capacity, SIZE, "0", "SIZE", "memory each GPU may hold (cuda backends; 0: what is free at start)") \
-    X(read_threads, INT, "0", "N", "threads reading checkpoints (0: one per CPU, at most 32)")     \
-    X(staging_memory, SIZE, "512MiB", "SIZE", "pinned host memory for staging GPU loads (bounds the host memory a load uses)") \
-    X(direct_io, STRING, "auto", "MODE", "O_DIRECT reads: auto (when the data is not in the page cache), on or off") \
+    X(read_threads, INT, "0", "N", "threads reading checkpoints (0: two per CPU, at most 32)")     \
+    X(staging_memory, SIZE, "1GiB", "SIZE", "pinned host memory for staging GPU loads (bounds the host memory a load uses)") \
+    X(direct_io, STRING, "off", "MODE", "O_DIRECT reads for GPU loads: on or off (the page cache)")   \
     X(alloc_conf, STRING, "", "CONF", "allocator configuration in PYTORCH_CUDA_ALLOC_CONF syntax") \
     X(load_alloc_conf, STRING, WA_WEIGHTD_POLICY, "CONF",                                          \
       "allocator policy pushed for the length of each load (weightd's; vLLM's max_split_size_mb:20 " \

@@ -602,9 +602,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     wa_policy_pop(s->alloc);
     {
         wl_pipeline_opts po = {.threads = (unsigned)conf->read_threads, .staging = conf->staging_memory,
-                               .direct = strcmp(conf->direct_io, "on") == 0    ? WL_DIRECT_ON
-                                         : strcmp(conf->direct_io, "off") == 0 ? WL_DIRECT_OFF
-                                                                                : WL_DIRECT_AUTO};
+                               .direct = strcmp(conf->direct_io, "on") == 0 ? WL_DIRECT_ON : WL_DIRECT_OFF};
         if ((rc = wl_pipeline_create(s->backend, &po, &s->pipeline, err)))
             goto fail;
     }

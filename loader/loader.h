@@ -9,7 +9,10 @@
  * file; small tensors share a chunk and large ones span several. Chunks are
  * taken in file order. Host memory use is the staging size, whatever the
  * model's. Segments the CPU can address (host backend) are read into
- * directly. */
+ * directly. Reads go through the page cache unless O_DIRECT is asked for:
+ * on the GPU machine's disk both ran at 92-93% of a plain parallel read
+ * cold (1.62 and 1.64 GB/s against 1.77), and the page cache makes the
+ * next load of the same checkpoint a warm one. */
 #ifndef WL_LOADER_H
 #define WL_LOADER_H
 
@@ -29,12 +32,12 @@ typedef struct wl_dest {
 } wl_dest;
 
 typedef enum wl_mode { WL_LOAD, WL_VERIFY } wl_mode;
-typedef enum wl_direct { WL_DIRECT_AUTO, WL_DIRECT_ON, WL_DIRECT_OFF } wl_direct;
+typedef enum wl_direct { WL_DIRECT_OFF, WL_DIRECT_ON } wl_direct;
 
 typedef struct wl_pipeline_opts {
-    unsigned threads;    /* 0: one per CPU, at most 32 */
+    unsigned threads;    /* 0: two per CPU, at most 32 */
     uint64_t staging;    /* bytes of staging in all (device backends) */
-    wl_direct direct;    /* O_DIRECT: where the data is not cached (auto), always, never */
+    wl_direct direct;    /* O_DIRECT reads for staged loads, or the page cache */
     bool plain;          /* plain buffers, no pinned staging (verify pipelines) */
 } wl_pipeline_opts;
 
