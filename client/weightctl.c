@@ -246,64 +246,172 @@ static int absolute_path(const char *path, char *out, size_t len)
     return 0;
 }
 
+/* "0,2,3" into a JSON array of device numbers; NULL if it is not one. */
+static cJSON *parse_device_list(const char *text)
+{
+    cJSON *arr = cJSON_CreateArray();
+    const char *p = text;
+
+    for (;;) {
+        char *end;
+        long d = strtol(p, &end, 10);
+        if (end == p || d < 0 || d > INT_MAX || (*end != ',' && *end != '\0') || *p == '-' || *p == '+' ||
+            *p == ' ') {
+            cJSON_Delete(arr);
+            return NULL;
+        }
+        cJSON_AddItemToArray(arr, cJSON_CreateNumber((double)d));
+        if (!*end)
+            return arr;
+        p = end + 1;
+    }
+}
+
+/* A placement plan: {"devices": [0, 1], "placement": "expert-parallel"},
+ * either key optional. Its keys go into args; flags given too win. */
+static int read_plan(const char *file, cJSON *args)
+{
+    char text[64 * 1024];
+    size_t n;
+    FILE *f = fopen(file, "r");
+    cJSON *plan, *item;
+    int rc = 0;
+
+    if (!f) {
+        fprintf(stderr, "weightctl: plan %s: %s\n", file, strerror(errno));
+        return EXIT_FAILED;
+    }
+    n = fread(text, 1, sizeof text - 1, f);
+    text[n] = '\0';
+    if (ferror(f) || !feof(f)) {
+        fprintf(stderr, "weightctl: plan %s: %s\n", file, ferror(f) ? "read error" : "larger than 64 KiB");
+        fclose(f);
+        return EXIT_FAILED;
+    }
+    fclose(f);
+    if (!(plan = cJSON_Parse(text)) || !cJSON_IsObject(plan)) {
+        cJSON_Delete(plan);
+        fprintf(stderr, "weightctl: plan %s: not a JSON object\n", file);
+        return EXIT_FAILED;
+    }
+    cJSON_ArrayForEach(item, plan)
+    {
+        bool ok = (strcmp(item->string, "devices") == 0 && cJSON_IsArray(item)) ||
+                  (strcmp(item->string, "placement") == 0 && cJSON_IsString(item));
+        if (!ok) {
+            fprintf(stderr, "weightctl: plan %s: \"%s\" is not a plan key (\"devices\": [N, ...], "
+                            "\"placement\": \"replicate\" or \"expert-parallel\")\n",
+                    file, item->string);
+            rc = EXIT_FAILED;
+            break;
+        }
+        if (!cJSON_HasObjectItem(args, item->string))
+            cJSON_AddItemToObject(args, item->string, cJSON_Duplicate(item, true));
+    }
+    cJSON_Delete(plan);
+    return rc;
+}
+
+static const char *devices_text(const cJSON *devices, char *buf, size_t len)
+{
+    const cJSON *d;
+    size_t used = 0;
+
+    buf[0] = '\0';
+    cJSON_ArrayForEach(d, devices)
+    {
+        if (used < len)
+            used += (size_t)snprintf(buf + used, len - used, "%s%.0f", used ? "," : "", d->valuedouble);
+    }
+    return buf;
+}
+
 static int cmd_load(ctl *c, int argc, char **argv)
 {
-    const char *path = NULL, *name = NULL, *v;
-    char abs[PATH_MAX], a[32], r[32];
-    long device = -1;
+    const char *path = NULL, *name = NULL, *plan = NULL, *flag, *v;
+    char abs[PATH_MAX], a[32], r[32], devs[128];
     progress p = {0};
-    cJSON *args, *res = NULL;
-    int rc;
+    cJSON *args = cJSON_CreateObject(), *res = NULL, *devices;
+    int rc = EXIT_USAGE;
 
     for (int i = 1; i < argc; i++) {
         if ((v = flag_value(argc, argv, &i, "--name"))) {
             name = v;
-        } else if ((v = flag_value(argc, argv, &i, "--device"))) {
-            char *end;
-            device = strtol(v, &end, 10);
-            if (*end || end == v || device < 0 || device > INT_MAX)
-                return usage_error("--device: \"%s\" is not a device number", v);
+        } else if ((v = flag_value(argc, argv, &i, flag = "--device")) ||
+                   (v = flag_value(argc, argv, &i, flag = "--devices"))) {
+            if (cJSON_HasObjectItem(args, "devices")) {
+                usage_error("load: give --device or --devices once");
+                goto out;
+            }
+            if (!(devices = parse_device_list(v))) {
+                usage_error("%s: \"%s\" is not a device number or a list of them (0,1)", flag, v);
+                goto out;
+            }
+            cJSON_AddItemToObject(args, "devices", devices);
+        } else if ((v = flag_value(argc, argv, &i, "--placement"))) {
+            if (strcmp(v, "replicate") && strcmp(v, "expert-parallel")) {
+                usage_error("--placement: \"%s\" is not replicate or expert-parallel", v);
+                goto out;
+            }
+            cJSON_AddStringToObject(args, "placement", v);
+        } else if ((v = flag_value(argc, argv, &i, "--plan"))) {
+            plan = v;
         } else if (argv[i][0] == '-') {
-            return usage_error("load: unknown option \"%s\"", argv[i]);
+            usage_error("load: unknown option \"%s\"", argv[i]);
+            goto out;
         } else if (!path) {
             path = argv[i];
         } else {
-            return usage_error("load: one PATH only");
+            usage_error("load: one PATH only");
+            goto out;
         }
     }
-    if (!path)
-        return usage_error("load: PATH is required");
+    if (!path) {
+        usage_error("load: PATH is required");
+        goto out;
+    }
+    if (plan && (rc = read_plan(plan, args)))
+        goto out;
     /* The daemon has its own working directory: send an absolute path. */
-    if ((rc = absolute_path(path, abs, sizeof abs)))
-        return report_error(c, path, rc, strerror(-rc));
-    args = cJSON_CreateObject();
+    if ((rc = absolute_path(path, abs, sizeof abs))) {
+        rc = report_error(c, path, rc, strerror(-rc));
+        goto out;
+    }
     cJSON_AddStringToObject(args, "path", abs);
     if (name)
         cJSON_AddStringToObject(args, "name", name);
-    if (device >= 0)
-        cJSON_AddNumberToObject(args, "device", (double)device);
     p.tty = isatty(STDERR_FILENO);
     p.quiet = c->json;
     p.start = p.last_print = now();
     p.last_percent = -10;
     p.name = name ? name : path;
     rc = call(c, "load", args, c->timeout_ms, on_progress, &p, &res);
-    cJSON_Delete(args);
     if (p.tty && !p.quiet)
         fputs("\r\033[K", stderr);
-    if (rc)
-        return report_error(c, "load", rc, last_error(c));
+    if (rc) {
+        rc = report_error(c, "load", rc, last_error(c));
+        goto out;
+    }
     if (c->json) {
         print_json(res);
     } else {
         double secs = num(res, "seconds");
-        printf("loaded %s: %.0f tensors in %.0f shard%s, %s in %.2f s (%s) on device %.0f\n", str(res, "name"),
+        const cJSON *list = cJSON_GetObjectItemCaseSensitive(res, "devices");
+        printf("loaded %s: %.0f tensors in %.0f shard%s, %s in %.2f s (%s) on device%s %s", str(res, "name"),
                num(res, "tensors"), num(res, "shards"), num(res, "shards") == 1 ? "" : "s",
                size_text(num(res, "bytes"), a, sizeof a), secs,
-               wd_rate_format(secs > 0 ? num(res, "bytes") / secs : 0, r, sizeof r), num(res, "device"));
+               wd_rate_format(secs > 0 ? num(res, "bytes") / secs : 0, r, sizeof r),
+               cJSON_GetArraySize(list) == 1 ? "" : "s", devices_text(list, devs, sizeof devs));
+        if (cJSON_GetArraySize(list) > 1)
+            printf(" (%s, %s on the devices together)", str(res, "placement"),
+                   size_text(num(res, "device_bytes"), a, sizeof a));
+        putchar('\n');
     }
+    rc = 0;
+out:
     cJSON_Delete(res);
-    return 0;
+    cJSON_Delete(args);
+    return rc;
 }
 
 /* ---- commands on one model ------------------------------------------------------ */
@@ -340,7 +448,7 @@ static int cmd_unload(ctl *c, int argc, char **argv)
     if (c->json)
         print_json(res);
     else
-        printf("unloaded %s (%s freed)\n", str(res, "name"), size_text(num(res, "bytes"), a, sizeof a));
+        printf("unloaded %s (%s freed)\n", str(res, "name"), size_text(num(res, "device_bytes"), a, sizeof a));
     cJSON_Delete(res);
     return 0;
 }
@@ -401,7 +509,7 @@ static int cmd_info(ctl *c, int argc, char **argv)
     const char *name = NULL;
     cJSON *all = NULL, *list = NULL;
     double offset = 0;
-    char a[32], shape[128];
+    char a[32], b[32], shape[128];
     int rc;
 
     if ((rc = one_name(argc, argv, &name)))
@@ -439,21 +547,31 @@ static int cmd_info(ctl *c, int argc, char **argv)
     if (c->json) {
         print_json(all);
     } else {
-        const cJSON *t, *d;
-        printf("model:    %s\npath:     %s\nstate:    %s\ndevice:   %.0f\ntensors:  %.0f in %.0f shard%s\n"
-               "bytes:    %.0f (%s)\ndtypes:  ",
-               str(all, "name"), str(all, "path"), str(all, "state"), num(all, "device"), num(all, "tensors"),
-               num(all, "shards"), num(all, "shards") == 1 ? "" : "s", num(all, "bytes"),
-               size_text(num(all, "bytes"), a, sizeof a));
+        const cJSON *t, *d, *pl;
+        char devs[128];
+        printf("model:    %s\npath:     %s\nstate:    %s\ndevices:  %s (%s)\ntensors:  %.0f in %.0f shard%s\n"
+               "bytes:    %.0f (%s; %s on the devices)\ndtypes:  ",
+               str(all, "name"), str(all, "path"), str(all, "state"),
+               devices_text(cJSON_GetObjectItemCaseSensitive(all, "devices"), devs, sizeof devs),
+               str(all, "placement"), num(all, "tensors"), num(all, "shards"), num(all, "shards") == 1 ? "" : "s",
+               num(all, "bytes"), size_text(num(all, "bytes"), a, sizeof a),
+               size_text(num(all, "device_bytes"), b, sizeof b));
         cJSON_ArrayForEach(d, cJSON_GetObjectItemCaseSensitive(all, "dtypes"))
             printf(" %s %s", d->string, size_text(d->valuedouble, a, sizeof a));
-        printf("\n\n%-60s %-8s %-22s %6s %7s %12s %12s\n", "TENSOR", "DTYPE", "SHAPE", "DEVICE", "SEGMENT", "OFFSET",
-               "BYTES");
+        /* One line per tensor and device; a tensor split by rows shows where
+         * each device's part starts within it. */
+        printf("\n\n%-60s %-8s %-22s %6s %7s %12s %12s %12s\n", "TENSOR", "DTYPE", "SHAPE", "DEVICE", "SEGMENT",
+               "OFFSET", "FROM", "BYTES");
         cJSON_ArrayForEach(t, list)
         {
             print_shape(cJSON_GetObjectItemCaseSensitive(t, "shape"), shape, sizeof shape);
-            printf("%-60s %-8s %-22s %6.0f %7.0f %12.0f %12.0f\n", str(t, "name"), str(t, "dtype"), shape,
-                   num(t, "device"), num(t, "segment"), num(t, "offset"), num(t, "bytes"));
+            if (!cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(t, "placements")))
+                printf("%-60s %-8s %-22s %6s %7s %12s %12s %12.0f\n", str(t, "name"), str(t, "dtype"), shape, "-",
+                       "-", "-", "-", num(t, "bytes"));
+            cJSON_ArrayForEach(pl, cJSON_GetObjectItemCaseSensitive(t, "placements"))
+                printf("%-60s %-8s %-22s %6.0f %7.0f %12.0f %12.0f %12.0f\n", str(t, "name"), str(t, "dtype"),
+                       shape, num(pl, "device"), num(pl, "segment"), num(pl, "offset"), num(pl, "tensor_offset"),
+                       num(pl, "bytes"));
         }
     }
     cJSON_Delete(all);
@@ -466,7 +584,7 @@ static int cmd_list(ctl *c, int argc, char **argv)
 {
     cJSON *res;
     const cJSON *m;
-    char a[32];
+    char a[32], devs[128];
     int rc;
     (void)argv;
 
@@ -481,12 +599,12 @@ static int cmd_list(ctl *c, int argc, char **argv)
         if (!cJSON_GetArraySize(models))
             puts("no models loaded");
         else
-            printf("%-24s %-8s %6s %8s %12s %8s  %s\n", "NAME", "STATE", "DEVICE", "TENSORS", "SIZE", "LOAD(s)",
+            printf("%-24s %-8s %-8s %8s %12s %8s  %s\n", "NAME", "STATE", "DEVICES", "TENSORS", "SIZE", "LOAD(s)",
                    "PATH");
         cJSON_ArrayForEach(m, models)
-            printf("%-24s %-8s %6.0f %8.0f %12s %8.2f  %s\n", str(m, "name"), str(m, "state"), num(m, "device"),
-                   num(m, "tensors"), size_text(num(m, "bytes"), a, sizeof a), num(m, "load_seconds"),
-                   str(m, "path"));
+            printf("%-24s %-8s %-8s %8.0f %12s %8.2f  %s\n", str(m, "name"), str(m, "state"),
+                   devices_text(cJSON_GetObjectItemCaseSensitive(m, "devices"), devs, sizeof devs), num(m, "tensors"),
+                   size_text(num(m, "bytes"), a, sizeof a), num(m, "load_seconds"), str(m, "path"));
     }
     cJSON_Delete(res);
     return 0;
@@ -813,11 +931,13 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
 /* ---- the table and main ----------------------------------------------------------------- */
 
 static const command commands[] = {
-    {"load", cmd_load, "PATH [--name NAME] [--device N]",
-     "load a checkpoint (file, folder or index) onto a device, with progress"},
+    {"load", cmd_load, "PATH [--name NAME] [--device N | --devices LIST] [--placement P] [--plan FILE]",
+     "load a checkpoint (file, folder or index) onto devices, with progress;\n"
+     "P: replicate (default) or expert-parallel (each layer's experts split\n"
+     "across the devices); FILE: {\"devices\": [0, 1], \"placement\": P}"},
     {"unload", cmd_unload, "NAME", "free a model's memory"},
     {"list", cmd_list, "", "the models the daemon holds"},
-    {"info", cmd_info, "NAME", "every tensor of a model: dtype, shape, device, offset, bytes"},
+    {"info", cmd_info, "NAME", "every tensor of a model: dtype, shape, and where it lives on each device"},
     {"verify", cmd_verify, "NAME", "re-read the checkpoint and compare it byte for byte (exit 1 on a difference)"},
     {"stats", cmd_stats, "", "allocator statistics per device and the policy in force"},
     {"policy", cmd_policy, "[CONF]", "the allocator policy in force; with CONF, change the keys it names"},
@@ -830,9 +950,19 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: weightctl [--socket PATH] [--json] [--timeout SECONDS] COMMAND [ARGS]\n\ncommands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
-        char left[64];
+        char left[160];
+        const char *h = commands[i].help, *nl;
         snprintf(left, sizeof left, "%s %s", commands[i].name, commands[i].args);
-        fprintf(f, "  %-40s %s\n", left, commands[i].help);
+        /* A long synopsis gets a line of its own; help lines stay in their column. */
+        if (strlen(left) > 40)
+            fprintf(f, "  %s\n%43s", left, "");
+        else
+            fprintf(f, "  %-40s ", left);
+        while ((nl = strchr(h, '\n'))) {
+            fprintf(f, "%.*s\n%43s", (int)(nl - h), h, "");
+            h = nl + 1;
+        }
+        fprintf(f, "%s\n", h);
     }
     fprintf(f, "\noptions (before the command):\n"
                "  --socket PATH      the daemon's socket (default: $WEIGHTD_SOCKET, /run/weightd/weightd.sock\n"

@@ -14,6 +14,7 @@
 #include "common/errors.h"
 #include "loader/checkpoint.h"
 #include "loader/loader.h"
+#include "loader/placement.h"
 #include "proto/proto.h"
 
 typedef struct wd_server wd_server;
@@ -165,19 +166,20 @@ const wd_op *wd_op_find(const char *name);
 
 typedef enum wd_model_state { WD_MODEL_LOADING, WD_MODEL_READY } wd_model_state;
 
-typedef struct wd_tensor {
-    wa_block *block;          /* NULL for an empty tensor */
-} wd_tensor;
-
 struct wd_model {
     char *name;
     char *path;               /* as given, made absolute */
     wd_model_state state;
-    int device;
+    int *devices;             /* where it lives, in the order asked for */
+    size_t n_devices;
+    wl_placement placement;
     wl_checkpoint ckpt;       /* headers, kept for info and verify */
-    wd_tensor *tensors;       /* one per ckpt.tensors entry */
-    wl_dest *dest;            /* likewise: where each tensor's bytes are */
-    uint64_t bytes;
+    wl_target *targets;       /* the tensors' runs on devices (placement.h) */
+    size_t n_targets;
+    wa_block **blocks;        /* one per target; NULL for an empty one */
+    wl_dest *dest;            /* one per target: where its bytes are */
+    uint64_t bytes;           /* the checkpoint's tensor bytes */
+    uint64_t device_bytes;    /* what the targets hold, on all devices together */
     double load_seconds;
     double loaded_at;         /* wall clock */
     unsigned busy;            /* verify jobs reading it */
@@ -189,14 +191,20 @@ struct wd_model {
 int wd_model_name_check(const char *name, wd_error *err);
 wd_model *wd_registry_find(wd_server *s, const char *name);
 /* A new model in the LOADING state, linked in. */
-int wd_registry_add(wd_server *s, const char *name, const char *path, int device, wd_model **out, wd_error *err);
-/* Unlinks m, frees its blocks and itself. */
-void wd_registry_remove(wd_server *s, wd_model *m);
+int wd_registry_add(wd_server *s, const char *name, const char *path, const int *devices, size_t n_devices,
+                    wl_placement placement, wd_model **out, wd_error *err);
+/* Unlinks m, frees its blocks and itself; with give_back, the cached
+ * segments of its devices go back to them too. */
+void wd_registry_remove(wd_server *s, wd_model *m, bool give_back);
 size_t wd_registry_count(const wd_server *s);
+/* "0" or "0,1": the model's devices, for people. */
+const char *wd_model_devices_text(const wd_model *m, char *buf, size_t len);
+cJSON *wd_model_devices_json(const wd_model *m);
 
 /* ---- jobs.c: loads and verifies on worker threads ------------------------ */
 
-int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, int device, wd_error *err);
+int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, const int *devices,
+                  size_t n_devices, wl_placement placement, wd_error *err);
 int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err);
 /* The client of r went away: cancel what it started. */
 void wd_jobs_request_gone(wd_server *s, wd_request *r);

@@ -78,8 +78,8 @@ static const char *phase_name(const wd_job *j)
 static cJSON *progress_event(const wd_job *j)
 {
     cJSON *ev = wp_event_new(j->req->id, "progress");
-    uint64_t total = j->io.ckpt ? j->io.ckpt->total_bytes : 0;
-    uint64_t tensors = j->io.ckpt ? j->io.ckpt->n_tensors : 0;
+    /* Tensors on devices: a model on two devices has twice the work. */
+    uint64_t total = j->model->device_bytes, tensors = j->model->n_targets;
 
     if (!ev)
         return NULL;
@@ -90,6 +90,14 @@ static cJSON *progress_event(const wd_job *j)
     cJSON_AddNumberToObject(ev, "tensors_total", (double)tensors);
     cJSON_AddNumberToObject(ev, "elapsed", wd_now() - j->t0);
     return ev;
+}
+
+/* The last progress event, so that a client that asked for events sees the
+ * end however short the job was. */
+static void final_progress(wd_job *j)
+{
+    if (j->req && j->req->want_events)
+        wd_request_event(j->req, progress_event(j));
 }
 
 static void set_status(wd_server *s)
@@ -132,7 +140,7 @@ static void finish_load(wd_job *j)
 {
     wd_server *s = j->srv;
     wd_model *m = j->model;
-    char size[32], rate[32];
+    char size[32], rate[32], devs[128];
     bool cancelled = atomic_load(&j->io.cancel);
 
     if (j->rc == 0 && cancelled)
@@ -141,15 +149,18 @@ static void finish_load(wd_job *j)
         m->state = WD_MODEL_READY;
         m->load_seconds = wd_now() - j->t0;
         m->loaded_at = wd_wall();
-        wd_log(WD_LOG_notice, "loaded %s: %zu tensors, %s in %.2f s (%s) on device %d", m->name, m->ckpt.n_tensors,
-               wd_size_format(m->bytes, size, sizeof size), m->load_seconds,
+        wd_log(WD_LOG_notice, "loaded %s: %zu tensors, %s in %.2f s (%s) on device %s (%s)", m->name,
+               m->ckpt.n_tensors, wd_size_format(m->bytes, size, sizeof size), m->load_seconds,
                wd_rate_format(m->load_seconds > 0 ? (double)m->bytes / m->load_seconds : 0, rate, sizeof rate),
-               m->device);
+               wd_model_devices_text(m, devs, sizeof devs), wl_placement_name(m->placement));
+        final_progress(j);
         if (j->req) {
             cJSON *res = cJSON_CreateObject();
             cJSON_AddStringToObject(res, "name", m->name);
             cJSON_AddStringToObject(res, "path", m->path);
-            cJSON_AddNumberToObject(res, "device", m->device);
+            cJSON_AddItemToObject(res, "devices", wd_model_devices_json(m));
+            cJSON_AddStringToObject(res, "placement", wl_placement_name(m->placement));
+            cJSON_AddNumberToObject(res, "device_bytes", (double)m->device_bytes);
             cJSON_AddNumberToObject(res, "tensors", (double)m->ckpt.n_tensors);
             cJSON_AddNumberToObject(res, "shards", (double)m->ckpt.n_shards);
             cJSON_AddNumberToObject(res, "bytes", (double)m->bytes);
@@ -157,13 +168,10 @@ static void finish_load(wd_job *j)
             wd_reply_ok(j->req, res);
         }
     } else {
-        int device = m->device;
         wd_log(j->rc == -ECANCELED ? WD_LOG_info : WD_LOG_warning, "load of %s failed: %s%s", m->name,
                wd_error_text(&j->err), j->policy_pushed ? "; everything it took is freed" : "");
-        wd_registry_remove(s, m);
-        /* Give back the segments the load made, so the device looks as before. */
-        if (j->policy_pushed)
-            wa_empty_cache(s->alloc, device);
+        /* Give back the segments the load made, so the devices look as before. */
+        wd_registry_remove(s, m, j->policy_pushed);
         if (j->req)
             wd_reply_err(j->req, &j->err);
     }
@@ -209,7 +217,8 @@ static void after_read(uv_work_t *w, int status)
     finish_load(j);
 }
 
-/* Every tensor gets its own block, as a framework would allocate it. */
+/* Every tensor's run on each device (placement.h) gets its own block, as a
+ * framework would allocate it. */
 static int allocate_tensors(wd_server *s, wd_job *j)
 {
     wd_model *m = j->model;
@@ -219,21 +228,25 @@ static int allocate_tensors(wd_server *s, wd_job *j)
     if ((rc = wa_policy_push(s->alloc, s->conf->load_alloc_conf, &j->err)))
         return rc;
     j->policy_pushed = true;
-    m->tensors = calloc(ck->n_tensors ? ck->n_tensors : 1, sizeof *m->tensors);
-    m->dest = calloc(ck->n_tensors ? ck->n_tensors : 1, sizeof *m->dest);
-    if (!m->tensors || !m->dest)
+    if ((rc = wl_place(ck, m->devices, m->n_devices, m->placement, &m->targets, &m->n_targets, &j->err)))
+        return rc;
+    m->blocks = calloc(m->n_targets ? m->n_targets : 1, sizeof *m->blocks);
+    m->dest = calloc(m->n_targets ? m->n_targets : 1, sizeof *m->dest);
+    if (!m->blocks || !m->dest)
         return wd_error_set(&j->err, -ENOMEM, "out of host memory");
-    for (size_t i = 0; i < ck->n_tensors; i++) {
-        uint64_t bytes = st_tensor_nbytes(ck->tensors[i].st);
+    for (size_t i = 0; i < m->n_targets; i++) {
+        const wl_target *t = &m->targets[i];
         wa_region reg;
-        m->dest[i].device = m->device;
-        if (bytes == 0)
+        m->dest[i] = (wl_dest){.tensor = t->tensor, .tensor_off = t->offset, .len = t->len, .device = t->device};
+        m->device_bytes += t->len;
+        if (t->len == 0)
             continue;
-        if ((rc = wa_malloc(s->alloc, m->device, bytes, &m->tensors[i].block, &j->err))) {
-            wd_error_prefix(&j->err, "tensor \"%s\" (%zu of %zu)", ck->tensors[i].st->name, i + 1, ck->n_tensors);
+        if ((rc = wa_malloc(s->alloc, t->device, t->len, &m->blocks[i], &j->err))) {
+            wd_error_prefix(&j->err, "tensor \"%s\" (%u of %zu) on device %d", ck->tensors[t->tensor].st->name,
+                            t->tensor + 1, ck->n_tensors, t->device);
             return rc;
         }
-        wa_block_region(m->tensors[i].block, &reg);
+        wa_block_region(m->blocks[i], &reg);
         m->dest[i].mem = reg.mem;
         m->dest[i].offset = reg.offset;
     }
@@ -270,6 +283,7 @@ static void after_open(uv_work_t *w, int status)
     j->io.mode = WL_LOAD;
     j->io.ckpt = &j->model->ckpt;
     j->io.dest = j->model->dest;
+    j->io.n_dest = j->model->n_targets;
     s->jobs_running++;
     uv_queue_work(s->loop, &j->work, read_work, after_read);
 }
@@ -290,14 +304,18 @@ static void start_next_load(wd_server *s)
         return;
     next->state = JOB_RUNNING;
     next->t0 = wd_now();
-    wd_log(WD_LOG_info, "loading %s from %s onto device %d", next->model->name, next->model->path,
-           next->model->device);
+    {
+        char devs[128];
+        wd_log(WD_LOG_info, "loading %s from %s onto device %s", next->model->name, next->model->path,
+               wd_model_devices_text(next->model, devs, sizeof devs));
+    }
     s->jobs_running++;
     uv_queue_work(s->loop, &next->work, open_work, after_open);
     set_status(s);
 }
 
-int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, int device, wd_error *err)
+int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, const int *devices,
+                  size_t n_devices, wl_placement placement, wd_error *err)
 {
     wd_job *j;
     int rc;
@@ -306,7 +324,7 @@ int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *nam
         return wd_error_set(err, -ECANCELED, "weightd is stopping");
     if (!(j = job_new(s, JOB_LOAD, JOB_QUEUED, r, err)))
         return -ENOMEM;
-    if ((rc = wd_registry_add(s, name, path, device, &j->model, err))) {
+    if ((rc = wd_registry_add(s, name, path, devices, n_devices, placement, &j->model, err))) {
         free(j);
         return rc;
     }
@@ -337,6 +355,7 @@ static void after_verify(uv_work_t *w, int status)
         wd_log(j->io.mismatched_tensors ? WD_LOG_warning : WD_LOG_info, "verified %s: %llu of %zu tensors differ%s%s",
                m->name, (unsigned long long)j->io.mismatched_tensors, m->ckpt.n_tensors,
                j->io.mismatched_tensors ? "; " : "", j->io.first_mismatch);
+        final_progress(j);
         if (j->req) {
             cJSON *res = cJSON_CreateObject();
             cJSON_AddStringToObject(res, "name", m->name);
@@ -368,6 +387,7 @@ int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
     j->io.mode = WL_VERIFY;
     j->io.ckpt = &m->ckpt;
     j->io.dest = m->dest;
+    j->io.n_dest = m->n_targets;
     m->busy++;
     job_link(s, j);
     s->jobs_running++;
@@ -382,7 +402,7 @@ static void cancel_job(wd_server *s, wd_job *j)
     if (j->state == JOB_QUEUED) {
         /* Nothing was taken yet: drop it here. */
         wd_log(WD_LOG_info, "load of %s cancelled before it started", j->model->name);
-        wd_registry_remove(s, j->model);
+        wd_registry_remove(s, j->model, false);
         if (j->req)
             wd_reply_error(j->req, -ECANCELED, "cancelled before the load started");
         job_free(s, j);
@@ -444,7 +464,7 @@ void wd_jobs_describe(const wd_server *s, cJSON *out)
         cJSON_AddStringToObject(o, "model", j->model->name);
         cJSON_AddStringToObject(o, "phase", phase_name(j));
         cJSON_AddNumberToObject(o, "bytes_done", (double)atomic_load(&j->io.bytes_done));
-        cJSON_AddNumberToObject(o, "bytes_total", j->io.ckpt ? (double)j->io.ckpt->total_bytes : 0.0);
+        cJSON_AddNumberToObject(o, "bytes_total", (double)j->model->device_bytes);
         cJSON_AddItemToArray(arr, o);
     }
 }

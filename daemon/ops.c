@@ -1,6 +1,7 @@
 /* The operations of the protocol, one handler each, and their table. */
 #include "daemon/daemon.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -88,11 +89,57 @@ static void default_name(const char *path, char *out, size_t len)
     snprintf(out, len, "%s", base);
 }
 
+/* "device": N, or "devices": [N, ...] with "placement" (placement.h). Each
+ * device once, each one this daemon has. */
+static int load_devices(wd_server *s, wd_request *r, int *devices, size_t *n, wl_placement *placement)
+{
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(r->args, "devices"), *v;
+    const char *text;
+    int64_t device = 0;
+    int rc;
+
+    *n = 0;
+    *placement = WL_REPLICATE;
+    if ((rc = wp_arg_int(r->args, "device", false, 0, INT32_MAX, &device, &r->err)) == -EINVAL)
+        return rc;
+    if (rc == 0 && list && !cJSON_IsNull(list))
+        return wd_error_set(&r->err, -EINVAL, "give \"device\" or \"devices\", not both");
+    if (!list || cJSON_IsNull(list)) {
+        devices[(*n)++] = (int)device;
+    } else {
+        if (!cJSON_IsArray(list) || cJSON_GetArraySize(list) < 1)
+            return wd_error_set(&r->err, -EINVAL, "argument \"devices\" must be a non-empty array of device numbers");
+        cJSON_ArrayForEach(v, list) {
+            if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= INT32_MAX) ||
+                v->valuedouble != floor(v->valuedouble))
+                return wd_error_set(&r->err, -EINVAL, "argument \"devices\" must hold device numbers");
+            for (size_t i = 0; i < *n; i++)
+                if (devices[i] == (int)v->valuedouble)
+                    return wd_error_set(&r->err, -EINVAL, "device %d is listed twice", devices[i]);
+            if (*n == (size_t)s->backend->n_devices)
+                return wd_error_set(&r->err, -EINVAL, "more devices listed than this daemon has (%d)",
+                                    s->backend->n_devices);
+            devices[(*n)++] = (int)v->valuedouble;
+        }
+    }
+    for (size_t i = 0; i < *n; i++)
+        if (devices[i] >= s->backend->n_devices)
+            return wd_error_set(&r->err, -ENODEV, "no device %d: this daemon has %d (0 to %d)", devices[i],
+                                s->backend->n_devices, s->backend->n_devices - 1);
+    if ((rc = wp_arg_string(r->args, "placement", false, &text, &r->err)) == -EINVAL)
+        return rc;
+    if (rc == 0 && wl_placement_parse(text, placement))
+        return wd_error_set(&r->err, -EINVAL, "placement \"%s\" is not replicate or expert-parallel", text);
+    return 0;
+}
+
 static int op_load(wd_server *s, wd_request *r)
 {
     const char *path, *name = NULL;
     char defname[WD_MODEL_NAME_MAX + 1];
-    int64_t device = 0;
+    wl_placement placement;
+    int *devices;
+    size_t n_devices;
     int rc;
 
     if ((rc = wp_arg_string(r->args, "path", true, &path, &r->err)))
@@ -108,12 +155,12 @@ static int op_load(wd_server *s, wd_request *r)
         default_name(path, defname, sizeof defname);
         name = defname;
     }
-    if ((rc = wp_arg_int(r->args, "device", false, 0, INT32_MAX, &device, &r->err)) == -EINVAL)
-        return rc;
-    if (device >= s->backend->n_devices)
-        return wd_error_set(&r->err, -ENODEV, "no device %lld: this daemon has %d (0 to %d)", (long long)device,
-                            s->backend->n_devices, s->backend->n_devices - 1);
-    return wd_load_start(s, r, path, name, (int)device, &r->err);
+    if (!(devices = malloc((size_t)s->backend->n_devices * sizeof *devices)))
+        return wd_error_set(&r->err, -ENOMEM, "out of memory");
+    if (!(rc = load_devices(s, r, devices, &n_devices, &placement)))
+        rc = wd_load_start(s, r, path, name, devices, n_devices, placement, &r->err);
+    free(devices);
+    return rc;
 }
 
 static int op_unload(wd_server *s, wd_request *r)
@@ -121,7 +168,7 @@ static int op_unload(wd_server *s, wd_request *r)
     wd_model *m;
     cJSON *res;
     char size[32];
-    int rc, device;
+    int rc;
 
     if ((rc = find_model(s, r, &m)))
         return rc;
@@ -132,15 +179,13 @@ static int op_unload(wd_server *s, wd_request *r)
     res = cJSON_CreateObject();
     cJSON_AddStringToObject(res, "name", m->name);
     cJSON_AddNumberToObject(res, "bytes", (double)m->bytes);
-    wd_log(WD_LOG_notice, "unloaded %s (%s)", m->name, wd_size_format(m->bytes, size, sizeof size));
-    device = m->device;
-    wd_registry_remove(s, m);
-    /* A daemon that unloads a model gives its memory back to the device. */
-    wa_empty_cache(s->alloc, device);
+    cJSON_AddNumberToObject(res, "device_bytes", (double)m->device_bytes);
+    wd_log(WD_LOG_notice, "unloaded %s (%s)", m->name, wd_size_format(m->device_bytes, size, sizeof size));
+    /* A daemon that unloads a model gives its memory back to the devices. */
+    wd_registry_remove(s, m, true);
     wd_reply_ok(r, res);
     return 0;
 }
-
 static int op_verify(wd_server *s, wd_request *r)
 {
     wd_model *m;
@@ -160,10 +205,12 @@ static cJSON *model_summary(const wd_model *m)
     cJSON_AddStringToObject(o, "name", m->name);
     cJSON_AddStringToObject(o, "path", m->path);
     cJSON_AddStringToObject(o, "state", state_name(m->state));
-    cJSON_AddNumberToObject(o, "device", m->device);
+    cJSON_AddItemToObject(o, "devices", wd_model_devices_json(m));
+    cJSON_AddStringToObject(o, "placement", wl_placement_name(m->placement));
     cJSON_AddNumberToObject(o, "tensors", (double)m->ckpt.n_tensors);
     cJSON_AddNumberToObject(o, "shards", (double)m->ckpt.n_shards);
     cJSON_AddNumberToObject(o, "bytes", (double)m->bytes);
+    cJSON_AddNumberToObject(o, "device_bytes", (double)m->device_bytes);
     if (m->state == WD_MODEL_READY) {
         cJSON_AddNumberToObject(o, "load_seconds", m->load_seconds);
         cJSON_AddNumberToObject(o, "loaded_at", m->loaded_at);
@@ -181,12 +228,36 @@ static int op_list(wd_server *s, wd_request *r)
     return 0;
 }
 
+/* Where each run of a tensor's bytes lives: one entry per device holding it
+ * (two for a replicated tensor on two devices, one per device's rows for a
+ * split fused expert tensor). */
+static cJSON *tensor_placements(const wd_model *m, size_t *target)
+{
+    cJSON *arr = cJSON_CreateArray();
+    uint32_t tensor = m->targets[*target].tensor;
+
+    for (; *target < m->n_targets && m->targets[*target].tensor == tensor; (*target)++) {
+        const wl_target *t = &m->targets[*target];
+        cJSON *o = cJSON_CreateObject();
+        wa_region reg = {0};
+        if (m->blocks[*target])
+            wa_block_region(m->blocks[*target], &reg);
+        cJSON_AddNumberToObject(o, "device", t->device);
+        cJSON_AddNumberToObject(o, "segment", reg.segment_id);
+        cJSON_AddNumberToObject(o, "offset", (double)reg.offset);
+        cJSON_AddNumberToObject(o, "tensor_offset", (double)t->offset);
+        cJSON_AddNumberToObject(o, "bytes", (double)t->len);
+        cJSON_AddItemToArray(arr, o);
+    }
+    return arr;
+}
+
 static int op_info(wd_server *s, wd_request *r)
 {
     wd_model *m;
     int64_t offset = 0, limit = INFO_PAGE_DEFAULT;
     uint64_t by_dtype[ST_DTYPE_COUNT] = {0};
-    size_t budget = 0, i;
+    size_t budget = 0, i, target = 0;
     cJSON *res, *arr, *dt;
     int rc;
 
@@ -206,27 +277,27 @@ static int op_info(wd_server *s, wd_request *r)
             cJSON_AddNumberToObject(dt, st_dtype_name((st_dtype)d), (double)by_dtype[d]);
     cJSON_AddNumberToObject(res, "offset", (double)offset);
     arr = cJSON_AddArrayToObject(res, "tensor_list");
+    /* Targets are in tensor order: skip to the page's first tensor. */
+    while (target < m->n_targets && m->targets[target].tensor < (uint64_t)offset)
+        target++;
     for (i = (size_t)offset; i < m->ckpt.n_tensors && i < (size_t)(offset + limit); i++) {
         const st_tensor *t = m->ckpt.tensors[i].st;
-        cJSON *o = cJSON_CreateObject(), *shape;
-        wa_region reg = {0};
-        size_t cost = strlen(t->name) + 24 * t->ndim + 200;
-        if (budget + cost > INFO_PAGE_BUDGET) {
-            cJSON_Delete(o);
+        cJSON *o, *shape;
+        size_t parts = 0, cost;
+        while (target + parts < m->n_targets && m->targets[target + parts].tensor == i)
+            parts++;
+        cost = strlen(t->name) + 24 * t->ndim + 120 + 120 * parts;
+        if (budget + cost > INFO_PAGE_BUDGET)
             break;
-        }
         budget += cost;
-        if (m->tensors[i].block)
-            wa_block_region(m->tensors[i].block, &reg);
+        o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "name", t->name);
         cJSON_AddStringToObject(o, "dtype", st_dtype_name(t->dtype));
         shape = cJSON_AddArrayToObject(o, "shape");
         for (size_t k = 0; k < t->ndim; k++)
             cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)t->shape[k]));
-        cJSON_AddNumberToObject(o, "device", m->device);
-        cJSON_AddNumberToObject(o, "segment", reg.segment_id);
-        cJSON_AddNumberToObject(o, "offset", (double)reg.offset);
         cJSON_AddNumberToObject(o, "bytes", (double)st_tensor_nbytes(t));
+        cJSON_AddItemToObject(o, "placements", parts ? tensor_placements(m, &target) : cJSON_CreateArray());
         cJSON_AddItemToArray(arr, o);
     }
     if (i < m->ckpt.n_tensors)

@@ -1,6 +1,7 @@
 /* The models the daemon holds. */
 #include "daemon/daemon.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -39,7 +40,8 @@ size_t wd_registry_count(const wd_server *s)
     return n;
 }
 
-int wd_registry_add(wd_server *s, const char *name, const char *path, int device, wd_model **out, wd_error *err)
+int wd_registry_add(wd_server *s, const char *name, const char *path, const int *devices, size_t n_devices,
+                    wl_placement placement, wd_model **out, wd_error *err)
 {
     wd_model *m, **tail;
     int rc;
@@ -49,14 +51,19 @@ int wd_registry_add(wd_server *s, const char *name, const char *path, int device
     if (wd_registry_find(s, name))
         return wd_error_set(err, -EEXIST, "a model named \"%s\" is already loaded (unload it or choose another --name)",
                             name);
-    if (!(m = calloc(1, sizeof *m)) || !(m->name = strdup(name)) || !(m->path = strdup(path))) {
-        if (m)
+    if (!(m = calloc(1, sizeof *m)) || !(m->name = strdup(name)) || !(m->path = strdup(path)) ||
+        !(m->devices = malloc(n_devices * sizeof *m->devices))) {
+        if (m) {
             free(m->name);
+            free(m->path);
+        }
         free(m);
         return wd_error_set(err, -ENOMEM, "out of memory");
     }
+    memcpy(m->devices, devices, n_devices * sizeof *devices);
+    m->n_devices = n_devices;
+    m->placement = placement;
     m->state = WD_MODEL_LOADING;
-    m->device = device;
     /* Keep arrival order so that list shows models as they came. */
     for (tail = &s->models; *tail; tail = &(*tail)->next)
         ;
@@ -65,20 +72,42 @@ int wd_registry_add(wd_server *s, const char *name, const char *path, int device
     return 0;
 }
 
-void wd_registry_remove(wd_server *s, wd_model *m)
+void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
 {
     for (wd_model **link = &s->models; *link; link = &(*link)->next)
         if (*link == m) {
             *link = m->next;
             break;
         }
-    if (m->tensors)
-        for (size_t i = 0; i < m->ckpt.n_tensors; i++)
-            wa_free(s->alloc, m->tensors[i].block);
+    for (size_t i = 0; m->blocks && i < m->n_targets; i++)
+        wa_free(s->alloc, m->blocks[i]);
+    for (size_t i = 0; give_back && i < m->n_devices; i++)
+        wa_empty_cache(s->alloc, m->devices[i]);
     wl_checkpoint_close(&m->ckpt);
-    free(m->tensors);
+    free(m->targets);
+    free(m->blocks);
     free(m->dest);
+    free(m->devices);
     free(m->name);
     free(m->path);
     free(m);
+}
+
+const char *wd_model_devices_text(const wd_model *m, char *buf, size_t len)
+{
+    size_t used = 0;
+
+    buf[0] = '\0';
+    for (size_t i = 0; i < m->n_devices && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, "%s%d", i ? "," : "", m->devices[i]);
+    return buf;
+}
+
+cJSON *wd_model_devices_json(const wd_model *m)
+{
+    cJSON *a = cJSON_CreateArray();
+
+    for (size_t i = 0; i < m->n_devices; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(m->devices[i]));
+    return a;
 }

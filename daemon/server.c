@@ -683,7 +683,7 @@ void wd_server_maybe_finish(wd_server *s)
     if (!s->stopping || s->jobs_running || s->jobs || !s->alloc)
         return;
     while (s->models)
-        wd_registry_remove(s, s->models);
+        wd_registry_remove(s, s->models, false);
     for (wd_conn *c = s->conns, *next; c; c = next) {
         next = c->next;
         conn_close(c, NULL);

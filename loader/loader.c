@@ -17,11 +17,11 @@
 static uint64_t align_down(uint64_t v) { return v & ~(uint64_t)(ALIGN - 1); }
 static uint64_t align_up(uint64_t v) { return (v + ALIGN - 1) & ~(uint64_t)(ALIGN - 1); }
 
-/* A run of one tensor's bytes inside a chunk. */
+/* A run of one dest's bytes inside a chunk. */
 typedef struct piece {
-    uint32_t tensor;
+    uint32_t dest;
     uint64_t at;         /* offset in the chunk's buffer */
-    uint64_t tensor_off; /* offset within the tensor */
+    uint64_t dest_off;   /* offset within the dest */
     uint64_t len;
 } piece;
 
@@ -157,18 +157,33 @@ uint64_t wl_pipeline_chunk(const wl_pipeline *p) { return p->chunk; }
 
 /* ---- planning: chunks and their pieces -------------------------------------- */
 
-static int plan(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
+static int add_piece(wl_pipeline *p, size_t *n, size_t *cap, piece pc)
 {
-    size_t cap_chunks = 64, cap_pieces = 256, t = 0;
+    if (*n == *cap) {
+        piece *np = realloc(p->pieces, (*cap *= 2) * sizeof *np);
+        if (!np)
+            return -ENOMEM;
+        p->pieces = np;
+    }
+    p->pieces[(*n)++] = pc;
+    return 0;
+}
+
+/* Cuts the data into chunks and each chunk into pieces: the parts of the
+ * dests that the chunk's bytes feed. */
+static int plan(wl_pipeline *p, const wl_job *job, wd_error *err)
+{
+    const wl_checkpoint *ck = job->ckpt;
+    size_t cap_chunks = 64, cap_pieces = 256, n_pieces = 0, t = 0, d0 = 0;
 
     p->n_chunks = 0;
     if (!(p->chunks = malloc(cap_chunks * sizeof *p->chunks)) || !(p->pieces = malloc(cap_pieces * sizeof *p->pieces)))
         goto nomem;
-    size_t n_pieces = 0;
     for (uint32_t s = 0; s < ck->n_shards; s++) {
         const st_file *st = &ck->shards[s].st;
         uint64_t start = st->data_offset, end = st->data_offset + st->data_len;
-        /* ck->tensors lists shard by shard, each in data order: t walks along. */
+        /* ck->tensors lists shard by shard, each in data order: t walks along,
+         * and d0 with it, at the tensor's first dest. */
         while (start < end) {
             uint64_t cend = align_down(start) + p->chunk;
             chunk *c;
@@ -190,15 +205,22 @@ static int plan(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
                 const st_tensor *x = ck->tensors[t].st;
                 uint64_t tb = st->data_offset + x->begin, te = st->data_offset + x->end;
                 uint64_t a = tb > start ? tb : start, b = te < cend ? te : cend;
-                if (a < b) {
-                    if (n_pieces == cap_pieces) {
-                        piece *np = realloc(p->pieces, (cap_pieces *= 2) * sizeof *np);
-                        if (!np)
+                while (d0 < job->n_dest && job->dest[d0].tensor < t)
+                    d0++;
+                for (size_t di = d0; a < b && di < job->n_dest && job->dest[di].tensor == t; di++) {
+                    /* The overlap of [a, b) with this dest, in tensor offsets. */
+                    const wl_dest *dd = &job->dest[di];
+                    uint64_t lo = a - tb, hi = b - tb;
+                    if (dd->tensor_off > lo)
+                        lo = dd->tensor_off;
+                    if (dd->tensor_off + dd->len < hi)
+                        hi = dd->tensor_off + dd->len;
+                    if (lo < hi) {
+                        if (add_piece(p, &n_pieces, &cap_pieces,
+                                      (piece){(uint32_t)di, tb + lo - c->read_off, lo - dd->tensor_off, hi - lo}))
                             goto nomem;
-                        p->pieces = np;
+                        c->n++;
                     }
-                    p->pieces[n_pieces++] = (piece){(uint32_t)t, a - c->read_off, a - tb, b - a};
-                    c->n++;
                 }
                 if (te > cend)
                     break; /* the tensor goes on in the next chunk */
@@ -288,16 +310,16 @@ static int wait_buffer(worker *w, int k, wd_error *err)
 static int compare(worker *w, const piece *pc, const void *have_file, wd_error *err)
 {
     wl_job *job = w->p->job;
-    const wl_dest *d = &job->dest[pc->tensor];
+    const wl_dest *d = &job->dest[pc->dest];
     const unsigned char *want = have_file, *have;
     int rc;
 
     if (d->mem->host) {
-        have = (const unsigned char *)d->mem->host + d->offset + pc->tensor_off;
+        have = (const unsigned char *)d->mem->host + d->offset + pc->dest_off;
     } else {
         if (!w->cmp && !(w->cmp = malloc(w->p->chunk)))
             return wd_error_set(err, -ENOMEM, "out of host memory");
-        if ((rc = w->p->backend->read(w->p->backend, d->device, d->mem, d->offset + pc->tensor_off, w->cmp, pc->len,
+        if ((rc = w->p->backend->read(w->p->backend, d->device, d->mem, d->offset + pc->dest_off, w->cmp, pc->len,
                                       err)))
             return rc;
         have = w->cmp;
@@ -308,12 +330,13 @@ static int compare(worker *w, const piece *pc, const void *have_file, wd_error *
             at++;
         pthread_mutex_lock(&w->p->err_lock);
         /* Count each tensor once, however many of its pieces differ. */
-        if (!w->p->mismatched[pc->tensor]) {
-            w->p->mismatched[pc->tensor] = 1;
+        if (!w->p->mismatched[d->tensor]) {
+            w->p->mismatched[d->tensor] = 1;
             if (!job->mismatched_tensors)
                 snprintf(job->first_mismatch, sizeof job->first_mismatch,
-                         "tensor \"%s\": first difference at byte %llu", job->ckpt->tensors[pc->tensor].st->name,
-                         (unsigned long long)(pc->tensor_off + at));
+                         "tensor \"%s\": first difference at byte %llu (on device %d)",
+                         job->ckpt->tensors[d->tensor].st->name,
+                         (unsigned long long)(d->tensor_off + pc->dest_off + at), d->device);
             job->mismatched_tensors++;
         }
         pthread_mutex_unlock(&w->p->err_lock);
@@ -332,15 +355,15 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
 
     for (size_t i = 0; i < c->n; i++) {
         const piece *pc = &p->pieces[c->first + i];
-        direct_to_host &= job->dest[pc->tensor].mem->host != NULL;
+        direct_to_host &= job->dest[pc->dest].mem->host != NULL;
         useful += pc->len;
     }
     if (direct_to_host) {
         /* Host memory the CPU can address: read each piece where it goes. */
         for (size_t i = 0; i < c->n && !rc; i++) {
             const piece *pc = &p->pieces[c->first + i];
-            const wl_dest *d = &job->dest[pc->tensor];
-            rc = read_full(p->fd[c->shard], (char *)d->mem->host + d->offset + pc->tensor_off, pc->len,
+            const wl_dest *d = &job->dest[pc->dest];
+            rc = read_full(p->fd[c->shard], (char *)d->mem->host + d->offset + pc->dest_off, pc->len,
                            c->read_off + pc->at, ck->shards[c->shard].path, false, err);
         }
     } else {
@@ -354,16 +377,16 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
             goto out;
         for (size_t i = 0; i < c->n && !rc; i++) {
             const piece *pc = &p->pieces[c->first + i];
-            const wl_dest *d = &job->dest[pc->tensor];
+            const wl_dest *d = &job->dest[pc->dest];
             const char *src = (const char *)buf + pc->at;
             if (job->mode == WL_VERIFY) {
                 rc = compare(w, pc, src, err);
             } else if (p->pinned) {
-                rc = p->backend->copy_async(p->backend, d->device, d->mem, d->offset + pc->tensor_off, src, pc->len,
+                rc = p->backend->copy_async(p->backend, d->device, d->mem, d->offset + pc->dest_off, src, pc->len,
                                             w->index * 2 + (unsigned)*k, err);
                 w->busy_devices[*k] |= 1ULL << d->device;
             } else {
-                rc = p->backend->write(p->backend, d->device, d->mem, d->offset + pc->tensor_off, src, pc->len, err);
+                rc = p->backend->write(p->backend, d->device, d->mem, d->offset + pc->dest_off, src, pc->len, err);
             }
         }
         *k ^= 1;
@@ -372,13 +395,13 @@ out:
     if (rc) {
         const piece *pc = c->n ? &p->pieces[c->first] : NULL;
         if (pc)
-            wd_error_prefix(err, "tensor \"%s\"", ck->tensors[pc->tensor].st->name);
+            wd_error_prefix(err, "tensor \"%s\"", ck->tensors[job->dest[pc->dest].tensor].st->name);
         return rc;
     }
     atomic_fetch_add_explicit(&job->bytes_done, useful, memory_order_relaxed);
     for (size_t i = 0; i < c->n; i++) {
         const piece *pc = &p->pieces[c->first + i];
-        if (pc->tensor_off + pc->len == st_tensor_nbytes(ck->tensors[pc->tensor].st))
+        if (pc->dest_off + pc->len == job->dest[pc->dest].len)
             atomic_fetch_add_explicit(&job->tensors_done, 1, memory_order_relaxed);
     }
     return 0;
@@ -461,15 +484,15 @@ int wl_job_run(wl_pipeline *p, wl_job *job)
 
     p->job = job;
     atomic_store(&p->next, 0);
-    if ((rc = plan(p, ck, &job->err)) || (rc = open_shards(p, ck, &job->err)))
+    if ((rc = plan(p, job, &job->err)) || (rc = open_shards(p, ck, &job->err)))
         goto out;
     if (job->mode == WL_VERIFY && !(p->mismatched = calloc(ck->n_tensors ? ck->n_tensors : 1, 1))) {
         rc = wd_error_set(&job->err, -ENOMEM, "out of host memory");
         goto out;
     }
-    /* Empty tensors are done before anything is read. */
-    for (size_t t = 0; t < ck->n_tensors; t++)
-        if (!st_tensor_nbytes(ck->tensors[t].st))
+    /* Empty dests are done before anything is read. */
+    for (size_t d = 0; d < job->n_dest; d++)
+        if (!job->dest[d].len)
             atomic_fetch_add(&job->tensors_done, 1);
     for (; started < p->threads && started < p->n_chunks; started++)
         if (pthread_create(&p->workers[started].thread, NULL, worker_main, &p->workers[started])) {

@@ -24,11 +24,16 @@
 #include "common/errors.h"
 #include "loader/checkpoint.h"
 
-/* Where one tensor's bytes live. mem is NULL for an empty tensor. */
+/* Where a run of one tensor's bytes lives: bytes [tensor_off, tensor_off +
+ * len) of tensor `tensor`, at `offset` in the segment `mem` on `device`.
+ * mem is NULL when len is 0. A tensor may have several: a replicated model
+ * has one per device, a split one several parts. */
 typedef struct wl_dest {
+    uint32_t tensor;
+    uint64_t tensor_off, len;
     int device;
     const wa_mem *mem;
-    uint64_t offset;     /* within the segment */
+    uint64_t offset;
 } wl_dest;
 
 typedef enum wl_mode { WL_LOAD, WL_VERIFY } wl_mode;
@@ -52,8 +57,10 @@ typedef struct wl_job {
     /* set by the caller */
     wl_mode mode;
     const wl_checkpoint *ckpt;
-    const wl_dest *dest;         /* one per ckpt->tensors entry */
-    /* progress, readable from any thread */
+    const wl_dest *dest;         /* in tensor order, then by tensor_off */
+    size_t n_dest;
+    /* progress, readable from any thread: bytes and dests (tensors on devices)
+     * done, out of the dests' lens and n_dest */
     _Atomic uint64_t bytes_done;
     _Atomic uint64_t tensors_done;
     atomic_bool cancel;

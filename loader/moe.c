@@ -40,17 +40,23 @@ static bool layer_of(const char *name, uint64_t *layer, const char **rest)
     return false;
 }
 
-typedef enum { NOT_EXPERT, PER_EXPERT, FUSED } expert_kind;
-
-static expert_kind expert_of(const char *rest, uint64_t *expert)
+static wl_expert_kind expert_of(const char *rest, uint64_t *expert)
 {
     const char *p = strstr(rest, ".experts.");
 
     if (!p || strstr(rest, "shared_expert"))
-        return NOT_EXPERT;
+        return WL_NOT_EXPERT;
     if (number_after(p, ".experts.", expert, NULL))
-        return PER_EXPERT;
-    return FUSED;
+        return WL_PER_EXPERT;
+    return WL_FUSED_EXPERTS;
+}
+
+wl_expert_kind wl_moe_classify(const char *name, bool *has_layer, uint64_t *layer, uint64_t *expert)
+{
+    const char *rest;
+
+    *has_layer = layer_of(name, layer, &rest);
+    return *has_layer ? expert_of(rest, expert) : WL_NOT_EXPERT;
 }
 
 static wl_moe_layer *find_layer(wl_moe *m, uint64_t index, size_t *cap)
@@ -113,7 +119,7 @@ int wl_moe_analyse(const wl_checkpoint *c, wl_moe *out, wd_error *err)
         uint64_t bytes = st_tensor_nbytes(t), index, expert = 0;
         const char *rest;
         wl_moe_layer *l;
-        expert_kind kind;
+        wl_expert_kind kind;
 
         if (!layer_of(t->name, &index, &rest)) {
             out->outside_bytes += bytes;
@@ -131,7 +137,7 @@ int wl_moe_analyse(const wl_checkpoint *c, wl_moe *out, wd_error *err)
         }
         out->layer_bytes += bytes;
         kind = expert_of(rest, &expert);
-        if (kind == NOT_EXPERT) {
+        if (kind == WL_NOT_EXPERT) {
             l->other_bytes += bytes;
             continue;
         }
@@ -139,7 +145,7 @@ int wl_moe_analyse(const wl_checkpoint *c, wl_moe *out, wd_error *err)
         l->expert_bytes += bytes;
         out->expert_bytes += bytes;
         out->expert_tensors++;
-        if (kind == PER_EXPERT) {
+        if (kind == WL_PER_EXPERT) {
             any_per_expert = true;
             if (set_add(&sets[l - out->layers], expert))
                 goto nomem;

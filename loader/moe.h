@@ -39,6 +39,12 @@ typedef struct wl_moe {
 } wl_moe;
 
 int wl_moe_analyse(const wl_checkpoint *c, wl_moe *out, wd_error *err);
+
+/* One tensor, by its name: not an expert (or a shared one), one expert's
+ * (*expert is its number), or every expert's, fused along the first
+ * dimension. *layer is its layer when it has one. */
+typedef enum wl_expert_kind { WL_NOT_EXPERT, WL_PER_EXPERT, WL_FUSED_EXPERTS } wl_expert_kind;
+wl_expert_kind wl_moe_classify(const char *name, bool *has_layer, uint64_t *layer, uint64_t *expert);
 void wl_moe_free(wl_moe *m);
 const char *wl_moe_layout_name(wl_moe_layout layout);
 

@@ -39,12 +39,13 @@ class ModelCommands(h.E2ETestCase):
         r = d.ctl("list")
         self.assertEqual(r.rc, 0, r)
         lines = r.out.splitlines()
-        self.assertEqual(lines[0].split(), ["NAME", "STATE", "DEVICE", "TENSORS", "SIZE", "LOAD(s)", "PATH"])
+        self.assertEqual(lines[0].split(), ["NAME", "STATE", "DEVICES", "TENSORS", "SIZE", "LOAD(s)", "PATH"])
         self.assertRegex(lines[1], r"^small +ready +0 +22 +[\d.]+ MiB +[\d.]+ +%s$" % re.escape(self.small))
         self.assertRegex(lines[2], r"^q +ready +1 +24 +[\d.]+ MiB +[\d.]+ +%s$" % re.escape(self.qwen))
         models = d.ctl_json("list").json["models"]
-        self.assertEqual([(m["name"], m["device"], m["state"], m["tensors"], m["shards"]) for m in models],
-                         [("small", 0, "ready", 22, 6), ("q", 1, "ready", 24, 9)])
+        self.assertEqual([(m["name"], m["devices"], m["placement"], m["state"], m["tensors"], m["shards"])
+                          for m in models],
+                         [("small", [0], "replicate", "ready", 22, 6), ("q", [1], "replicate", "ready", 24, 9)])
         for m in models:
             self.assertGreaterEqual(m["load_seconds"], 0)
             self.assertGreater(m["loaded_at"], 1.6e9)
@@ -59,33 +60,36 @@ class ModelCommands(h.E2ETestCase):
         self.assertIn("model:    small\n", text)
         self.assertIn("path:     %s\n" % self.small, text)
         self.assertIn("state:    ready\n", text)
-        self.assertIn("device:   1\n", text)
+        self.assertIn("devices:  1 (replicate)\n", text)
         self.assertIn("tensors:  22 in 6 shards\n", text)
         total = sum(v[2] for v in expected.values())
         self.assertIn("bytes:    %d (" % total, text)
         rows = {}
         lines = text.splitlines()
         head = lines.index(next(l for l in lines if l.startswith("TENSOR")))
-        self.assertEqual(lines[head].split(), ["TENSOR", "DTYPE", "SHAPE", "DEVICE", "SEGMENT", "OFFSET", "BYTES"])
+        self.assertEqual(lines[head].split(), ["TENSOR", "DTYPE", "SHAPE", "DEVICE", "SEGMENT", "OFFSET", "FROM",
+                                             "BYTES"])
         for line in lines[head + 1:]:
-            m = re.match(r"^(\S+) +(\S+) +(\[[\d, ]*\]) +(\d+) +(\d+) +(\d+) +(\d+)$", line)
+            m = re.match(r"^(\S+) +(\S+) +(\[[\d, ]*\]) +(\d+) +(\d+) +(\d+) +(\d+) +(\d+)$", line)
             self.assertTrue(m, "not a tensor row: %r" % line)
-            rows[m.group(1)] = (m.group(2), json.loads(m.group(3)), int(m.group(4)), int(m.group(7)))
+            self.assertEqual(m.group(7), "0", "a whole tensor starts at its first byte")
+            rows[m.group(1)] = (m.group(2), json.loads(m.group(3)), int(m.group(4)), int(m.group(8)))
         self.assertEqual(set(rows), set(expected), "info lists every tensor")
         for name, (dtype, shape, nbytes) in expected.items():
             self.assertEqual(rows[name], (dtype, shape, 1, nbytes), name)
         # --json: the same, with offsets and segments that do not overlap
         o = d.ctl_json("info", "small").json
-        self.assertEqual((o["name"], o["device"], o["tensors"], o["shards"], o["bytes"], o["state"]),
-                         ("small", 1, 22, 6, total, "ready"))
+        self.assertEqual((o["name"], o["devices"], o["tensors"], o["shards"], o["bytes"], o["device_bytes"],
+                          o["state"]), ("small", [1], 22, 6, total, total, "ready"))
         self.assertNotIn("next", o)
         self.assertEqual(len(o["tensor_list"]), 22)
         self.assertEqual(sum(o["dtypes"].values()), total)
         spans = {}
         for t in o["tensor_list"]:
             self.assertEqual((t["dtype"], t["shape"], t["bytes"]), expected[t["name"]])
-            self.assertEqual(t["device"], 1)
-            spans.setdefault(t["segment"], []).append((t["offset"], t["offset"] + t["bytes"]))
+            (p,) = t["placements"]
+            self.assertEqual((p["device"], p["tensor_offset"], p["bytes"]), (1, 0, t["bytes"]))
+            spans.setdefault(p["segment"], []).append((p["offset"], p["offset"] + p["bytes"]))
         for seg, s in spans.items():
             s.sort()
             for (a0, a1), (b0, b1) in zip(s, s[1:]):
@@ -152,7 +156,8 @@ class ModelCommands(h.E2ETestCase):
         self.assertIn('no model named "small"', r.err)
         self.assertJsonError(d.ctl_json("unload", "small"), "ENOENT")
         o = d.ctl_json("unload", "qwen").json
-        self.assertEqual(o, {"name": "qwen", "bytes": h.checkpoint_bytes(self.qwen)})
+        size = h.checkpoint_bytes(self.qwen)
+        self.assertEqual(o, {"name": "qwen", "bytes": size, "device_bytes": size})
         self.assertEqual(d.device(0)["reserved_bytes"]["current"], 0)
         # loading again after an unload works
         h.load_ok(self, d, self.small)
@@ -261,11 +266,11 @@ class ManyTensors(h.E2ETestCase):
         self.assertEqual(set(names), set(tensors_of(path)))
         self.assertEqual(o["tensors"], n)
         self.assertEqual(sum(t["bytes"] for t in o["tensor_list"]), ins.json["bytes"])
-        self.assertTrue(all(t["device"] == 1 for t in o["tensor_list"]))
+        self.assertTrue(all([p["device"] for p in t["placements"]] == [1] for t in o["tensor_list"]))
         self.assertNotIn("next", o)
         # text output: every tensor too
         text = d.ctl("info", "qwen-many").out
-        self.assertIn("device:   1\n", text)
+        self.assertIn("devices:  1 (replicate)\n", text)
         self.assertIn("tensors:  %d in 1 shard\n" % n, text)
         lines = text.splitlines()
         rows = lines[lines.index(next(l for l in lines if l.startswith("TENSOR "))) + 1:]

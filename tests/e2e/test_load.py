@@ -36,7 +36,7 @@ class LoadForms(h.E2ETestCase):
         r = h.load_ok(self, d, self.small)
         self.assertRegex(r.out, r"^loaded small: 22 tensors in 6 shards, [\d.]+ MiB in [\d.]+ s \(.*\) on device 0\n$")
         m = self.model(d, "small")
-        self.assertEqual((m["state"], m["device"], m["tensors"], m["shards"]), ("ready", 0, 22, 6))
+        self.assertEqual((m["state"], m["devices"], m["tensors"], m["shards"]), ("ready", [0], 22, 6))
         self.assertEqual(m["bytes"], h.checkpoint_bytes(self.small))
         self.assertEqual(m["path"], self.small)
         # the index: named after its folder
@@ -118,7 +118,8 @@ class LoadForms(h.E2ETestCase):
         self.assertEqual(r.rc, 0, r)
         o = r.json
         self.assertEqual(o["name"], "js")
-        self.assertEqual(o["device"], 1)
+        self.assertEqual((o["devices"], o["placement"]), ([1], "replicate"))
+        self.assertEqual(o["device_bytes"], o["bytes"])
         self.assertEqual(o["tensors"], 22)
         self.assertEqual(o["shards"], 6)
         self.assertEqual(o["bytes"], h.checkpoint_bytes(self.small))

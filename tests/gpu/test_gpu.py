@@ -37,7 +37,7 @@ class Gpu(h.E2ETestCase):
         self.assertEqual(d.ctl("verify", "m").rc, 0)
         self.assertEqual(d.ctl("verify", "q").rc, 0)
         info = d.ctl_json("info", "m").json
-        self.assertTrue(all(t["device"] == 0 for t in info["tensor_list"]))
+        self.assertTrue(all([p["device"] for p in t["placements"]] == [0] for t in info["tensor_list"]))
         self.assertEqual(d.ctl("unload", "m").rc, 0)
         self.assertEqual(d.ctl("unload", "q").rc, 0)
         self.assertEqual(d.stats()["devices"][0]["reserved_bytes"]["current"], 0)

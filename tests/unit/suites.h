@@ -11,6 +11,7 @@
     X(checkpoint)         \
     X(mkckpt)             \
     X(moe)                \
+    X(placement)          \
     X(allocator)          \
     X(alloc_config)       \
     X(backend_host)       \

@@ -141,20 +141,25 @@ START_TEST(registry_adds_finds_and_removes)
 {
     wd_server s;
     wd_model *a, *b, *c;
+    const int devs[] = {1, 0};
     wd_error err = {0};
+    char text[16];
 
     memset(&s, 0, sizeof s);
-    ck_assert_int_eq(wd_registry_add(&s, "a", "/x/a", 0, &a, &err), 0);
-    ck_assert_int_eq(wd_registry_add(&s, "b", "/x/b", 1, &b, &err), 0);
-    ck_assert_int_eq(wd_registry_add(&s, "a", "/x/a2", 0, &c, &err), -EEXIST);
+    ck_assert_int_eq(wd_registry_add(&s, "a", "/x/a", devs + 1, 1, WL_REPLICATE, &a, &err), 0);
+    ck_assert_int_eq(wd_registry_add(&s, "b", "/x/b", devs, 2, WL_EXPERT_PARALLEL, &b, &err), 0);
+    ck_assert_int_eq(wd_registry_add(&s, "a", "/x/a2", devs, 1, WL_REPLICATE, &c, &err), -EEXIST);
+    ck_assert_str_eq(wd_model_devices_text(a, text, sizeof text), "0");
+    ck_assert_str_eq(wd_model_devices_text(b, text, sizeof text), "1,0");
+    ck_assert_int_eq(b->placement, WL_EXPERT_PARALLEL);
     ck_assert_ptr_eq(wd_registry_find(&s, "b"), b);
     ck_assert_ptr_eq(s.models, a); /* arrival order */
     ck_assert_int_eq(a->state, WD_MODEL_LOADING);
     ck_assert_uint_eq(wd_registry_count(&s), 2);
-    wd_registry_remove(&s, a);
+    wd_registry_remove(&s, a, false);
     ck_assert_ptr_null(wd_registry_find(&s, "a"));
     ck_assert_uint_eq(wd_registry_count(&s), 1);
-    wd_registry_remove(&s, b);
+    wd_registry_remove(&s, b, false);
     ck_assert_ptr_null(s.models);
 }
 END_TEST
