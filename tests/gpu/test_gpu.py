@@ -11,6 +11,12 @@ import unittest
 from tests.e2e import harness as h
 
 
+def gpu_count():
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], check=True,
+                         capture_output=True, text=True).stdout
+    return len(out.split())
+
+
 def device_used_mib(index=0):
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i",
                           str(index)], check=True, capture_output=True, text=True).stdout
@@ -108,6 +114,35 @@ class Gpu(h.E2ETestCase):
                            os.path.join(self.tmp, "x.sock")])
         self.assertEqual(r.rc, 1, r)
         self.assertIn("no CUDA device \"7\"", r.err)
+
+
+    @unittest.skipUnless(gpu_count() >= 2, "needs two GPUs")
+    def test_two_gpus_replicated_and_expert_parallel(self):
+        d = self.daemon("--backend", "cuda", "--devices", "0,1", host_flags=False,
+                        sock=os.path.join(self.tmp, "two.sock"))
+        h.load_ok(self, d, self.qwen, "--name", "warmup", "--devices", "0,1")
+        self.assertEqual(d.ctl("unload", "warmup").rc, 0)
+        before = [device_used_mib(0), device_used_mib(1)]
+        size = h.checkpoint_bytes(self.medium)
+        h.load_ok(self, d, self.medium, "--name", "rep", "--devices", "0,1")
+        h.load_ok(self, d, self.medium, "--name", "ep", "--devices", "1,0", "--placement", "expert-parallel")
+        for name in ("rep", "ep"):
+            r = d.ctl("verify", name)
+            self.assertEqual(r.rc, 0, r)
+        rep = d.ctl_json("info", "rep").json
+        self.assertEqual(rep["device_bytes"], 2 * size)
+        self.assertTrue(all([p["device"] for p in t["placements"]] == [0, 1] for t in rep["tensor_list"]))
+        ep = d.ctl_json("info", "ep").json
+        split = [t for t in ep["tensor_list"] if ".mlp.experts." in t["name"]]
+        self.assertTrue(split)
+        for t in split:
+            self.assertEqual([(p["device"], p["tensor_offset"]) for p in t["placements"]],
+                             [(1, 0), (0, t["bytes"] // 2)], t["name"])
+        self.assertLess(ep["device_bytes"], 2 * size)
+        for name in ("rep", "ep"):
+            self.assertEqual(d.ctl("unload", name).rc, 0)
+        self.assertEqual([device_used_mib(0), device_used_mib(1)], before, "every byte back on both GPUs")
+        self.assertClean(d, d.stop())
 
 
 if __name__ == "__main__":
