@@ -429,6 +429,10 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
         CU(cu->cuDeviceGetName(d->name, sizeof d->name, d->dev), "cuDeviceGetName");
         CU(cu->cuDeviceGetUuid(&u, d->dev), "cuDeviceGetUuid");
         format_uuid(&u, d->uuid, sizeof d->uuid);
+        /* A thread waiting for its copies sleeps instead of spinning (the
+         * driver's default with fewer contexts than CPUs): a daemon should
+         * not burn CPUs while it waits. Loads ran as fast either way. */
+        CU(cu->cuDevicePrimaryCtxSetFlags(d->dev, CU_CTX_SCHED_BLOCKING_SYNC), "cuDevicePrimaryCtxSetFlags");
         CU(cu->cuDevicePrimaryCtxRetain(&d->ctx, d->dev), "cuDevicePrimaryCtxRetain");
         c->base.n_devices = i + 1; /* what destroy must release */
         CU(cu->cuCtxSetCurrent(d->ctx), "cuCtxSetCurrent");

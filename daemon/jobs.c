@@ -33,6 +33,7 @@ struct wd_job {
     int rc;
     wd_error err;
     double t0;
+    double t_opened, t_allocated; /* load: when each phase ended */
     wd_job *prev, *next;
 };
 
@@ -155,7 +156,7 @@ static void finish_load(wd_job *j)
                wd_model_devices_text(m, devs, sizeof devs), wl_placement_name(m->placement));
         final_progress(j);
         if (j->req) {
-            cJSON *res = cJSON_CreateObject();
+            cJSON *res = cJSON_CreateObject(), *phases;
             cJSON_AddStringToObject(res, "name", m->name);
             cJSON_AddStringToObject(res, "path", m->path);
             cJSON_AddItemToObject(res, "devices", wd_model_devices_json(m));
@@ -165,6 +166,11 @@ static void finish_load(wd_job *j)
             cJSON_AddNumberToObject(res, "shards", (double)m->ckpt.n_shards);
             cJSON_AddNumberToObject(res, "bytes", (double)m->bytes);
             cJSON_AddNumberToObject(res, "seconds", m->load_seconds);
+            /* Where the time went: headers, device memory, reading and copying. */
+            phases = cJSON_AddObjectToObject(res, "phases");
+            cJSON_AddNumberToObject(phases, "open", j->t_opened - j->t0);
+            cJSON_AddNumberToObject(phases, "allocate", j->t_allocated - j->t_opened);
+            cJSON_AddNumberToObject(phases, "read", j->t0 + m->load_seconds - j->t_allocated);
             wd_reply_ok(j->req, res);
         }
     } else {
@@ -274,12 +280,14 @@ static void after_open(uv_work_t *w, int status)
         finish_load(j);
         return;
     }
+    j->t_opened = wd_now();
     j->model->ckpt = j->ckpt;
     memset(&j->ckpt, 0, sizeof j->ckpt);
     if ((j->rc = allocate_tensors(s, j))) {
         finish_load(j);
         return;
     }
+    j->t_allocated = wd_now();
     j->io.mode = WL_LOAD;
     j->io.ckpt = &j->model->ckpt;
     j->io.dest = j->model->dest;
