@@ -174,6 +174,10 @@ $(BUILD)/readbw: bench/readbw.c
 $(BUILD)/vmmcost: bench/vmmcost.c allocator/cuda_driver.c common/errors.c
 	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $^ -ldl -lpthread
 
+# weightd's read-and-copy scheme alone, against plain and pinned reads.
+$(BUILD)/pipebw: bench/pipebw.c allocator/cuda_driver.c common/errors.c
+	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $^ -ldl -lpthread
+
 bench-load: all $(BUILD)/readbw
 	$(Q)python3 bench/load_bench.py --build $(BUILD) --out $(BUILD)/bench
 

@@ -15,7 +15,8 @@
 #define WA_CUDA_FUNCTIONS(X)                                                                          \
     X(cuInit) X(cuGetErrorString) X(cuDriverGetVersion) X(cuDeviceGetCount) X(cuDeviceGet)            \
     X(cuDeviceGetName) X(cuDeviceGetUuid) X(cuDeviceTotalMem) X(cuDeviceGetAttribute)                  \
-    X(cuDevicePrimaryCtxSetFlags) X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease) X(cuCtxSetCurrent) X(cuCtxSynchronize)    \
+    X(cuDevicePrimaryCtxSetFlags) X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease)            \
+    X(cuCtxSetCurrent) X(cuCtxSynchronize)                                                            \
     X(cuMemGetInfo) X(cuMemGetAllocationGranularity) X(cuMemCreate) X(cuMemRelease)                     \
     X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemMap) X(cuMemUnmap) X(cuMemSetAccess)              \
     X(cuMemExportToShareableHandle) X(cuMemAlloc) X(cuMemFree) X(cuIpcGetMemHandle)                     \
