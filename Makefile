@@ -57,7 +57,6 @@ ifeq ($(USE_CUDA),yes)
 # Only headers and a define: nothing links libcuda, so every program starts on
 # machines without a driver (CI); allocator/cuda_driver.c opens it at run time.
 CUDA_CFLAGS := -DWD_WITH_CUDA=1 -I$(CUDA_HOME)/include
-CUDA_LIBS   :=
 CUDA_REPORT := CUDA: yes ($(CUDA_HOME), WITH_CUDA=$(WITH_CUDA))
 else
 CUDA_REPORT := CUDA: no (WITH_CUDA=$(WITH_CUDA), $(CUDA_HOME)/include/cuda.h $(if $(filter yes,$(CUDA_FOUND)),found,not found))
@@ -107,16 +106,16 @@ $(BUILD)/obj/%.o: %.c Makefile
 $(BUILD)/obj/tests/unit/%.o: CFLAGS += $(CHECK_CFLAGS)
 
 $(BUILD)/weightd: $(call obj,daemon/main.c) $(DAEMON_OBJ) $(CORE_OBJ)
-	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LIBS)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/weightctl: $(call obj,$(CTL_SRC)) $(CORE_OBJ) $(call obj,$(CLIENT_SRC))
-	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LIBS)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/weightd-replay: $(call obj,allocator/replay.c) $(CORE_OBJ)
-	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LIBS)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/weightd-mkckpt: $(call obj,loader/mkckpt.c) $(CORE_OBJ)
-	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LIBS)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/libweightd-client.so.0: $(CLIENT_OBJ) client/libweightd-client.map
 	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,-soname,libweightd-client.so.0 \
@@ -135,7 +134,7 @@ $(BUILD)/weightd-client.pc: client/weightd-client.pc.in Makefile
 
 $(UNIT): $(call obj,$(UNIT_SRC)) $(DAEMON_OBJ) $(CORE_OBJ) $(call obj,$(CLIENT_SRC))
 	@mkdir -p $(dir $@)
-	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(LDLIBS) $(CUDA_LIBS)
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(LDLIBS)
 
 # `make test` runs every test: the Check units, then the end-to-end tests
 # against the real programs of this build.
@@ -169,13 +168,13 @@ gpu-test: all
 	$(Q)WEIGHTD_BUILD=$(abspath $(BUILD)) python3 -m unittest discover -s tests/gpu -t . -v
 
 $(BUILD)/readbw: bench/readbw.c
+	@mkdir -p $(dir $@)
 	$(call msg,LD,$@)$(CC) -O2 -Wall -Wextra -Werror -pthread -o $@ $<
 
-$(BUILD)/vmmcost: bench/vmmcost.c allocator/cuda_driver.c common/errors.c
-	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $^ -ldl -lpthread
-
-# weightd's read-and-copy scheme alone, against plain and pinned reads.
-$(BUILD)/pipebw: bench/pipebw.c allocator/cuda_driver.c common/errors.c
+# On the GPU machine: what the driver's VMM calls cost (vmmcost), and
+# weightd's read-and-copy scheme alone against plain and pinned reads (pipebw).
+$(BUILD)/vmmcost $(BUILD)/pipebw: $(BUILD)/%: bench/%.c allocator/cuda_driver.c common/errors.c
+	@mkdir -p $(dir $@)
 	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $^ -ldl -lpthread
 
 bench-load: all $(BUILD)/readbw
@@ -204,7 +203,7 @@ uninstall:
 	      $(DESTDIR)$(TMPFILESDIR)/weightd.conf
 
 clean:
-	rm -rf build build-san
+	rm -rf build build-san $(BUILD)
 
 help:
 	@echo "targets: all (default) test unit e2e demo bench install uninstall clean"

@@ -70,7 +70,7 @@ def gptoss_tp1(tight):
     params = []
     for _ in range(layers):
         p = {}
-        for name, size in (("ln1", h * 2), ("ln2", h * 2), ("q", 4096 * h * 2), ("qb", 4096 * 2),
+        for _, size in (("ln1", h * 2), ("ln2", h * 2), ("q", 4096 * h * 2), ("qb", 4096 * 2),
                            ("k", 512 * h * 2), ("kb", 512 * 2), ("v", 512 * h * 2), ("vb", 512 * 2),
                            ("o", h * 4096 * 2), ("ob", h * 2), ("sinks", 64 * 2),
                            ("router", e * h * 2), ("routerb", e * 2)):

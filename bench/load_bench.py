@@ -28,8 +28,18 @@ def drop_caches():
         f.write("3\n")
 
 
-def warm(shards, readbw):
-    subprocess.run([readbw, "-t", "16"] + shards, check=True, capture_output=True)
+def prepare(cold, shards, readbw):
+    """A cold run starts with the page cache dropped, a warm one with the
+    shards read into it."""
+    if cold:
+        drop_caches()
+    else:
+        subprocess.run([readbw, "-t", "16"] + shards, check=True, capture_output=True)
+
+
+def gpu_name():
+    return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"], check=True,
+                          capture_output=True, text=True).stdout.strip()
 
 
 def summary(values):
@@ -37,10 +47,7 @@ def summary(values):
 
 
 def read_limit(readbw, shards, cold):
-    if cold:
-        drop_caches()
-    else:
-        warm(shards, readbw)
+    prepare(cold, shards, readbw)
     out = subprocess.run([readbw, "-t", "16"] + shards, check=True, capture_output=True, text=True).stdout
     return json.loads(out)["gbps"]
 
@@ -69,10 +76,7 @@ def copy_limit(torch):
 
 def safetensors_load(torch, shards, total, cold, readbw):
     from safetensors.torch import load_file
-    if cold:
-        drop_caches()
-    else:
-        warm(shards, readbw)
+    prepare(cold, shards, readbw)
     t0 = time.perf_counter()
     loaded = [load_file(s, device="cuda") for s in shards]
     torch.cuda.synchronize()
@@ -103,10 +107,7 @@ class Daemon:
         return json.loads(r.stdout)
 
     def load(self, path, total, cold, shards, readbw):
-        if cold:
-            drop_caches()
-        else:
-            warm(shards, readbw)
+        prepare(cold, shards, readbw)
         res = self.run("load", path, "--name", "bench")
         assert res["bytes"] == total, res
         self.run("unload", "bench")
@@ -131,7 +132,9 @@ def main():
     ap.add_argument("--cold-only", action="store_true", help="only cold runs")
     ap.add_argument("--no-torch", action="store_true", help="weightd and the read limit only")
     a = ap.parse_args()
-    import torch
+    torch = None
+    if not a.no_torch:
+        import torch
 
     os.makedirs(a.work, exist_ok=True)
     ckpt = os.path.join(a.work, "gpt-oss-120b-%dl" % a.layers)
@@ -145,7 +148,8 @@ def main():
     print("checkpoint: %s, %d shards, %.2f GB of tensors" % (ckpt, len(shards), total / 1e9), flush=True)
 
     res = {"checkpoint": {"path": ckpt, "shards": len(shards), "bytes": total, "layers": a.layers},
-           "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+           "gpu": torch.cuda.get_device_name(0) if torch else gpu_name(),
+           "torch": torch.__version__ if torch else "not used", "date": time.strftime("%Y-%m-%d")}
     variants = [v.split("=", 1) for v in a.variant] or [["weightd", ""]]
     temps = ("warm",) if a.warm_only else ("cold",) if a.cold_only else ("cold", "warm")
     for temp in temps:

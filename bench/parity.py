@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 
 STEP = 64 << 20

@@ -15,7 +15,7 @@
 
 #define PIECE (16u << 20)
 
-typedef struct file { int fd; long long size, pieces; } file;
+typedef struct file { int fd; long long pieces; } file;
 static file *files;
 static int n_files;
 static long long total_pieces;
@@ -65,7 +65,6 @@ int main(int argc, char **argv)
             perror(argv[first + i]);
             return 1;
         }
-        files[i].size = st.st_size;
         files[i].pieces = (st.st_size + PIECE - 1) / PIECE;
         total_pieces += files[i].pieces;
     }

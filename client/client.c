@@ -37,17 +37,6 @@ static int fail(wdc_client *c, int code, const char *fmt, ...)
     return code;
 }
 
-/* Descriptors nobody took from an earlier reply are not kept. */
-static void drop_fds(wdc_client *c)
-{
-    int fds[WP_MAX_FDS];
-    size_t n;
-
-    while ((n = wp_reader_take_fds(&c->rd, fds, WP_MAX_FDS)))
-        for (size_t i = 0; i < n; i++)
-            close(fds[i]);
-}
-
 wdc_client *wdc_new(void)
 {
     wdc_client *c = calloc(1, sizeof *c);
@@ -66,7 +55,6 @@ void wdc_close(wdc_client *c)
         return;
     if (c->fd >= 0)
         close(c->fd);
-    drop_fds(c);
     wp_reader_free(&c->rd);
     wp_writer_free(&c->wr);
     free(c->server_info);
@@ -125,8 +113,7 @@ static int read_message(wdc_client *c, int timeout_ms, cJSON **msg, char **line_
                 continue;
             if ((rc = wp_parse(line, len, msg, &err)))
                 return fail(c, -EPROTO, "weightd sent a malformed message: %s", wd_error_text(&err));
-            if (line_out)
-                *line_out = line;
+            *line_out = line;
             return 0;
         }
         if ((rc = wait_for(c, POLLIN, timeout_ms)))
@@ -150,7 +137,8 @@ int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_m
     int rc;
 
     c->code[0] = c->message[0] = '\0';
-    drop_fds(c);
+    /* Descriptors nobody took from an earlier reply are not kept. */
+    wp_reader_drop_fds(&c->rd);
     if (result_json)
         *result_json = NULL;
     if (c->fd < 0)

@@ -20,6 +20,7 @@
 #include "common/size.h"
 #include "loader/checkpoint.h"
 #include "loader/moe.h"
+#include "loader/placement.h"
 
 #define EXIT_FAILED 1
 #define EXIT_USAGE 2
@@ -143,7 +144,7 @@ static const char *flag_value(int argc, char **argv, int *i, const char *flag)
 
 typedef struct progress {
     bool tty, quiet;
-    double start, last_print;
+    double last_print;
     int last_percent;
     const char *name;
 } progress;
@@ -195,6 +196,18 @@ static void on_progress(const char *event_json, void *ctx)
         p->last_print = now();
     }
     cJSON_Delete(ev);
+}
+
+/* A call that shows the daemon's progress events for `label` on stderr. */
+static int call_with_progress(ctl *c, const char *op, cJSON *args, const char *label, cJSON **res)
+{
+    progress p = {.tty = isatty(STDERR_FILENO), .quiet = c->json, .last_print = now(), .last_percent = -10,
+                  .name = label};
+    int rc = call(c, op, args, c->timeout_ms, on_progress, &p, res);
+
+    if (p.tty && !p.quiet)
+        fputs("\r\033[K", stderr);
+    return rc;
 }
 
 /* The daemon has its own working directory: it needs an absolute path. Only
@@ -330,7 +343,6 @@ static int cmd_load(ctl *c, int argc, char **argv)
 {
     const char *path = NULL, *name = NULL, *plan = NULL, *flag, *v;
     char abs[PATH_MAX], a[32], r[32], devs[128];
-    progress p = {0};
     cJSON *args = cJSON_CreateObject(), *res = NULL, *devices;
     int rc = EXIT_USAGE;
 
@@ -349,7 +361,8 @@ static int cmd_load(ctl *c, int argc, char **argv)
             }
             cJSON_AddItemToObject(args, "devices", devices);
         } else if ((v = flag_value(argc, argv, &i, "--placement"))) {
-            if (strcmp(v, "replicate") && strcmp(v, "expert-parallel")) {
+            wl_placement placement;
+            if (wl_placement_parse(v, &placement)) {
                 usage_error("--placement: \"%s\" is not replicate or expert-parallel", v);
                 goto out;
             }
@@ -380,14 +393,7 @@ static int cmd_load(ctl *c, int argc, char **argv)
     cJSON_AddStringToObject(args, "path", abs);
     if (name)
         cJSON_AddStringToObject(args, "name", name);
-    p.tty = isatty(STDERR_FILENO);
-    p.quiet = c->json;
-    p.start = p.last_print = now();
-    p.last_percent = -10;
-    p.name = name ? name : path;
-    rc = call(c, "load", args, c->timeout_ms, on_progress, &p, &res);
-    if (p.tty && !p.quiet)
-        fputs("\r\033[K", stderr);
+    rc = call_with_progress(c, "load", args, name ? name : path, &res);
     if (rc) {
         rc = report_error(c, "load", rc, last_error(c));
         goto out;
@@ -457,22 +463,14 @@ static int cmd_verify(ctl *c, int argc, char **argv)
 {
     const char *name = NULL;
     cJSON *args, *res;
-    progress p = {0};
     char a[32];
     int rc, exit_code;
 
     if ((rc = one_name(argc, argv, &name)))
         return rc;
     args = name_args(name);
-    p.tty = isatty(STDERR_FILENO);
-    p.quiet = c->json;
-    p.last_percent = -10;
-    p.last_print = now();
-    p.name = name;
-    rc = call(c, "verify", args, c->timeout_ms, on_progress, &p, &res);
+    rc = call_with_progress(c, "verify", args, name, &res);
     cJSON_Delete(args);
-    if (p.tty && !p.quiet)
-        fputs("\r\033[K", stderr);
     if (rc)
         return report_error(c, "verify", rc, last_error(c));
     exit_code = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "match")) ? 0 : EXIT_FAILED;
@@ -857,8 +855,8 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
     wl_checkpoint ck;
     wl_moe moe;
     wd_error err = {0};
-    uint64_t by_dtype[ST_DTYPE_COUNT] = {0};
-    size_t n_by_dtype[ST_DTYPE_COUNT] = {0};
+    uint64_t by_dtype[ST_DTYPE_COUNT];
+    size_t n_by_dtype[ST_DTYPE_COUNT];
     double t0 = now(), secs;
     char a[32];
     int rc;
@@ -872,10 +870,7 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
         wl_checkpoint_close(&ck);
         return report_error(c, "inspect", rc, wd_error_text(&err));
     }
-    for (size_t i = 0; i < ck.n_tensors; i++) {
-        by_dtype[ck.tensors[i].st->dtype] += st_tensor_nbytes(ck.tensors[i].st);
-        n_by_dtype[ck.tensors[i].st->dtype]++;
-    }
+    wl_checkpoint_dtype_totals(&ck, by_dtype, n_by_dtype);
     if (c->json) {
         cJSON *o = cJSON_CreateObject(), *shards, *dt;
         cJSON_AddBoolToObject(o, "ok", 1);

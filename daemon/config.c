@@ -233,8 +233,7 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
 
     memset(c, 0, sizeof *c);
     for (size_t i = 0; i < N_OPTIONS; i++)
-        if ((rc = set_option(c, &options[i], options[i].def[0] || options[i].type == OPT_STRING ? options[i].def : "0",
-                             "default", err)))
+        if ((rc = set_option(c, &options[i], options[i].def, "default", err)))
             goto fail;
     /* --help, --version and --config first: the file is the lowest layer. */
     for (int i = 1; i < argc; i++) {

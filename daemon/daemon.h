@@ -174,12 +174,10 @@ struct wd_model {
     size_t n_devices;
     wl_placement placement;
     wl_checkpoint ckpt;       /* headers, kept for info and verify */
-    wl_target *targets;       /* the tensors' runs on devices (placement.h) */
-    size_t n_targets;
-    wa_block **blocks;        /* one per target; NULL for an empty one */
-    wl_dest *dest;            /* one per target: where its bytes are */
-    uint64_t bytes;           /* the checkpoint's tensor bytes */
-    uint64_t device_bytes;    /* what the targets hold, on all devices together */
+    wl_dest *dest;            /* the tensors' runs on devices (placement.h), in tensor order */
+    size_t n_dest;
+    wa_block **blocks;        /* one per dest; NULL for an empty one */
+    uint64_t device_bytes;    /* what the dests hold, on all devices together */
     double load_seconds;
     double loaded_at;         /* wall clock */
     unsigned busy;            /* verify jobs reading it */
@@ -206,7 +204,7 @@ cJSON *wd_model_devices_json(const wd_model *m);
 int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, const int *devices,
                   size_t n_devices, wl_placement placement, wd_error *err);
 int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err);
-/* The client of r went away: cancel what it started. */
+/* The client of r went away: cancel what it started (r is the caller's to free). */
 void wd_jobs_request_gone(wd_server *s, wd_request *r);
 /* Cancel every job (the daemon is stopping). */
 void wd_jobs_cancel_all(wd_server *s);

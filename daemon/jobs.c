@@ -29,7 +29,6 @@ struct wd_job {
     wl_job io;
     uv_work_t work;
     bool policy_pushed;
-    bool allocating;
     int rc;
     wd_error err;
     double t0;
@@ -80,7 +79,7 @@ static cJSON *progress_event(const wd_job *j)
 {
     cJSON *ev = wp_event_new(j->req->id, "progress");
     /* Tensors on devices: a model on two devices has twice the work. */
-    uint64_t total = j->model->device_bytes, tensors = j->model->n_targets;
+    uint64_t total = j->model->device_bytes, tensors = j->model->n_dest;
 
     if (!ev)
         return NULL;
@@ -110,7 +109,7 @@ static void set_status(wd_server *s)
     for (wd_model *m = s->models; m; m = m->next)
         if (m->state == WD_MODEL_READY) {
             n++;
-            bytes += m->bytes;
+            bytes += m->ckpt.total_bytes;
         }
     sd_notifyf(0, "STATUS=%zu model%s loaded (%s)%s", n, n == 1 ? "" : "s", wd_size_format(bytes, size, sizeof size),
                wd_jobs_load_active(s) ? ", loading" : "");
@@ -135,6 +134,20 @@ static wd_job *job_new(wd_server *s, job_kind kind, job_state state, wd_request 
     return j;
 }
 
+/* A cancel that came after the worker's last look still ends the job. */
+static void settle_cancel(wd_job *j)
+{
+    if (j->rc == 0 && atomic_load(&j->io.cancel))
+        j->rc = wd_error_set(&j->err, -ECANCELED, "cancelled");
+}
+
+/* Runs j's reads on p (on a worker thread). */
+static void run_io(wd_job *j, wl_pipeline *p)
+{
+    if ((j->rc = wl_job_run(p, &j->io)))
+        j->err = j->io.err;
+}
+
 /* ---- load ------------------------------------------------------------------ */
 
 static void finish_load(wd_job *j)
@@ -142,17 +155,15 @@ static void finish_load(wd_job *j)
     wd_server *s = j->srv;
     wd_model *m = j->model;
     char size[32], rate[32], devs[128];
-    bool cancelled = atomic_load(&j->io.cancel);
 
-    if (j->rc == 0 && cancelled)
-        j->rc = wd_error_set(&j->err, -ECANCELED, "cancelled");
+    settle_cancel(j);
     if (j->rc == 0) {
         m->state = WD_MODEL_READY;
         m->load_seconds = wd_now() - j->t0;
         m->loaded_at = wd_wall();
         wd_log(WD_LOG_notice, "loaded %s: %zu tensors, %s in %.2f s (%s) on device %s (%s)", m->name,
-               m->ckpt.n_tensors, wd_size_format(m->bytes, size, sizeof size), m->load_seconds,
-               wd_rate_format(m->load_seconds > 0 ? (double)m->bytes / m->load_seconds : 0, rate, sizeof rate),
+               m->ckpt.n_tensors, wd_size_format(m->ckpt.total_bytes, size, sizeof size), m->load_seconds,
+               wd_rate_format(m->load_seconds > 0 ? (double)m->ckpt.total_bytes / m->load_seconds : 0, rate, sizeof rate),
                wd_model_devices_text(m, devs, sizeof devs), wl_placement_name(m->placement));
         final_progress(j);
         if (j->req) {
@@ -164,7 +175,7 @@ static void finish_load(wd_job *j)
             cJSON_AddNumberToObject(res, "device_bytes", (double)m->device_bytes);
             cJSON_AddNumberToObject(res, "tensors", (double)m->ckpt.n_tensors);
             cJSON_AddNumberToObject(res, "shards", (double)m->ckpt.n_shards);
-            cJSON_AddNumberToObject(res, "bytes", (double)m->bytes);
+            cJSON_AddNumberToObject(res, "bytes", (double)m->ckpt.total_bytes);
             cJSON_AddNumberToObject(res, "seconds", m->load_seconds);
             /* Where the time went: headers, device memory, reading and copying. */
             phases = cJSON_AddObjectToObject(res, "phases");
@@ -193,9 +204,7 @@ static void read_work(uv_work_t *w)
 {
     wd_job *j = w->data;
 
-    j->rc = wl_job_run(j->srv->pipeline, &j->io);
-    if (j->rc)
-        j->err = j->io.err;
+    run_io(j, j->srv->pipeline);
 }
 
 /* A verify reads with a pipeline of its own, with plain buffers: it may run
@@ -208,9 +217,7 @@ static void verify_work(uv_work_t *w)
 
     if ((j->rc = wl_pipeline_create(j->srv->backend, &po, &p, &j->err)))
         return;
-    j->rc = wl_job_run(p, &j->io);
-    if (j->rc)
-        j->err = j->io.err;
+    run_io(j, p);
     wl_pipeline_destroy(p);
 }
 
@@ -229,19 +236,22 @@ static int allocate_tensors(wd_server *s, wd_job *j)
 {
     wd_model *m = j->model;
     const wl_checkpoint *ck = &m->ckpt;
+    wl_target *targets = NULL;
     int rc;
 
     if ((rc = wa_policy_push(s->alloc, s->conf->load_alloc_conf, &j->err)))
         return rc;
     j->policy_pushed = true;
-    if ((rc = wl_place(ck, m->devices, m->n_devices, m->placement, &m->targets, &m->n_targets, &j->err)))
+    if ((rc = wl_place(ck, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, &j->err)))
         return rc;
-    m->blocks = calloc(m->n_targets ? m->n_targets : 1, sizeof *m->blocks);
-    m->dest = calloc(m->n_targets ? m->n_targets : 1, sizeof *m->dest);
-    if (!m->blocks || !m->dest)
-        return wd_error_set(&j->err, -ENOMEM, "out of host memory");
-    for (size_t i = 0; i < m->n_targets; i++) {
-        const wl_target *t = &m->targets[i];
+    m->blocks = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->blocks);
+    m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest);
+    if (!m->blocks || !m->dest) {
+        rc = wd_error_set(&j->err, -ENOMEM, "out of host memory");
+        goto out;
+    }
+    for (size_t i = 0; i < m->n_dest; i++) {
+        const wl_target *t = &targets[i];
         wa_region reg;
         m->dest[i] = (wl_dest){.tensor = t->tensor, .tensor_off = t->offset, .len = t->len, .device = t->device};
         m->device_bytes += t->len;
@@ -250,14 +260,15 @@ static int allocate_tensors(wd_server *s, wd_job *j)
         if ((rc = wa_malloc(s->alloc, t->device, t->len, &m->blocks[i], &j->err))) {
             wd_error_prefix(&j->err, "tensor \"%s\" (%u of %zu) on device %d", ck->tensors[t->tensor].st->name,
                             t->tensor + 1, ck->n_tensors, t->device);
-            return rc;
+            goto out;
         }
         wa_block_region(m->blocks[i], &reg);
         m->dest[i].mem = reg.mem;
         m->dest[i].offset = reg.offset;
     }
-    m->bytes = ck->total_bytes;
-    return 0;
+out:
+    free(targets);
+    return rc;
 }
 
 static void open_work(uv_work_t *w)
@@ -274,8 +285,7 @@ static void after_open(uv_work_t *w, int status)
     (void)status;
 
     s->jobs_running--;
-    if (j->rc == 0 && atomic_load(&j->io.cancel))
-        j->rc = wd_error_set(&j->err, -ECANCELED, "cancelled");
+    settle_cancel(j);
     if (j->rc) {
         finish_load(j);
         return;
@@ -291,7 +301,7 @@ static void after_open(uv_work_t *w, int status)
     j->io.mode = WL_LOAD;
     j->io.ckpt = &j->model->ckpt;
     j->io.dest = j->model->dest;
-    j->io.n_dest = j->model->n_targets;
+    j->io.n_dest = j->model->n_dest;
     s->jobs_running++;
     uv_queue_work(s->loop, &j->work, read_work, after_read);
 }
@@ -353,8 +363,7 @@ static void after_verify(uv_work_t *w, int status)
 
     s->jobs_running--;
     m->busy--;
-    if (j->rc == 0 && atomic_load(&j->io.cancel))
-        j->rc = wd_error_set(&j->err, -ECANCELED, "cancelled");
+    settle_cancel(j);
     if (j->rc) {
         wd_log(WD_LOG_warning, "verify of %s failed: %s", m->name, wd_error_text(&j->err));
         if (j->req)
@@ -385,8 +394,6 @@ int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
 {
     wd_job *j;
 
-    if (m->state != WD_MODEL_READY)
-        return wd_error_set(err, -EBUSY, "model \"%s\" is still loading", m->name);
     if (s->stopping)
         return wd_error_set(err, -ECANCELED, "weightd is stopping");
     if (!(j = job_new(s, JOB_VERIFY, JOB_RUNNING, r, err)))
@@ -395,7 +402,7 @@ int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
     j->io.mode = WL_VERIFY;
     j->io.ckpt = &m->ckpt;
     j->io.dest = m->dest;
-    j->io.n_dest = m->n_targets;
+    j->io.n_dest = m->n_dest;
     m->busy++;
     job_link(s, j);
     s->jobs_running++;
@@ -423,20 +430,13 @@ void wd_jobs_request_gone(wd_server *s, wd_request *r)
 {
     for (wd_job *j = s->jobs; j; j = j->next)
         if (j->req == r) {
-            /* The request is freed here; the job ends without a reply. */
+            /* The caller frees r; the job ends without a reply. */
             j->req = NULL;
-            cJSON_Delete(r->id);
-            cJSON_Delete(r->args);
-            free(r);
             wd_log(WD_LOG_info, "client gone: cancelling the %s of %s", j->kind == JOB_LOAD ? "load" : "verify",
                    j->model->name);
             cancel_job(s, j);
             return;
         }
-    /* Not a job's request: nothing else keeps it. */
-    cJSON_Delete(r->id);
-    cJSON_Delete(r->args);
-    free(r);
 }
 
 void wd_jobs_cancel_all(wd_server *s)

@@ -14,6 +14,7 @@
 static size_t op_count(void);
 static const wd_op *op_at(size_t i);
 
+/* The model r names, once it has finished loading. */
 static int find_model(wd_server *s, wd_request *r, wd_model **out)
 {
     const char *name;
@@ -23,6 +24,8 @@ static int find_model(wd_server *s, wd_request *r, wd_model **out)
         return rc;
     if (!(*out = wd_registry_find(s, name)))
         return wd_error_set(&r->err, -ENOENT, "no model named \"%s\" is loaded", name);
+    if ((*out)->state != WD_MODEL_READY)
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is still loading", name);
     return 0;
 }
 
@@ -172,13 +175,11 @@ static int op_unload(wd_server *s, wd_request *r)
 
     if ((rc = find_model(s, r, &m)))
         return rc;
-    if (m->state != WD_MODEL_READY)
-        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is still loading", m->name);
     if (m->busy)
         return wd_error_set(&r->err, -EBUSY, "model \"%s\" is being verified", m->name);
     res = cJSON_CreateObject();
     cJSON_AddStringToObject(res, "name", m->name);
-    cJSON_AddNumberToObject(res, "bytes", (double)m->bytes);
+    cJSON_AddNumberToObject(res, "bytes", (double)m->ckpt.total_bytes);
     cJSON_AddNumberToObject(res, "device_bytes", (double)m->device_bytes);
     wd_log(WD_LOG_notice, "unloaded %s (%s)", m->name, wd_size_format(m->device_bytes, size, sizeof size));
     /* A daemon that unloads a model gives its memory back to the devices. */
@@ -209,7 +210,7 @@ static cJSON *model_summary(const wd_model *m)
     cJSON_AddStringToObject(o, "placement", wl_placement_name(m->placement));
     cJSON_AddNumberToObject(o, "tensors", (double)m->ckpt.n_tensors);
     cJSON_AddNumberToObject(o, "shards", (double)m->ckpt.n_shards);
-    cJSON_AddNumberToObject(o, "bytes", (double)m->bytes);
+    cJSON_AddNumberToObject(o, "bytes", (double)m->ckpt.total_bytes);
     cJSON_AddNumberToObject(o, "device_bytes", (double)m->device_bytes);
     if (m->state == WD_MODEL_READY) {
         cJSON_AddNumberToObject(o, "load_seconds", m->load_seconds);
@@ -231,22 +232,21 @@ static int op_list(wd_server *s, wd_request *r)
 /* Where each run of a tensor's bytes lives: one entry per device holding it
  * (two for a replicated tensor on two devices, one per device's rows for a
  * split fused expert tensor). */
-static cJSON *tensor_placements(const wd_model *m, size_t *target)
+static cJSON *tensor_placements(const wd_model *m, size_t first, size_t n)
 {
     cJSON *arr = cJSON_CreateArray();
-    uint32_t tensor = m->targets[*target].tensor;
 
-    for (; *target < m->n_targets && m->targets[*target].tensor == tensor; (*target)++) {
-        const wl_target *t = &m->targets[*target];
+    for (size_t i = first; i < first + n; i++) {
+        const wl_dest *d = &m->dest[i];
         cJSON *o = cJSON_CreateObject();
         wa_region reg = {0};
-        if (m->blocks[*target])
-            wa_block_region(m->blocks[*target], &reg);
-        cJSON_AddNumberToObject(o, "device", t->device);
+        if (m->blocks[i])
+            wa_block_region(m->blocks[i], &reg);
+        cJSON_AddNumberToObject(o, "device", d->device);
         cJSON_AddNumberToObject(o, "segment", reg.segment_id);
         cJSON_AddNumberToObject(o, "offset", (double)reg.offset);
-        cJSON_AddNumberToObject(o, "tensor_offset", (double)t->offset);
-        cJSON_AddNumberToObject(o, "bytes", (double)t->len);
+        cJSON_AddNumberToObject(o, "tensor_offset", (double)d->tensor_off);
+        cJSON_AddNumberToObject(o, "bytes", (double)d->len);
         cJSON_AddItemToArray(arr, o);
     }
     return arr;
@@ -256,35 +256,32 @@ static int op_info(wd_server *s, wd_request *r)
 {
     wd_model *m;
     int64_t offset = 0, limit = INFO_PAGE_DEFAULT;
-    uint64_t by_dtype[ST_DTYPE_COUNT] = {0};
+    uint64_t by_dtype[ST_DTYPE_COUNT];
     size_t budget = 0, i, target = 0;
     cJSON *res, *arr, *dt;
     int rc;
 
     if ((rc = find_model(s, r, &m)))
         return rc;
-    if (m->state != WD_MODEL_READY)
-        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is still loading", m->name);
     if ((rc = wp_arg_int(r->args, "offset", false, 0, INT32_MAX, &offset, &r->err)) == -EINVAL ||
         (rc = wp_arg_int(r->args, "limit", false, 1, 100000, &limit, &r->err)) == -EINVAL)
         return rc;
     res = model_summary(m);
     dt = cJSON_AddObjectToObject(res, "dtypes");
-    for (i = 0; i < m->ckpt.n_tensors; i++)
-        by_dtype[m->ckpt.tensors[i].st->dtype] += st_tensor_nbytes(m->ckpt.tensors[i].st);
+    wl_checkpoint_dtype_totals(&m->ckpt, by_dtype, NULL);
     for (int d = 0; d < ST_DTYPE_COUNT; d++)
         if (by_dtype[d])
             cJSON_AddNumberToObject(dt, st_dtype_name((st_dtype)d), (double)by_dtype[d]);
     cJSON_AddNumberToObject(res, "offset", (double)offset);
     arr = cJSON_AddArrayToObject(res, "tensor_list");
-    /* Targets are in tensor order: skip to the page's first tensor. */
-    while (target < m->n_targets && m->targets[target].tensor < (uint64_t)offset)
+    /* Dests are in tensor order: skip to the page's first tensor. */
+    while (target < m->n_dest && m->dest[target].tensor < (uint64_t)offset)
         target++;
     for (i = (size_t)offset; i < m->ckpt.n_tensors && i < (size_t)(offset + limit); i++) {
         const st_tensor *t = m->ckpt.tensors[i].st;
         cJSON *o, *shape;
         size_t parts = 0, cost;
-        while (target + parts < m->n_targets && m->targets[target + parts].tensor == i)
+        while (target + parts < m->n_dest && m->dest[target + parts].tensor == i)
             parts++;
         cost = strlen(t->name) + 24 * t->ndim + 120 + 120 * parts;
         if (budget + cost > INFO_PAGE_BUDGET)
@@ -297,7 +294,8 @@ static int op_info(wd_server *s, wd_request *r)
         for (size_t k = 0; k < t->ndim; k++)
             cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)t->shape[k]));
         cJSON_AddNumberToObject(o, "bytes", (double)st_tensor_nbytes(t));
-        cJSON_AddItemToObject(o, "placements", parts ? tensor_placements(m, &target) : cJSON_CreateArray());
+        cJSON_AddItemToObject(o, "placements", tensor_placements(m, target, parts));
+        target += parts;
         cJSON_AddItemToArray(arr, o);
     }
     if (i < m->ckpt.n_tensors)

@@ -79,12 +79,11 @@ void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
             *link = m->next;
             break;
         }
-    for (size_t i = 0; m->blocks && i < m->n_targets; i++)
+    for (size_t i = 0; m->blocks && i < m->n_dest; i++)
         wa_free(s->alloc, m->blocks[i]);
     for (size_t i = 0; give_back && i < m->n_devices; i++)
         wa_empty_cache(s->alloc, m->devices[i]);
     wl_checkpoint_close(&m->ckpt);
-    free(m->targets);
     free(m->blocks);
     free(m->dest);
     free(m->devices);

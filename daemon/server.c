@@ -207,8 +207,8 @@ static void conn_close(wd_conn *c, const char *why)
     /* Requests still running lose their client: loads it started are cancelled. */
     while (c->pending) {
         wd_request *r = c->pending;
-        request_unlink(r);
         wd_jobs_request_gone(s, r);
+        request_free(r);
     }
     if (c->prev)
         c->prev->next = c->next;
@@ -290,8 +290,10 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
         goto out;
     }
     wd_log(WD_LOG_debug, "client %llu: %s", (unsigned long long)c->serial, r->op);
-    if ((rc = desc->fn(s, r)))
-        wd_reply_error(r, rc, "%s", r->err.msg[0] ? r->err.msg : wd_strerror(rc));
+    if ((rc = desc->fn(s, r))) {
+        r->err.code = rc;
+        wd_reply_err(r, &r->err);
+    }
 out:
     cJSON_Delete(msg);
 }
@@ -365,13 +367,8 @@ static void on_conn_event(uv_poll_t *h, int status, int events)
         conn_handle_lines(c);
     }
     /* Descriptors nobody asked for are not kept. */
-    if (!c->dead && c->rd.n_fds) {
-        int fds[WP_MAX_FDS];
-        size_t n;
-        while ((n = wp_reader_take_fds(&c->rd, fds, WP_MAX_FDS)))
-            for (size_t i = 0; i < n; i++)
-                close(fds[i]);
-    }
+    if (!c->dead)
+        wp_reader_drop_fds(&c->rd);
 }
 
 static void on_listen(uv_poll_t *h, int status, int events)
@@ -527,14 +524,30 @@ static int open_listener(wd_server *s, wd_error *err)
 /* The stop signals are blocked in every thread and read from a signalfd:
  * no thread can take them, and no signal handler that a library installs
  * (the CUDA driver's, say) can take them over. */
+static void stop_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGTERM);
+}
+
 void wd_block_stop_signals(void)
 {
     sigset_t set;
 
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
+    stop_signals(&set);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
+/* The pipeline, the allocator and the backend, in that order. */
+static void release_devices(wd_server *s)
+{
+    wl_pipeline_destroy(s->pipeline);
+    s->pipeline = NULL;
+    wa_destroy(s->alloc);
+    s->alloc = NULL;
+    wa_backend_destroy(s->backend);
+    s->backend = NULL;
 }
 
 static void on_signal(uv_poll_t *h, int status, int events)
@@ -608,9 +621,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     }
     {
         sigset_t set;
-        sigemptyset(&set);
-        sigaddset(&set, SIGINT);
-        sigaddset(&set, SIGTERM);
+        stop_signals(&set);
         if ((s->signal_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC)) < 0) {
             rc = wd_error_set(err, -errno, "signalfd: %s", strerror(errno));
             goto fail;
@@ -644,12 +655,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
 fail:
     if (s->signal_fd >= 0)
         close(s->signal_fd);
-    wl_pipeline_destroy(s->pipeline);
-    wa_destroy(s->alloc);
-    wa_backend_destroy(s->backend);
-    s->pipeline = NULL;
-    s->alloc = NULL;
-    s->backend = NULL;
+    release_devices(s);
     return rc;
 }
 
@@ -688,12 +694,7 @@ void wd_server_maybe_finish(wd_server *s)
         next = c->next;
         conn_close(c, NULL);
     }
-    wl_pipeline_destroy(s->pipeline);
-    s->pipeline = NULL;
-    wa_destroy(s->alloc);
-    s->alloc = NULL;
-    wa_backend_destroy(s->backend);
-    s->backend = NULL;
+    release_devices(s);
     uv_close((uv_handle_t *)&s->listen_poll, on_handle_closed);
     if (s->listen_fd >= 0)
         close(s->listen_fd);

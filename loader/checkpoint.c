@@ -634,3 +634,15 @@ const wl_tensor *wl_checkpoint_find(const wl_checkpoint *c, const char *name)
     }
     return NULL;
 }
+
+void wl_checkpoint_dtype_totals(const wl_checkpoint *c, uint64_t bytes[ST_DTYPE_COUNT], size_t count[ST_DTYPE_COUNT])
+{
+    memset(bytes, 0, ST_DTYPE_COUNT * sizeof *bytes);
+    if (count)
+        memset(count, 0, ST_DTYPE_COUNT * sizeof *count);
+    for (size_t i = 0; i < c->n_tensors; i++) {
+        bytes[c->tensors[i].st->dtype] += st_tensor_nbytes(c->tensors[i].st);
+        if (count)
+            count[c->tensors[i].st->dtype]++;
+    }
+}

@@ -55,6 +55,8 @@ typedef struct wl_checkpoint {
 int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err);
 /* Safe on a zeroed or already-closed checkpoint. */
 void wl_checkpoint_close(wl_checkpoint *c);
+/* Tensor bytes and, where count is not NULL, tensors, by dtype. */
+void wl_checkpoint_dtype_totals(const wl_checkpoint *c, uint64_t bytes[ST_DTYPE_COUNT], size_t count[ST_DTYPE_COUNT]);
 /* NULL if absent. O(log n). */
 const wl_tensor *wl_checkpoint_find(const wl_checkpoint *c, const char *name);
 

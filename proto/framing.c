@@ -24,10 +24,16 @@ void wp_reader_init(wp_reader *r)
     memset(r, 0, sizeof *r);
 }
 
-void wp_reader_free(wp_reader *r)
+void wp_reader_drop_fds(wp_reader *r)
 {
     for (size_t i = 0; i < r->n_fds; i++)
         close(r->fds[i]);
+    r->n_fds = 0;
+}
+
+void wp_reader_free(wp_reader *r)
+{
+    wp_reader_drop_fds(r);
     free(r->buf);
     memset(r, 0, sizeof *r);
 }

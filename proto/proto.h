@@ -49,6 +49,8 @@ int wp_reader_fill(wp_reader *r, int sock);
 int wp_reader_next(wp_reader *r, char **line, size_t *len);
 /* Moves up to max received descriptors to fds; returns how many. */
 size_t wp_reader_take_fds(wp_reader *r, int *fds, size_t max);
+/* Closes the received descriptors nobody took. */
+void wp_reader_drop_fds(wp_reader *r);
 
 /* ---- writing: a queue of messages, each with its descriptors ----------- */
 

@@ -9,17 +9,6 @@ import re
 from . import harness as h
 
 
-def tensors_of(path):
-    """{name: (dtype, shape, nbytes)} read from the shards themselves."""
-    out = {}
-    for shard in h.shard_files(path) if os.path.isdir(path) else [path]:
-        header, _ = h.read_header(shard)
-        for name, t in header.items():
-            if name != "__metadata__":
-                out[name] = (t["dtype"], t["shape"], t["data_offsets"][1] - t["data_offsets"][0])
-    return out
-
-
 class ModelCommands(h.E2ETestCase):
 
     @classmethod
@@ -53,7 +42,7 @@ class ModelCommands(h.E2ETestCase):
     def test_info(self):
         d = self.daemon(devices=2)
         h.load_ok(self, d, self.small, "--device", "1")
-        expected = tensors_of(self.small)
+        expected = h.tensors_of(self.small)
         r = d.ctl("info", "small")
         self.assertEqual(r.rc, 0, r)
         text = r.out
@@ -164,8 +153,7 @@ class ModelCommands(h.E2ETestCase):
         self.assertEqual(d.ctl("verify", "small").rc, 0)
 
     def test_verify_finds_a_changed_byte(self):
-        path = h.make_checkpoint(os.path.join(self.tmp, "tamper"), preset="qwen3-moe", layers=1, experts=2,
-                                 vocab=512, shard_size="5MB")
+        path = h.copy_checkpoint(h.checkpoint("qwen-tiny"), os.path.join(self.tmp, "tamper"))
         d = self.daemon()
         h.load_ok(self, d, path)
         r = d.ctl("verify", "tamper")
@@ -213,8 +201,7 @@ class ModelCommands(h.E2ETestCase):
         self.assertJsonError(d.ctl_json("verify", "nope"), "ENOENT")
 
     def test_verify_a_shard_that_shrank(self):
-        path = h.make_checkpoint(os.path.join(self.tmp, "shrink"), preset="qwen3-moe", layers=1, experts=2,
-                                 vocab=512, shard_size="5MB")
+        path = h.copy_checkpoint(h.checkpoint("qwen-tiny"), os.path.join(self.tmp, "shrink"))
         d = self.daemon()
         h.load_ok(self, d, path)
         shard = h.shard_files(path)[0]
@@ -263,7 +250,7 @@ class ManyTensors(h.E2ETestCase):
         names = [t["name"] for t in o["tensor_list"]]
         self.assertEqual(len(names), n)
         self.assertEqual(len(set(names)), n, "no tensor twice")
-        self.assertEqual(set(names), set(tensors_of(path)))
+        self.assertEqual(set(names), set(h.tensors_of(path)))
         self.assertEqual(o["tensors"], n)
         self.assertEqual(sum(t["bytes"] for t in o["tensor_list"]), ins.json["bytes"])
         self.assertTrue(all([p["device"] for p in t["placements"]] == [1] for t in o["tensor_list"]))
@@ -330,7 +317,7 @@ class Inspect(h.E2ETestCase):
                 o = j.json
                 self.assertIs(o["ok"], True)
                 self.assertEqual(len(o["shards"]), shards)
-                expected = tensors_of(path if os.path.isdir(path) or path.endswith(".safetensors") else small)
+                expected = h.tensors_of(path if os.path.isdir(path) or path.endswith(".safetensors") else small)
                 self.assertEqual(o["tensors"], len(expected))
                 if tensors is not None:
                     self.assertEqual(o["tensors"], tensors)

@@ -161,7 +161,7 @@ class Concurrency(h.E2ETestCase):
         d = self.daemon(capacity="4GiB")
         h.load_ok(self, d, self.small)
         before = h.usage_of(d.device(0))
-        c, ev = self.start_load(d, self.big, "dropped")
+        c, _ = self.start_load(d, self.big, "dropped")
         c.close()
         self.check_rolled_back(d, before, "dropped")
         self.assertNotIn("loaded dropped", d.log())

@@ -24,6 +24,7 @@ import os
 import struct
 
 from . import harness as h
+from .harness import st_image
 
 FUZZ_DIR = os.path.join(h.REPO, "tests", "fuzz")
 
@@ -34,20 +35,6 @@ DTYPES = {
 }
 
 # ---- writing files -----------------------------------------------------------
-
-
-def st_image(header, data=b"", pad=True):
-    """A safetensors file: header is a dict (dumped as JSON), a str or bytes
-    (used as is); data follows it."""
-    if isinstance(header, dict):
-        raw = json.dumps(header, ensure_ascii=False).encode()
-    elif isinstance(header, str):
-        raw = header.encode()
-    else:
-        raw = header
-    if pad and isinstance(header, dict):
-        raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + data
 
 
 def tensors(*specs):

@@ -10,7 +10,6 @@ import select
 import shutil
 import subprocess
 import time
-import unittest
 
 from . import harness as h
 
@@ -400,10 +399,10 @@ class LoadFailures(h.E2ETestCase):
             "short.safetensors": b"\x10\x00",
             "zero.safetensors": b"",
             "notjson.safetensors": (16).to_bytes(8, "little") + b"this is not json",
-            "badoffsets.safetensors": (lambda hd: len(hd).to_bytes(8, "little") + hd + b"\0" * 8)(
-                b'{"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'),
-            "baddtype.safetensors": (lambda hd: len(hd).to_bytes(8, "little") + hd + b"\0" * 16)(
-                b'{"t":{"dtype":"F31","shape":[4],"data_offsets":[0,16]}}'),
+            "badoffsets.safetensors": h.st_image(b'{"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}',
+                                                 b"\0" * 8),
+            "baddtype.safetensors": h.st_image(b'{"t":{"dtype":"F31","shape":[4],"data_offsets":[0,16]}}',
+                                               b"\0" * 16),
         }
         for fname, data in cases.items():
             with self.subTest(file=fname):

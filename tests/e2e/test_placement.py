@@ -11,10 +11,9 @@ import re
 from . import harness as h
 
 
-def placements(info):
-    """{tensor name: [(device, tensor_offset, bytes), ...]} from info --json."""
-    return {t["name"]: [(p["device"], p["tensor_offset"], p["bytes"]) for p in t["placements"]]
-            for t in info["tensor_list"]}
+def placements(t):
+    """[(device, tensor_offset, bytes), ...] of one tensor of info --json."""
+    return [(p["device"], p["tensor_offset"], p["bytes"]) for p in t["placements"]]
 
 
 def expert_of(name):
@@ -49,9 +48,8 @@ class Placement(h.E2ETestCase):
         for dev in (0, 1):
             self.assertEqual(d.device(dev)["requested_bytes"]["current"], size)
         info = d.ctl_json("info", "small").json
-        for name, pl in placements(info).items():
-            nbytes = next(t["bytes"] for t in info["tensor_list"] if t["name"] == name)
-            self.assertEqual(pl, [(0, 0, nbytes), (1, 0, nbytes)], name)
+        for t in info["tensor_list"]:
+            self.assertEqual(placements(t), [(0, 0, t["bytes"]), (1, 0, t["bytes"])], t["name"])
         self.assertRegex(d.ctl("list").out, r"\nsmall +ready +0,1 +22 ")
         r = d.ctl("verify", "small")
         self.assertEqual(r.rc, 0, r)
@@ -68,8 +66,8 @@ class Placement(h.E2ETestCase):
         self.assertEqual((info["devices"], info["placement"]), ([2, 0], "expert-parallel"))
         per_device = {0: 0, 2: 0}
         experts = 0
-        for name, pl in placements(info).items():
-            nbytes = next(t["bytes"] for t in info["tensor_list"] if t["name"] == name)
+        for t in info["tensor_list"]:
+            name, nbytes, pl = t["name"], t["bytes"], placements(t)
             e = expert_of(name)
             if e is None:
                 self.assertEqual(pl, [(2, 0, nbytes), (0, 0, nbytes)], name)
@@ -100,7 +98,7 @@ class Placement(h.E2ETestCase):
         info = d.ctl_json("info", "small").json
         split = 0
         for t in info["tensor_list"]:
-            pl = placements(info)[t["name"]]
+            pl = placements(t)
             if ".mlp.experts." in t["name"]:
                 # [2, ...]: one expert's rows on each device, contiguous bytes
                 half = t["bytes"] // 2

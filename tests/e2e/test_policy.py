@@ -2,9 +2,7 @@
 policy (get and set), the load policy pushed for each load and popped after
 it, failures included, and weightctl snapshot (every segment and block)."""
 
-import json
 import os
-import struct
 
 from . import harness as h
 
@@ -13,10 +11,8 @@ def write_tiny_tensors(path, n):
     """One safetensors file of n tensors of 256 F32 each."""
     header = {"t%05d" % i: {"dtype": "F32", "shape": [256], "data_offsets": [i * 1024, (i + 1) * 1024]}
               for i in range(n)}
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + os.urandom(n * 1024))
+        f.write(h.st_image(header, os.urandom(n * 1024)))
 
 
 class Policy(h.E2ETestCase):

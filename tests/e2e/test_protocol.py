@@ -513,7 +513,7 @@ class DescriptorPassing(h.E2ETestCase):
         r, w = os.pipe()
         try:
             fds = [f.fileno() for f in files] + [r, w]
-            for round in range(3):
+            for _ in range(3):
                 c = h.RawClient(d.sock)
                 # on hello, on a request, on garbage, split over a line, and with no newline at all
                 c.send_fds(json.dumps({"id": 1, "op": "hello", "args": {"version": "1.0"}}) + "\n", fds)

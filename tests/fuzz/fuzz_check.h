@@ -15,14 +15,15 @@
 
 #include "loader/safetensors.h"
 
-static void fz_fail(const char *file, int line, const char *fmt, ...)
-    __attribute__((noreturn, format(printf, 3, 4), unused));
+static void fz_fail(const char *file, int line, const char *cond, const char *fmt, ...)
+    __attribute__((noreturn, format(printf, 4, 5), unused));
 
-static void fz_fail(const char *file, int line, const char *fmt, ...)
+/* Prints where, the condition that broke (cond, or NULL), then the message. */
+static void fz_fail(const char *file, int line, const char *cond, const char *fmt, ...)
 {
     va_list ap;
 
-    fprintf(stderr, "\n==FUZZ CHECK FAILED== %s:%d: ", file, line);
+    fprintf(stderr, "\n==FUZZ CHECK FAILED== %s:%d: %s%s", file, line, cond ? cond : "", cond ? ": " : "");
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
@@ -33,11 +34,8 @@ static void fz_fail(const char *file, int line, const char *fmt, ...)
 /* Prints the condition, then the message. */
 #define FZ_CHECK(cond, ...)                                                       \
     do {                                                                          \
-        if (!(cond)) {                                                            \
-            fprintf(stderr, "\n==FUZZ CHECK FAILED== %s:%d: %s", __FILE__,        \
-                    __LINE__, #cond);                                             \
-            fz_fail(__FILE__, __LINE__, __VA_ARGS__);                             \
-        }                                                                         \
+        if (!(cond))                                                              \
+            fz_fail(__FILE__, __LINE__, #cond, __VA_ARGS__);                      \
     } while (0)
 
 static inline uint64_t fz_le64(const uint8_t *p)

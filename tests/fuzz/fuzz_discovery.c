@@ -107,7 +107,7 @@ static const char *tmp_base(void)
         if (dirs[i] && *dirs[i] && strlen(dirs[i]) < 200 && access(dirs[i], W_OK) == 0)
             base = dirs[i];
     if (!base)
-        fz_fail(__FILE__, __LINE__, "no writable temporary directory");
+        fz_fail(__FILE__, __LINE__, NULL, "no writable temporary directory");
     return base;
 }
 

@@ -31,8 +31,6 @@ class Gpu(h.E2ETestCase):
         cls.medium = h.checkpoint("medium")
         cls.big = h.checkpoint("big")
         cls.qwen = h.checkpoint("qwen")
-        # 5.4 GB: a load that lasts long enough to be watched
-        cls.huge = h.make_checkpoint(os.path.join(h.new_tempdir("wdgpu-"), "huge"), "gpt-oss-120b", layers=2)
 
     def gpu_daemon(self, backend="cuda", *extra):
         return self.daemon("--backend", backend, *extra, host_flags=False)
@@ -74,7 +72,7 @@ class Gpu(h.E2ETestCase):
     def test_the_load_policy_shows_in_stats_during_a_load(self):
         d = self.gpu_daemon("cuda", "--read-threads", "1")
         c = self.raw(d)
-        c.send_request("load", {"path": self.huge, "name": "huge"}, id="l", events=True)
+        c.send_request("load", {"path": h.checkpoint("huge"), "name": "huge"}, id="l", events=True)
         seen = False
         while True:
             m = c.recv(timeout=h.T(60))
