@@ -12,7 +12,6 @@
 
 #define INDEX_SUFFIX ".safetensors.index.json"
 #define SHARD_SUFFIX ".safetensors"
-#define DEFAULT_INDEX "model.safetensors.index.json"
 
 /* Names and paths in messages come from the checkpoint (an index's keys and
  * values, file names, tensor names): each is shown on one printable line,
@@ -63,8 +62,12 @@ static int ends_with(const char *s, const char *suffix)
     return n >= k && strcmp(s + n - k, suffix) == 0;
 }
 
-/* dir + "/" + name, without doubling a trailing slash. */
-static char *join_path(const char *dir, const char *name)
+int wl_is_checkpoint_file(const char *name)
+{
+    return name[0] != '.' && (ends_with(name, INDEX_SUFFIX) || ends_with(name, SHARD_SUFFIX));
+}
+
+char *wl_join_path(const char *dir, const char *name)
 {
     size_t n = strlen(dir);
     char *p;
@@ -199,12 +202,10 @@ static int index_load(const char *path, wl__index *ix, wd_error *err)
         rc = wd_error_set(err, rc, "index %s: %s", shown, msg);
         goto out;
     }
-    for (i = end; i < len; i++) {
-        if (!strchr(" \t\r\n", text[i])) {
-            rc = wd_error_set(err, -EBADMSG, "index %s: data after the JSON object at byte %zu",
-                              shown, i);
-            goto out;
-        }
+    /* Only JSON whitespace may follow (strchr would take a NUL byte for one). */
+    if ((i = st_json_skip_ws(text, end, len)) < len) {
+        rc = wd_error_set(err, -EBADMSG, "index %s: data after the JSON object at byte %zu", shown, i);
+        goto out;
     }
     text[end] = '\0';   /* cJSON sees exactly the object */
     ix->root = cJSON_ParseWithLengthOpts(text, end + 1, &stop, 1);
@@ -337,7 +338,7 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
             continue;
         if (ends_with(de->d_name, INDEX_SUFFIX)) {
             v = &indexes, nv = &ni, cv = &ci;
-            if (strcmp(de->d_name, DEFAULT_INDEX) == 0)
+            if (strcmp(de->d_name, WL_DEFAULT_INDEX) == 0)
                 has_default = 1;
         } else if (ends_with(de->d_name, SHARD_SUFFIX)) {
             v = &shards, nv = &ns, cv = &cs;
@@ -361,7 +362,7 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
         (*nv)++;
     }
     if (ni) {
-        const char *pick = DEFAULT_INDEX;
+        const char *pick = WL_DEFAULT_INDEX;
         if (!has_default && ni > 1) {
             char list[512];
             name_buf nb;
@@ -378,13 +379,13 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
                 o += (size_t)snprintf(list + o, sizeof list - o, "%s%s", i ? ", " : "", shown);
             }
             rc = wd_error_set(err, -EBADMSG,
-                              "%s: %zu index files and none is " DEFAULT_INDEX
+                              "%s: %zu index files and none is " WL_DEFAULT_INDEX
                               "; name one of: %s", spath(dir, pb), ni, list);
             goto out;
         }
         if (!has_default)
             pick = indexes[0];
-        *index_path = join_path(dir, pick);
+        *index_path = wl_join_path(dir, pick);
         if (!*index_path)
             rc = wd_error_set(err, -ENOMEM, "%s: out of memory", dir);
         goto out;
@@ -396,7 +397,7 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
     }
     qsort(shards, ns, sizeof *shards, cmp_str);
     for (size_t i = 0; i < ns; i++) {
-        char *full = join_path(dir, shards[i]);
+        char *full = wl_join_path(dir, shards[i]);
         if (!full) {
             rc = wd_error_set(err, -ENOMEM, "%s: out of memory", dir);
             goto out;
@@ -561,7 +562,7 @@ int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err)
         }
         n_paths = ix.n_files;
         for (size_t i = 0; i < ix.n_files; i++) {
-            paths[i] = join_path(folder, ix.files[i]);
+            paths[i] = wl_join_path(folder, ix.files[i]);
             if (!paths[i]) {
                 rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
                 goto out;

@@ -55,6 +55,12 @@ typedef struct wl_checkpoint {
 int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err);
 /* Safe on a zeroed or already-closed checkpoint. */
 void wl_checkpoint_close(wl_checkpoint *c);
+/* The index a folder's checkpoint is read from when it has several. */
+#define WL_DEFAULT_INDEX "model.safetensors.index.json"
+/* A file discovery takes: a shard or an index, not hidden. */
+int wl_is_checkpoint_file(const char *name);
+/* dir + "/" + name, without doubling a trailing slash; malloc'd, NULL on ENOMEM. */
+char *wl_join_path(const char *dir, const char *name);
 /* Tensor bytes and, where count is not NULL, tensors, by dtype. */
 void wl_checkpoint_dtype_totals(const wl_checkpoint *c, uint64_t bytes[ST_DTYPE_COUNT], size_t count[ST_DTYPE_COUNT]);
 /* NULL if absent. O(log n). */

@@ -11,8 +11,8 @@
 #include <unistd.h>
 
 #include "common/size.h"
+#include "loader/checkpoint.h"
 
-#define INDEX_NAME "model.safetensors.index.json"
 #define CHUNK (16u << 20)   /* write size: large enough that syscalls do not show */
 
 #define E WL_DIM_EXPERTS
@@ -343,26 +343,6 @@ static int write_all(int fd, const void *buf, size_t n)
     return 0;
 }
 
-static char *join(const char *dir, const char *name)
-{
-    char *p;
-    size_t n = strlen(dir);
-
-    if (asprintf(&p, "%s%s%s", dir, n && dir[n - 1] == '/' ? "" : "/", name) < 0)
-        return NULL;
-    return p;
-}
-
-static int is_ckpt_file(const char *name)
-{
-    size_t n = strlen(name);
-
-    if (name[0] == '.')
-        return 0;
-    return (n > 12 && strcmp(name + n - 12, ".safetensors") == 0) ||
-           (n > 23 && strcmp(name + n - 23, ".safetensors.index.json") == 0);
-}
-
 /* Checkpoint files already in dir (names, malloc'd). */
 static int list_ckpt_files(const char *dir, char ***out, size_t *n, wd_error *err)
 {
@@ -377,7 +357,7 @@ static int list_ckpt_files(const char *dir, char ***out, size_t *n, wd_error *er
     if (!d)
         return wd_error_set(err, -errno, "%s: cannot open directory: %s", dir, strerror(errno));
     while ((de = readdir(d))) {
-        if (!is_ckpt_file(de->d_name))
+        if (!wl_is_checkpoint_file(de->d_name))
             continue;
         if (cnt == cap) {
             cap = cap ? cap * 2 : 16;
@@ -642,13 +622,13 @@ int wl_ckpt_write(const wl_ckpt_options *o, wl_ckpt_result *res, wd_error *err)
         goto out;
     }
     for (i = 0; i < n_files; i++) {
-        const char *name = i < p.n_shards ? p.shards[i].file_name : INDEX_NAME;
+        const char *name = i < p.n_shards ? p.shards[i].file_name : WL_DEFAULT_INDEX;
         char *dot;
-        final[i] = join(o->out_dir, name);
+        final[i] = wl_join_path(o->out_dir, name);
         /* Hidden temporary names: discovery skips dot files. */
         if (asprintf(&dot, ".%s.tmp.%ld", name, (long)getpid()) < 0)
             dot = NULL;
-        tmp[i] = dot ? join(o->out_dir, dot) : NULL;
+        tmp[i] = dot ? wl_join_path(o->out_dir, dot) : NULL;
         free(dot);
         if (!final[i] || !tmp[i]) {
             rc = wd_error_set(err, -ENOMEM, "out of memory");
@@ -680,11 +660,11 @@ int wl_ckpt_write(const wl_ckpt_options *o, wl_ckpt_result *res, wd_error *err)
     }
     /* --force: what was there before and is not ours now goes. */
     for (i = 0; i < n_old; i++) {
-        int ours = strcmp(old[i], INDEX_NAME) == 0;
+        int ours = strcmp(old[i], WL_DEFAULT_INDEX) == 0;
         for (size_t k = 0; k < p.n_shards && !ours; k++)
             ours = strcmp(old[i], p.shards[k].file_name) == 0;
         if (!ours) {
-            char *path = join(o->out_dir, old[i]);
+            char *path = wl_join_path(o->out_dir, old[i]);
             if (path && unlink(path) < 0 && errno != ENOENT)
                 fprintf(stderr, "warning: %s: cannot remove: %s\n", path, strerror(errno));
             free(path);

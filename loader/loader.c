@@ -60,6 +60,9 @@ struct wl_pipeline {
     pthread_mutex_t err_lock;
 };
 
+/* A read buffer: a chunk, plus room to align an O_DIRECT read on both ends. */
+#define STAGING_SIZE(p) ((p)->chunk + 2 * ALIGN)
+
 /* ---- life cycle ------------------------------------------------------------ */
 
 static void *buffer_alloc(wl_pipeline *p, size_t size, wd_error *err)
@@ -92,7 +95,7 @@ void wl_pipeline_destroy(wl_pipeline *p)
         return;
     for (unsigned i = 0; p->workers && i < p->threads; i++) {
         for (int k = 0; k < 2; k++)
-            buffer_free(p, p->workers[i].buf[k], p->chunk + 2 * ALIGN);
+            buffer_free(p, p->workers[i].buf[k], STAGING_SIZE(p));
         free(p->workers[i].cmp);
     }
     free(p->workers);
@@ -134,7 +137,7 @@ int wl_pipeline_create(wa_backend *backend, const wl_pipeline_opts *opts, wl_pip
         /* Pinned staging is taken now, so that no load pays for it; plain
          * buffers (verify on the host backend) when first needed. */
         for (int k = 0; k < 2 && p->pinned; k++)
-            if (!(w->buf[k] = buffer_alloc(p, p->chunk + 2 * ALIGN, err))) {
+            if (!(w->buf[k] = buffer_alloc(p, STAGING_SIZE(p), err))) {
                 rc = err->code ? err->code : -ENOMEM;
                 goto fail;
             }
@@ -283,13 +286,10 @@ static int read_chunk(worker *w, const chunk *c, void *buf, wd_error *err)
     if (dfd >= 0) {
         /* The length rounds up to whole blocks; the file may end sooner. */
         int rc = read_full(dfd, buf, align_up(c->read_len), c->read_off, path, true, err);
-        if (rc != -EINVAL) {
-            atomic_fetch_add(&p->job->direct_chunks, 1);
+        if (rc != -EINVAL)
             return rc;
-        }
         /* O_DIRECT refused (a filesystem that cannot): plain reads instead. */
     }
-    atomic_fetch_add(&p->job->buffered_chunks, 1);
     return read_full(p->fd[c->shard], buf, c->read_len, c->read_off, path, false, err);
 }
 
@@ -350,32 +350,35 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
     wl_job *job = p->job;
     const wl_checkpoint *ck = job->ckpt;
     bool direct_to_host = job->mode == WL_LOAD;
-    uint64_t useful = 0;
+    uint64_t useful = 0, finished = 0;
+    size_t i = 0; /* the piece being worked on, for the error */
     int rc = 0;
 
-    for (size_t i = 0; i < c->n; i++) {
-        const piece *pc = &p->pieces[c->first + i];
+    for (size_t j = 0; j < c->n; j++) {
+        const piece *pc = &p->pieces[c->first + j];
         direct_to_host &= job->dest[pc->dest].mem->host != NULL;
         useful += pc->len;
+        finished += pc->dest_off + pc->len == job->dest[pc->dest].len;
     }
     if (direct_to_host) {
         /* Host memory the CPU can address: read each piece where it goes. */
-        for (size_t i = 0; i < c->n && !rc; i++) {
+        for (; i < c->n; i++) {
             const piece *pc = &p->pieces[c->first + i];
             const wl_dest *d = &job->dest[pc->dest];
-            rc = read_full(p->fd[c->shard], (char *)d->mem->host + d->offset + pc->dest_off, pc->len,
-                           c->read_off + pc->at, ck->shards[c->shard].path, false, err);
+            if ((rc = read_full(p->fd[c->shard], (char *)d->mem->host + d->offset + pc->dest_off, pc->len,
+                                c->read_off + pc->at, ck->shards[c->shard].path, false, err)))
+                goto out;
         }
     } else {
         void *buf;
-        if (!w->buf[*k] && !(w->buf[*k] = buffer_alloc(p, p->chunk + 2 * ALIGN, err))) {
+        if (!w->buf[*k] && !(w->buf[*k] = buffer_alloc(p, STAGING_SIZE(p), err))) {
             rc = err->code ? err->code : -ENOMEM;
             goto out;
         }
         buf = w->buf[*k];
         if ((rc = wait_buffer(w, *k, err)) || (rc = read_chunk(w, c, buf, err)))
             goto out;
-        for (size_t i = 0; i < c->n && !rc; i++) {
+        for (; i < c->n; i++) {
             const piece *pc = &p->pieces[c->first + i];
             const wl_dest *d = &job->dest[pc->dest];
             const char *src = (const char *)buf + pc->at;
@@ -388,22 +391,22 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
             } else {
                 rc = p->backend->write(p->backend, d->device, d->mem, d->offset + pc->dest_off, src, pc->len, err);
             }
+            if (rc)
+                goto out;
         }
-        *k ^= 1;
+        /* Copies still in flight from this buffer: the next chunk takes the other. */
+        if (p->pinned)
+            *k ^= 1;
     }
 out:
     if (rc) {
-        const piece *pc = c->n ? &p->pieces[c->first] : NULL;
-        if (pc)
-            wd_error_prefix(err, "tensor \"%s\"", ck->tensors[job->dest[pc->dest].tensor].st->name);
+        if (i < c->n)
+            wd_error_prefix(err, "tensor \"%s\"",
+                            ck->tensors[job->dest[p->pieces[c->first + i].dest].tensor].st->name);
         return rc;
     }
     atomic_fetch_add_explicit(&job->bytes_done, useful, memory_order_relaxed);
-    for (size_t i = 0; i < c->n; i++) {
-        const piece *pc = &p->pieces[c->first + i];
-        if (pc->dest_off + pc->len == job->dest[pc->dest].len)
-            atomic_fetch_add_explicit(&job->tensors_done, 1, memory_order_relaxed);
-    }
+    atomic_fetch_add_explicit(&job->tensors_done, finished, memory_order_relaxed);
     return 0;
 }
 
@@ -491,9 +494,12 @@ int wl_job_run(wl_pipeline *p, wl_job *job)
         goto out;
     }
     /* Empty dests are done before anything is read. */
-    for (size_t d = 0; d < job->n_dest; d++)
-        if (!job->dest[d].len)
-            atomic_fetch_add(&job->tensors_done, 1);
+    {
+        uint64_t empty = 0;
+        for (size_t d = 0; d < job->n_dest; d++)
+            empty += !job->dest[d].len;
+        atomic_fetch_add(&job->tensors_done, empty);
+    }
     for (; started < p->threads && started < p->n_chunks; started++)
         if (pthread_create(&p->workers[started].thread, NULL, worker_main, &p->workers[started])) {
             rc = wd_error_set(&job->err, -EAGAIN, "cannot start a reader thread");

@@ -1,10 +1,11 @@
 /* Moving tensor bytes between checkpoint files and device segments: a load
  * copies them in, a verify compares them.
  *
- * A pipeline is the reading machinery, made once and kept across loads:
- * reader threads and, for devices the CPU cannot address, pinned staging
- * buffers (two per thread, each with its own copy lane, so that a thread
- * reads its next chunk while the last one is being copied). The checkpoint's
+ * A pipeline is the reading machinery, made once and kept across loads: a
+ * set of readers (each job starts their threads anew) and, for devices the
+ * CPU cannot address, their pinned staging buffers (two per reader, each
+ * with its own copy lane, so that a reader reads its next chunk while the
+ * last one is being copied). The checkpoint's
  * data is cut into chunks of the staging buffers' size, 4 KiB-aligned in the
  * file; small tensors share a chunk and large ones span several. Chunks are
  * taken in file order. Host memory use is the staging size, whatever the
@@ -68,8 +69,6 @@ typedef struct wl_job {
     wd_error err;
     uint64_t mismatched_tensors; /* verify */
     char first_mismatch[512];    /* verify: "tensor X: first difference at byte N" */
-    /* statistics: chunks read with O_DIRECT, and through the page cache */
-    _Atomic uint64_t direct_chunks, buffered_chunks;
 } wl_job;
 
 /* Runs the job to the end on the pipeline's threads; one job at a time per

@@ -78,7 +78,6 @@ int main(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     wl_ckpt_options o = {0};
-    wl_ckpt_result res;
     wd_error err = {0};
     const char *preset = NULL;
     uint64_t v;
@@ -152,7 +151,7 @@ int main(int argc, char **argv)
         return 2;
     }
     o.log = quiet ? NULL : stdout;
-    if (wl_ckpt_write(&o, &res, &err) < 0) {
+    if (wl_ckpt_write(&o, NULL, &err) < 0) {
         fprintf(stderr, "weightd-mkckpt: %s\n", wd_error_text(&err));
         return 1;
     }

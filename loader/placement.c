@@ -36,13 +36,16 @@ int wl_place(const wl_checkpoint *ck, const int *devices, size_t n_devices, wl_p
     wl_target *t = NULL;
     wl_moe moe = {0};
     size_t count = 0;
+    bool split;
     int rc = 0;
 
     *out = NULL;
     *n = 0;
     if (n_devices == 0)
         return wd_error_set(err, -EINVAL, "no devices to place the model on");
-    if (kind == WL_EXPERT_PARALLEL && (rc = wl_moe_analyse(ck, &moe, err)))
+    /* On one device there is nothing to split. */
+    split = kind == WL_EXPERT_PARALLEL && n_devices > 1;
+    if (split && (rc = wl_moe_analyse(ck, &moe, err)))
         return rc;
     if (!(t = calloc((ck->n_tensors ? ck->n_tensors : 1) * n_devices, sizeof *t))) {
         rc = wd_error_set(err, -ENOMEM, "out of memory");
@@ -52,9 +55,8 @@ int wl_place(const wl_checkpoint *ck, const int *devices, size_t n_devices, wl_p
         const st_tensor *x = ck->tensors[i].st;
         uint64_t bytes = st_tensor_nbytes(x), layer = 0, expert = 0;
         bool has_layer;
-        wl_expert_kind ek = kind == WL_EXPERT_PARALLEL && n_devices > 1 && bytes
-                                ? wl_moe_classify(x->name, &has_layer, &layer, &expert)
-                                : WL_NOT_EXPERT;
+        wl_expert_kind ek =
+            split && bytes ? wl_moe_classify(x->name, &has_layer, &layer, &expert) : WL_NOT_EXPERT;
 
         if (ek == WL_PER_EXPERT) {
             /* Contiguous groups of experts: expert e of n on devices[e*D/n]. */

@@ -122,6 +122,9 @@ int st_utf8_check(const char *s, size_t len, size_t *bad_at);
  * the object's closing brace; what follows is the caller's to judge.
  * 0 or -EBADMSG. */
 int st_json_check(const char *json, size_t len, size_t *end, char *err, size_t errlen);
+/* The offset of the first byte in s[from..len) that is not JSON whitespace
+ * (space, tab, CR, LF), or len: where data after a JSON object begins. */
+size_t st_json_skip_ws(const char *s, size_t from, size_t len);
 /* A malloc'd JSON string literal for s, quotes included; NULL on ENOMEM. */
 char *st_json_quote(const char *s);
 /* s as a message shows it, on one printable line: control bytes and DEL
@@ -376,6 +379,13 @@ bad:
 static int st__is_ws(char c)
 {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+size_t st_json_skip_ws(const char *s, size_t from, size_t len)
+{
+    while (from < len && st__is_ws(s[from]))
+        from++;
+    return from;
 }
 
 /* Bytes that may follow a number or a literal: anything else would be read
@@ -731,17 +741,21 @@ static int st__node_u64(const cJSON *node, const char *s, size_t len, uint64_t *
     while (i < len && !st__is_delim(s, len, i))
         i++;
     n = i - at;
-    snprintf(tok, tokcap, "%.*s", (int)(n < tokcap ? n : tokcap - 1), s + at);
     for (i = at; i < at + n; i++) {
         unsigned d;
-        if (s[i] < '0' || s[i] > '9')
-            return -1;
+        if (s[i] < '0' || s[i] > '9') {
+            rc = -1;
+            break;
+        }
         d = (unsigned)(s[i] - '0');
         if (rc == 0 && (v > (UINT64_MAX - d) / 10))
             rc = -2;   /* keep scanning: "1e999999..." must still say -1 */
         v = v * 10 + d;
     }
-    *out = v;
+    if (rc < 0) /* the text, for the caller's message */
+        snprintf(tok, tokcap, "%.*s", (int)(n < tokcap ? n : tokcap - 1), s + at);
+    else
+        *out = v;
     return rc;
 }
 
@@ -1044,13 +1058,11 @@ int st_parse_header(const char *json, size_t len, uint64_t data_len, st_file *ou
     }
     /* Writers pad with spaces; JSON whitespace is accepted as the reference
      * (serde_json) does, anything else is not. */
-    for (i = end; i < len; i++) {
-        if (!st__is_ws(json[i])) {
-            rc = st__fail(err, errlen, -EBADMSG,
-                          "header has byte 0x%02x at offset %zu after the JSON object "
-                          "(only whitespace padding may follow it)", (unsigned char)json[i], i);
-            goto out;
-        }
+    if ((i = st_json_skip_ws(json, end, len)) < len) {
+        rc = st__fail(err, errlen, -EBADMSG,
+                      "header has byte 0x%02x at offset %zu after the JSON object "
+                      "(only whitespace padding may follow it)", (unsigned char)json[i], i);
+        goto out;
     }
 
     /* cJSON gets a NUL-terminated copy of exactly the object, so that
@@ -1164,6 +1176,8 @@ int st_parse_header(const char *json, size_t len, uint64_t data_len, st_file *ou
         }
         f.n_tensors = n;
 
+        /* Data order first, then the name index over the sorted tensors. */
+        qsort(f.tensors, n, sizeof *f.tensors, st__cmp_offsets);
         for (i = 0; i < n; i++)
             f.by_name[i] = &f.tensors[i];
         qsort(f.by_name, n, sizeof *f.by_name, st__cmp_by_name);
@@ -1174,11 +1188,6 @@ int st_parse_header(const char *json, size_t len, uint64_t data_len, st_file *ou
                 goto out;
             }
         }
-        qsort(f.tensors, n, sizeof *f.tensors, st__cmp_offsets);
-        /* The sort moved the tensors: rebuild the name index over them. */
-        for (i = 0; i < n; i++)
-            f.by_name[i] = &f.tensors[i];
-        qsort(f.by_name, n, sizeof *f.by_name, st__cmp_by_name);
     }
     rc = st__check_layout(&c, &f, data_len);
     if (rc < 0)

@@ -102,7 +102,7 @@ int wp_reader_fill(wp_reader *r, int sock)
     if (msg.msg_flags & MSG_CTRUNC)
         rc = -EMSGSIZE;
     r->len += (size_t)n;
-    return rc ? rc : (int)(n > 0x7fffffff ? 0x7fffffff : n);
+    return rc ? rc : (int)n; /* n is at most the buffer's room, a few MiB */
 }
 
 int wp_reader_next(wp_reader *r, char **line, size_t *len)

@@ -16,8 +16,9 @@ int wp_parse(const char *line, size_t len, cJSON **out, wd_error *err)
         return wd_error_set(err, -EBADMSG, "message contains a NUL byte");
     msg = cJSON_ParseWithLengthOpts(line, len, &end, 0);
     if (!msg)
+        /* end, not cJSON_GetErrorPtr(): that is one global for every thread. */
         return wd_error_set(err, -EBADMSG, "malformed JSON near byte %zu",
-                            cJSON_GetErrorPtr() ? (size_t)(cJSON_GetErrorPtr() - line) : (size_t)0);
+                            end && end >= line ? (size_t)(end - line) : (size_t)0);
     while (end && end < line + len && (*end == ' ' || *end == '\t' || *end == '\r'))
         end++;
     if (end && end < line + len) {

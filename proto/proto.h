@@ -22,7 +22,6 @@
 #include "common/errors.h"
 
 #define WP_VERSION_MAJOR 1
-#define WP_VERSION_MINOR 0
 #define WP_VERSION "1.0"
 #define WP_MAX_LINE (1u << 20)  /* bytes, newline included */
 #define WP_MAX_FDS 64           /* descriptors carried by one message */

@@ -290,6 +290,8 @@ START_TEST(test_bad_index)
     OPEN_FAILS("i.json", -EBADMSG, "not a JSON object");
     put_text("i.json", "{} x");
     OPEN_FAILS("i.json", -EBADMSG, "after the JSON object");
+    put_file("i.json", "{}\0\0", 4); /* a NUL is not whitespace */
+    OPEN_FAILS("i.json", -EBADMSG, "data after the JSON object at byte 2");
     put_text("i.json", "{\"metadata\": {}}");
     OPEN_FAILS("i.json", -EBADMSG, "no \"weight_map\"");
     put_text("i.json", "{\"weight_map\": []}");
