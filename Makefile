@@ -167,17 +167,13 @@ bench-gpu: $(BUILD)/weightd-replay
 gpu-test: all
 	$(Q)WEIGHTD_BUILD=$(abspath $(BUILD)) python3 -m unittest discover -s tests/gpu -t . -v
 
-$(BUILD)/readbw: bench/readbw.c
-	@mkdir -p $(dir $@)
-	$(call msg,LD,$@)$(CC) -O2 -Wall -Wextra -Werror -pthread -o $@ $<
-
-# On the GPU machine: what the driver's VMM calls cost (vmmcost), and
-# weightd's read-and-copy scheme alone against plain and pinned reads (pipebw).
+# On the GPU machine: what the driver's VMM calls cost (vmmcost), and the
+# read limit and weightd's read-and-copy scheme with nothing of weightd (pipebw).
 $(BUILD)/vmmcost $(BUILD)/pipebw: $(BUILD)/%: bench/%.c allocator/cuda_driver.c common/errors.c
 	@mkdir -p $(dir $@)
 	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $^ -ldl -lpthread
 
-bench-load: all $(BUILD)/readbw
+bench-load: all $(BUILD)/pipebw
 	$(Q)python3 bench/load_bench.py --build $(BUILD) --out $(BUILD)/bench
 
 install: all
