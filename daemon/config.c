@@ -180,8 +180,8 @@ static int validate(const wd_config *c, wd_error *err)
         return wd_error_set(err, -EINVAL, "host_capacity must be more than 0");
     if (c->read_threads > 256)
         return wd_error_set(err, -EINVAL, "read_threads: at most 256");
-    if (c->staging_memory < (4u << 20))
-        return wd_error_set(err, -EINVAL, "staging_memory: at least 4MiB");
+    if (c->staging_memory && c->staging_memory < (4u << 20))
+        return wd_error_set(err, -EINVAL, "staging_memory: 0 (4MiB a buffer) or at least 4MiB");
     if (c->devices[0] && (strcmp(c->backend, "host") == 0 || strcmp(c->backend, "fake") == 0))
         return wd_error_set(err, -EINVAL, "--devices picks GPUs for the cuda backends; the %s backend takes "
                             "--host-devices", c->backend);

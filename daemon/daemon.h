@@ -49,8 +49,9 @@ void wd_log(wd_log_level level, const char *fmt, ...) __attribute__((format(prin
     X(host_devices, INT, "1", "N", "number of emulated devices (host backend)")                   \
     X(host_capacity, SIZE, "8GiB", "SIZE", "capacity of each emulated device (host backend)")      \
     X(device_capacity, SIZE, "0", "SIZE", "memory each GPU may hold (cuda backends; 0: what is free at start)") \
-    X(read_threads, INT, "0", "N", "threads reading checkpoints (0: two per CPU, at most 32)")     \
-    X(staging_memory, SIZE, "1GiB", "SIZE", "pinned host memory for staging GPU loads (bounds the host memory a load uses)") \
+    X(read_threads, INT, "0", "N", "threads reading checkpoints (0: 3 for every 4 CPUs, at most 12)") \
+    X(staging_memory, SIZE, "0", "SIZE",                                                          \
+      "pinned host memory for staging GPU loads, two buffers a reader (0: 4MiB buffers)")          \
     X(direct_io, STRING, "off", "MODE", "O_DIRECT reads for GPU loads: on or off (the page cache)")   \
     X(alloc_conf, STRING, "", "CONF", "allocator configuration in PYTORCH_CUDA_ALLOC_CONF syntax") \
     X(load_alloc_conf, STRING, WA_WEIGHTD_POLICY, "CONF",                                          \
@@ -124,6 +125,8 @@ struct wd_server {
     wd_conn *conns;
     wd_model *models;
     wd_job *jobs;             /* loads and verifies, in arrival order; one load runs at a time */
+    uv_idle_t alloc_idle;     /* allocates the running load's tensors beside its reads (jobs.c) */
+    wd_job *allocating;       /* that load, while it has tensors left to allocate */
     size_t jobs_running;      /* uv work items in flight */
     bool stopping;
     double started;

@@ -3,8 +3,11 @@
  * after-work callbacks.
  *
  * A load: open the checkpoint (headers only, worker) -> push the load policy
- * and allocate every tensor (loop) -> read the bytes in (worker) -> mark the
- * model ready and pop the policy (loop). Any failure or a cancel frees every
+ * and place every tensor (loop) -> read the bytes in (worker) while the loop
+ * allocates the tensors, in order, a step at a time -> mark the model ready
+ * and pop the policy (loop). Allocating beside the reads hides its cost (14
+ * to 60 ms for 12.8 GB on an H200, 4 to 20 % of a warm load) and lets the
+ * loop serve other clients between steps. Any failure or a cancel frees every
  * block the load took, gives cached segments back and pops the policy, so the
  * device's figures return to what they were before the load. */
 #include "daemon/daemon.h"
@@ -15,6 +18,10 @@
 #include "common/size.h"
 
 #include <systemd/sd-daemon.h>
+
+/* Bytes of tensors allocated in one step on the loop thread: 0.2 ms in steady
+ * state on an H200, 1.2 ms the first time, and well ahead of the readers. */
+#define ALLOC_STEP (256ull << 20)
 
 typedef enum job_kind { JOB_LOAD, JOB_VERIFY } job_kind;
 typedef enum job_state { JOB_QUEUED, JOB_RUNNING } job_state;
@@ -31,8 +38,11 @@ struct wd_job {
     bool policy_pushed;
     int rc;
     wd_error err;
+    size_t allocated;         /* load: dests with memory, published in io.dests_ready */
+    int alloc_rc;             /* load: an allocation that failed while the reads ran */
+    wd_error alloc_err;
     double t0;
-    double t_opened, t_allocated; /* load: when each phase ended */
+    double t_opened, t_read, t_allocated; /* load: when the phases began and ended */
     wd_job *prev, *next;
 };
 
@@ -177,11 +187,12 @@ static void finish_load(wd_job *j)
             cJSON_AddNumberToObject(res, "shards", (double)m->ckpt.n_shards);
             cJSON_AddNumberToObject(res, "bytes", (double)m->ckpt.total_bytes);
             cJSON_AddNumberToObject(res, "seconds", m->load_seconds);
-            /* Where the time went: headers, device memory, reading and copying. */
+            /* Where the time went: headers, device memory, reading and
+             * copying; allocating overlaps the reading. */
             phases = cJSON_AddObjectToObject(res, "phases");
             cJSON_AddNumberToObject(phases, "open", j->t_opened - j->t0);
             cJSON_AddNumberToObject(phases, "allocate", j->t_allocated - j->t_opened);
-            cJSON_AddNumberToObject(phases, "read", j->t0 + m->load_seconds - j->t_allocated);
+            cJSON_AddNumberToObject(phases, "read", j->t0 + m->load_seconds - j->t_read);
             wd_reply_ok(j->req, res);
         }
     } else {
@@ -221,28 +232,18 @@ static void verify_work(uv_work_t *w)
     wl_pipeline_destroy(p);
 }
 
-static void after_read(uv_work_t *w, int status)
-{
-    wd_job *j = w->data;
-    (void)status;
-
-    j->srv->jobs_running--;
-    finish_load(j);
-}
-
-/* Every tensor's run on each device (placement.h) gets its own block, as a
- * framework would allocate it. */
-static int allocate_tensors(wd_server *s, wd_job *j)
+/* Every tensor's run on each device (placement.h) becomes a dest; its
+ * memory comes later (allocate_step). */
+static int place_tensors(wd_server *s, wd_job *j)
 {
     wd_model *m = j->model;
-    const wl_checkpoint *ck = &m->ckpt;
     wl_target *targets = NULL;
     int rc;
 
     if ((rc = wa_policy_push(s->alloc, s->conf->load_alloc_conf, &j->err)))
         return rc;
     j->policy_pushed = true;
-    if ((rc = wl_place(ck, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, &j->err)))
+    if ((rc = wl_place(&m->ckpt, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, &j->err)))
         return rc;
     m->blocks = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->blocks);
     m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest);
@@ -252,23 +253,84 @@ static int allocate_tensors(wd_server *s, wd_job *j)
     }
     for (size_t i = 0; i < m->n_dest; i++) {
         const wl_target *t = &targets[i];
-        wa_region reg;
         m->dest[i] = (wl_dest){.tensor = t->tensor, .tensor_off = t->offset, .len = t->len, .device = t->device};
         m->device_bytes += t->len;
-        if (t->len == 0)
-            continue;
-        if ((rc = wa_malloc(s->alloc, t->device, t->len, &m->blocks[i], &j->err))) {
-            wd_error_prefix(&j->err, "tensor \"%s\" (%u of %zu) on device %d", ck->tensors[t->tensor].st->name,
-                            t->tensor + 1, ck->n_tensors, t->device);
-            goto out;
-        }
-        wa_block_region(m->blocks[i], &reg);
-        m->dest[i].mem = reg.mem;
-        m->dest[i].offset = reg.offset;
     }
 out:
     free(targets);
     return rc;
+}
+
+/* Gives the next dests, in order, about `budget` bytes, each its own block
+ * as a framework would allocate it, and tells the readers. */
+static int allocate_step(wd_server *s, wd_job *j, uint64_t budget, wd_error *err)
+{
+    wd_model *m = j->model;
+    const wl_checkpoint *ck = &m->ckpt;
+    uint64_t done = 0;
+    int rc = 0;
+
+    for (; j->allocated < m->n_dest && done < budget; j->allocated++) {
+        wl_dest *d = &m->dest[j->allocated];
+        wa_region reg;
+        if (d->len == 0)
+            continue;
+        if ((rc = wa_malloc(s->alloc, d->device, d->len, &m->blocks[j->allocated], err))) {
+            wd_error_prefix(err, "tensor \"%s\" (%u of %zu) on device %d", ck->tensors[d->tensor].st->name,
+                            d->tensor + 1, ck->n_tensors, d->device);
+            break;
+        }
+        wa_block_region(m->blocks[j->allocated], &reg);
+        d->mem = reg.mem;
+        d->offset = reg.offset;
+        done += d->len;
+    }
+    atomic_store_explicit(&j->io.dests_ready, j->allocated, memory_order_release);
+    if (!rc && j->allocated == m->n_dest)
+        j->t_allocated = wd_now();
+    return rc;
+}
+
+static void allocation_done(wd_server *s)
+{
+    uv_idle_stop(&s->alloc_idle);
+    s->allocating = NULL;
+}
+
+/* The loop's idle turns: the running load's next allocation step. A failure
+ * cancels the reads; after_read reports it. */
+static void on_alloc_idle(uv_idle_t *h)
+{
+    wd_server *s = h->data;
+    wd_job *j = s->allocating;
+
+    if (atomic_load(&j->io.cancel)) {
+        allocation_done(s);
+        return;
+    }
+    if ((j->alloc_rc = allocate_step(s, j, ALLOC_STEP, &j->alloc_err)))
+        atomic_store(&j->io.cancel, true);
+    if (j->alloc_rc || j->allocated == j->model->n_dest)
+        allocation_done(s);
+}
+
+static void after_read(uv_work_t *w, int status)
+{
+    wd_job *j = w->data;
+    wd_server *s = j->srv;
+    (void)status;
+
+    s->jobs_running--;
+    if (s->allocating == j)
+        allocation_done(s);
+    if (j->alloc_rc) {
+        j->rc = j->alloc_rc;
+        j->err = j->alloc_err;
+    } else if (j->rc == 0 && j->allocated < j->model->n_dest) {
+        /* Only empty dests can be left (no chunk waits for them). */
+        j->rc = allocate_step(s, j, UINT64_MAX, &j->err);
+    }
+    finish_load(j);
 }
 
 static void open_work(uv_work_t *w)
@@ -293,17 +355,22 @@ static void after_open(uv_work_t *w, int status)
     j->t_opened = wd_now();
     j->model->ckpt = j->ckpt;
     memset(&j->ckpt, 0, sizeof j->ckpt);
-    if ((j->rc = allocate_tensors(s, j))) {
+    /* The first step before the readers start, so that they find work. */
+    if ((j->rc = place_tensors(s, j)) || (j->rc = allocate_step(s, j, ALLOC_STEP, &j->err))) {
         finish_load(j);
         return;
     }
-    j->t_allocated = wd_now();
+    j->t_read = wd_now();
     j->io.mode = WL_LOAD;
     j->io.ckpt = &j->model->ckpt;
     j->io.dest = j->model->dest;
     j->io.n_dest = j->model->n_dest;
     s->jobs_running++;
     uv_queue_work(s->loop, &j->work, read_work, after_read);
+    if (j->allocated < j->model->n_dest) {
+        s->allocating = j;
+        uv_idle_start(&s->alloc_idle, on_alloc_idle);
+    }
 }
 
 static void start_next_load(wd_server *s)
@@ -403,6 +470,7 @@ int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
     j->io.ckpt = &m->ckpt;
     j->io.dest = m->dest;
     j->io.n_dest = m->n_dest;
+    atomic_store(&j->io.dests_ready, m->n_dest);
     m->busy++;
     job_link(s, j);
     s->jobs_running++;

@@ -635,6 +635,8 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     uv_poll_init(loop, &s->signal_poll, s->signal_fd);
     s->signal_poll.data = s;
     uv_poll_start(&s->signal_poll, UV_READABLE, on_signal);
+    uv_idle_init(loop, &s->alloc_idle);
+    s->alloc_idle.data = s;
     uv_timer_init(loop, &s->tick);
     s->tick.data = s;
     uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
@@ -702,5 +704,6 @@ void wd_server_maybe_finish(wd_server *s)
     uv_close((uv_handle_t *)&s->signal_poll, on_handle_closed);
     close(s->signal_fd);
     uv_close((uv_handle_t *)&s->tick, on_handle_closed);
+    uv_close((uv_handle_t *)&s->alloc_idle, on_handle_closed);
     wd_log(WD_LOG_notice, "stopped: every segment released");
 }

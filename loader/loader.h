@@ -41,8 +41,8 @@ typedef enum wl_mode { WL_LOAD, WL_VERIFY } wl_mode;
 typedef enum wl_direct { WL_DIRECT_OFF, WL_DIRECT_ON } wl_direct;
 
 typedef struct wl_pipeline_opts {
-    unsigned threads;    /* 0: two per CPU, at most 32 */
-    uint64_t staging;    /* bytes of staging in all (device backends) */
+    unsigned threads;    /* 0: three for every four CPUs, at most 12 */
+    uint64_t staging;    /* bytes of staging in all (device backends); 0: 4 MiB a buffer */
     wl_direct direct;    /* O_DIRECT reads for staged loads, or the page cache */
     bool plain;          /* plain buffers, no pinned staging (verify pipelines) */
 } wl_pipeline_opts;
@@ -60,6 +60,10 @@ typedef struct wl_job {
     const wl_checkpoint *ckpt;
     const wl_dest *dest;         /* in tensor order, then by tensor_off */
     size_t n_dest;
+    /* dest[0, dests_ready) have their memory. A load may give the rest
+     * theirs while the job runs (store with release order): a chunk waits
+     * only for the dests it feeds. Set it to n_dest when all are ready. */
+    _Atomic size_t dests_ready;
     /* progress, readable from any thread: bytes and dests (tensors on devices)
      * done, out of the dests' lens and n_dest */
     _Atomic uint64_t bytes_done;

@@ -140,12 +140,21 @@ class Concurrency(h.E2ETestCase):
         d = self.daemon(capacity="4GiB")
         h.load_ok(self, d, self.big)
         c = self.raw(d)
-        c.send_request("verify", {"name": "big"}, id="v", events=True)
+        # Eight verifies at once (each reads all 0.9 GB), so that the model
+        # is still busy when the unload comes, however fast one verify is.
+        for i in range(8):
+            c.send_request("verify", {"name": "big"}, id="v%d" % i, events=True)
         m = c.recv(timeout=h.T(30))
         self.assertEqual((m.get("event"), m.get("phase")), ("progress", "verifying"), m)
         self.assertJsonError(d.ctl_json("unload", "big"), "EBUSY")
-        r = c.reply_to("v", timeout=h.T(60))
-        self.assertIs(r["result"]["match"], True, r)
+        replies = {}
+        while len(replies) < 8:  # in the order the verifies end
+            m = c.recv(timeout=h.T(60))
+            if "event" not in m:
+                replies[m["id"]] = m
+        self.assertEqual(sorted(replies), ["v%d" % i for i in range(8)])
+        for r in replies.values():
+            self.assertIs(r["result"]["match"], True, r)
         self.assertEqual(d.ctl("unload", "big").rc, 0)
 
     def check_rolled_back(self, d, before, name):

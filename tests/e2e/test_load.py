@@ -244,6 +244,23 @@ class LoadFailures(h.E2ETestCase):
         dev = d.device(0)
         self.assertEqual((dev["reserved_bytes"]["current"], dev["allocated_bytes"]["current"]), (0, 0))
 
+    def test_out_of_memory_while_reading(self):
+        # 899 MiB: the first 256 MiB are allocated before the reads start, the
+        # rest beside them, and the memory runs out there.
+        big = h.checkpoint("big")
+        d = self.daemon(capacity="600MiB")
+        before = h.usage_of(d.device(0))
+        r = d.ctl("load", big)
+        self.assertEqual(r.rc, 1, r)
+        self.assertIn("out of memory", r.err)
+        self.assertIn("on device 0", r.err)
+        self.assertNotIn("cancelled", r.err)
+        self.assertEqual(h.usage_of(d.device(0)), before, "the failed load left something behind")
+        self.assertEqual(d.models(), [])
+        self.assertEqual(d.stats()["policy"]["depth"], 0)
+        h.load_ok(self, d, self.medium)
+        self.assertEqual(d.ctl("verify", "medium").rc, 0)
+
     def test_same_name_twice(self):
         d = self.daemon()
         h.load_ok(self, d, self.small)
