@@ -49,7 +49,7 @@ void wd_log(wd_log_level level, const char *fmt, ...) __attribute__((format(prin
     X(host_devices, INT, "1", "N", "number of emulated devices (host backend)")                   \
     X(host_capacity, SIZE, "8GiB", "SIZE", "capacity of each emulated device (host backend)")      \
     X(device_capacity, SIZE, "0", "SIZE", "memory each GPU may hold (cuda backends; 0: what is free at start)") \
-    X(read_threads, INT, "0", "N", "threads reading checkpoints (0: 3 for every 4 CPUs, at most 12)") \
+    X(read_threads, INT, "0", "N", "threads reading checkpoints (0: 3 for every 4 CPUs, 2 to 12)")   \
     X(staging_memory, SIZE, "0", "SIZE",                                                          \
       "pinned host memory for staging GPU loads, two buffers a reader (0: 4MiB buffers)")          \
     X(direct_io, STRING, "off", "MODE", "O_DIRECT reads for GPU loads: on or off (the page cache)")   \

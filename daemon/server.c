@@ -648,10 +648,10 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
         wd_log(WD_LOG_info, "device %d: %s, capacity %s", i, info.name,
                wd_size_format(info.capacity, size, sizeof size));
     }
-    wd_log(WD_LOG_notice, "weightd %s listening on %s (backend %s, %d device%s, load policy %s, %u readers with "
-           "%s chunks)", WD_VERSION, s->socket_path, s->backend->name, s->backend->n_devices,
+    wd_log(WD_LOG_notice, "weightd %s listening on %s (backend %s, %d device%s, load policy %s, %u reader%s "
+           "with %s chunks)", WD_VERSION, s->socket_path, s->backend->name, s->backend->n_devices,
            s->backend->n_devices == 1 ? "" : "s", conf->load_alloc_conf, wl_pipeline_threads(s->pipeline),
-           wd_size_format(wl_pipeline_chunk(s->pipeline), size, sizeof size));
+           wl_pipeline_threads(s->pipeline) == 1 ? "" : "s", wd_size_format(wl_pipeline_chunk(s->pipeline), size, sizeof size));
     sd_notifyf(0, "READY=1\nSTATUS=listening on %s, no models loaded", s->socket_path);
     return 0;
 fail:

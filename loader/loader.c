@@ -131,12 +131,13 @@ int wl_pipeline_create(wa_backend *backend, const wl_pipeline_opts *opts, wl_pip
     p->backend = backend;
     p->direct = opts->direct;
     /* Three threads for every four CPUs, leaving some to the loop (which
-     * allocates beside the reads) and the driver: with 4 MiB buffers on the
-     * GPU machine (16 CPUs), 12 readers loaded warm at 47.9-49.4 GB/s, 16 at
-     * 46.5-49.3 and 32 at 39.4-42.0. */
+     * allocates beside the reads) and the driver, and at least two, so that
+     * one reads while another waits: with 4 MiB buffers on the GPU machine
+     * (16 CPUs), 12 readers loaded warm at 47.9-49.4 GB/s, 16 at 46.5-49.3
+     * and 32 at 39.4-42.0. */
     if (!(p->threads = opts->threads)) {
         long n = cpus * 3 / 4;
-        p->threads = (unsigned)(n < 1 ? 1 : n > DEFAULT_MAX_THREADS ? DEFAULT_MAX_THREADS : n);
+        p->threads = (unsigned)(n < 2 ? 2 : n > DEFAULT_MAX_THREADS ? DEFAULT_MAX_THREADS : n);
     }
     if (p->threads > MAX_THREADS)
         p->threads = MAX_THREADS;

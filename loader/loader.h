@@ -41,7 +41,7 @@ typedef enum wl_mode { WL_LOAD, WL_VERIFY } wl_mode;
 typedef enum wl_direct { WL_DIRECT_OFF, WL_DIRECT_ON } wl_direct;
 
 typedef struct wl_pipeline_opts {
-    unsigned threads;    /* 0: three for every four CPUs, at most 12 */
+    unsigned threads;    /* 0: three for every four CPUs, 2 to 12 */
     uint64_t staging;    /* bytes of staging in all (device backends); 0: 4 MiB a buffer */
     wl_direct direct;    /* O_DIRECT reads for staged loads, or the page cache */
     bool plain;          /* plain buffers, no pinned staging (verify pipelines) */
