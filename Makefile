@@ -169,9 +169,9 @@ gpu-test: all
 
 # On the GPU machine: what the driver's VMM calls cost (vmmcost), and the
 # read limit and weightd's read-and-copy scheme with nothing of weightd (pipebw).
-$(BUILD)/vmmcost $(BUILD)/pipebw: $(BUILD)/%: bench/%.c allocator/cuda_driver.c common/errors.c
+$(BUILD)/vmmcost $(BUILD)/pipebw: $(BUILD)/%: bench/%.c bench/bench_cuda.h allocator/cuda_driver.c common/errors.c
 	@mkdir -p $(dir $@)
-	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $^ -ldl -lpthread
+	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $(filter %.c,$^) -ldl -lpthread
 
 bench-load: all $(BUILD)/pipebw
 	$(Q)python3 bench/load_bench.py --build $(BUILD) --out $(BUILD)/bench

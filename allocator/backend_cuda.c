@@ -104,33 +104,6 @@ static void vmm_unmap(cuda_backend *c, wa_mem *mem)
     mem->size = 0;
 }
 
-static int vmm_seg_alloc(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err)
-{
-    cuda_backend *c = (cuda_backend *)b;
-    cuda_device *d = device_of(b, device);
-    CUdeviceptr va = 0;
-    int rc;
-
-    CU(c->cu->cuMemAddressReserve(&va, size, d->granularity, 0, 0), "cuMemAddressReserve");
-    if ((rc = vmm_map(c, d, va, size, out, err)))
-        goto fail;
-    return 0;
-fail:
-    if (va)
-        c->cu->cuMemAddressFree(va, size);
-    return rc;
-}
-
-static void vmm_seg_free(wa_backend *b, int device, wa_mem *mem)
-{
-    cuda_backend *c = (cuda_backend *)b;
-    uint64_t addr = mem->addr, size = mem->size;
-
-    device_of(b, device);
-    vmm_unmap(c, mem);
-    c->cu->cuMemAddressFree((CUdeviceptr)addr, size);
-}
-
 static int vmm_va_reserve(wa_backend *b, int device, uint64_t size, wa_mem *va, wd_error *err)
 {
     cuda_backend *c = (cuda_backend *)b;
@@ -152,6 +125,28 @@ static void vmm_va_release(wa_backend *b, int device, wa_mem *va)
     device_of(b, device);
     c->cu->cuMemAddressFree((CUdeviceptr)va->addr, va->size);
     va->size = 0;
+}
+
+/* A classic segment: an address range with one allocation mapped over it. */
+static int vmm_seg_alloc(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err)
+{
+    wa_mem va;
+    int rc;
+
+    if ((rc = vmm_va_reserve(b, device, size, &va, err)))
+        return rc;
+    if ((rc = vmm_map((cuda_backend *)b, device_of(b, device), (CUdeviceptr)va.addr, size, out, err)))
+        vmm_va_release(b, device, &va);
+    return rc;
+}
+
+static void vmm_seg_free(wa_backend *b, int device, wa_mem *mem)
+{
+    wa_mem va = {.addr = mem->addr, .size = mem->size, .fd = -1};
+
+    device_of(b, device);
+    vmm_unmap((cuda_backend *)b, mem);
+    vmm_va_release(b, device, &va);
 }
 
 static int vmm_page_map(wa_backend *b, int device, const wa_mem *va, uint64_t offset, uint64_t size, wa_mem *page,

@@ -32,9 +32,13 @@ static void segment_unlink(wa_device *d, wa_segment *seg)
 
 /* ---- classic segments ------------------------------------------------------ */
 
-int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_block **out, wd_error *err)
+typedef int (*segment_memory_fn)(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err);
+
+/* A linked segment of `size` bytes whose memory comes from get (the
+ * backend's seg_alloc or va_reserve), with one block over all of it. */
+static int segment_create(wa_allocator *a, int device, uint64_t size, bool small, segment_memory_fn get,
+                          wa_block **out, wd_error *err)
 {
-    wa_device *d = &a->dev[device];
     wa_segment *seg = calloc(1, sizeof *seg);
     wa_block *b = calloc(1, sizeof *b);
     int rc;
@@ -43,31 +47,43 @@ int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_b
         rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
         goto fail;
     }
-    if ((rc = a->backend->seg_alloc(a->backend, device, size, &seg->mem, err)))
+    if ((rc = get(a->backend, device, size, &seg->mem, err)))
         goto fail;
     seg->size = size;
     seg->device = device;
     seg->small = small;
     seg->id = a->next_segment_id++;
     seg->head = b;
-    segment_link(d, seg);
+    segment_link(&a->dev[device], seg);
     b->addr = seg->mem.addr;
     b->size = size;
     b->seg = seg;
-    b->mapped = true;
-    wa__stat_add(&d->stats.segment, 1);
-    wa__stat_add(&d->stats.reserved_bytes, size);
-    if (size >= a->conf.max_split_size) {
-        seg->counted_oversize = true;
-        wa__stat_add(&d->stats.oversize_segments, 1);
-    }
-    d->stats.num_device_alloc++;
     *out = b;
     return 0;
 fail:
     free(seg);
     free(b);
     return rc;
+}
+
+int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_block **out, wd_error *err)
+{
+    wa_device *d = &a->dev[device];
+    wa_block *b;
+    int rc;
+
+    if ((rc = segment_create(a, device, size, small, a->backend->seg_alloc, &b, err)))
+        return rc;
+    b->mapped = true;
+    wa__stat_add(&d->stats.segment, 1);
+    wa__stat_add(&d->stats.reserved_bytes, size);
+    if (size >= a->conf.max_split_size) {
+        b->seg->counted_oversize = true;
+        wa__stat_add(&d->stats.oversize_segments, 1);
+    }
+    d->stats.num_device_alloc++;
+    *out = b;
+    return 0;
 }
 
 /* release_block(): b is a free, unsplit block of a classic segment, in its pool. */
@@ -114,35 +130,17 @@ static int expandable_new(wa_allocator *a, int device, wa_pool *pool, wa_block *
     uint64_t page = page_size(a, pool->small);
     uint64_t cap = d->limit && d->limit < VA_LIMIT ? d->limit : VA_LIMIT;
     uint64_t size = (cap + cap / 8 + page - 1) / page * page;
-    wa_segment *seg = calloc(1, sizeof *seg);
-    wa_block *b = calloc(1, sizeof *b);
+    wa_block *b;
     int rc;
 
-    if (!seg || !b) {
-        rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
-        goto fail;
-    }
-    if ((rc = a->backend->va_reserve(a->backend, device, size, &seg->mem, err)))
-        goto fail;
-    seg->size = size;
-    seg->device = device;
-    seg->small = pool->small;
-    seg->expandable = true;
-    seg->page = page;
-    seg->coalesce = a->conf.expandable_coalesce;
-    seg->id = a->next_segment_id++;
-    seg->head = b;
-    segment_link(d, seg);
-    b->addr = seg->mem.addr;
-    b->size = size;
-    b->seg = seg;
+    if ((rc = segment_create(a, device, size, pool->small, a->backend->va_reserve, &b, err)))
+        return rc;
+    b->seg->expandable = true;
+    b->seg->page = page;
+    b->seg->coalesce = a->conf.expandable_coalesce;
     wa__tree_insert(&pool->unmapped, b);
     *out = b;
     return 0;
-fail:
-    free(seg);
-    free(b);
-    return rc;
 }
 
 static void expandable_release(wa_allocator *a, wa_pool *pool, wa_block *b)

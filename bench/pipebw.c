@@ -27,7 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "allocator/cuda_driver.h"
+#include "bench/bench_cuda.h"
 
 static size_t piece_size = 16u << 20;
 
@@ -41,14 +41,6 @@ static CUcontext ctx;
 static enum { READ, PINNED, COPY, MAP } mode = READ;
 static const char *const mode_names[] = {"read", "pinned", "copy", "map"};
 
-#define CHECK(x)                                                      \
-    do {                                                              \
-        CUresult r_ = (x);                                            \
-        if (r_ != CUDA_SUCCESS) {                                     \
-            fprintf(stderr, "%s failed: %d\n", #x, (int)r_);          \
-            exit(1);                                                  \
-        }                                                             \
-    } while (0)
 
 /* A thread's buffers, streams and device memory, made before the clock starts. */
 typedef struct worker {
@@ -156,7 +148,6 @@ int main(int argc, char **argv)
     struct timespec a, b;
     pthread_t t[256];
     static worker w[256];
-    wd_error err = {0};
 
     while ((opt = getopt(argc, argv, "t:m:s:M:")) != -1) {
         int m = 0;
@@ -180,16 +171,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: pipebw [-t THREADS] [-s PIECE_KIB] [-m read|pinned|copy|map] [-M N] FILE...\n");
         return 2;
     }
-    if (mode != READ) {
-        CUdevice dev;
-        if (wa_cuda_load(&cu, &err)) {
-            fprintf(stderr, "%s\n", err.msg);
-            return 1;
-        }
-        CHECK(cu->cuDeviceGet(&dev, 0));
-        CHECK(cu->cuDevicePrimaryCtxRetain(&ctx, dev));
-        CHECK(cu->cuCtxSetCurrent(ctx));
-    }
+    if (mode != READ)
+        cu = bench_cuda_init(&ctx);
     n_files = argc - optind;
     files = calloc((size_t)n_files, sizeof *files);
     for (int i = 0; i < n_files; i++) {

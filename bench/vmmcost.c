@@ -6,7 +6,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "allocator/cuda_driver.h"
+#include "bench/bench_cuda.h"
 
 static double now(void)
 {
@@ -15,22 +15,12 @@ static double now(void)
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
-#define CHECK(x)                                                      \
-    do {                                                              \
-        CUresult r_ = (x);                                            \
-        if (r_ != CUDA_SUCCESS) {                                     \
-            fprintf(stderr, "%s failed: %d\n", #x, (int)r_);          \
-            return 1;                                                 \
-        }                                                             \
-    } while (0)
 
 int main(int argc, char **argv)
 {
     const wa_cuda *cu;
-    wd_error err = {0};
     int n = argc > 1 ? atoi(argv[1]) : 1024;
     size_t page = 2u << 20;
-    CUdevice dev;
     CUcontext ctx;
     CUdeviceptr va;
     CUmemAllocationProp prop = {0};
@@ -39,13 +29,7 @@ int main(int argc, char **argv)
     int *fd = calloc((size_t)n, sizeof *fd);
     double t0, t1, t2, t3, t4, t5;
 
-    if (wa_cuda_load(&cu, &err)) {
-        fprintf(stderr, "%s\n", err.msg);
-        return 1;
-    }
-    CHECK(cu->cuDeviceGet(&dev, 0));
-    CHECK(cu->cuDevicePrimaryCtxRetain(&ctx, dev));
-    CHECK(cu->cuCtxSetCurrent(ctx));
+    cu = bench_cuda_init(&ctx);
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
     prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
