@@ -874,40 +874,51 @@ static int st__checked_add(size_t *acc, size_t v)
     return 0;
 }
 
+/* The bytes that `shape` of `dtype` takes, into *bytes. A shape of more than
+ * 2^64-1 elements or bits fails with overflow_rc, one that is not a whole
+ * number of bytes with partial_rc; the message names tensor q. */
+static int st__shape_bytes(const uint64_t *shape, size_t ndim, st_dtype dtype, const char *q, int overflow_rc,
+                           int partial_rc, uint64_t *bytes, char *err, size_t errlen)
+{
+    char shp[160];
+    uint64_t numel = 1, bits;
+
+    for (size_t d = 0; d < ndim; d++)
+        if (__builtin_mul_overflow(numel, shape[d], &numel))
+            return st__fail(err, errlen, overflow_rc, "tensor %s: shape %s has more than 2^64-1 elements", q,
+                            st__shape_str(shape, ndim, shp, sizeof shp));
+    if (__builtin_mul_overflow(numel, (uint64_t)st_dtype_bits(dtype), &bits))
+        return st__fail(err, errlen, overflow_rc, "tensor %s: shape %s x %s is more than 2^64-1 bits", q,
+                        st__shape_str(shape, ndim, shp, sizeof shp), st_dtype_name(dtype));
+    if (bits % 8)
+        return st__fail(err, errlen, partial_rc, "tensor %s: shape %s x %s is %llu bits, not a whole number of bytes",
+                        q, st__shape_str(shape, ndim, shp, sizeof shp), st_dtype_name(dtype),
+                        (unsigned long long)bits);
+    *bytes = bits / 8;
+    return 0;
+}
+
 /* Size, dtype and offsets of one tensor, already filled in. */
 static int st__check_tensor(const st__ctx *c, const st_tensor *t)
 {
     char q[ST__QUOTE_BUF], shp[160];
-    uint64_t numel = 1, bits;
-    const char *dn = st_dtype_name(t->dtype);
+    uint64_t bytes;
+    int rc;
 
     st__quote(t->name, q);
     if (t->end < t->begin)
         return st__fail(c->err, c->errlen, -EBADMSG,
                         "tensor %s: data_offsets [%llu, %llu] end before they begin", q,
                         (unsigned long long)t->begin, (unsigned long long)t->end);
-    for (size_t d = 0; d < t->ndim; d++) {
-        if (__builtin_mul_overflow(numel, t->shape[d], &numel))
-            return st__fail(c->err, c->errlen, -EBADMSG,
-                            "tensor %s: shape %s has more than 2^64-1 elements", q,
-                            st__shape_str(t->shape, t->ndim, shp, sizeof shp));
-    }
-    if (__builtin_mul_overflow(numel, (uint64_t)st_dtype_bits(t->dtype), &bits))
-        return st__fail(c->err, c->errlen, -EBADMSG,
-                        "tensor %s: shape %s x %s is more than 2^64-1 bits", q,
-                        st__shape_str(t->shape, t->ndim, shp, sizeof shp), dn);
-    if (bits % 8)
-        return st__fail(c->err, c->errlen, -EBADMSG,
-                        "tensor %s: shape %s x %s is %llu bits, not a whole number of bytes", q,
-                        st__shape_str(t->shape, t->ndim, shp, sizeof shp), dn,
-                        (unsigned long long)bits);
-    if (t->end - t->begin != bits / 8)
+    if ((rc = st__shape_bytes(t->shape, t->ndim, t->dtype, q, -EBADMSG, -EBADMSG, &bytes, c->err, c->errlen)))
+        return rc;
+    if (t->end - t->begin != bytes)
         return st__fail(c->err, c->errlen, -EBADMSG,
                         "tensor %s: data_offsets [%llu, %llu] hold %llu bytes but shape %s x %s "
                         "needs %llu", q, (unsigned long long)t->begin,
                         (unsigned long long)t->end, (unsigned long long)(t->end - t->begin),
-                        st__shape_str(t->shape, t->ndim, shp, sizeof shp), dn,
-                        (unsigned long long)(bits / 8));
+                        st__shape_str(t->shape, t->ndim, shp, sizeof shp), st_dtype_name(t->dtype),
+                        (unsigned long long)bytes);
     return 0;
 }
 
@@ -1393,7 +1404,7 @@ int st_build_header(const st_tensor_spec *tensors, size_t n, const st_meta *meta
     const st_tensor_spec **sorted = NULL;
     const st_meta **msorted = NULL;
     st__buf b = {0};
-    char q[ST__QUOTE_BUF], shp[160];
+    char q[ST__QUOTE_BUF];
     uint64_t offset = 0, hlen;
     size_t i;
     int rc;
@@ -1406,7 +1417,7 @@ int st_build_header(const st_tensor_spec *tensors, size_t n, const st_meta *meta
 
     for (i = 0; i < n; i++) {
         const st_tensor_spec *t = &tensors[i];
-        uint64_t numel = 1, bits;
+        uint64_t bytes;
 
         if (!t->name)
             return st__fail(err, errlen, -EINVAL, "tensor %zu has no name", i);
@@ -1420,22 +1431,9 @@ int st_build_header(const st_tensor_spec *tensors, size_t n, const st_meta *meta
                             (int)t->dtype);
         if (t->ndim && !t->shape)
             return st__fail(err, errlen, -EINVAL, "tensor %s: %zu dims but no shape", q, t->ndim);
-        for (size_t d = 0; d < t->ndim; d++)
-            if (__builtin_mul_overflow(numel, t->shape[d], &numel))
-                return st__fail(err, errlen, -EOVERFLOW,
-                                "tensor %s: shape %s has more than 2^64-1 elements", q,
-                                st__shape_str(t->shape, t->ndim, shp, sizeof shp));
-        if (__builtin_mul_overflow(numel, (uint64_t)st_dtype_bits(t->dtype), &bits))
-            return st__fail(err, errlen, -EOVERFLOW,
-                            "tensor %s: shape %s x %s is more than 2^64-1 bits", q,
-                            st__shape_str(t->shape, t->ndim, shp, sizeof shp),
-                            st_dtype_name(t->dtype));
-        if (bits % 8)
-            return st__fail(err, errlen, -EINVAL,
-                            "tensor %s: shape %s x %s is %llu bits, not a whole number of bytes",
-                            q, st__shape_str(t->shape, t->ndim, shp, sizeof shp),
-                            st_dtype_name(t->dtype), (unsigned long long)bits);
-        if (__builtin_add_overflow(offset, bits / 8, &offset))
+        if ((rc = st__shape_bytes(t->shape, t->ndim, t->dtype, q, -EOVERFLOW, -EINVAL, &bytes, err, errlen)))
+            return rc;
+        if (__builtin_add_overflow(offset, bytes, &offset))
             return st__fail(err, errlen, -EOVERFLOW,
                             "tensor %s: the data would pass 2^64-1 bytes", q);
     }
@@ -1498,11 +1496,9 @@ int st_build_header(const st_tensor_spec *tensors, size_t n, const st_meta *meta
     offset = 0;
     for (i = 0; i < n; i++) {
         const st_tensor_spec *t = &tensors[i];
-        uint64_t nbytes = 1;
+        uint64_t nbytes = 0;
 
-        for (size_t d = 0; d < t->ndim; d++)
-            nbytes *= t->shape[d];
-        nbytes = nbytes * st_dtype_bits(t->dtype) / 8;   /* checked above */
+        st__shape_bytes(t->shape, t->ndim, t->dtype, "", 0, 0, &nbytes, NULL, 0); /* checked above */
         if (i || n_meta)
             st__put(&b, ",", 1);
         st__put_jstr(&b, t->name);
