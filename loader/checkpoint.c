@@ -37,6 +37,7 @@ static const char *spath(const char *s, char *buf)
 /* One weight_map entry; name points into the parsed index. */
 typedef struct wl__entry {
     const char *name;
+    const char *file;          /* its shard's file name, in the index's JSON */
     uint32_t shard;
 } wl__entry;
 
@@ -264,7 +265,7 @@ static int index_load(const char *path, wl__index *ix, wd_error *err)
         goto out;
     }
     for (e = wm->child, i = 0; e; e = e->next, i++) {
-        ix->entries[i].name = e->string;
+        ix->entries[i] = (wl__entry){.name = e->string, .file = e->valuestring};
         ix->files[i] = e->valuestring;
     }
     ix->n_entries = n;
@@ -277,19 +278,15 @@ static int index_load(const char *path, wl__index *ix, wd_error *err)
             goto out;
         }
     }
-    /* The distinct shard files, in name order, give the shard numbers. The
-     * entries were re-sorted, so look each one's file up again. */
+    /* The distinct shard files, in name order, give the shard numbers. */
     qsort(ix->files, n, sizeof *ix->files, cmp_str);
     ix->n_files = 0;
     for (i = 0; i < n; i++)
         if (ix->n_files == 0 || strcmp(ix->files[ix->n_files - 1], ix->files[i]) != 0)
             ix->files[ix->n_files++] = ix->files[i];
-    for (e = wm->child; e; e = e->next) {
-        wl__entry key = {e->string, 0}, *hit;
-        const char **f = bsearch(&e->valuestring, ix->files, ix->n_files, sizeof *ix->files,
-                                 cmp_str);
-        hit = bsearch(&key, ix->entries, n, sizeof *ix->entries, cmp_entry);
-        hit->shard = (uint32_t)(f - ix->files);
+    for (i = 0; i < n; i++) {
+        const char **f = bsearch(&ix->entries[i].file, ix->files, ix->n_files, sizeof *ix->files, cmp_str);
+        ix->entries[i].shard = (uint32_t)(f - ix->files);
     }
     rc = 0;
 out:
