@@ -1,12 +1,12 @@
 /* Loads and verifies. File work runs on libuv's thread pool; everything that
  * touches the allocator or the registry runs on the loop thread, in the
- * after-work callbacks.
+ * after-work callbacks and, while a load reads, its allocation steps.
  *
  * A load: open the checkpoint (headers only, worker) -> push the load policy
  * and place every tensor (loop) -> read the bytes in (worker) while the loop
  * allocates the tensors, in order, a step at a time -> mark the model ready
- * and pop the policy (loop). Allocating beside the reads hides its cost (14
- * to 60 ms for 12.8 GB on an H200, 4 to 20 % of a warm load) and lets the
+ * and pop the policy (loop). Allocating beside the reads hides its cost (10
+ * to 70 ms for 12.8 GB on an H200, 4 to 22 % of a warm load) and lets the
  * loop serve other clients between steps. Any failure or a cancel frees every
  * block the load took, gives cached segments back and pops the policy, so the
  * device's figures return to what they were before the load. */
