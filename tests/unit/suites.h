@@ -12,6 +12,7 @@
     X(mkckpt)             \
     X(moe)                \
     X(placement)          \
+    X(loader)             \
     X(allocator)          \
     X(alloc_config)       \
     X(backend_host)       \
