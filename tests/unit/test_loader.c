@@ -126,16 +126,22 @@ static wl_pipeline *pipeline(const fixture *f, bool plain)
     return p;
 }
 
+/* A load with no dest ready yet, running on a thread of its own. */
+static void start_load(fixture *f, wl_job *job, runner *r)
+{
+    setup(f);
+    *r = (runner){.p = pipeline(f, false), .job = job};
+    job_init(job, f, WL_LOAD, 0);
+    ck_assert_int_eq(pthread_create(&r->thread, NULL, run_job, r), 0);
+}
+
 START_TEST(dests_that_get_memory_while_the_job_runs)
 {
     fixture f;
     wl_job job;
     runner r;
 
-    setup(&f);
-    r = (runner){.p = pipeline(&f, false), .job = &job};
-    job_init(&job, &f, WL_LOAD, 0);
-    ck_assert_int_eq(pthread_create(&r.thread, NULL, run_job, &r), 0);
+    start_load(&f, &job, &r);
     for (size_t i = 0; i < f.n_dest; i++) {
         usleep(1000);
         /* The chunks that feed the last dest cannot be done before it has
@@ -160,10 +166,7 @@ START_TEST(a_cancel_ends_readers_that_wait_for_memory)
     wl_job job;
     runner r;
 
-    setup(&f);
-    r = (runner){.p = pipeline(&f, false), .job = &job};
-    job_init(&job, &f, WL_LOAD, 0);
-    ck_assert_int_eq(pthread_create(&r.thread, NULL, run_job, &r), 0);
+    start_load(&f, &job, &r);
     usleep(20000);
     ck_assert_uint_eq(bytes_done(&job), 0);
     atomic_store(&job.cancel, true);
