@@ -1,6 +1,7 @@
 /* weightctl: the command line over libweightd-client. One table of commands;
  * each is a small function that sends one request and prints its result, as
  * text for people or, with --json, as one JSON object for programs. */
+#include <ctype.h>
 #include <getopt.h>
 #include <limits.h>
 #include <math.h>
@@ -259,24 +260,39 @@ static int absolute_path(const char *path, char *out, size_t len)
     return 0;
 }
 
-/* "0,2,3" into a JSON array of device numbers; NULL if it is not one. */
+/* "0,2,GPU-8c1e..." into a JSON array of device numbers and UUIDs (anything
+ * that does not start with a digit, sign or space); NULL if it is not one. */
 static cJSON *parse_device_list(const char *text)
 {
     cJSON *arr = cJSON_CreateArray();
     const char *p = text;
 
     for (;;) {
+        size_t len = strcspn(p, ",");
         char *end;
-        long d = strtol(p, &end, 10);
-        if (end == p || d < 0 || d > INT_MAX || (*end != ',' && *end != '\0') || *p == '-' || *p == '+' ||
-            *p == ' ') {
+        if (len == 0 || *p == '-' || *p == '+' || *p == ' ') {
             cJSON_Delete(arr);
             return NULL;
         }
-        cJSON_AddItemToArray(arr, cJSON_CreateNumber((double)d));
-        if (!*end)
+        if (isdigit((unsigned char)*p)) {
+            long d = strtol(p, &end, 10);
+            if (d > INT_MAX || end != p + len) {
+                cJSON_Delete(arr);
+                return NULL;
+            }
+            cJSON_AddItemToArray(arr, cJSON_CreateNumber((double)d));
+        } else {
+            char uuid[128];
+            if (len >= sizeof uuid) {
+                cJSON_Delete(arr);
+                return NULL;
+            }
+            snprintf(uuid, sizeof uuid, "%.*s", (int)len, p);
+            cJSON_AddItemToArray(arr, cJSON_CreateString(uuid));
+        }
+        if (!p[len])
             return arr;
-        p = end + 1;
+        p += len + 1;
     }
 }
 
@@ -356,7 +372,7 @@ static int cmd_load(ctl *c, int argc, char **argv)
                 goto out;
             }
             if (!(devices = parse_device_list(v))) {
-                usage_error("%s: \"%s\" is not a device number or a list of them (0,1)", flag, v);
+                usage_error("%s: \"%s\" is not a device (number or UUID) or a list of them (0,1)", flag, v);
                 goto out;
             }
             cJSON_AddItemToObject(args, "devices", devices);
@@ -636,7 +652,7 @@ static int cmd_stats(ctl *c, int argc, char **argv)
     {
         static const char *const keys[] = {"allocated_bytes", "reserved_bytes", "active_bytes",
                                            "inactive_split_bytes", "requested_bytes"};
-        printf("\ndevice %.0f (%s): capacity %s\n", num(d, "device"), str(d, "name"),
+        printf("\ndevice %.0f (%s, %s): capacity %s\n", num(d, "device"), str(d, "name"), str(d, "uuid"),
                size_text(num(d, "capacity"), a, sizeof a));
         printf("  %-22s %14s %14s\n", "", "current", "peak");
         for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
@@ -926,7 +942,7 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
 /* ---- the table and main ----------------------------------------------------------------- */
 
 static const command commands[] = {
-    {"load", cmd_load, "PATH [--name NAME] [--device N | --devices LIST] [--placement P] [--plan FILE]",
+    {"load", cmd_load, "PATH [--name NAME] [--device D | --devices LIST] [--placement P] [--plan FILE]",
      "load a checkpoint (file, folder or index) onto devices, with progress;\n"
      "P: replicate (default) or expert-parallel (each layer's experts split\n"
      "across the devices); FILE: {\"devices\": [0, 1], \"placement\": P}"},

@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "common/size.h"
@@ -92,43 +93,78 @@ static void default_name(const char *path, char *out, size_t len)
     snprintf(out, len, "%s", base);
 }
 
-/* "device": N, or "devices": [N, ...] with "placement" (placement.h). Each
- * device once, each one this daemon has. */
+/* A device named by its number, or by its UUID (as `stats` shows it, in any
+ * case) or a prefix of it that only it has, as weightd's --devices takes. */
+static int device_arg(wd_server *s, wd_request *r, const cJSON *v, int *out)
+{
+    if (cJSON_IsString(v)) {
+        size_t len = strlen(v->valuestring);
+        int found = -1, matches = 0;
+        for (int d = 0; len && d < s->backend->n_devices; d++) {
+            wa_device_info info;
+            if (s->backend->describe(s->backend, d, &info) || strncasecmp(info.uuid, v->valuestring, len) != 0)
+                continue;
+            if (info.uuid[len] == '\0') { /* the whole UUID: no other can be meant */
+                *out = d;
+                return 0;
+            }
+            found = d;
+            matches++;
+        }
+        if (matches == 1) {
+            *out = found;
+            return 0;
+        }
+        if (matches > 1)
+            return wd_error_set(&r->err, -EINVAL, "\"%.64s\" is the start of %d devices' UUIDs; give more of it",
+                                v->valuestring, matches);
+        return wd_error_set(&r->err, -ENODEV, "no device with UUID \"%.64s\" here (see weightctl stats)",
+                            v->valuestring);
+    }
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= INT32_MAX) ||
+        v->valuedouble != floor(v->valuedouble))
+        return wd_error_set(&r->err, -EINVAL, "argument \"%s\" must hold device numbers or UUIDs",
+                            v->string ? v->string : "devices");
+    if ((int)v->valuedouble >= s->backend->n_devices)
+        return wd_error_set(&r->err, -ENODEV, "no device %d: this daemon has %d (0 to %d)", (int)v->valuedouble,
+                            s->backend->n_devices, s->backend->n_devices - 1);
+    *out = (int)v->valuedouble;
+    return 0;
+}
+
+/* "device": D, or "devices": [D, ...] with "placement" (placement.h), each D
+ * a number or a UUID. Each device once, each one this daemon has. */
 static int load_devices(wd_server *s, wd_request *r, int *devices, size_t *n, wl_placement *placement)
 {
     const cJSON *list = cJSON_GetObjectItemCaseSensitive(r->args, "devices"), *v;
+    const cJSON *one = cJSON_GetObjectItemCaseSensitive(r->args, "device");
     const char *text;
-    int64_t device = 0;
     int rc;
 
     *n = 0;
     *placement = WL_REPLICATE;
-    if ((rc = wp_arg_int(r->args, "device", false, 0, INT32_MAX, &device, &r->err)) == -EINVAL)
-        return rc;
-    if (rc == 0 && list && !cJSON_IsNull(list))
+    if (one && !cJSON_IsNull(one) && list && !cJSON_IsNull(list))
         return wd_error_set(&r->err, -EINVAL, "give \"device\" or \"devices\", not both");
     if (!list || cJSON_IsNull(list)) {
-        devices[(*n)++] = (int)device;
+        devices[0] = 0;
+        if (one && !cJSON_IsNull(one) && (rc = device_arg(s, r, one, &devices[0])))
+            return rc;
+        *n = 1;
     } else {
         if (!cJSON_IsArray(list) || cJSON_GetArraySize(list) < 1)
-            return wd_error_set(&r->err, -EINVAL, "argument \"devices\" must be a non-empty array of device numbers");
+            return wd_error_set(&r->err, -EINVAL,
+                                "argument \"devices\" must be a non-empty array of device numbers or UUIDs");
         cJSON_ArrayForEach(v, list) {
-            if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= INT32_MAX) ||
-                v->valuedouble != floor(v->valuedouble))
-                return wd_error_set(&r->err, -EINVAL, "argument \"devices\" must hold device numbers");
+            int d;
+            if ((rc = device_arg(s, r, v, &d)))
+                return rc;
             for (size_t i = 0; i < *n; i++)
-                if (devices[i] == (int)v->valuedouble)
-                    return wd_error_set(&r->err, -EINVAL, "device %d is listed twice", devices[i]);
-            if (*n == (size_t)s->backend->n_devices)
-                return wd_error_set(&r->err, -EINVAL, "more devices listed than this daemon has (%d)",
-                                    s->backend->n_devices);
-            devices[(*n)++] = (int)v->valuedouble;
+                if (devices[i] == d)
+                    return wd_error_set(&r->err, -EINVAL, "device %d is listed twice", d);
+            /* Distinct devices of this daemon's: devices[] has room. */
+            devices[(*n)++] = d;
         }
     }
-    for (size_t i = 0; i < *n; i++)
-        if (devices[i] >= s->backend->n_devices)
-            return wd_error_set(&r->err, -ENODEV, "no device %d: this daemon has %d (0 to %d)", devices[i],
-                                s->backend->n_devices, s->backend->n_devices - 1);
     if ((rc = wp_arg_string(r->args, "placement", false, &text, &r->err)) == -EINVAL)
         return rc;
     if (rc == 0 && wl_placement_parse(text, placement))
@@ -340,6 +376,7 @@ static int op_stats(wd_server *s, wd_request *r)
         s->backend->describe(s->backend, d, &info);
         cJSON_AddNumberToObject(o, "device", d);
         cJSON_AddStringToObject(o, "name", info.name);
+        cJSON_AddStringToObject(o, "uuid", info.uuid);
         cJSON_AddNumberToObject(o, "capacity", (double)st.capacity);
 #define X(name, what)                                                            \
         {                                                                        \

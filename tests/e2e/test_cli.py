@@ -213,7 +213,7 @@ class WeightctlCommandLine(h.E2ETestCase):
             ["verify"],
             ["load"],
             ["load", "a", "b"],
-            ["load", "x", "--device", "minus"],
+            ["load", "x", "--device", "-2"],
             ["load", "x", "--device", "-1"],
             ["load", "x", "--frob"],
             ["inspect"],

@@ -95,8 +95,8 @@ class ModelCommands(h.E2ETestCase):
         self.assertEqual(r.rc, 0, r)
         self.assertIn("backend host, 0 models", r.out)
         self.assertIn("allocator policy in force: default (load policy: %s)" % h.LOAD_POLICY, r.out)
-        self.assertIn("device 0 (host device 0): capacity 1.00 GiB", r.out)
-        self.assertIn("device 1 (host device 1): capacity 1.00 GiB", r.out)
+        self.assertIn("device 0 (host device 0, host-0): capacity 1.00 GiB", r.out)
+        self.assertIn("device 1 (host device 1, host-1): capacity 1.00 GiB", r.out)
         for key in ("allocated_bytes", "reserved_bytes", "active_bytes", "inactive_split_bytes", "requested_bytes",
                     "segments", "largest free block", "fragmentation", "out-of-memory"):
             self.assertIn(key, r.out)
@@ -107,7 +107,7 @@ class ModelCommands(h.E2ETestCase):
         self.assertEqual(s["jobs"], [])
         self.assertEqual(s["policy"], {"current": "default", "depth": 0, "load_policy_active": False,
                                        "load": h.LOAD_POLICY})
-        self.assertEqual([x["device"] for x in s["devices"]], [0, 1])
+        self.assertEqual([(x["device"], x["uuid"]) for x in s["devices"]], [(0, "host-0"), (1, "host-1")])
         for dev in s["devices"]:
             self.assertEqual(dev["capacity"], 1 << 30)
             for key in ("allocated_bytes", "reserved_bytes", "active_bytes", "requested_bytes", "segment"):

@@ -281,7 +281,10 @@ class LoadFailures(h.E2ETestCase):
         self.assertIn("no device 2", r.err)
         self.assertIn("0 to 1", r.err)
         self.assertJsonError(d.ctl_json("load", self.small, "--device", "7"), "ENODEV")
-        for bad in ("-1", "one", "1.5", ""):
+        r = d.ctl("load", self.small, "--device", "one")  # not a number: a UUID none of them has
+        self.assertEqual(r.rc, 1, r)
+        self.assertIn('no device with UUID "one"', r.err)
+        for bad in ("-1", "1.5", ""):
             with self.subTest(device=bad):
                 r = d.ctl("load", self.small, "--device", bad)
                 self.assertEqual(r.rc, 2, r)

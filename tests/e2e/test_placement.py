@@ -57,6 +57,30 @@ class Placement(h.E2ETestCase):
         self.assertEqual(d.ctl_json("unload", "small").json["device_bytes"], 2 * size)
         self.assertAllGivenBack(d, (0, 1))
 
+    def test_devices_by_uuid(self):
+        d = self.daemon(devices=2)
+        uuids = [dev["uuid"] for dev in d.stats()["devices"]]
+        self.assertEqual(uuids, ["host-0", "host-1"])
+        r = d.ctl("load", self.small, "--devices", "HOST-1,0", "--name", "a")  # any case, mixed with numbers
+        self.assertEqual(r.rc, 0, r)
+        self.assertIn("on devices 1,0 (replicate", r.out)
+        r = d.ctl("load", self.small, "--device", "host-1", "--name", "b")
+        self.assertEqual(r.rc, 0, r)
+        r = d.ctl("load", self.small, "--device", "hOsT-", "--name", "x")  # a prefix two devices share
+        self.assertEqual(r.rc, 1, r)
+        self.assertIn("give more of it", r.err)
+        self.assertEqual([(m["name"], m["devices"]) for m in d.models()], [("a", [1, 0]), ("b", [1])])
+        plan = os.path.join(self.tmp, "plan.json")
+        with open(plan, "w") as f:
+            json.dump({"devices": ["host-0", "host-1"], "placement": "expert-parallel"}, f)
+        r = d.ctl("load", self.qwen, "--plan", plan, "--name", "c")
+        self.assertEqual(r.rc, 0, r)
+        self.assertIn("on devices 0,1 (expert-parallel", r.out)
+        for name in ("a", "b", "c"):
+            self.assertEqual(d.ctl("verify", name).rc, 0)
+            self.assertEqual(d.ctl("unload", name).rc, 0)
+        self.assertAllGivenBack(d, (0, 1))
+
     def test_expert_parallel_splits_per_expert_tensors_in_groups(self):
         d = self.daemon(devices=3)
         size = h.checkpoint_bytes(self.qwen)
@@ -147,9 +171,20 @@ class Placement(h.E2ETestCase):
                 self.assertEqual(r.rc, 1, r)
                 self.assertIn(words, r.err)
                 self.assertJsonError(d.ctl_json("load", self.small, *args), code)
-        for args, words in ((["--devices", "a"], "not a device number"),
-                            (["--devices", "0,"], "not a device number"),
-                            (["--devices", "-1"], "not a device number"),
+        for args, code, words in ((["--devices", "0,host-0"], "EINVAL", "device 0 is listed twice"),
+                                  (["--devices", "host-"], "EINVAL", "the start of 2 devices' UUIDs"),
+                                  (["--devices", "host-2"], "ENODEV", 'no device with UUID "host-2"'),
+                                  (["--device", "GPU-8c1e"], "ENODEV", 'no device with UUID "GPU-8c1e"')):
+            with self.subTest(args=args):
+                r = d.ctl("load", self.small, *args)
+                self.assertEqual(r.rc, 1, r)
+                self.assertIn(words, r.err)
+                self.assertJsonError(d.ctl_json("load", self.small, *args), code)
+        for args, words in ((["--devices", "0,"], "not a device (number or UUID)"),
+                            (["--devices", ",0"], "not a device (number or UUID)"),
+                            (["--devices", "-1"], "not a device (number or UUID)"),
+                            (["--devices", "1x"], "not a device (number or UUID)"),
+                            (["--devices", "h" * 200], "not a device (number or UUID)"),
                             (["--device", "0", "--devices", "1"], "once"),
                             (["--placement", "sharded"], "not replicate or expert-parallel")):
             with self.subTest(args=args):
@@ -174,6 +209,7 @@ class Placement(h.E2ETestCase):
         for args, words in (({"devices": "0"}, "non-empty array"), ({"devices": []}, "non-empty array"),
                             ({"devices": [0.5]}, "device numbers"), ({"devices": [1e300]}, "device numbers"),
                             ({"devices": [-1]}, "device numbers"), ({"devices": [True]}, "device numbers"),
+                            ({"devices": [{}]}, "device numbers or UUIDs"), ({"device": None, "devices": [[0]]}, "UUIDs"),
                             ({"devices": [0, 1, 0]}, "listed twice"), ({"device": 0, "devices": [1]}, "not both"),
                             ({"placement": 3}, "placement"), ({"placement": "x"}, "not replicate")):
             with self.subTest(args=args):

@@ -162,7 +162,7 @@ class Messages(h.E2ETestCase):
             ({"id": 1, "op": "load", "args": {}}, "path"),
             ({"id": 1, "op": "load", "args": {"path": 5}}, "path"),
             ({"id": 1, "op": "load", "args": {"path": "relative/path"}}, "absolute"),
-            ({"id": 1, "op": "load", "args": {"path": small, "device": "1"}}, "device"),
+            ({"id": 1, "op": "load", "args": {"path": small, "device": [1]}}, "device"),
             ({"id": 1, "op": "load", "args": {"path": small, "device": 1.5}}, "device"),
             ({"id": 1, "op": "load", "args": {"path": small, "device": -1}}, "device"),
             ({"id": 1, "op": "load", "args": {"path": small, "device": 1e300}}, "device"),
@@ -178,8 +178,9 @@ class Messages(h.E2ETestCase):
                 self.assertIn(err["code"], ("EINVAL", "ENAMETOOLONG"), r)
                 self.assertIn(words, err["message"])
                 self.assertTrue(c.request("list")["ok"])
-        r = c.request("load", {"path": small, "device": 2})
-        h.assert_error_reply(self, r, "ENODEV", check_id=False)
+        for device in (2, "1", "GPU-00000000"):
+            r = c.request("load", {"path": small, "device": device})
+            h.assert_error_reply(self, r, "ENODEV", check_id=False)
         r = c.request("load", {"path": "/nonexistent/model"})
         err = h.assert_error_reply(self, r, "ENOENT", check_id=False)
         self.assertIn("/nonexistent/model", err["message"])
