@@ -8,6 +8,11 @@ PCDIR     ?= $(LIBDIR)/pkgconfig
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+# The Python client: the folder under PREFIX where this python3 looks for
+# packages (Debian's dist-packages), else the standard one.
+PYDIR     ?= $(shell python3 -c 'import sys, sysconfig; p = [d for d in sys.path if d.startswith("$(PREFIX)/lib/") \
+                 and d.endswith("-packages")]; print(p[0] if p else sysconfig.get_path("purelib", "posix_prefix", \
+                 vars={"base": "$(PREFIX)", "platbase": "$(PREFIX)"}))' 2>/dev/null)
 DESTDIR   ?=
 VERSION   := 0.1.0
 
@@ -189,6 +194,7 @@ install: all
 	install -m 644 systemd/weightd.socket $(DESTDIR)$(UNITDIR)/
 	install -m 644 systemd/weightd.sysusers $(DESTDIR)$(SYSUSERSDIR)/weightd.conf
 	install -m 644 systemd/weightd.tmpfiles $(DESTDIR)$(TMPFILESDIR)/weightd.conf
+	$(if $(PYDIR),install -D -m 644 client/python/weightd/__init__.py $(DESTDIR)$(PYDIR)/weightd/__init__.py)
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(notdir $(BINS)))
@@ -197,6 +203,7 @@ uninstall:
 	      $(DESTDIR)$(PCDIR)/weightd-client.pc $(DESTDIR)$(UNITDIR)/weightd.service \
 	      $(DESTDIR)$(UNITDIR)/weightd.socket $(DESTDIR)$(SYSUSERSDIR)/weightd.conf \
 	      $(DESTDIR)$(TMPFILESDIR)/weightd.conf
+	$(if $(PYDIR),rm -rf $(DESTDIR)$(PYDIR)/weightd)
 
 clean:
 	rm -rf build build-san $(BUILD)

@@ -1,0 +1,100 @@
+"""The Python client (client/python/weightd) against a real daemon."""
+
+import os
+import socket
+import sys
+import threading
+
+from . import harness as h
+
+sys.path.insert(0, os.path.join(h.REPO, "client", "python"))
+import weightd  # noqa: E402
+
+
+class PythonClient(h.E2ETestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.small = h.checkpoint("small")
+        cls.qwen_many = h.checkpoint("qwen-many")
+
+    def test_a_model_from_load_to_unload(self):
+        d = self.daemon(devices=2)
+        events = []
+        with weightd.Client(d.sock) as c:
+            self.assertEqual((c.server_info["version"].split(".")[0], c.server_info["backend"]), ("1", "host"))
+            res = c.load(self.small, name="m", devices=["host-1", 0], placement="expert-parallel",
+                         on_progress=events.append)
+            self.assertEqual((res["name"], res["devices"], res["placement"]), ("m", [1, 0], "expert-parallel"))
+            self.assertEqual(res["bytes"], h.checkpoint_bytes(self.small))
+            self.assertTrue(events and events[-1]["event"] == "progress")
+            self.assertEqual(events[-1]["bytes_done"], events[-1]["bytes_total"])
+            self.assertEqual([m["name"] for m in c.list()], ["m"])
+            tensors = list(c.tensors("m"))
+            self.assertEqual(len(tensors), 22)
+            self.assertTrue(all(t["placements"] for t in tensors))
+            self.assertIs(c.verify("m")["match"], True)
+            self.assertEqual([x["uuid"] for x in c.stats()["devices"]], ["host-0", "host-1"])
+            self.assertEqual(c.unload("m")["name"], "m")
+            self.assertEqual(c.list(), [])
+
+    def test_info_pages_are_gathered(self):
+        d = self.daemon()
+        with weightd.Client(d.sock) as c:
+            c.load(self.qwen_many, name="many")
+            first = c.info("many", limit=10)
+            self.assertEqual((len(first["tensor_list"]), first["next"]), (10, 10))
+            names = [t["name"] for t in c.tensors("many")]
+            self.assertEqual(len(names), 1032)
+            self.assertEqual(len(set(names)), 1032)
+
+    def test_errors_raise_with_the_daemons_code(self):
+        d = self.daemon()
+        with weightd.Client(d.sock) as c:
+            with self.assertRaises(weightd.WeightdError) as e:
+                c.unload("nope")
+            self.assertEqual(e.exception.code, "ENOENT")
+            self.assertIn('"nope"', e.exception.message)
+            with self.assertRaises(weightd.WeightdError) as e:
+                c.load(self.small, device="GPU-0000")
+            self.assertEqual(e.exception.code, "ENODEV")
+            with self.assertRaises(weightd.WeightdError) as e:
+                c.policy("max_split_size_mb:banana")
+            self.assertEqual(e.exception.code, "EINVAL")
+            with self.assertRaises(ValueError):
+                c.call("list", {"pad": "x" * (1 << 20)})
+            self.assertEqual(c.list(), [])  # the connection is still good
+
+    def test_socket_paths_and_a_daemon_that_is_gone(self):
+        d = self.daemon()
+        env = dict(os.environ)
+        try:
+            os.environ["WEIGHTD_SOCKET"] = d.sock
+            self.assertEqual(weightd.default_socket(), d.sock)
+            with weightd.Client() as c:
+                self.assertEqual(c.path, d.sock)
+                c.shutdown()
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+        self.assertEqual(d.wait(), 0)
+        with self.assertRaises(OSError):
+            weightd.Client(d.sock, timeout=2)
+
+    def test_a_silent_peer_times_out(self):
+        path = os.path.join(self.tmp, "silent.sock")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        accepted = []
+        t = threading.Thread(target=lambda: accepted.append(srv.accept()[0]))
+        t.start()
+        try:
+            with self.assertRaises(TimeoutError):
+                weightd.Client(path, timeout=0.3)
+        finally:
+            t.join()
+            for conn in accepted:
+                conn.close()
+            srv.close()
