@@ -70,6 +70,10 @@ class PythonClient(h.E2ETestCase):
         d = self.daemon()
         env = dict(os.environ)
         try:
+            os.environ.pop("WEIGHTD_SOCKET", None)
+            os.environ["XDG_RUNTIME_DIR"] = "/run/user/1000"
+            expected = "/run/weightd/weightd.sock" if os.geteuid() == 0 else "/run/user/1000/weightd.sock"
+            self.assertEqual(weightd.default_socket(), expected)
             os.environ["WEIGHTD_SOCKET"] = d.sock
             self.assertEqual(weightd.default_socket(), d.sock)
             with weightd.Client() as c:

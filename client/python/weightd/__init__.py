@@ -40,17 +40,18 @@ class WeightdError(Exception):
 
 
 def default_socket():
-    """$WEIGHTD_SOCKET, else /run/weightd/weightd.sock as root, else
-    $XDG_RUNTIME_DIR/weightd.sock: where weightd listens by default."""
+    """Where weightd listens by default, as weightd and weightctl decide it:
+    $WEIGHTD_SOCKET, else /run/weightd/weightd.sock as root, else
+    $XDG_RUNTIME_DIR/weightd.sock, else /tmp/weightd-UID.sock."""
     path = os.environ.get("WEIGHTD_SOCKET")
     if path:
         return path
     if os.geteuid() == 0:
         return "/run/weightd/weightd.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if not runtime:
-        raise ConnectionError("no socket given, $WEIGHTD_SOCKET and $XDG_RUNTIME_DIR are unset")
-    return os.path.join(runtime, "weightd.sock")
+    if runtime:
+        return os.path.join(runtime, "weightd.sock")
+    return "/tmp/weightd-%d.sock" % os.geteuid()
 
 
 class Client:
