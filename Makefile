@@ -217,11 +217,12 @@ help:
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
 
 # ---- fuzzing (tests/fuzz/README.md) ------------------------------------------
-# libFuzzer harnesses for the safetensors parser and checkpoint discovery,
+# libFuzzer harnesses for the safetensors parser, checkpoint discovery and
+# the protocol's reading side,
 # built with clang from the sources themselves (not this build's gcc
 # objects). Not part of `all` or `test`, which need no clang; the committed
 # corpus is replayed by the end-to-end tests (tests/e2e/test_corpus.py).
-#   make fuzz                      build/fuzz/fuzz_header, build/fuzz/fuzz_discovery
+#   make fuzz                      build/fuzz/fuzz_header, fuzz_discovery, fuzz_proto
 #   make fuzz-run FUZZ_SECONDS=N   each harness for N seconds (default 60)
 FUZZ_CC      ?= clang
 FUZZ_OUT     := build/fuzz
@@ -230,16 +231,19 @@ FUZZ_FLAGS   ?=
 FUZZ_CFLAGS  := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -g -O1 -std=gnu11 \
                 -D_GNU_SOURCE -Wall -Wextra -I. $(shell pkg-config --cflags libcjson 2>/dev/null)
 FUZZ_LIBS    := $(shell pkg-config --libs libcjson 2>/dev/null)
-FUZZ_SRC     := loader/safetensors.c loader/checkpoint.c common/errors.c common/size.c
+FUZZ_SRC     := loader/safetensors.c loader/checkpoint.c common/errors.c common/size.c proto/framing.c \
+                proto/message.c
 FUZZ_DEPS    := $(FUZZ_SRC) loader/safetensors.h loader/checkpoint.h common/errors.h common/size.h \
-                tests/fuzz/fuzz_check.h Makefile
+                proto/proto.h tests/fuzz/fuzz_check.h Makefile
+FUZZ_HARNESSES := header discovery proto
 # -max_len per harness: a whole-file image of a few tensors; an archive of
-# up to 8 such files.
+# up to 8 such files; a connection's worth of requests.
 FUZZ_MAXLEN_header    := 4096
 FUZZ_MAXLEN_discovery := 8192
+FUZZ_MAXLEN_proto     := 8192
 
 .PHONY: fuzz fuzz-run
-fuzz: $(FUZZ_OUT)/fuzz_header $(FUZZ_OUT)/fuzz_discovery
+fuzz: $(addprefix $(FUZZ_OUT)/fuzz_,$(FUZZ_HARNESSES))
 
 $(FUZZ_OUT)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DEPS)
 	@mkdir -p $(dir $@)
@@ -250,11 +254,12 @@ $(FUZZ_OUT)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DEPS)
 # with tests/fuzz/NAME.dict. The full log is build/fuzz/fuzz_NAME.log; crashes
 # go to build/fuzz/artifacts/. Extra libFuzzer flags: FUZZ_FLAGS="-jobs=2 ...".
 fuzz-run: fuzz
-	$(Q)for h in header discovery; do \
+	$(Q)for h in $(FUZZ_HARNESSES); do \
 	    mkdir -p $(FUZZ_OUT)/corpus/$$h $(FUZZ_OUT)/artifacts; \
 	    seeds=tests/fuzz/corpus/$$h; \
 	    if [ -d tests/fuzz/regressions/$$h ]; then seeds="$$seeds tests/fuzz/regressions/$$h"; fi; \
-	    if [ "$$h" = header ]; then maxlen=$(FUZZ_MAXLEN_header); else maxlen=$(FUZZ_MAXLEN_discovery); fi; \
+	    case $$h in header) maxlen=$(FUZZ_MAXLEN_header);; proto) maxlen=$(FUZZ_MAXLEN_proto);; \
+	        *) maxlen=$(FUZZ_MAXLEN_discovery);; esac; \
 	    echo "== fuzz_$$h: $(FUZZ_SECONDS) s, -max_len=$$maxlen, log in $(FUZZ_OUT)/fuzz_$$h.log"; \
 	    rc=0; $(FUZZ_OUT)/fuzz_$$h -max_total_time=$(FUZZ_SECONDS) -max_len=$$maxlen -timeout=10 \
 	        -print_final_stats=1 -dict=tests/fuzz/$$h.dict -artifact_prefix=$(FUZZ_OUT)/artifacts/$$h- \

@@ -499,6 +499,37 @@ class Abuse(h.E2ETestCase):
             r = c.recv()
         self.assertTrue(r["ok"])
 
+    def test_the_fuzz_corpus_replayed_against_the_daemon(self):
+        """Each input of tests/fuzz/corpus/proto (fuzz_proto.c) as one
+        connection's bytes: every line answered with one JSON object per line,
+        and the daemon still serving afterwards; an input that asks for a
+        shutdown may end it, in order."""
+        corpus = os.path.join(h.REPO, "tests", "fuzz", "corpus", "proto")
+        d = self.daemon()
+        for name in sorted(os.listdir(corpus)):
+            with open(os.path.join(corpus, name), "rb") as f:
+                data = f.read()
+            with self.subTest(input=name):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(h.T(10))
+                s.connect(d.sock)
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    chunk = s.recv(1 << 16)
+                    if not chunk:
+                        break
+                    got += chunk
+                s.close()
+                for line in got.splitlines():
+                    self.assertIsInstance(json.loads(line), dict)
+                if not d.running():
+                    self.assertIn(b"shutdown", data)
+                    self.assertEqual(d.wait(), 0)
+                    d = self.daemon()
+        self.assert_list_answers_quickly(d)
+
 
 class DescriptorPassing(h.E2ETestCase):
 
