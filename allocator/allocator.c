@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/grow.h"
 #include "common/size.h"
 
 /* ---- sizes ------------------------------------------------------------- */
@@ -470,14 +471,8 @@ int wa_policy_push(wa_allocator *a, const char *conf_text, wd_error *err)
 
     if ((rc = wa_config_parse(conf_text, &a->conf, WA_CONF_OVERLAY, &next, err)))
         return rc;
-    if (a->depth == a->stack_cap) {
-        size_t cap = a->stack_cap ? a->stack_cap * 2 : 4;
-        wa_config *s = realloc(a->stack, cap * sizeof *s);
-        if (!s)
-            return wd_error_set(err, -ENOMEM, "out of host memory");
-        a->stack = s;
-        a->stack_cap = cap;
-    }
+    if (WD_GROW(a->stack, a->stack_cap, a->depth + 1, 4))
+        return wd_error_set(err, -ENOMEM, "out of host memory");
     a->stack[a->depth] = a->conf;
     if ((rc = wa_set_config(a, &next)))
         return wd_error_set(err, rc, "allocator policy \"%s\" is not supported by the %s backend", conf_text,

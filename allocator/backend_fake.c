@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/grow.h"
+
 typedef struct va_range {
     uint64_t start, end;
 } va_range;
@@ -69,14 +71,8 @@ static void va_give(fake_backend *f, uint64_t addr, uint64_t size)
         f->free[i].start = addr;
         return;
     }
-    if (f->n_free == f->cap_free) {
-        size_t cap = f->cap_free * 2;
-        va_range *r = realloc(f->free, cap * sizeof *r);
-        if (!r)
-            return; /* the range is lost to reuse; nothing else is wrong */
-        f->free = r;
-        f->cap_free = cap;
-    }
+    if (WD_GROW(f->free, f->cap_free, f->n_free + 1, 16))
+        return; /* the range is lost to reuse; nothing else is wrong */
     memmove(&f->free[i + 1], &f->free[i], (f->n_free - i) * sizeof *f->free);
     f->free[i] = (va_range){addr, end};
     f->n_free++;

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "allocator/allocator.h"
+#include "common/grow.h"
 
 typedef enum op_kind { OP_ALLOC, OP_FREE, OP_POLICY, OP_MARK } op_kind;
 
@@ -116,28 +117,16 @@ static void ids_free(id_table *t)
 
 static int push_op(wa_trace *t, const trace_op *op)
 {
-    if (t->n_ops == t->cap_ops) {
-        size_t cap = t->cap_ops ? t->cap_ops * 2 : 4096;
-        trace_op *ops = realloc(t->ops, cap * sizeof *ops);
-        if (!ops)
-            return -ENOMEM;
-        t->ops = ops;
-        t->cap_ops = cap;
-    }
+    if (WD_GROW(t->ops, t->cap_ops, t->n_ops + 1, 4096))
+        return -ENOMEM;
     t->ops[t->n_ops++] = *op;
     return 0;
 }
 
 static int push_text(wa_trace *t, const char *s, size_t n, uint32_t *index)
 {
-    if (t->n_texts == t->cap_texts) {
-        size_t cap = t->cap_texts ? t->cap_texts * 2 : 16;
-        char **texts = realloc(t->texts, cap * sizeof *texts);
-        if (!texts)
-            return -ENOMEM;
-        t->texts = texts;
-        t->cap_texts = cap;
-    }
+    if (WD_GROW(t->texts, t->cap_texts, t->n_texts + 1, 16))
+        return -ENOMEM;
     if (!(t->texts[t->n_texts] = strndup(s, n)))
         return -ENOMEM;
     *index = (uint32_t)t->n_texts++;
@@ -237,14 +226,8 @@ int wa_trace_parse(const char *text, size_t len, const char *name, wa_trace **ou
             op.device = (int)dev;
             if ((int)dev + 1 > t->n_devices)
                 t->n_devices = (int)dev + 1;
-            if (op.slot >= slot_cap) {
-                size_t cap = slot_cap ? slot_cap * 2 : 1024;
-                uint64_t *sb = realloc(slot_bytes, cap * sizeof *sb);
-                if (!sb)
-                    goto nomem;
-                slot_bytes = sb;
-                slot_cap = cap;
-            }
+            if (WD_GROW(slot_bytes, slot_cap, (size_t)op.slot + 1, 1024))
+                goto nomem;
             slot_bytes[op.slot] = op.bytes;
             live += op.bytes;
             if (live > t->peak_live)
@@ -436,15 +419,9 @@ int wa_trace_replay(const wa_trace *t, const wa_replay_opts *opts, wa_replay_res
         case OP_MARK: {
             wa_replay_mark *m;
             wa_stats s;
-            if (r->n_marks == marks_cap) {
-                size_t cap = marks_cap ? marks_cap * 2 : 8;
-                wa_replay_mark *mm = realloc(r->marks, cap * sizeof *mm);
-                if (!mm) {
-                    rc = wd_error_set(err, -ENOMEM, "out of memory");
-                    goto out;
-                }
-                r->marks = mm;
-                marks_cap = cap;
+            if (WD_GROW(r->marks, marks_cap, r->n_marks + 1, 8)) {
+                rc = wd_error_set(err, -ENOMEM, "out of memory");
+                goto out;
             }
             m = &r->marks[r->n_marks++];
             memset(m, 0, sizeof *m);

@@ -10,6 +10,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/grow.h"
+
 #define INDEX_SUFFIX ".safetensors.index.json"
 #define SHARD_SUFFIX ".safetensors"
 
@@ -303,7 +305,7 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
 {
     DIR *d;
     struct dirent *de;
-    char **shards = NULL, **indexes = NULL, **grown;
+    char **shards = NULL, **indexes = NULL;
     size_t ns = 0, ni = 0, cs = 0, ci = 0;
     int rc = 0, has_default = 0;
     path_buf pb;
@@ -342,14 +344,9 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
         } else {
             continue;
         }
-        if (*nv == *cv) {
-            *cv = *cv ? *cv * 2 : 16;
-            grown = realloc(*v, *cv * sizeof **v);
-            if (!grown) {
-                rc = wd_error_set(err, -ENOMEM, "%s: out of memory", dir);
-                goto out;
-            }
-            *v = grown;
+        if (WD_GROW(*v, *cv, *nv + 1, 16)) {
+            rc = wd_error_set(err, -ENOMEM, "%s: out of memory", dir);
+            goto out;
         }
         (*v)[*nv] = strdup(de->d_name);
         if (!(*v)[*nv]) {

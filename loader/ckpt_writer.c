@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/grow.h"
 #include "common/size.h"
 #include "loader/checkpoint.h"
 
@@ -192,14 +193,8 @@ static int plan_add(wl_ckpt_plan *p, size_t *cap, const wl_tensor_tmpl *t, unsig
     if (t->ndim > WL_TMPL_MAX_DIMS)
         return wd_error_set(err, -EINVAL, "template %s: %u dims, at most %d", t->name, t->ndim,
                             WL_TMPL_MAX_DIMS);
-    if (p->n_tensors == *cap) {
-        size_t ncap = *cap ? *cap * 2 : 256;
-        wl_plan_tensor *grown = realloc(p->tensors, ncap * sizeof *grown);
-        if (!grown)
-            return wd_error_set(err, -ENOMEM, "out of memory for the tensor list");
-        p->tensors = grown;
-        *cap = ncap;
-    }
+    if (WD_GROW(p->tensors, *cap, p->n_tensors + 1, 256))
+        return wd_error_set(err, -ENOMEM, "out of memory for the tensor list");
     pt = &p->tensors[p->n_tensors];
     memset(pt, 0, sizeof *pt);
     pt->dtype = t->dtype;
@@ -348,7 +343,7 @@ static int list_ckpt_files(const char *dir, char ***out, size_t *n, wd_error *er
 {
     DIR *d = opendir(dir);
     struct dirent *de;
-    char **v = NULL, **grown;
+    char **v = NULL;
     size_t cnt = 0, cap = 0;
     int rc = 0;
 
@@ -359,14 +354,9 @@ static int list_ckpt_files(const char *dir, char ***out, size_t *n, wd_error *er
     while ((de = readdir(d))) {
         if (!wl_is_checkpoint_file(de->d_name))
             continue;
-        if (cnt == cap) {
-            cap = cap ? cap * 2 : 16;
-            grown = realloc(v, cap * sizeof *v);
-            if (!grown) {
-                rc = wd_error_set(err, -ENOMEM, "out of memory");
-                break;
-            }
-            v = grown;
+        if (WD_GROW(v, cap, cnt + 1, 16)) {
+            rc = wd_error_set(err, -ENOMEM, "out of memory");
+            break;
         }
         if (!(v[cnt] = strdup(de->d_name))) {
             rc = wd_error_set(err, -ENOMEM, "out of memory");

@@ -11,6 +11,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/grow.h"
+
 #define ALIGN 4096u
 #define MAX_THREADS 256
 #define MIN_CHUNK (1u << 20)
@@ -184,12 +186,8 @@ uint64_t wl_pipeline_chunk(const wl_pipeline *p) { return p->chunk; }
 
 static int add_piece(wl_pipeline *p, size_t *n, size_t *cap, piece pc)
 {
-    if (*n == *cap) {
-        piece *np = realloc(p->pieces, (*cap *= 2) * sizeof *np);
-        if (!np)
-            return -ENOMEM;
-        p->pieces = np;
-    }
+    if (WD_GROW(p->pieces, *cap, *n + 1, 256))
+        return -ENOMEM;
     p->pieces[(*n)++] = pc;
     return 0;
 }
@@ -199,11 +197,11 @@ static int add_piece(wl_pipeline *p, size_t *n, size_t *cap, piece pc)
 static int plan(wl_pipeline *p, const wl_job *job, wd_error *err)
 {
     const wl_checkpoint *ck = job->ckpt;
-    size_t cap_chunks = 64, cap_pieces = 256, n_pieces = 0, t = 0, d0 = 0;
+    size_t cap_chunks = 0, cap_pieces = 0, n_pieces = 0, t = 0, d0 = 0;
 
     p->n_chunks = 0;
-    if (!(p->chunks = malloc(cap_chunks * sizeof *p->chunks)) || !(p->pieces = malloc(cap_pieces * sizeof *p->pieces)))
-        goto nomem;
+    p->chunks = NULL;
+    p->pieces = NULL;
     for (uint32_t s = 0; s < ck->n_shards; s++) {
         const st_file *st = &ck->shards[s].st;
         uint64_t start = st->data_offset, end = st->data_offset + st->data_len;
@@ -214,12 +212,8 @@ static int plan(wl_pipeline *p, const wl_job *job, wd_error *err)
             chunk *c;
             if (cend > end)
                 cend = end;
-            if (p->n_chunks == cap_chunks) {
-                chunk *nc = realloc(p->chunks, (cap_chunks *= 2) * sizeof *nc);
-                if (!nc)
-                    goto nomem;
-                p->chunks = nc;
-            }
+            if (WD_GROW(p->chunks, cap_chunks, p->n_chunks + 1, 64))
+                goto nomem;
             c = &p->chunks[p->n_chunks++];
             c->shard = s;
             c->shard_start = start == st->data_offset;

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/grow.h"
+
 /* The number after `key` (".layers." etc.) if the name has one, followed by
  * a '.' or the end. */
 static bool number_after(const char *name, const char *key, uint64_t *out, const char **rest)
@@ -64,14 +66,8 @@ static wl_moe_layer *find_layer(wl_moe *m, uint64_t index, size_t *cap)
     for (size_t i = 0; i < m->n_layers; i++)
         if (m->layers[i].index == index)
             return &m->layers[i];
-    if (m->n_layers == *cap) {
-        size_t n = *cap ? *cap * 2 : 64;
-        wl_moe_layer *l = realloc(m->layers, n * sizeof *l);
-        if (!l)
-            return NULL;
-        m->layers = l;
-        *cap = n;
-    }
+    if (WD_GROW(m->layers, *cap, m->n_layers + 1, 64))
+        return NULL;
     memset(&m->layers[m->n_layers], 0, sizeof m->layers[0]);
     m->layers[m->n_layers].index = index;
     return &m->layers[m->n_layers++];
@@ -94,14 +90,8 @@ static int set_add(expert_set *s, uint64_t id)
     for (size_t i = 0; i < s->n; i++)
         if (s->ids[i] == id)
             return 0;
-    if (s->n == s->cap) {
-        size_t n = s->cap ? s->cap * 2 : 16;
-        uint64_t *ids = realloc(s->ids, n * sizeof *ids);
-        if (!ids)
-            return -ENOMEM;
-        s->ids = ids;
-        s->cap = n;
-    }
+    if (WD_GROW(s->ids, s->cap, s->n + 1, 16))
+        return -ENOMEM;
     s->ids[s->n++] = id;
     return 0;
 }

@@ -1,9 +1,10 @@
-/* The error table and size parsing. */
+/* The error table, size parsing and growing arrays. */
 #include "tests/unit/suites.h"
 
 #include <string.h>
 
 #include "common/errors.h"
+#include "common/grow.h"
 #include "common/size.h"
 
 START_TEST(errname_round_trips_every_table_entry)
@@ -98,6 +99,31 @@ START_TEST(size_format_binary_and_rate_decimal)
 }
 END_TEST
 
+START_TEST(grow_doubles_and_refuses_overflow)
+{
+    uint32_t *a = NULL;
+    size_t cap = 0;
+
+    ck_assert_uint_eq(wd_grow_cap(0, 1, 16, 4), 16);
+    ck_assert_uint_eq(wd_grow_cap(16, 16, 16, 4), 16);   /* room already */
+    ck_assert_uint_eq(wd_grow_cap(16, 17, 16, 4), 32);
+    ck_assert_uint_eq(wd_grow_cap(16, 100, 16, 4), 128);
+    ck_assert_uint_eq(wd_grow_cap(0, SIZE_MAX, 16, 1), 0);
+    ck_assert_uint_eq(wd_grow_cap(0, SIZE_MAX / 8, 16, 16), 0); /* the bytes overflow */
+    for (uint32_t i = 0; i < 1000; i++) {
+        ck_assert_int_eq(WD_GROW(a, cap, (size_t)i + 1, 8), 0);
+        a[i] = i;
+    }
+    ck_assert_uint_eq(cap, 1024);
+    for (uint32_t i = 0; i < 1000; i++)
+        ck_assert_uint_eq(a[i], i);
+    ck_assert_int_eq(WD_GROW(a, cap, SIZE_MAX, 8), -ENOMEM);
+    ck_assert_uint_eq(cap, 1024); /* unchanged, and a still good */
+    ck_assert_uint_eq(a[999], 999);
+    free(a);
+}
+END_TEST
+
 Suite *errors_suite(void)
 {
     Suite *s = suite_create("errors");
@@ -119,6 +145,7 @@ Suite *size_suite(void)
     tcase_add_test(tc, size_parse_units);
     tcase_add_test(tc, size_parse_rejects_garbage);
     tcase_add_test(tc, size_format_binary_and_rate_decimal);
+    tcase_add_test(tc, grow_doubles_and_refuses_overflow);
     suite_add_tcase(s, tc);
     return s;
 }
