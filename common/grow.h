@@ -12,7 +12,7 @@
  * (or from cap) until it does; 0 when that overflows. */
 static inline size_t wd_grow_cap(size_t cap, size_t need, size_t first, size_t size)
 {
-    size_t n = cap ? cap : first;
+    size_t n = cap ? cap : first ? first : 1;
 
     if (need <= cap)
         return cap;

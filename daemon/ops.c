@@ -1,6 +1,7 @@
 /* The operations of the protocol, one handler each, and their table. */
 #include "daemon/daemon.h"
 
+#include <ctype.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,10 +94,22 @@ static void default_name(const char *path, char *out, size_t len)
     snprintf(out, len, "%s", base);
 }
 
-/* A device named by its number, or by its UUID (as `stats` shows it, in any
- * case) or a prefix of it that only it has, as weightd's --devices takes. */
+/* A device named by its number (a JSON number, or a string of digits), or by
+ * its UUID (as `stats` shows it, in any case) or a prefix of it that only it
+ * has: as weightd's --devices and weightctl read them. */
 static int device_arg(wd_server *s, wd_request *r, const cJSON *v, int *out)
 {
+    if (cJSON_IsString(v) && isdigit((unsigned char)v->valuestring[0])) {
+        char *end;
+        long d = strtol(v->valuestring, &end, 10);
+        if (*end || d > INT32_MAX)
+            return wd_error_set(&r->err, -EINVAL, "\"%.64s\" is not a device number", v->valuestring);
+        if (d >= s->backend->n_devices)
+            return wd_error_set(&r->err, -ENODEV, "no device %ld: this daemon has %d (0 to %d)", d,
+                                s->backend->n_devices, s->backend->n_devices - 1);
+        *out = (int)d;
+        return 0;
+    }
     if (cJSON_IsString(v)) {
         size_t len = strlen(v->valuestring);
         int found = -1, matches = 0;

@@ -387,15 +387,19 @@ static int compare(worker *w, const piece *pc, const void *have_file, wd_error *
 
 /* Waits until the dests up to `need` have their memory (wl_job.dests_ready).
  * They are normally ready long before: the loop thread allocates many times
- * faster than the readers read. False when the job was cancelled. */
+ * faster than the readers read. The pause doubles from 20 us to 1 ms, so that
+ * readers waiting on a slow allocation leave the CPUs to it. False when the
+ * job was cancelled. */
 static bool wait_dests(wl_job *job, size_t need)
 {
-    const struct timespec pause = {0, 20000};
+    struct timespec pause = {0, 20000};
 
     while (atomic_load_explicit(&job->dests_ready, memory_order_acquire) < need) {
         if (atomic_load_explicit(&job->cancel, memory_order_relaxed))
             return false;
         nanosleep(&pause, NULL);
+        if (pause.tv_nsec < 1000000)
+            pause.tv_nsec *= 2;
     }
     return true;
 }

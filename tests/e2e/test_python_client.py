@@ -39,6 +39,29 @@ class PythonClient(h.E2ETestCase):
             self.assertEqual(c.unload("m")["name"], "m")
             self.assertEqual(c.list(), [])
 
+    def test_a_timeout_shorter_than_the_load(self):
+        # The timeout bounds each wait for a message; progress events, sent
+        # every 0.2 s whether or not a callback is given, keep a long load
+        # (and one queued behind it) alive.
+        big = h.checkpoint("big")
+        d = self.daemon(capacity="4GiB")
+        first = weightd.Client(d.sock, timeout=h.T(0.35))
+        self.addCleanup(first.close)
+        done = []
+        t = threading.Thread(target=lambda: done.append(first.load(big, name="first")))
+        t.start()
+        h.wait_until(lambda: d.stats()["jobs"], h.T(10), what="the first load")
+        with weightd.Client(d.sock, timeout=h.T(0.35)) as c:
+            phases = []
+            res = c.load(self.small, name="second", devices="0", on_progress=lambda ev: phases.append(ev["phase"]))
+            self.assertEqual(res["name"], "second")
+        t.join()
+        self.assertEqual(done[0]["name"], "first")
+        self.assertIn("reading", phases)
+        with weightd.Client(d.sock, timeout=h.T(0.35)) as c:
+            self.assertIs(c.verify("first")["match"], True)
+            self.assertEqual(sorted(m["name"] for m in c.list()), ["first", "second"])
+
     def test_info_pages_are_gathered(self):
         d = self.daemon()
         with weightd.Client(d.sock) as c:

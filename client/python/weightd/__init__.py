@@ -91,21 +91,28 @@ class Client:
 
     # ---- the protocol -----------------------------------------------------
 
-    def call(self, op, args=None, on_event=None, timeout=None):
+    def call(self, op, args=None, on_event=None, timeout=None, events=False):
         """Sends {"op": op, "args": args} and returns the reply's result.
-        With on_event, asks for the request's events and calls on_event with
-        each (a dict, e.g. a load's "progress")."""
+        With on_event (or events), asks for the request's events; on_event
+        gets each (a dict, e.g. a load's "progress"). timeout bounds each wait
+        for a message; a job that sends events keeps it alive however long it
+        runs."""
         if self._sock is None:
             raise ConnectionError("the client is closed")
         rid = self._next_id
         self._next_id += 1
         args = dict(args or {})
-        if on_event is not None:
+        if on_event is not None or events:
             args["events"] = True
         line = json.dumps({"id": rid, "op": op, "args": args}, separators=(",", ":")).encode() + b"\n"
         if len(line) > MAX_MESSAGE:
             raise ValueError("a %s request of %d bytes is larger than the protocol's 1 MiB" % (op, len(line)))
-        self._sock.sendall(line)
+        self._sock.settimeout(self.timeout)
+        try:
+            self._sock.sendall(line)
+        except socket.timeout:
+            self.close()  # part of a line may have gone: the stream is no longer whole
+            raise TimeoutError("weightd at %s does not take the request" % self.path) from None
         while True:
             msg = self._recv(timeout)
             if "event" in msg:
@@ -133,18 +140,24 @@ class Client:
                 raise ConnectionError("weightd sent a line longer than the protocol's 1 MiB")
             fds = array.array("i")
             try:
-                data, anc, _, _ = self._sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+                data, anc, flags, _ = self._sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize),
+                                                         socket.MSG_CMSG_CLOEXEC)
             except socket.timeout:
                 raise TimeoutError("no answer from weightd at %s" % self.path) from None
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
             self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise ConnectionError("weightd sent more descriptors than a message may carry (%d)" % MAX_FDS)
             if not data:
                 raise ConnectionError("weightd closed the connection")
             self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)
-        msg = json.loads(line)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise ConnectionError("weightd sent a line that is not JSON") from None
         if not isinstance(msg, dict):
             raise ConnectionError("weightd sent a message that is not an object")
         return msg
@@ -153,15 +166,17 @@ class Client:
 
     def load(self, path, name=None, device=None, devices=None, placement=None, on_progress=None, timeout=None):
         """Loads a checkpoint (a file, a directory or an index; made absolute
-        here, as the daemon has its own working directory). device or devices
-        are device numbers or UUIDs; placement is "replicate" or
-        "expert-parallel". Returns the load's summary; on_progress gets each
-        progress event."""
+        here, as the daemon has its own working directory). device, or each
+        of devices (a list, or "0,1" as weightctl takes it), is a device number
+        or UUID; placement is "replicate" or "expert-parallel". Returns the
+        load's summary; on_progress gets each progress event."""
         args = {"path": os.path.abspath(path)}
+        if isinstance(devices, str):
+            devices = devices.split(",")
         for key, value in (("name", name), ("device", device), ("devices", devices), ("placement", placement)):
             if value is not None:
                 args[key] = list(value) if key == "devices" else value
-        return self.call("load", args, on_event=on_progress, timeout=timeout)
+        return self.call("load", args, on_event=on_progress, timeout=timeout, events=True)
 
     def unload(self, name):
         return self.call("unload", {"name": name})
@@ -190,7 +205,7 @@ class Client:
     def verify(self, name, on_progress=None, timeout=None):
         """Compares a model on its devices with its checkpoint; the result's
         "match" says whether every byte is the same."""
-        return self.call("verify", {"name": name}, on_event=on_progress, timeout=timeout)
+        return self.call("verify", {"name": name}, on_event=on_progress, timeout=timeout, events=True)
 
     def stats(self):
         return self.call("stats")
