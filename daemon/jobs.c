@@ -44,7 +44,7 @@ struct wd_job {
     int alloc_rc;             /* load: an allocation that failed while the reads ran */
     wd_error alloc_err;
     double t0;
-    double t_opened, t_read, t_allocated; /* load: when the phases began and ended */
+    double t_opened, t_allocated; /* load: when the headers were read, the last tensor allocated */
     wd_job *prev, *next;
 };
 
@@ -189,12 +189,12 @@ static void finish_load(wd_job *j)
             cJSON_AddNumberToObject(res, "shards", (double)m->ckpt.n_shards);
             cJSON_AddNumberToObject(res, "bytes", (double)m->ckpt.total_bytes);
             cJSON_AddNumberToObject(res, "seconds", m->load_seconds);
-            /* Where the time went: headers, device memory, reading and
-             * copying; allocating overlaps the reading. */
+            /* Where the time went: reading the headers, then reading and
+             * copying the data, with allocating inside that. */
             phases = cJSON_AddObjectToObject(res, "phases");
             cJSON_AddNumberToObject(phases, "open", j->t_opened - j->t0);
             cJSON_AddNumberToObject(phases, "allocate", j->t_allocated - j->t_opened);
-            cJSON_AddNumberToObject(phases, "read", j->t0 + m->load_seconds - j->t_read);
+            cJSON_AddNumberToObject(phases, "read", j->t0 + m->load_seconds - j->t_opened);
             wd_reply_ok(j->req, res);
         }
     } else {
@@ -362,7 +362,6 @@ static void after_open(uv_work_t *w, int status)
         finish_load(j);
         return;
     }
-    j->t_read = wd_now();
     j->io.mode = WL_LOAD;
     j->io.ckpt = &j->model->ckpt;
     j->io.dest = j->model->dest;

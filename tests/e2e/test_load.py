@@ -121,7 +121,10 @@ class LoadForms(h.E2ETestCase):
         self.assertEqual(o["device_bytes"], o["bytes"])
         self.assertEqual(set(o["phases"]), {"open", "allocate", "read"})
         self.assertTrue(all(v >= 0 for v in o["phases"].values()), o)
-        self.assertAlmostEqual(sum(o["phases"].values()), o["seconds"], delta=0.01)
+        # Allocating runs inside the read phase: open and read make the whole.
+        ph = o["phases"]
+        self.assertAlmostEqual(ph["open"] + ph["read"], o["seconds"], delta=0.001)
+        self.assertLessEqual(ph["allocate"], ph["read"] + 0.001)
         self.assertEqual(o["tensors"], 22)
         self.assertEqual(o["shards"], 6)
         self.assertEqual(o["bytes"], h.checkpoint_bytes(self.small))
