@@ -19,10 +19,13 @@
 
 #include <systemd/sd-daemon.h>
 
-/* How long one allocation step may hold the loop thread (a tensor is never
- * split, so a step lasts at least one allocation). Allocating runs far ahead
- * of the readers all the same: 1.3 TB/s in steady state on an H200, 0.2 TB/s
- * the first time, against reads at 50 GB/s. */
+/* One allocation step on the loop thread: 256 MiB of tensors or 2 ms,
+ * whichever comes first (a tensor is never split, so a step is at least one
+ * allocation). On an H200 256 MiB take 0.2 ms in steady state and 1.2 ms the
+ * first time, far ahead of the readers (1.3 and 0.2 TB/s against 50 GB/s);
+ * the time bound is for slower backends (the host backend on a small VM took
+ * up to 0.5 s for 256 MiB). */
+#define ALLOC_STEP_BYTES (256ull << 20)
 #define ALLOC_STEP_SECONDS 0.002
 
 typedef enum job_kind { JOB_LOAD, JOB_VERIFY } job_kind;
@@ -263,16 +266,18 @@ out:
     return rc;
 }
 
-/* Gives the next dests, in order, for about `seconds` (at least one), each its
- * own block as a framework would allocate it, and tells the readers. */
-static int allocate_step(wd_server *s, wd_job *j, double seconds, wd_error *err)
+/* Gives the next dests, in order, until `bytes` are given or `seconds` have
+ * passed (at least one), each its own block as a framework would allocate
+ * it, and tells the readers. */
+static int allocate_step(wd_server *s, wd_job *j, uint64_t bytes, double seconds, wd_error *err)
 {
     wd_model *m = j->model;
     const wl_checkpoint *ck = &m->ckpt;
     double until = wd_now() + seconds;
+    uint64_t done = 0;
     int rc = 0;
 
-    for (bool first = true; j->allocated < m->n_dest && (first || wd_now() < until); j->allocated++) {
+    for (; j->allocated < m->n_dest && (done == 0 || (done < bytes && wd_now() < until)); j->allocated++) {
         wl_dest *d = &m->dest[j->allocated];
         wa_region reg;
         if (d->len == 0)
@@ -285,7 +290,7 @@ static int allocate_step(wd_server *s, wd_job *j, double seconds, wd_error *err)
         wa_block_region(m->blocks[j->allocated], &reg);
         d->mem = reg.mem;
         d->offset = reg.offset;
-        first = false;
+        done += d->len;
     }
     atomic_store_explicit(&j->io.dests_ready, j->allocated, memory_order_release);
     if (!rc && j->allocated == m->n_dest)
@@ -310,7 +315,7 @@ static void on_alloc_idle(uv_idle_t *h)
         allocation_done(s);
         return;
     }
-    if ((j->alloc_rc = allocate_step(s, j, ALLOC_STEP_SECONDS, &j->alloc_err)))
+    if ((j->alloc_rc = allocate_step(s, j, ALLOC_STEP_BYTES, ALLOC_STEP_SECONDS, &j->alloc_err)))
         atomic_store(&j->io.cancel, true);
     if (j->alloc_rc || j->allocated == j->model->n_dest)
         allocation_done(s);
@@ -330,7 +335,7 @@ static void after_read(uv_work_t *w, int status)
         j->err = j->alloc_err;
     } else if (j->rc == 0 && j->allocated < j->model->n_dest) {
         /* Only empty dests can be left (no chunk waits for them). */
-        j->rc = allocate_step(s, j, 1e9, &j->err);
+        j->rc = allocate_step(s, j, UINT64_MAX, 1e9, &j->err);
     }
     finish_load(j);
 }
@@ -358,7 +363,8 @@ static void after_open(uv_work_t *w, int status)
     j->model->ckpt = j->ckpt;
     memset(&j->ckpt, 0, sizeof j->ckpt);
     /* The first step before the readers start, so that they find work. */
-    if ((j->rc = place_tensors(s, j)) || (j->rc = allocate_step(s, j, ALLOC_STEP_SECONDS, &j->err))) {
+    if ((j->rc = place_tensors(s, j)) ||
+        (j->rc = allocate_step(s, j, ALLOC_STEP_BYTES, ALLOC_STEP_SECONDS, &j->err))) {
         finish_load(j);
         return;
     }
