@@ -165,13 +165,8 @@ class Placement(h.E2ETestCase):
         d = self.daemon(devices=2)
         for args, code, words in ((["--devices", "0,0"], "EINVAL", "device 0 is listed twice"),
                                   (["--devices", "0,2"], "ENODEV", "no device 2"),
-                                  (["--devices", "0,1,1"], "EINVAL", "listed twice")):
-            with self.subTest(args=args):
-                r = d.ctl("load", self.small, *args)
-                self.assertEqual(r.rc, 1, r)
-                self.assertIn(words, r.err)
-                self.assertJsonError(d.ctl_json("load", self.small, *args), code)
-        for args, code, words in ((["--devices", "0,host-0"], "EINVAL", "device 0 is listed twice"),
+                                  (["--devices", "0,1,1"], "EINVAL", "listed twice"),
+                                  (["--devices", "0,host-0"], "EINVAL", "device 0 is listed twice"),
                                   (["--devices", "host-"], "EINVAL", "the start of 2 devices' UUIDs"),
                                   (["--devices", "host-2"], "ENODEV", 'no device with UUID "host-2"'),
                                   (["--device", "GPU-8c1e"], "ENODEV", 'no device with UUID "GPU-8c1e"')):
