@@ -94,54 +94,54 @@ static void default_name(const char *path, char *out, size_t len)
     snprintf(out, len, "%s", base);
 }
 
-/* A device named by its number (a JSON number, or a string of digits), or by
- * its UUID (as `stats` shows it, in any case) or a prefix of it that only it
- * has: as weightd's --devices and weightctl read them. */
+/* The device whose UUID (as `stats` shows it, in any case) is text, or the
+ * only one whose UUID starts with it. */
+static int device_by_uuid(wd_server *s, wd_request *r, const char *text, int *out)
+{
+    size_t len = strlen(text);
+    int matches = 0;
+
+    for (int d = 0; len && d < s->backend->n_devices; d++) {
+        wa_device_info info;
+        if (s->backend->describe(s->backend, d, &info) || strncasecmp(info.uuid, text, len) != 0)
+            continue;
+        *out = d;
+        if (info.uuid[len] == '\0') /* the whole UUID: no other can be meant */
+            return 0;
+        matches++;
+    }
+    if (matches == 1)
+        return 0;
+    if (matches > 1)
+        return wd_error_set(&r->err, -EINVAL, "\"%.64s\" is the start of %d devices' UUIDs; give more of it", text,
+                            matches);
+    return wd_error_set(&r->err, -ENODEV, "no device with UUID \"%.64s\" here (see weightctl stats)", text);
+}
+
+/* A device named by its number (a JSON number, or a string of digits) or by
+ * its UUID: as weightd's --devices and weightctl read them. */
 static int device_arg(wd_server *s, wd_request *r, const cJSON *v, int *out)
 {
-    if (cJSON_IsString(v) && isdigit((unsigned char)v->valuestring[0])) {
+    long d;
+
+    if (cJSON_IsString(v) && !isdigit((unsigned char)v->valuestring[0]))
+        return device_by_uuid(s, r, v->valuestring, out);
+    if (cJSON_IsString(v)) {
         char *end;
-        long d = strtol(v->valuestring, &end, 10);
+        d = strtol(v->valuestring, &end, 10);
         if (*end || d > INT32_MAX)
             return wd_error_set(&r->err, -EINVAL, "\"%.64s\" is not a device number", v->valuestring);
-        if (d >= s->backend->n_devices)
-            return wd_error_set(&r->err, -ENODEV, "no device %ld: this daemon has %d (0 to %d)", d,
-                                s->backend->n_devices, s->backend->n_devices - 1);
-        *out = (int)d;
-        return 0;
-    }
-    if (cJSON_IsString(v)) {
-        size_t len = strlen(v->valuestring);
-        int found = -1, matches = 0;
-        for (int d = 0; len && d < s->backend->n_devices; d++) {
-            wa_device_info info;
-            if (s->backend->describe(s->backend, d, &info) || strncasecmp(info.uuid, v->valuestring, len) != 0)
-                continue;
-            if (info.uuid[len] == '\0') { /* the whole UUID: no other can be meant */
-                *out = d;
-                return 0;
-            }
-            found = d;
-            matches++;
-        }
-        if (matches == 1) {
-            *out = found;
-            return 0;
-        }
-        if (matches > 1)
-            return wd_error_set(&r->err, -EINVAL, "\"%.64s\" is the start of %d devices' UUIDs; give more of it",
-                                v->valuestring, matches);
-        return wd_error_set(&r->err, -ENODEV, "no device with UUID \"%.64s\" here (see weightctl stats)",
-                            v->valuestring);
-    }
-    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= INT32_MAX) ||
-        v->valuedouble != floor(v->valuedouble))
+    } else if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble <= INT32_MAX &&
+               v->valuedouble == floor(v->valuedouble)) {
+        d = (long)v->valuedouble;
+    } else {
         return wd_error_set(&r->err, -EINVAL, "argument \"%s\" must hold device numbers or UUIDs",
                             v->string ? v->string : "devices");
-    if ((int)v->valuedouble >= s->backend->n_devices)
-        return wd_error_set(&r->err, -ENODEV, "no device %d: this daemon has %d (0 to %d)", (int)v->valuedouble,
+    }
+    if (d >= s->backend->n_devices)
+        return wd_error_set(&r->err, -ENODEV, "no device %ld: this daemon has %d (0 to %d)", d,
                             s->backend->n_devices, s->backend->n_devices - 1);
-    *out = (int)v->valuedouble;
+    *out = (int)d;
     return 0;
 }
 
@@ -448,7 +448,7 @@ static int op_snapshot(wd_server *s, wd_request *r)
 {
     int64_t device = 0, seg0 = 0, blk0 = 0;
     wa_snap_segment *segs;
-    size_t n, budget = 0, i, j = 0;
+    size_t n, budget = 0, i, j = 0, next_block = 0;
     cJSON *res, *arr, *next;
     int rc;
 
@@ -487,13 +487,15 @@ static int op_snapshot(wd_server *s, wd_request *r)
         }
         budget += 200;
         cJSON_AddItemToArray(arr, o);
-        if (j < sg->n_blocks)
-            break; /* the rest of this segment comes on the next page */
+        if (j < sg->n_blocks) {
+            next_block = j; /* the rest of this segment comes on the next page */
+            break;
+        }
     }
     if (i < n) {
         next = cJSON_AddObjectToObject(res, "next");
         cJSON_AddNumberToObject(next, "segment", (double)i);
-        cJSON_AddNumberToObject(next, "block", (double)(i < n && j < segs[i].n_blocks ? j : 0));
+        cJSON_AddNumberToObject(next, "block", (double)next_block);
     } else {
         cJSON_AddNullToObject(res, "next");
     }
