@@ -235,15 +235,12 @@ FUZZ_SRC     := loader/safetensors.c loader/checkpoint.c common/errors.c common/
                 proto/message.c
 FUZZ_DEPS    := $(FUZZ_SRC) loader/safetensors.h loader/checkpoint.h common/errors.h common/size.h \
                 proto/proto.h tests/fuzz/fuzz_check.h Makefile
-FUZZ_HARNESSES := header discovery proto
-# -max_len per harness: a whole-file image of a few tensors; an archive of
-# up to 8 such files; a connection's worth of requests.
-FUZZ_MAXLEN_header    := 4096
-FUZZ_MAXLEN_discovery := 8192
-FUZZ_MAXLEN_proto     := 8192
+# Each harness with its -max_len: a whole-file image of a few tensors; an
+# archive of up to 8 such files; a connection's worth of requests.
+FUZZ_HARNESSES := header:4096 discovery:8192 proto:8192
 
 .PHONY: fuzz fuzz-run
-fuzz: $(addprefix $(FUZZ_OUT)/fuzz_,$(FUZZ_HARNESSES))
+fuzz: $(foreach hm,$(FUZZ_HARNESSES),$(FUZZ_OUT)/fuzz_$(firstword $(subst :, ,$(hm))))
 
 $(FUZZ_OUT)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DEPS)
 	@mkdir -p $(dir $@)
@@ -254,12 +251,11 @@ $(FUZZ_OUT)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DEPS)
 # with tests/fuzz/NAME.dict. The full log is build/fuzz/fuzz_NAME.log; crashes
 # go to build/fuzz/artifacts/. Extra libFuzzer flags: FUZZ_FLAGS="-jobs=2 ...".
 fuzz-run: fuzz
-	$(Q)for h in $(FUZZ_HARNESSES); do \
+	$(Q)for hm in $(FUZZ_HARNESSES); do \
+	    h=$${hm%%:*}; maxlen=$${hm#*:}; \
 	    mkdir -p $(FUZZ_OUT)/corpus/$$h $(FUZZ_OUT)/artifacts; \
 	    seeds=tests/fuzz/corpus/$$h; \
 	    if [ -d tests/fuzz/regressions/$$h ]; then seeds="$$seeds tests/fuzz/regressions/$$h"; fi; \
-	    case $$h in header) maxlen=$(FUZZ_MAXLEN_header);; proto) maxlen=$(FUZZ_MAXLEN_proto);; \
-	        *) maxlen=$(FUZZ_MAXLEN_discovery);; esac; \
 	    echo "== fuzz_$$h: $(FUZZ_SECONDS) s, -max_len=$$maxlen, log in $(FUZZ_OUT)/fuzz_$$h.log"; \
 	    rc=0; $(FUZZ_OUT)/fuzz_$$h -max_total_time=$(FUZZ_SECONDS) -max_len=$$maxlen -timeout=10 \
 	        -print_final_stats=1 -dict=tests/fuzz/$$h.dict -artifact_prefix=$(FUZZ_OUT)/artifacts/$$h- \

@@ -49,9 +49,8 @@ struct wa_backend {
     /* Expandable segments (NULL where the backend cannot): an address range
      * reserved up front, into which pages of physical memory are mapped and
      * unmapped one by one (CUDA's cuMemAddressReserve/cuMemCreate/cuMemMap).
-     * page_map makes `size` bytes (a multiple of granularity) at va + offset;
-     * -ENOMEM when the device cannot hold them. */
-    uint64_t granularity;
+     * page_map makes `size` bytes (a multiple of 2 MiB, CUDA's granularity)
+     * at va + offset; -ENOMEM when the device cannot hold them. */
     int (*va_reserve)(wa_backend *b, int device, uint64_t size, wa_mem *va, wd_error *err);
     void (*va_release)(wa_backend *b, int device, wa_mem *va);
     int (*page_map)(wa_backend *b, int device, const wa_mem *va, uint64_t offset, uint64_t size, wa_mem *page,

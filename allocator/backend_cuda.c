@@ -34,7 +34,6 @@ typedef struct cuda_device {
 typedef struct cuda_backend {
     wa_backend base;
     const wa_cuda *cu;
-    bool vmm;
     cuda_device *dev;
     pthread_mutex_t lock;
 } cuda_backend;
@@ -242,9 +241,11 @@ static void cuda_pinned_free(wa_backend *b, void *p, size_t size)
     ((cuda_backend *)b)->cu->cuMemFreeHost(p);
 }
 
-static int lane_stream(cuda_backend *c, int device, unsigned lane, CUstream *out, wd_error *err)
+/* Makes device's context current and gives its lane's stream, made on first use. */
+static int lane_stream(wa_backend *b, int device, unsigned lane, CUstream *out, wd_error *err)
 {
-    cuda_device *d = &c->dev[device];
+    cuda_backend *c = (cuda_backend *)b;
+    cuda_device *d = device_of(b, device);
     int rc = 0;
 
     if (lane >= MAX_LANES)
@@ -261,14 +262,13 @@ fail:
 static int cuda_copy_async(wa_backend *b, int device, const wa_mem *mem, uint64_t offset, const void *src,
                            size_t len, unsigned lane, wd_error *err)
 {
-    cuda_backend *c = (cuda_backend *)b;
     CUstream s;
     int rc;
 
-    device_of(b, device);
-    if ((rc = lane_stream(c, device, lane, &s, err)))
+    if ((rc = lane_stream(b, device, lane, &s, err)))
         return rc;
-    CU(c->cu->cuMemcpyHtoDAsync((CUdeviceptr)(mem->addr + offset), src, len, s), "cuMemcpyHtoDAsync");
+    CU(((cuda_backend *)b)->cu->cuMemcpyHtoDAsync((CUdeviceptr)(mem->addr + offset), src, len, s),
+       "cuMemcpyHtoDAsync");
     return 0;
 fail:
     return rc;
@@ -276,14 +276,12 @@ fail:
 
 static int cuda_copy_wait(wa_backend *b, int device, unsigned lane, wd_error *err)
 {
-    cuda_backend *c = (cuda_backend *)b;
     CUstream s;
     int rc;
 
-    device_of(b, device);
-    if ((rc = lane_stream(c, device, lane, &s, err)))
+    if ((rc = lane_stream(b, device, lane, &s, err)))
         return rc;
-    CU(c->cu->cuStreamSynchronize(s), "cuStreamSynchronize");
+    CU(((cuda_backend *)b)->cu->cuStreamSynchronize(s), "cuStreamSynchronize");
     return 0;
 fail:
     return rc;
@@ -398,7 +396,6 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
     }
     pthread_mutex_init(&c->lock, NULL);
     c->cu = cu;
-    c->vmm = vmm;
     c->base = (wa_backend){
         .name = vmm ? "cuda" : "cuda-ipc",
         .seg_alloc = vmm ? vmm_seg_alloc : ipc_seg_alloc,
@@ -447,12 +444,9 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
             prop = vmm_prop(d);
             CU(cu->cuMemGetAllocationGranularity(&d->granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
                "cuMemGetAllocationGranularity");
-        } else {
-            d->granularity = 2u << 20;
         }
     }
     if (vmm) {
-        c->base.granularity = c->dev[0].granularity;
         c->base.va_reserve = vmm_va_reserve;
         c->base.va_release = vmm_va_release;
         c->base.page_map = vmm_page_map;

@@ -192,7 +192,6 @@ int wa_backend_fake_create(int n_devices, uint64_t capacity, wa_backend **out, w
         .read = fake_copy,
         .describe = fake_describe,
         .destroy = fake_destroy,
-        .granularity = FAKE_ALIGN,
         .va_reserve = fake_va_reserve,
         .va_release = fake_va_release,
         .page_map = fake_page_map,

@@ -211,7 +211,6 @@ int wa_backend_host_create(int n_devices, uint64_t capacity, wa_backend **out, w
         .read = host_read,
         .describe = host_describe,
         .destroy = host_destroy,
-        .granularity = 2ULL << 20,
         .va_reserve = host_va_reserve,
         .va_release = host_va_release,
         .page_map = host_page_map,

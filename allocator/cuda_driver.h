@@ -12,16 +12,14 @@
 /* X(function): each resolved with cuGetProcAddress; the member is typed from
  * cuda.h's own declaration (the macro names, cuMemAlloc -> cuMemAlloc_v2,
  * apply to members and calls alike). */
-#define WA_CUDA_FUNCTIONS(X)                                                                          \
-    X(cuInit) X(cuGetErrorString) X(cuDriverGetVersion) X(cuDeviceGetCount) X(cuDeviceGet)            \
-    X(cuDeviceGetName) X(cuDeviceGetUuid) X(cuDeviceTotalMem) X(cuDeviceGetAttribute)                  \
-    X(cuDevicePrimaryCtxSetFlags) X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease)            \
-    X(cuCtxSetCurrent) X(cuCtxSynchronize)                                                            \
-    X(cuMemGetInfo) X(cuMemGetAllocationGranularity) X(cuMemCreate) X(cuMemRelease)                     \
-    X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemMap) X(cuMemUnmap) X(cuMemSetAccess)              \
-    X(cuMemExportToShareableHandle) X(cuMemAlloc) X(cuMemFree) X(cuIpcGetMemHandle)                     \
-    X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemHostRegister) X(cuMemHostUnregister) X(cuStreamCreate) X(cuStreamDestroy) X(cuStreamSynchronize)      \
-    X(cuMemcpyHtoDAsync) X(cuMemcpyHtoD) X(cuMemcpyDtoH)
+#define WA_CUDA_FUNCTIONS(X)                                                                            \
+    X(cuInit) X(cuGetErrorString) X(cuDeviceGetCount) X(cuDeviceGet) X(cuDeviceGetName)                 \
+    X(cuDeviceGetUuid) X(cuDeviceGetAttribute) X(cuDevicePrimaryCtxSetFlags) X(cuDevicePrimaryCtxRetain) \
+    X(cuDevicePrimaryCtxRelease) X(cuCtxSetCurrent) X(cuMemGetInfo) X(cuMemGetAllocationGranularity)    \
+    X(cuMemCreate) X(cuMemRelease) X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemMap) X(cuMemUnmap) \
+    X(cuMemSetAccess) X(cuMemExportToShareableHandle) X(cuMemAlloc) X(cuMemFree) X(cuIpcGetMemHandle)   \
+    X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemHostRegister) X(cuMemHostUnregister) X(cuStreamCreate)    \
+    X(cuStreamDestroy) X(cuStreamSynchronize) X(cuMemcpyHtoDAsync) X(cuMemcpyHtoD) X(cuMemcpyDtoH)
 
 typedef struct wa_cuda {
 #define X(f) __typeof__(f) *f;

@@ -88,12 +88,10 @@ static void map_piece(worker *w, int k, const file *f, long long p)
 static void worker_init(worker *w)
 {
     for (int i = 0; i < 2; i++) {
-        if (mode == MAP) {
-            /* no buffers */
-        } else if (mode == READ) {
+        if (mode == READ) {
             w->buf[i] = malloc(piece_size);
             memset(w->buf[i], 0, piece_size); /* first touch outside the clock */
-        } else {
+        } else if (mode != MAP) { /* map reads nothing into buffers */
             CHECK(cu->cuMemHostAlloc(&w->buf[i], piece_size, CU_MEMHOSTALLOC_PORTABLE));
         }
         if (mode == COPY || mode == MAP)

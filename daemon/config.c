@@ -28,7 +28,7 @@ static const opt_desc options[] = {
 static const struct {
     const char *name;
     int64_t min, max;
-} int_bounds[] = {{"host_devices", 1, 64}, {"max_clients", 1, 65536}};
+} int_bounds[] = {{"host_devices", 1, 64}, {"max_clients", 1, 65536}, {"read_threads", 0, 256}};
 
 static const opt_desc *find_option(const char *name, size_t len)
 {
@@ -178,8 +178,6 @@ static int validate(const wd_config *c, wd_error *err)
         return wd_error_set(err, -EINVAL, "direct_io must be on or off, not \"%s\"", c->direct_io);
     if (c->host_capacity == 0)
         return wd_error_set(err, -EINVAL, "host_capacity must be more than 0");
-    if (c->read_threads > 256)
-        return wd_error_set(err, -EINVAL, "read_threads: at most 256");
     if (c->staging_memory && c->staging_memory < (4u << 20))
         return wd_error_set(err, -EINVAL, "staging_memory: 0 (4MiB a buffer) or at least 4MiB");
     if (c->devices[0] && (strcmp(c->backend, "host") == 0 || strcmp(c->backend, "fake") == 0))

@@ -107,9 +107,10 @@ static cJSON *progress_event(const wd_job *j)
     return ev;
 }
 
-/* The last progress event, so that a client that asked for events sees the
- * end however short the job was. */
-static void final_progress(wd_job *j)
+/* A progress event, for a client that asked for them. Sent at every tick and
+ * once more at the end, so that the client sees the end however short the
+ * job was. */
+static void send_progress(wd_job *j)
 {
     if (j->req && j->req->want_events)
         wd_request_event(j->req, progress_event(j));
@@ -180,7 +181,7 @@ static void finish_load(wd_job *j)
                m->ckpt.n_tensors, wd_size_format(m->ckpt.total_bytes, size, sizeof size), m->load_seconds,
                wd_rate_format(m->load_seconds > 0 ? (double)m->ckpt.total_bytes / m->load_seconds : 0, rate, sizeof rate),
                wd_model_devices_text(m, devs, sizeof devs), wl_placement_name(m->placement));
-        final_progress(j);
+        send_progress(j);
         if (j->req) {
             cJSON *res = cJSON_CreateObject(), *phases;
             cJSON_AddStringToObject(res, "name", m->name);
@@ -446,7 +447,7 @@ static void after_verify(uv_work_t *w, int status)
         wd_log(j->io.mismatched_tensors ? WD_LOG_warning : WD_LOG_info, "verified %s: %llu of %zu tensors differ%s%s",
                m->name, (unsigned long long)j->io.mismatched_tensors, m->ckpt.n_tensors,
                j->io.mismatched_tensors ? "; " : "", j->io.first_mismatch);
-        final_progress(j);
+        send_progress(j);
         if (j->req) {
             cJSON *res = cJSON_CreateObject();
             cJSON_AddStringToObject(res, "name", m->name);
@@ -527,8 +528,7 @@ void wd_jobs_cancel_all(wd_server *s)
 void wd_jobs_progress(wd_server *s)
 {
     for (wd_job *j = s->jobs; j; j = j->next)
-        if (j->req && j->req->want_events)
-            wd_request_event(j->req, progress_event(j));
+        send_progress(j);
 }
 
 bool wd_jobs_load_active(const wd_server *s)

@@ -63,7 +63,8 @@ typedef struct worker {
 struct wl_pipeline {
     wa_backend *backend;
     unsigned threads;
-    uint64_t chunk;
+    uint64_t chunk;      /* bytes read at once, and each staging buffer's size: a multiple of ALIGN, so an
+                          * O_DIRECT read of a chunk, aligned at both ends, fits its buffer */
     wl_direct direct;
     bool pinned;
     worker *workers;
@@ -77,9 +78,6 @@ struct wl_pipeline {
     _Atomic size_t next;
     pthread_mutex_t err_lock;
 };
-
-/* A read buffer: a chunk, plus room to align an O_DIRECT read on both ends. */
-#define STAGING_SIZE(p) ((p)->chunk + 2 * ALIGN)
 
 /* ---- life cycle ------------------------------------------------------------ */
 
@@ -113,7 +111,7 @@ void wl_pipeline_destroy(wl_pipeline *p)
         return;
     for (unsigned i = 0; p->workers && i < p->threads; i++) {
         for (int k = 0; k < 2; k++)
-            buffer_free(p, p->workers[i].buf[k], STAGING_SIZE(p));
+            buffer_free(p, p->workers[i].buf[k], p->chunk);
         free(p->workers[i].cmp);
     }
     free(p->workers);
@@ -161,7 +159,7 @@ int wl_pipeline_create(wa_backend *backend, const wl_pipeline_opts *opts, wl_pip
         /* Pinned staging is taken now, so that no load pays for it; plain
          * buffers (verify on the host backend) when first needed. */
         for (int k = 0; k < 2 && p->pinned; k++)
-            if (!(w->buf[k] = buffer_alloc(p, STAGING_SIZE(p), err))) {
+            if (!(w->buf[k] = buffer_alloc(p, p->chunk, err))) {
                 rc = err->code ? err->code : -ENOMEM;
                 goto fail;
             }
@@ -435,7 +433,7 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
         }
     } else {
         void *buf;
-        if (!w->buf[*k] && !(w->buf[*k] = buffer_alloc(p, STAGING_SIZE(p), err))) {
+        if (!w->buf[*k] && !(w->buf[*k] = buffer_alloc(p, p->chunk, err))) {
             rc = err->code ? err->code : -ENOMEM;
             goto out;
         }

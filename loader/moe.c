@@ -117,13 +117,11 @@ int wl_moe_analyse(const wl_checkpoint *c, wl_moe *out, wd_error *err)
         }
         if (!(l = find_layer(out, index, &cap)))
             goto nomem;
-        if (sets_cap < cap) {
-            expert_set *s = realloc(sets, cap * sizeof *s);
-            if (!s)
+        {
+            size_t had = sets_cap; /* a set per layer, empty when new */
+            if (WD_GROW(sets, sets_cap, out->n_layers, 64))
                 goto nomem;
-            memset(s + sets_cap, 0, (cap - sets_cap) * sizeof *s);
-            sets = s;
-            sets_cap = cap;
+            memset(sets + had, 0, (sets_cap - had) * sizeof *sets);
         }
         out->layer_bytes += bytes;
         kind = expert_of(rest, &expert);

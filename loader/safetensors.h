@@ -1496,9 +1496,11 @@ int st_build_header(const st_tensor_spec *tensors, size_t n, const st_meta *meta
     offset = 0;
     for (i = 0; i < n; i++) {
         const st_tensor_spec *t = &tensors[i];
-        uint64_t nbytes = 0;
+        uint64_t nbytes = 1;
 
-        st__shape_bytes(t->shape, t->ndim, t->dtype, "", 0, 0, &nbytes, NULL, 0); /* checked above */
+        for (size_t d = 0; d < t->ndim; d++)
+            nbytes *= t->shape[d];
+        nbytes = nbytes * st_dtype_bits(t->dtype) / 8; /* no overflow: checked above */
         if (i || n_meta)
             st__put(&b, ",", 1);
         st__put_jstr(&b, t->name);
