@@ -128,12 +128,8 @@ static wa_block *hand_out(wa_allocator *a, wa_device *d, wa_block *b, uint64_t s
 
     if (spare) {
         /* spare becomes the front part; b keeps the remainder, as in PyTorch. */
-        *spare = (wa_block){.addr = b->addr, .size = size, .seg = b->seg, .mapped = true, .prev = b->prev, .next = b};
-        if (spare->prev)
-            spare->prev->next = spare;
-        else
-            b->seg->head = spare;
-        b->prev = spare;
+        *spare = (wa_block){.addr = b->addr, .size = size, .seg = b->seg, .mapped = true};
+        wa__link_before(b, spare);
         b->addr += size;
         b->size -= size;
         b->requested = 0;
@@ -176,12 +172,8 @@ static void keep_in_one_page(wa_pool *pool, wa_block *b, uint64_t size)
 
     if (!skip || skip + size > b->size || !(front = calloc(1, sizeof *front)))
         return; /* no room (or no memory) to move: it straddles, as in PyTorch */
-    *front = (wa_block){.addr = b->addr, .size = skip, .seg = b->seg, .mapped = true, .prev = b->prev, .next = b};
-    if (b->prev)
-        b->prev->next = front;
-    else
-        b->seg->head = front;
-    b->prev = front;
+    *front = (wa_block){.addr = b->addr, .size = skip, .seg = b->seg, .mapped = true};
+    wa__link_before(b, front);
     b->addr += skip;
     b->size -= skip;
     front->gc_base = pool->get_free_calls;

@@ -103,6 +103,28 @@ static inline bool wa__is_split(const wa_block *b)
     return b->prev || b->next;
 }
 
+/* Links nb into b's segment just before b (the segment's head if b was), or
+ * just after it. */
+static inline void wa__link_before(wa_block *b, wa_block *nb)
+{
+    nb->prev = b->prev;
+    nb->next = b;
+    if (b->prev)
+        b->prev->next = nb;
+    else
+        b->seg->head = nb;
+    b->prev = nb;
+}
+
+static inline void wa__link_after(wa_block *b, wa_block *nb)
+{
+    nb->prev = b;
+    nb->next = b->next;
+    if (b->next)
+        b->next->prev = nb;
+    b->next = nb;
+}
+
 static inline wa_pool *wa__pool_of(wa_device *d, const wa_block *b)
 {
     return b->seg->small ? &d->small : &d->large;

@@ -264,11 +264,7 @@ static int map_block(wa_allocator *a, wa_pool *pool, wa_block *b, uint64_t size,
         rest->addr = b->addr + mapped;
         rest->size = b->size - mapped;
         rest->seg = seg;
-        rest->prev = b;
-        rest->next = b->next;
-        if (b->next)
-            b->next->prev = rest;
-        b->next = rest;
+        wa__link_after(b, rest);
         b->size = mapped;
         wa__tree_insert(&pool->unmapped, rest);
     }
@@ -325,20 +321,14 @@ static wa_block *carve(wa_allocator *a, wa_pool *pool, wa_block *b, size_t first
     }
     wa__tree_erase(&pool->blocks, b);
     if (front) {
-        *front = (wa_block){.addr = b->addr, .size = before_len, .seg = seg, .mapped = true, .prev = b->prev, .next = b};
-        if (b->prev)
-            b->prev->next = front;
-        else
-            seg->head = front;
-        b->prev = front;
+        *front = (wa_block){.addr = b->addr, .size = before_len, .seg = seg, .mapped = true};
+        wa__link_before(b, front);
         front->gc_base = pool->get_free_calls;
         wa__tree_insert(&pool->blocks, front);
     }
     if (back) {
-        *back = (wa_block){.addr = start + size, .size = after_len, .seg = seg, .mapped = true, .prev = b, .next = b->next};
-        if (b->next)
-            b->next->prev = back;
-        b->next = back;
+        *back = (wa_block){.addr = start + size, .size = after_len, .seg = seg, .mapped = true};
+        wa__link_after(b, back);
         back->gc_base = pool->get_free_calls;
         wa__tree_insert(&pool->blocks, back);
     }

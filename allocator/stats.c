@@ -129,12 +129,17 @@ static int check_pages(const wa_segment *seg, const wa_block *b, int dev, wd_err
     if (!b->mapped && ((b->addr - base) % seg->page || b->size % seg->page))
         return BROKEN("device %d segment %u: unmapped block at %#" PRIx64 " is not page-aligned", dev, seg->id,
                       b->addr);
-    for (size_t i = first; i < last; i++) {
-        bool mapped = i < seg->n_pages && seg->chunk[i] != WA_UNMAPPED;
+    /* Pages past n_pages were never mapped: only a mapped block may not reach
+     * there, and the unmapped tail (most of a segment's reserve) needs no walk. */
+    for (size_t i = first; i < last && i < seg->n_pages; i++) {
+        bool mapped = seg->chunk[i] != WA_UNMAPPED;
         if (mapped != b->mapped)
             return BROKEN("device %d segment %u: page %zu is %smapped under a%s block", dev, seg->id, i,
                           mapped ? "" : "not ", b->mapped ? " mapped" : "n unmapped");
     }
+    if (b->mapped && last > seg->n_pages)
+        return BROKEN("device %d segment %u: page %zu is not mapped under a mapped block", dev, seg->id,
+                      seg->n_pages > first ? seg->n_pages : first);
     return 0;
 }
 
