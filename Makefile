@@ -60,7 +60,7 @@ USE_CUDA := no
 endif
 ifeq ($(USE_CUDA),yes)
 # Only headers and a define: nothing links libcuda, so every program starts on
-# machines without a driver (CI); allocator/cuda_driver.c opens it at run time.
+# machines without a driver (CI); common/cuda_driver.c opens it at run time.
 CUDA_CFLAGS := -DWD_WITH_CUDA=1 -I$(CUDA_HOME)/include
 CUDA_REPORT := CUDA: yes ($(CUDA_HOME), WITH_CUDA=$(WITH_CUDA))
 else
@@ -77,9 +77,10 @@ msg =
 endif
 
 # Sources by folder: the folders are the architecture.
-COMMON_SRC  := $(wildcard common/*.c)
-CUDA_SRC    := allocator/backend_cuda.c allocator/cuda_driver.c
-ALLOC_SRC   := $(filter-out allocator/replay.c $(if $(filter yes,$(USE_CUDA)),,$(CUDA_SRC)),$(wildcard allocator/*.c))
+CUDA_SRC    := allocator/backend_cuda.c common/cuda_driver.c
+NO_CUDA_SRC := $(if $(filter yes,$(USE_CUDA)),,$(CUDA_SRC))
+COMMON_SRC  := $(filter-out $(NO_CUDA_SRC),$(wildcard common/*.c))
+ALLOC_SRC   := $(filter-out allocator/replay.c $(NO_CUDA_SRC),$(wildcard allocator/*.c))
 LOADER_SRC  := $(filter-out loader/mkckpt.c,$(wildcard loader/*.c))
 PROTO_SRC   := $(wildcard proto/*.c)
 DAEMON_SRC  := $(filter-out daemon/main.c,$(wildcard daemon/*.c))
@@ -174,7 +175,7 @@ gpu-test: all
 
 # On the GPU machine: what the driver's VMM calls cost (vmmcost), and the
 # read limit and weightd's read-and-copy scheme with nothing of weightd (pipebw).
-$(BUILD)/vmmcost $(BUILD)/pipebw: $(BUILD)/%: bench/%.c bench/bench_cuda.h allocator/cuda_driver.c common/errors.c
+$(BUILD)/vmmcost $(BUILD)/pipebw: $(BUILD)/%: bench/%.c bench/bench_cuda.h common/cuda_driver.c common/errors.c
 	@mkdir -p $(dir $@)
 	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $(filter %.c,$^) -ldl -lpthread
 

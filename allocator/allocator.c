@@ -367,6 +367,30 @@ void wa_block_region(const wa_block *b, wa_region *out)
     out->mem = &b->seg->mem;
 }
 
+size_t wa_block_backing(const wa_block *b, const wa_mem **out, size_t max)
+{
+    const wa_segment *seg = b->seg;
+    size_t n = 0, i, last;
+
+    if (!seg->expandable) {
+        if (max)
+            out[0] = &seg->mem;
+        return 1;
+    }
+    /* A block of an expandable segment lies on mapped pages; each page
+     * belongs to the allocation that starts at chunk[page]. */
+    i = (size_t)((b->addr - seg->mem.addr) / seg->page);
+    last = (size_t)((b->addr + b->size - 1 - seg->mem.addr) / seg->page);
+    while (i <= last) {
+        size_t head = seg->chunk[i];
+        if (n < max)
+            out[n] = &seg->pages[head];
+        n++;
+        i = head + (size_t)(seg->pages[head].size / seg->page);
+    }
+    return n;
+}
+
 /* ---- life cycle -------------------------------------------------------- */
 
 int wa_create(wa_backend *backend, const char *conf_text, wa_allocator **out, wd_error *err)

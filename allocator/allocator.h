@@ -140,6 +140,12 @@ typedef struct wa_region {
     const wa_mem *mem;      /* the segment's memory (host mapping, fd) */
 } wa_region;
 void wa_block_region(const wa_block *block, wa_region *out);
+/* The physical allocations under a block, in address order: what a worker
+ * maps, each whole, to see the block (one for a classic segment; the pages
+ * or coalesced runs of an expandable one). Fills up to max and returns how
+ * many there are; call again with more room when that is more than max. The
+ * pointers are valid until the allocator next runs. */
+size_t wa_block_backing(const wa_block *block, const wa_mem **out, size_t max);
 
 /* The configuration in force, and the policy stack over it. push applies conf
  * on top of the configuration in force (OVERLAY); pop restores exactly the

@@ -16,14 +16,27 @@
 
 #include "common/errors.h"
 
-/* One segment's memory, as the backend made it. */
+/* One segment's memory, as the backend made it: a classic segment, an
+ * expandable segment's address range, or one physical allocation mapped
+ * into such a range. */
 typedef struct wa_mem {
     uint64_t addr;   /* device address (a made-up one on fake) */
     uint64_t size;
     void *host;      /* CPU mapping of the whole segment, or NULL */
     int fd;          /* shareable handle a worker can map, or -1 */
+    uint64_t fd_offset; /* where this memory begins within fd (host pages share their range's memfd) */
     void *priv;      /* the backend's own */
 } wa_mem;
+
+/* How a worker maps a backend's memory (attach; DESIGN.md, "Backends"). */
+typedef enum wa_share {
+    WA_SHARE_NONE,   /* fake: there is nothing to map */
+    WA_SHARE_MEMFD,  /* host: fd is a memfd; a worker mmaps [fd_offset, fd_offset + size) of it */
+    WA_SHARE_VMM,    /* cuda: fd is a POSIX-fd handle of one whole cuMemCreate allocation */
+    WA_SHARE_IPC,    /* cuda-ipc: a legacy IPC handle (ipc_handle) of one whole cuMemAlloc allocation */
+} wa_share;
+
+#define WA_IPC_HANDLE_BYTES 64 /* CU_IPC_HANDLE_SIZE */
 
 typedef struct wa_device_info {
     char name[128];        /* "host device 0", "NVIDIA H200 (CUDA device 0)" */
@@ -35,6 +48,7 @@ typedef struct wa_backend wa_backend;
 struct wa_backend {
     const char *name;
     int n_devices;
+    wa_share share;
     /* -ENOMEM when the device cannot hold `size` more bytes. */
     int (*seg_alloc)(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err);
     void (*seg_free)(wa_backend *b, int device, wa_mem *mem);
@@ -67,6 +81,9 @@ struct wa_backend {
     int (*copy_async)(wa_backend *b, int device, const wa_mem *mem, uint64_t offset, const void *src, size_t len,
                       unsigned lane, wd_error *err);
     int (*copy_wait)(wa_backend *b, int device, unsigned lane, wd_error *err);
+
+    /* WA_SHARE_IPC only: the WA_IPC_HANDLE_BYTES bytes a worker opens mem with. */
+    void (*ipc_handle)(wa_backend *b, const wa_mem *mem, unsigned char *out);
 };
 
 typedef struct wa_backend_opts {

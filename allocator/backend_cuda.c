@@ -8,7 +8,7 @@
  * Both stage loads through pinned host memory with asynchronous copies on
  * numbered lanes (one stream per device and lane). */
 #include "allocator/backend.h"
-#include "allocator/cuda_driver.h"
+#include "common/cuda_driver.h"
 
 #include <ctype.h>
 #include <pthread.h>
@@ -18,6 +18,8 @@
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
+
+_Static_assert(sizeof(CUipcMemHandle) == WA_IPC_HANDLE_BYTES, "the IPC handle's size");
 
 #define MAX_LANES 512 /* two a reader thread, at most 256 threads */
 
@@ -33,7 +35,7 @@ typedef struct cuda_device {
 
 typedef struct cuda_backend {
     wa_backend base;
-    const wa_cuda *cu;
+    const wd_cuda *cu;
     cuda_device *dev;
     pthread_mutex_t lock;
 } cuda_backend;
@@ -42,7 +44,7 @@ typedef struct cuda_backend {
     do {                                                                 \
         CUresult r_ = (call);                                            \
         if (r_ != CUDA_SUCCESS) {                                        \
-            rc = wa_cuda_error(r_, what, err);                           \
+            rc = wd_cuda_error(r_, what, err);                           \
             goto fail;                                                   \
         }                                                                \
     } while (0)
@@ -70,7 +72,7 @@ static CUmemAllocationProp vmm_prop(const cuda_device *d)
  * the exported fd, and the address. */
 static int vmm_map(cuda_backend *c, cuda_device *d, CUdeviceptr va, uint64_t size, wa_mem *mem, wd_error *err)
 {
-    const wa_cuda *cu = c->cu;
+    const wd_cuda *cu = c->cu;
     CUmemAllocationProp prop = vmm_prop(d);
     CUmemAccessDesc access = {.location = prop.location, .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
     CUmemGenericAllocationHandle h = 0;
@@ -182,6 +184,12 @@ fail:
         c->cu->cuMemFree(p);
     free(h);
     return rc;
+}
+
+static void ipc_handle(wa_backend *b, const wa_mem *mem, unsigned char *out)
+{
+    (void)b;
+    memcpy(out, ((const CUipcMemHandle *)mem->priv)->reserved, WA_IPC_HANDLE_BYTES);
 }
 
 static void ipc_seg_free(wa_backend *b, int device, wa_mem *mem)
@@ -325,7 +333,7 @@ static void format_uuid(const CUuuid *u, char *out, size_t len)
 
 /* Which ordinals "0,1" or "GPU-1b2c..." (a UUID or its unique prefix) name;
  * "" is every device. */
-static int select_devices(const wa_cuda *cu, const char *list, int *ords, int *n, wd_error *err)
+static int select_devices(const wd_cuda *cu, const char *list, int *ords, int *n, wd_error *err)
 {
     int count = 0, rc;
     char uuids[64][48];
@@ -384,11 +392,11 @@ fail:
 
 static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, wd_error *err)
 {
-    const wa_cuda *cu;
+    const wd_cuda *cu;
     cuda_backend *c = NULL;
     int ords[64], n, rc;
 
-    if ((rc = wa_cuda_load(&cu, err)) || (rc = select_devices(cu, opts->devices, ords, &n, err)))
+    if ((rc = wd_cuda_load(&cu, err)) || (rc = select_devices(cu, opts->devices, ords, &n, err)))
         return rc;
     if (!(c = calloc(1, sizeof *c)) || !(c->dev = calloc((size_t)n, sizeof *c->dev))) {
         free(c);
@@ -398,6 +406,8 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
     c->cu = cu;
     c->base = (wa_backend){
         .name = vmm ? "cuda" : "cuda-ipc",
+        .share = vmm ? WA_SHARE_VMM : WA_SHARE_IPC,
+        .ipc_handle = vmm ? NULL : ipc_handle,
         .seg_alloc = vmm ? vmm_seg_alloc : ipc_seg_alloc,
         .seg_free = vmm ? vmm_seg_free : ipc_seg_free,
         .write = cuda_write,

@@ -185,6 +185,7 @@ int wa_backend_fake_create(int n_devices, uint64_t capacity, wa_backend **out, w
     }
     f->base = (wa_backend){
         .name = "fake",
+        .share = WA_SHARE_NONE,
         .n_devices = n_devices,
         .seg_alloc = fake_seg_alloc,
         .seg_free = fake_seg_free,

@@ -160,7 +160,9 @@ static int host_page_map(wa_backend *b, int device, const wa_mem *va, uint64_t o
                             strerror(errno));
     }
     h->used[device] += size;
-    *page = (wa_mem){.addr = va->addr + offset, .size = size, .host = (char *)va->host + offset, .fd = -1};
+    /* The range's memfd is what a worker maps; the page does not own it. */
+    *page = (wa_mem){.addr = va->addr + offset, .size = size, .host = (char *)va->host + offset, .fd = va->fd,
+                     .fd_offset = offset};
     return 0;
 }
 
@@ -205,6 +207,7 @@ int wa_backend_host_create(int n_devices, uint64_t capacity, wa_backend **out, w
     h->base = (wa_backend){
         .name = "host",
         .n_devices = n_devices,
+        .share = WA_SHARE_MEMFD,
         .seg_alloc = host_seg_alloc,
         .seg_free = host_seg_free,
         .write = host_write,

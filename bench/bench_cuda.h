@@ -6,7 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "allocator/cuda_driver.h"
+#include "common/cuda_driver.h"
 
 #define CHECK(x)                                                      \
     do {                                                              \
@@ -19,13 +19,13 @@
 
 /* Loads the driver and makes device 0's primary context current; exits on
  * failure. */
-static inline const wa_cuda *bench_cuda_init(CUcontext *ctx)
+static inline const wd_cuda *bench_cuda_init(CUcontext *ctx)
 {
-    const wa_cuda *cu;
+    const wd_cuda *cu;
     wd_error err = {0};
     CUdevice dev;
 
-    if (wa_cuda_load(&cu, &err)) {
+    if (wd_cuda_load(&cu, &err)) {
         fprintf(stderr, "%s\n", err.msg);
         exit(1);
     }

@@ -36,7 +36,7 @@ static file *files;
 static int n_files;
 static long long total_pieces;
 static _Atomic long long next_piece, bytes_read, pin_ns, unpin_ns;
-static const wa_cuda *cu;
+static const wd_cuda *cu;
 static CUcontext ctx;
 static enum { READ, PINNED, COPY, MAP } mode = READ;
 static const char *const mode_names[] = {"read", "pinned", "copy", "map"};

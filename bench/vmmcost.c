@@ -18,7 +18,7 @@ static double now(void)
 
 int main(int argc, char **argv)
 {
-    const wa_cuda *cu;
+    const wd_cuda *cu;
     int n = argc > 1 ? atoi(argv[1]) : 1024;
     size_t page = 2u << 20;
     CUcontext ctx;

@@ -364,11 +364,10 @@ static void on_conn_event(uv_poll_t *h, int status, int events)
             conn_close(c, strerror(-rc));
             return;
         }
+        /* The daemon takes no descriptors: those sent are closed at once. */
+        wp_reader_drop_fds(&c->rd);
         conn_handle_lines(c);
     }
-    /* Descriptors nobody asked for are not kept. */
-    if (!c->dead)
-        wp_reader_drop_fds(&c->rd);
 }
 
 static void on_listen(uv_poll_t *h, int status, int events)

@@ -13,7 +13,7 @@ struct wp_chunk {
     wp_chunk *next;
     size_t len, off;
     size_t n_fds;
-    int fds[WP_MAX_FDS];
+    int *fds;            /* n_fds of them, after data */
     char data[];
 };
 
@@ -164,12 +164,15 @@ int wp_writer_push(wp_writer *w, const char *data, size_t len, const int *fds, s
 
     if (n > WP_MAX_FDS || len == 0)
         return -EINVAL;
-    if (!(c = malloc(sizeof *c + len)))
+    /* The descriptors after the bytes, aligned for int. */
+    size_t at = (len + sizeof(int) - 1) / sizeof(int) * sizeof(int);
+    if (!(c = malloc(sizeof *c + at + n * sizeof(int))))
         return -ENOMEM;
     c->next = NULL;
     c->len = len;
     c->off = 0;
     c->n_fds = 0;
+    c->fds = (int *)(void *)(c->data + at);
     memcpy(c->data, data, len);
     for (size_t i = 0; i < n; i++) {
         int fd = fcntl(fds[i], F_DUPFD_CLOEXEC, 3);

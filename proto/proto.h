@@ -24,14 +24,16 @@
 #define WP_VERSION_MAJOR 1
 #define WP_VERSION "1.0"
 #define WP_MAX_LINE (1u << 20)  /* bytes, newline included */
-#define WP_MAX_FDS 64           /* descriptors carried by one message */
+/* Descriptors carried by one message: the kernel's own limit (SCM_MAX_FD).
+ * More travel in several messages, each saying which its descriptors are. */
+#define WP_MAX_FDS 253
 
 /* ---- reading: bytes and descriptors in, lines out ---------------------- */
 
 typedef struct wp_reader {
     char *buf;
     size_t len, cap, consumed;
-    int fds[WP_MAX_FDS * 4];
+    int fds[WP_MAX_FDS * 2];  /* one recvmsg brings one message's at most */
     size_t n_fds;
 } wp_reader;
 

@@ -102,6 +102,65 @@ START_TEST(allocator_on_host_gives_writable_blocks_inside_their_segment)
 }
 END_TEST
 
+/* What a worker maps to see a block (wa_block_backing): the segment's memfd
+ * for a classic segment; the range's memfd at each physical allocation's
+ * offset for an expandable one, one allocation per request when coalesced,
+ * one per page when not. */
+START_TEST(a_blocks_backing_is_what_a_worker_maps)
+{
+    static const char *const confs[] = {NULL, "expandable_segments:True,expandable_page_mb:2,expandable_coalesce:True",
+                                        "expandable_segments:True,expandable_page_mb:2"};
+    for (size_t c = 0; c < sizeof confs / sizeof confs[0]; c++) {
+        wa_backend *b;
+        wa_allocator *a;
+        wa_block *first, *blk;
+        wa_region r;
+        const wa_mem *back[8];
+        wd_error err = {0};
+        size_t n;
+
+        ck_assert_int_eq(wa_backend_host_create(1, 256 * MiB, &b, &err), 0);
+        ck_assert_int_eq(b->share, WA_SHARE_MEMFD);
+        ck_assert_int_eq(wa_create(b, confs[c], &a, &err), 0);
+        ck_assert_int_eq(wa_malloc(a, 0, 3 * MiB, &first, &err), 0);
+        ck_assert_int_eq(wa_malloc(a, 0, 6 * MiB, &blk, &err), 0);
+        wa_block_region(blk, &r);
+        n = wa_block_backing(blk, back, 8);
+        {
+            /* Expandable: a page each (PyTorch's way), or fewer when coalesced. */
+            uint64_t page = 2 * MiB, first_page = (r.addr - r.segment_addr) / page;
+            size_t pages = (size_t)((r.addr + r.size - 1 - r.segment_addr) / page - first_page + 1);
+            if (c == 0)
+                ck_assert_uint_eq(n, 1);
+            else if (c == 1)
+                ck_assert(n >= 1 && n < pages);
+            else
+                ck_assert_uint_eq(n, pages);
+        }
+        ck_assert_uint_eq(wa_block_backing(blk, back, 0), n); /* the count, without room */
+        /* The pieces tile the block, in address order, each a slice of one memfd. */
+        ck_assert_uint_le(back[0]->addr, r.addr);
+        ck_assert_uint_ge(back[n - 1]->addr + back[n - 1]->size, r.addr + r.size);
+        for (size_t i = 0; i < n; i++) {
+            char probe[4];
+            ck_assert_int_ge(back[i]->fd, 0);
+            ck_assert_int_eq(back[i]->fd, back[0]->fd);
+            ck_assert_uint_eq(back[i]->fd_offset % 4096, 0);
+            if (i)
+                ck_assert_uint_eq(back[i]->addr, back[i - 1]->addr + back[i - 1]->size);
+            /* The memfd at fd_offset is the memory at addr. */
+            memcpy((char *)(uintptr_t)back[i]->addr, "wd!", 4);
+            ck_assert_int_eq(pread(back[i]->fd, probe, 4, (off_t)back[i]->fd_offset), 4);
+            ck_assert_str_eq(probe, "wd!");
+        }
+        wa_free(a, blk);
+        wa_free(a, first);
+        wa_destroy(a);
+        wa_backend_destroy(b);
+    }
+}
+END_TEST
+
 Suite *backend_host_suite(void)
 {
     Suite *s = suite_create("backend_host");
@@ -111,6 +170,7 @@ Suite *backend_host_suite(void)
     tcase_add_test(tc, capacity_is_per_device_and_returns_on_free);
     tcase_add_test(tc, factory_knows_its_backends);
     tcase_add_test(tc, allocator_on_host_gives_writable_blocks_inside_their_segment);
+    tcase_add_test(tc, a_blocks_backing_is_what_a_worker_maps);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "proto/proto.h"
@@ -94,6 +95,48 @@ START_TEST(descriptors_travel_with_their_message)
     ck_assert_int_eq(pread(got[0], buf, 6, 0), 6);
     ck_assert_str_eq(buf, "weight");
     close(got[0]);
+    wp_writer_free(&w);
+    wp_reader_free(&r);
+    close(sv[0]);
+    close(sv[1]);
+}
+END_TEST
+
+/* As many descriptors as the kernel lets one message carry (SCM_MAX_FD),
+ * twice in a row: each message's arrive with it, in order. */
+START_TEST(a_message_carries_the_kernels_most_descriptors)
+{
+    int sv[2], fds[WP_MAX_FDS], got[WP_MAX_FDS];
+    wp_writer w;
+    wp_reader r;
+    char *line;
+    size_t len;
+
+    pair(sv);
+    for (int i = 0; i < WP_MAX_FDS; i++)
+        ck_assert_int_ge(fds[i] = memfd_create("t", MFD_CLOEXEC), 0);
+    ck_assert_int_eq(ftruncate(fds[7], 7), 0);
+    wp_writer_init(&w);
+    wp_reader_init(&r);
+    ck_assert_int_eq(wp_writer_push(&w, "{\"a\":1}\n", 8, fds, WP_MAX_FDS), 0);
+    ck_assert_int_eq(wp_writer_push(&w, "{\"b\":2}\n", 8, fds, 3), 0);
+    ck_assert_int_eq(wp_writer_push(&w, "x\n", 2, fds, WP_MAX_FDS + 1), -EINVAL);
+    ck_assert_int_eq(wp_writer_flush(&w, sv[0]), 0);
+    for (int msg = 0; msg < 2; msg++) {
+        size_t want = msg == 0 ? WP_MAX_FDS : 3;
+        struct stat st;
+        while (wp_reader_next(&r, &line, &len) != 1)
+            ck_assert_int_gt(wp_reader_fill(&r, sv[1]), 0);
+        ck_assert_str_eq(line, msg == 0 ? "{\"a\":1}" : "{\"b\":2}");
+        ck_assert_uint_eq(wp_reader_take_fds(&r, got, want), want);
+        ck_assert_int_eq(fstat(got[7 % want], &st), 0);
+        ck_assert_int_eq(st.st_size, msg == 0 ? 7 : 0);
+        for (size_t i = 0; i < want; i++)
+            close(got[i]);
+    }
+    ck_assert_uint_eq(wp_reader_take_fds(&r, got, 1), 0);
+    for (int i = 0; i < WP_MAX_FDS; i++)
+        close(fds[i]);
     wp_writer_free(&w);
     wp_reader_free(&r);
     close(sv[0]);
@@ -210,6 +253,7 @@ Suite *proto_suite(void)
     tcase_add_test(tc, lines_split_across_reads_are_reassembled);
     tcase_add_test(tc, a_line_over_the_limit_is_emsgsize);
     tcase_add_test(tc, descriptors_travel_with_their_message);
+    tcase_add_test(tc, a_message_carries_the_kernels_most_descriptors);
     tcase_add_test(tc, writer_queues_when_the_peer_is_slow);
     tcase_add_test(tc, parse_accepts_objects_only);
     tcase_add_test(tc, replies_echo_ids_and_carry_error_codes);

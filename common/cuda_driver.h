@@ -1,9 +1,10 @@
 /* The CUDA driver, loaded at run time: libcuda.so.1 is opened on first use,
  * so every program starts on machines without a driver and says clearly why
- * the cuda backends cannot run there. Only allocator/backend_cuda.c and
- * allocator/cuda_driver.c include this. */
-#ifndef WA_CUDA_DRIVER_H
-#define WA_CUDA_DRIVER_H
+ * CUDA cannot be used there. One shim for the two sides that call CUDA: the
+ * daemon's backends (allocator/backend_cuda.c: make, export, copy) and the
+ * worker's client library (client/attach.c: import, map, read). */
+#ifndef WD_CUDA_DRIVER_H
+#define WD_CUDA_DRIVER_H
 
 #include <cuda.h>
 
@@ -12,26 +13,28 @@
 /* X(function): each resolved with cuGetProcAddress; the member is typed from
  * cuda.h's own declaration (the macro names, cuMemAlloc -> cuMemAlloc_v2,
  * apply to members and calls alike). */
-#define WA_CUDA_FUNCTIONS(X)                                                                            \
+#define WD_CUDA_FUNCTIONS(X)                                                                            \
     X(cuInit) X(cuGetErrorString) X(cuDeviceGetCount) X(cuDeviceGet) X(cuDeviceGetName)                 \
     X(cuDeviceGetUuid) X(cuDeviceGetAttribute) X(cuDevicePrimaryCtxSetFlags) X(cuDevicePrimaryCtxRetain) \
     X(cuDevicePrimaryCtxRelease) X(cuCtxSetCurrent) X(cuMemGetInfo) X(cuMemGetAllocationGranularity)    \
     X(cuMemCreate) X(cuMemRelease) X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemMap) X(cuMemUnmap) \
     X(cuMemSetAccess) X(cuMemExportToShareableHandle) X(cuMemAlloc) X(cuMemFree) X(cuIpcGetMemHandle)   \
     X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemHostRegister) X(cuMemHostUnregister) X(cuStreamCreate)    \
-    X(cuStreamDestroy) X(cuStreamSynchronize) X(cuMemcpyHtoDAsync) X(cuMemcpyHtoD) X(cuMemcpyDtoH)
+    X(cuStreamDestroy) X(cuStreamSynchronize) X(cuMemcpyHtoDAsync) X(cuMemcpyHtoD) X(cuMemcpyDtoH)     \
+    X(cuCtxPushCurrent) X(cuCtxPopCurrent) X(cuMemImportFromShareableHandle) X(cuIpcOpenMemHandle)      \
+    X(cuIpcCloseMemHandle)
 
-typedef struct wa_cuda {
+typedef struct wd_cuda {
 #define X(f) __typeof__(f) *f;
-    WA_CUDA_FUNCTIONS(X)
+    WD_CUDA_FUNCTIONS(X)
 #undef X
-} wa_cuda;
+} wd_cuda;
 
 /* Loads the driver (once) and cuInit()s it. */
-int wa_cuda_load(const wa_cuda **out, wd_error *err);
+int wd_cuda_load(const wd_cuda **out, wd_error *err);
 
 /* "cuMemCreate: out of memory (CUDA_ERROR_OUT_OF_MEMORY)" into err, with the
  * errno that fits: -ENOMEM for out-of-memory, -ENODEV for no device, else -EIO. */
-int wa_cuda_error(CUresult r, const char *what, wd_error *err);
+int wd_cuda_error(CUresult r, const char *what, wd_error *err);
 
 #endif

@@ -1,12 +1,12 @@
 /* Loading the CUDA driver at run time. */
-#include "allocator/cuda_driver.h"
+#include "common/cuda_driver.h"
 
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
-static wa_cuda driver;
+static wd_cuda driver;
 static int driver_rc = 1; /* 1: not tried yet */
 static char driver_msg[512];
 static pthread_mutex_t driver_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -35,7 +35,7 @@ static int load(void)
         snprintf(driver_msg, sizeof driver_msg, "the CUDA driver lacks %s", #f);                      \
         return -ENOTSUP;                                                                              \
     }
-    WA_CUDA_FUNCTIONS(X)
+    WD_CUDA_FUNCTIONS(X)
 #undef X
     if ((r = driver.cuInit(0)) != CUDA_SUCCESS) {
         const char *s = NULL;
@@ -46,7 +46,7 @@ static int load(void)
     return 0;
 }
 
-int wa_cuda_load(const wa_cuda **out, wd_error *err)
+int wd_cuda_load(const wd_cuda **out, wd_error *err)
 {
     int rc;
 
@@ -61,7 +61,7 @@ int wa_cuda_load(const wa_cuda **out, wd_error *err)
     return 0;
 }
 
-int wa_cuda_error(CUresult r, const char *what, wd_error *err)
+int wd_cuda_error(CUresult r, const char *what, wd_error *err)
 {
     const char *s = NULL;
     int code = r == CUDA_ERROR_OUT_OF_MEMORY ? -ENOMEM
