@@ -84,7 +84,7 @@ ALLOC_SRC   := $(filter-out allocator/replay.c $(NO_CUDA_SRC),$(wildcard allocat
 LOADER_SRC  := $(filter-out loader/mkckpt.c,$(wildcard loader/*.c))
 PROTO_SRC   := $(wildcard proto/*.c)
 DAEMON_SRC  := $(filter-out daemon/main.c,$(wildcard daemon/*.c))
-CLIENT_SRC  := client/client.c
+CLIENT_SRC  := client/client.c client/attach.c
 CTL_SRC     := $(filter-out $(CLIENT_SRC),$(wildcard client/*.c))
 UNIT_SRC    := $(wildcard tests/unit/*.c)
 
@@ -125,7 +125,7 @@ $(BUILD)/weightd-mkckpt: $(call obj,loader/mkckpt.c) $(CORE_OBJ)
 
 $(BUILD)/libweightd-client.so.0: $(CLIENT_OBJ) client/libweightd-client.map
 	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,-soname,libweightd-client.so.0 \
-	    -Wl,--version-script=client/libweightd-client.map -o $@ $(CLIENT_OBJ) $(PKG_LIBS) -lm
+	    -Wl,--version-script=client/libweightd-client.map -o $@ $(CLIENT_OBJ) $(PKG_LIBS) -lm -ldl -lpthread
 
 $(BUILD)/libweightd-client.so: $(BUILD)/libweightd-client.so.0
 	$(Q)ln -sf libweightd-client.so.0 $@
@@ -196,6 +196,8 @@ install: all
 	install -m 644 systemd/weightd.sysusers $(DESTDIR)$(SYSUSERSDIR)/weightd.conf
 	install -m 644 systemd/weightd.tmpfiles $(DESTDIR)$(TMPFILESDIR)/weightd.conf
 	$(if $(PYDIR),install -D -m 644 client/python/weightd/__init__.py $(DESTDIR)$(PYDIR)/weightd/__init__.py)
+	$(if $(PYDIR),printf '# Written by make install: where the client library is.\nLIBDIR = "%s"\n' '$(LIBDIR)' \
+	    > $(DESTDIR)$(PYDIR)/weightd/_install.py)
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(notdir $(BINS)))

@@ -1,5 +1,5 @@
 /* libweightd-client: a blocking client over proto/'s framing. */
-#include "client/weightd-client.h"
+#include "client/internal.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -12,21 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "proto/proto.h"
-
-struct wdc_client {
-    int fd;
-    wp_reader rd;
-    wp_writer wr;
-    int64_t next_id;
-    char path[108];
-    char code[32];
-    char message[1024];
-    char *server_info;
-};
-
-static int fail(wdc_client *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(wdc_client *c, int code, const char *fmt, ...)
+int wdc__fail(wdc_client *c, int code, const char *fmt, ...)
 {
     va_list ap;
 
@@ -78,9 +64,9 @@ static int wait_for(wdc_client *c, short events, int timeout_ms)
         n = poll(&p, 1, timeout_ms);
     while (n < 0 && errno == EINTR);
     if (n < 0)
-        return fail(c, -errno, "poll: %s", strerror(errno));
+        return wdc__fail(c, -errno, "poll: %s", strerror(errno));
     if (n == 0)
-        return fail(c, -ETIMEDOUT, "no answer from weightd at %s within %d ms", c->path, timeout_ms);
+        return wdc__fail(c, -ETIMEDOUT, "no answer from weightd at %s within %d ms", c->path, timeout_ms);
     return 0;
 }
 
@@ -92,12 +78,11 @@ static int send_all(wdc_client *c, int timeout_ms)
         if ((rc = wait_for(c, POLLOUT, timeout_ms)))
             return rc;
     if (rc)
-        return fail(c, rc, "sending to weightd at %s: %s", c->path, strerror(-rc));
+        return wdc__fail(c, rc, "sending to weightd at %s: %s", c->path, strerror(-rc));
     return 0;
 }
 
-/* Reads the next message; *msg is the parsed object. */
-static int read_message(wdc_client *c, int timeout_ms, cJSON **msg, char **line_out)
+int wdc__read_message(wdc_client *c, int timeout_ms, cJSON **msg, char **line_out)
 {
     wd_error err = {0};
     char *line;
@@ -107,12 +92,12 @@ static int read_message(wdc_client *c, int timeout_ms, cJSON **msg, char **line_
     for (;;) {
         rc = wp_reader_next(&c->rd, &line, &len);
         if (rc == -EMSGSIZE)
-            return fail(c, -EMSGSIZE, "weightd sent a message longer than %u bytes", WP_MAX_LINE);
+            return wdc__fail(c, -EMSGSIZE, "weightd sent a message longer than %u bytes", WP_MAX_LINE);
         if (rc == 1) {
             if (len == 0)
                 continue;
             if ((rc = wp_parse(line, len, msg, &err)))
-                return fail(c, -EPROTO, "weightd sent a malformed message: %s", wd_error_text(&err));
+                return wdc__fail(c, -EPROTO, "weightd sent a malformed message: %s", wd_error_text(&err));
             *line_out = line;
             return 0;
         }
@@ -120,19 +105,102 @@ static int read_message(wdc_client *c, int timeout_ms, cJSON **msg, char **line_
             return rc;
         rc = wp_reader_fill(&c->rd, c->fd);
         if (rc == 0)
-            return fail(c, -ECONNRESET, "weightd closed the connection");
+            return wdc__fail(c, -ECONNRESET, "weightd closed the connection");
         if (rc < 0 && rc != -EAGAIN)
-            return fail(c, rc, "reading from weightd: %s", strerror(-rc));
+            return wdc__fail(c, rc, "reading from weightd: %s", strerror(-rc));
     }
+}
+
+int wdc__send_request(wdc_client *c, const char *op, cJSON *args, int timeout_ms, int64_t *id_out)
+{
+    cJSON *req;
+    char *line;
+    size_t len;
+    int64_t id = ++c->next_id;
+    int rc;
+
+    c->code[0] = c->message[0] = '\0';
+    if (c->fd < 0) {
+        cJSON_Delete(args);
+        return wdc__fail(c, -ENOTCONN, "not connected to weightd");
+    }
+    if (!(req = wp_request_new(id, op, args)) || !(line = wp_encode(req, &len))) {
+        cJSON_Delete(req);
+        return wdc__fail(c, -ENOMEM, "out of memory");
+    }
+    cJSON_Delete(req);
+    if (len > WP_MAX_LINE) {
+        free(line);
+        return wdc__fail(c, -EMSGSIZE, "request for %s is longer than %u bytes", op, WP_MAX_LINE);
+    }
+    rc = wp_writer_push(&c->wr, line, len, NULL, 0);
+    free(line);
+    if (rc)
+        return wdc__fail(c, rc, "out of memory");
+    if ((rc = send_all(c, timeout_ms)))
+        return rc;
+    *id_out = id;
+    return 0;
+}
+
+/* An event that names no request (a lease's revoke): to the handler. */
+static void dispatch_notice(wdc_client *c, const char *raw)
+{
+    if (c->on_notice)
+        c->on_notice(raw, c->notice_ctx);
+}
+
+int wdc__next_for(wdc_client *c, int64_t id, int timeout_ms, cJSON **msg, char **raw)
+{
+    int rc;
+
+    for (;;) {
+        const cJSON *mid, *ok;
+        if ((rc = wdc__read_message(c, timeout_ms, msg, raw)))
+            return rc;
+        mid = cJSON_GetObjectItemCaseSensitive(*msg, "id");
+        ok = cJSON_GetObjectItemCaseSensitive(*msg, "ok");
+        if (cJSON_GetObjectItemCaseSensitive(*msg, "event")) {
+            if (cJSON_IsNumber(mid) && (int64_t)mid->valuedouble == id)
+                return 0;
+            if (!mid || cJSON_IsNull(mid))
+                dispatch_notice(c, *raw);
+            cJSON_Delete(*msg);
+            continue;
+        }
+        /* Our reply, or an error the daemon could not tie to a request. */
+        if (cJSON_IsBool(ok) && ((cJSON_IsNumber(mid) && (int64_t)mid->valuedouble == id) ||
+                                 (cJSON_IsNull(mid) && cJSON_IsFalse(ok))))
+            return 0;
+        cJSON_Delete(*msg);
+    }
+}
+
+int wdc__reply_result(wdc_client *c, const cJSON *msg, const cJSON **result)
+{
+    const cJSON *e, *code, *text;
+
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(msg, "ok"))) {
+        *result = cJSON_GetObjectItemCaseSensitive(msg, "result");
+        return 0;
+    }
+    e = cJSON_GetObjectItemCaseSensitive(msg, "error");
+    code = cJSON_GetObjectItemCaseSensitive(e, "code");
+    text = cJSON_GetObjectItemCaseSensitive(e, "message");
+    wdc__fail(c, wd_errcode(cJSON_IsString(code) ? code->valuestring : NULL), "%s",
+              cJSON_IsString(text) ? text->valuestring : "weightd reported an error without a message");
+    if (cJSON_IsString(code))
+        snprintf(c->code, sizeof c->code, "%s", code->valuestring);
+    return wd_errcode(cJSON_IsString(code) ? code->valuestring : NULL);
 }
 
 int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_ms, wdc_event_fn on_event,
              void *ctx, char **result_json)
 {
-    cJSON *args = NULL, *req, *msg = NULL;
+    cJSON *args = NULL, *msg = NULL;
+    const cJSON *result;
     wd_error err = {0};
-    char *line;
-    size_t len;
+    char *raw;
     int64_t id;
     int rc;
 
@@ -142,65 +210,81 @@ int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_m
     if (result_json)
         *result_json = NULL;
     if (c->fd < 0)
-        return fail(c, -ENOTCONN, "not connected to weightd");
+        return wdc__fail(c, -ENOTCONN, "not connected to weightd");
     if (args_json && *args_json) {
         if ((rc = wp_parse(args_json, strlen(args_json), &args, &err)))
-            return fail(c, -EINVAL, "arguments for %s: %s", op, wd_error_text(&err));
+            return wdc__fail(c, -EINVAL, "arguments for %s: %s", op, wd_error_text(&err));
     } else {
         args = cJSON_CreateObject();
     }
     if (on_event)
         cJSON_AddBoolToObject(args, "events", 1);
-    id = ++c->next_id;
-    if (!(req = wp_request_new(id, op, args)) || !(line = wp_encode(req, &len))) {
-        cJSON_Delete(req);
-        return fail(c, -ENOMEM, "out of memory");
-    }
-    cJSON_Delete(req);
-    if (len > WP_MAX_LINE) {
-        free(line);
-        return fail(c, -EMSGSIZE, "request for %s is longer than %u bytes", op, WP_MAX_LINE);
-    }
-    rc = wp_writer_push(&c->wr, line, len, NULL, 0);
-    free(line);
-    if (rc)
-        return fail(c, rc, "out of memory");
-    if ((rc = send_all(c, timeout_ms)))
+    if ((rc = wdc__send_request(c, op, args, timeout_ms, &id)))
         return rc;
     for (;;) {
-        const cJSON *mid, *ok;
-        char *raw = NULL;
-        if ((rc = read_message(c, timeout_ms, &msg, &raw)))
+        if ((rc = wdc__next_for(c, id, timeout_ms, &msg, &raw)))
             return rc;
-        mid = cJSON_GetObjectItemCaseSensitive(msg, "id");
-        ok = cJSON_GetObjectItemCaseSensitive(msg, "ok");
-        if (cJSON_GetObjectItemCaseSensitive(msg, "event")) {
-            if (on_event && cJSON_IsNumber(mid) && (int64_t)mid->valuedouble == id)
-                on_event(raw, ctx);
+        if (!cJSON_GetObjectItemCaseSensitive(msg, "event"))
+            break;
+        if (on_event)
+            on_event(raw, ctx);
+        cJSON_Delete(msg);
+    }
+    if (!(rc = wdc__reply_result(c, msg, &result)) && result_json &&
+        !(*result_json = result ? cJSON_PrintUnformatted(result) : strdup("null")))
+        rc = wdc__fail(c, -ENOMEM, "out of memory");
+    cJSON_Delete(msg);
+    return rc;
+}
+
+void wdc_set_notice_handler(wdc_client *c, wdc_event_fn fn, void *ctx)
+{
+    c->on_notice = fn;
+    c->notice_ctx = ctx;
+}
+
+int wdc_poll(wdc_client *c, int timeout_ms)
+{
+    int handled = 0, rc;
+
+    if (c->fd < 0)
+        return wdc__fail(c, -ENOTCONN, "not connected to weightd");
+    /* What has arrived, or what arrives within the timeout: then every
+     * whole message buffered. */
+    for (;;) {
+        char *line;
+        size_t len;
+        cJSON *msg;
+        wd_error err = {0};
+        rc = wp_reader_next(&c->rd, &line, &len);
+        if (rc == -EMSGSIZE)
+            return wdc__fail(c, -EMSGSIZE, "weightd sent a message longer than %u bytes", WP_MAX_LINE);
+        if (rc == 1) {
+            if (len == 0)
+                continue;
+            if (wp_parse(line, len, &msg, &err))
+                return wdc__fail(c, -EPROTO, "weightd sent a malformed message: %s", wd_error_text(&err));
+            if (cJSON_GetObjectItemCaseSensitive(msg, "event")) {
+                const cJSON *mid = cJSON_GetObjectItemCaseSensitive(msg, "id");
+                if (!mid || cJSON_IsNull(mid)) {
+                    dispatch_notice(c, line);
+                    handled++;
+                }
+            }
             cJSON_Delete(msg);
             continue;
         }
-        /* Our reply, or an error the daemon could not tie to a request. */
-        if (cJSON_IsBool(ok) && ((cJSON_IsNumber(mid) && (int64_t)mid->valuedouble == id) ||
-                                 (cJSON_IsNull(mid) && cJSON_IsFalse(ok))))
-            break;
-        cJSON_Delete(msg);
+        if (handled)
+            return handled;
+        if ((rc = wait_for(c, POLLIN, timeout_ms)))
+            return rc == -ETIMEDOUT ? 0 : rc;
+        rc = wp_reader_fill(&c->rd, c->fd);
+        if (rc == 0)
+            return wdc__fail(c, -ECONNRESET, "weightd closed the connection");
+        if (rc < 0 && rc != -EAGAIN)
+            return wdc__fail(c, rc, "reading from weightd: %s", strerror(-rc));
+        timeout_ms = 0; /* what came, without waiting again */
     }
-    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(msg, "ok"))) {
-        const cJSON *result = cJSON_GetObjectItemCaseSensitive(msg, "result");
-        if (result_json && !(*result_json = result ? cJSON_PrintUnformatted(result) : strdup("null")))
-            rc = fail(c, -ENOMEM, "out of memory");
-    } else {
-        const cJSON *e = cJSON_GetObjectItemCaseSensitive(msg, "error");
-        const cJSON *code = cJSON_GetObjectItemCaseSensitive(e, "code");
-        const cJSON *text = cJSON_GetObjectItemCaseSensitive(e, "message");
-        rc = fail(c, wd_errcode(cJSON_IsString(code) ? code->valuestring : NULL), "%s",
-                  cJSON_IsString(text) ? text->valuestring : "weightd reported an error without a message");
-        if (cJSON_IsString(code))
-            snprintf(c->code, sizeof c->code, "%s", code->valuestring);
-    }
-    cJSON_Delete(msg);
-    return rc;
 }
 
 int wdc_connect(wdc_client *c, const char *path, int timeout_ms)
@@ -210,15 +294,15 @@ int wdc_connect(wdc_client *c, const char *path, int timeout_ms)
     int rc;
 
     if (c->fd >= 0)
-        return fail(c, -EISCONN, "already connected");
+        return wdc__fail(c, -EISCONN, "already connected");
     if (!path || !*path)
         path = wp_default_socket(def, sizeof def);
     if (strlen(path) >= sizeof addr.sun_path)
-        return fail(c, -ENAMETOOLONG, "socket path too long: %s", path);
+        return wdc__fail(c, -ENAMETOOLONG, "socket path too long: %s", path);
     snprintf(c->path, sizeof c->path, "%s", path);
     strcpy(addr.sun_path, path);
     if ((c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
-        return fail(c, -errno, "socket: %s", strerror(errno));
+        return wdc__fail(c, -errno, "socket: %s", strerror(errno));
     /* A Unix connect completes at once (or waits for room in the backlog);
      * everything after it is non-blocking with poll() timeouts. */
     if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
@@ -226,8 +310,8 @@ int wdc_connect(wdc_client *c, const char *path, int timeout_ms)
         close(c->fd);
         c->fd = -1;
         if (rc == -ENOENT || rc == -ECONNREFUSED)
-            return fail(c, -ECONNREFUSED, "weightd is not running at %s (%s)", path, strerror(-rc));
-        return fail(c, rc, "connecting to %s: %s", path, strerror(-rc));
+            return wdc__fail(c, -ECONNREFUSED, "weightd is not running at %s (%s)", path, strerror(-rc));
+        return wdc__fail(c, rc, "connecting to %s: %s", path, strerror(-rc));
     }
     fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
     rc = wdc_call(c, "hello", "{\"version\":\"" WP_VERSION "\",\"client\":\"libweightd-client\"}", timeout_ms, NULL,
@@ -247,14 +331,14 @@ int wdc_wait_closed(wdc_client *c, int timeout_ms)
     for (;;) {
         int64_t left = deadline - now_ms();
         if (left <= 0)
-            return fail(c, -ETIMEDOUT, "weightd did not close the connection within %d ms", timeout_ms);
+            return wdc__fail(c, -ETIMEDOUT, "weightd did not close the connection within %d ms", timeout_ms);
         if ((rc = wait_for(c, POLLIN, (int)left)))
             return rc;
         rc = wp_reader_fill(&c->rd, c->fd);
         if (rc == 0 || rc == -ECONNRESET)
             return 0;
         if (rc < 0 && rc != -EAGAIN)
-            return fail(c, rc, "reading from weightd: %s", strerror(-rc));
+            return wdc__fail(c, rc, "reading from weightd: %s", strerror(-rc));
         c->rd.len = c->rd.consumed = 0; /* whatever arrives now is not waited for */
     }
 }

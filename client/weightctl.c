@@ -14,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <fcntl.h>
+
 #include <cjson/cJSON.h>
 
 #include "client/weightd-client.h"
@@ -104,21 +106,26 @@ static const char *last_error(const ctl *c)
     return c->client ? wdc_error_message(c->client) : "out of memory";
 }
 
-/* Sends one request; on success *out is the parsed result (cJSON_Delete it).
- * The first call connects, so that a command's usage errors come before any
+/* Connects on first use, so that a command's usage errors come before any
  * talk with the daemon. */
+static int connect_once(ctl *c)
+{
+    if (c->client)
+        return 0;
+    if (!(c->client = wdc_new()))
+        return -ENOMEM;
+    return wdc_connect(c->client, c->socket, c->timeout_ms);
+}
+
+/* Sends one request; on success *out is the parsed result (cJSON_Delete it). */
 static int call(ctl *c, const char *op, cJSON *args, int timeout_ms, wdc_event_fn on_event, void *ctx,
                 cJSON **out)
 {
     char *args_text, *result = NULL;
     int rc;
 
-    if (!c->client) {
-        if (!(c->client = wdc_new()))
-            return -ENOMEM;
-        if ((rc = wdc_connect(c->client, c->socket, c->timeout_ms)))
-            return rc;
-    }
+    if ((rc = connect_once(c)))
+        return rc;
     args_text = args ? cJSON_PrintUnformatted(args) : NULL;
     rc = wdc_call(c->client, op, args_text, timeout_ms, on_event, ctx, &result);
     free(args_text);
@@ -455,15 +462,37 @@ static int one_name(int argc, char **argv, const char **name)
 
 static int cmd_unload(ctl *c, int argc, char **argv)
 {
-    const char *name = NULL;
+    const char *name = NULL, *v;
+    bool force = false;
+    double wait = -1;
     cJSON *args, *res;
     char a[32];
     int rc;
 
-    if ((rc = one_name(argc, argv, &name)))
-        return rc;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--force") == 0) {
+            force = true;
+        } else if ((v = flag_value(argc, argv, &i, "--wait"))) {
+            char *end;
+            wait = strtod(v, &end);
+            if (*end || end == v || wait < 0 || wait > 3600)
+                return usage_error("--wait: \"%s\" is not a number of seconds (0 to 3600)", v);
+        } else if (argv[i][0] == '-' || name) {
+            return usage_error("unload: expected NAME [--force [--wait SECONDS]], not \"%s\"", argv[i]);
+        } else {
+            name = argv[i];
+        }
+    }
+    if (!name)
+        return usage_error("unload: NAME is required");
     args = name_args(name);
-    rc = call(c, "unload", args, c->timeout_ms, NULL, NULL, &res);
+    if (force)
+        cJSON_AddBoolToObject(args, "force", 1);
+    if (wait >= 0)
+        cJSON_AddNumberToObject(args, "wait", ceil(wait));
+    /* A forced unload waits for the holders: give the reply that long too. */
+    rc = call(c, "unload", args, c->timeout_ms < 0 ? -1 : c->timeout_ms + (int)(wait < 0 ? 10 : ceil(wait)) * 1000,
+              NULL, NULL, &res);
     cJSON_Delete(args);
     if (rc)
         return report_error(c, "unload", rc, last_error(c));
@@ -472,6 +501,252 @@ static int cmd_unload(ctl *c, int argc, char **argv)
     else
         printf("unloaded %s (%s freed)\n", str(res, "name"), size_text(num(res, "device_bytes"), a, sizeof a));
     cJSON_Delete(res);
+    return 0;
+}
+
+/* ---- attach: map a model as a worker would ---------------------------------------- */
+
+typedef struct hold_state {
+    bool revoked;
+    char reason[64];
+} hold_state;
+
+static void on_notice(const char *event_json, void *ctx)
+{
+    hold_state *h = ctx;
+    cJSON *ev = cJSON_Parse(event_json);
+
+    if (ev && strcmp(str(ev, "event"), "revoke") == 0) {
+        h->revoked = true;
+        snprintf(h->reason, sizeof h->reason, "%s", str(ev, "reason"));
+    }
+    cJSON_Delete(ev);
+}
+
+/* Every part the attachment maps, against the checkpoint's bytes, read from
+ * the files here with this user's rights. Counts the tensors that differ or
+ * are missing; 0 or a negative errno with err set. */
+static int verify_attachment(const wdc_attachment *att, const char *path, bool all_devices, size_t *bad,
+                             char *first_bad, size_t len, wd_error *err)
+{
+    wl_checkpoint ck;
+    size_t chunk = 8u << 20;
+    char *want = malloc(chunk), *have = malloc(chunk);
+    int rc, fd = -1;
+    uint32_t fd_shard = UINT32_MAX;
+
+    *bad = 0;
+    if (!want || !have) {
+        free(want);
+        free(have);
+        return wd_error_set(err, -ENOMEM, "out of memory");
+    }
+    if ((rc = wl_checkpoint_open(path, &ck, err)))
+        goto out;
+    for (size_t i = 0; i < ck.n_tensors && all_devices; i++)
+        if (!wdc_attachment_find(att, ck.tensors[i].st->name)) {
+            if (!(*bad)++)
+                snprintf(first_bad, len, "tensor \"%s\" is missing", ck.tensors[i].st->name);
+        }
+    for (size_t i = 0; i < wdc_attachment_tensor_count(att) && !rc; i++) {
+        const wdc_tensor *t = wdc_attachment_tensor(att, i);
+        const wl_tensor *ct = wl_checkpoint_find(&ck, t->name);
+        bool differs = !ct || (uint64_t)st_tensor_nbytes(ct->st) != t->bytes;
+        for (size_t p = 0; p < t->n_parts && !differs && !rc; p++) {
+            const wdc_part *part = &t->parts[p];
+            const wl_shard *sh = ct ? &ck.shards[ct->shard] : NULL;
+            if (fd_shard != ct->shard) {
+                if (fd >= 0)
+                    close(fd);
+                fd_shard = ct->shard;
+                if ((fd = open(sh->path, O_RDONLY | O_CLOEXEC)) < 0) {
+                    rc = wd_error_set(err, -errno, "%s: %s", sh->path, strerror(errno));
+                    break;
+                }
+            }
+            for (uint64_t off = 0; off < part->bytes && !differs; off += chunk) {
+                size_t n = part->bytes - off < chunk ? (size_t)(part->bytes - off) : chunk;
+                uint64_t at = sh->st.data_offset + ct->st->begin + part->tensor_offset + off;
+                ssize_t got = pread(fd, want, n, (off_t)at);
+                if (got != (ssize_t)n) {
+                    rc = wd_error_set(err, -EIO, "%s: short read at byte %llu", sh->path, (unsigned long long)at);
+                    break;
+                }
+                if ((rc = wdc_read(att, part, off, have, n))) {
+                    wd_error_set(err, rc, "reading tensor \"%s\" where it is mapped: %s", t->name, strerror(-rc));
+                    break;
+                }
+                if (memcmp(want, have, n) != 0) {
+                    size_t k = 0;
+                    while (want[k] == have[k])
+                        k++;
+                    differs = true;
+                    if (!*bad)
+                        snprintf(first_bad, len, "tensor \"%s\": first difference at byte %llu (device %d)", t->name,
+                                 (unsigned long long)(part->tensor_offset + off + k), part->device);
+                }
+            }
+        }
+        if (differs && !rc && !(*bad)++ && !ct)
+            snprintf(first_bad, len, "tensor \"%s\" is not in the checkpoint", t->name);
+    }
+out:
+    if (fd >= 0)
+        close(fd);
+    wl_checkpoint_close(&ck);
+    free(want);
+    free(have);
+    return rc;
+}
+
+static int cmd_attach(ctl *c, int argc, char **argv)
+{
+    const char *name = NULL, *device = NULL, *v;
+    bool verify = false, writable = false;
+    double hold = 0, t0;
+    hold_state held = {0};
+    wdc_attachment *att = NULL;
+    cJSON *info = NULL;
+    size_t bad = 0;
+    char first_bad[512] = "", a[32], path[4096] = "";
+    int rc;
+
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--verify") == 0) {
+            verify = true;
+        } else if (strcmp(argv[i], "--writable") == 0) {
+            writable = true;
+        } else if ((v = flag_value(argc, argv, &i, "--device"))) {
+            device = v;
+        } else if ((v = flag_value(argc, argv, &i, "--hold"))) {
+            char *end;
+            hold = strtod(v, &end);
+            if (*end || end == v || hold < 0 || hold > 1e6)
+                return usage_error("--hold: \"%s\" is not a number of seconds", v);
+        } else if (argv[i][0] == '-' || name) {
+            return usage_error("attach: expected NAME [--device D] [--verify] [--hold SECONDS] [--writable], not \"%s\"",
+                               argv[i]);
+        } else {
+            name = argv[i];
+        }
+    }
+    if (!name)
+        return usage_error("attach: NAME is required");
+    if (verify) {
+        /* The checkpoint the daemon loaded it from, read here as this user. */
+        cJSON *args = name_args(name), *res;
+        cJSON_AddNumberToObject(args, "limit", 1);
+        rc = call(c, "info", args, c->timeout_ms, NULL, NULL, &res);
+        cJSON_Delete(args);
+        if (rc)
+            return report_error(c, "attach", rc, last_error(c));
+        snprintf(path, sizeof path, "%s", str(res, "path"));
+        cJSON_Delete(res);
+    }
+    if ((rc = connect_once(c)))
+        return report_error(c, "attach", rc, last_error(c));
+    wdc_set_notice_handler(c->client, on_notice, &held);
+    t0 = now();
+    if ((rc = wdc_attach(c->client, name, device, writable ? WDC_ATTACH_WRITABLE : 0, c->timeout_ms, &att)))
+        return report_error(c, "attach", rc, last_error(c));
+    info = cJSON_Parse(wdc_attachment_info(att));
+    cJSON_AddNumberToObject(info, "seconds", now() - t0);
+    if (verify) {
+        wd_error err = {0};
+        double tv = now();
+        if ((rc = verify_attachment(att, path, device == NULL, &bad, first_bad, sizeof first_bad, &err))) {
+            wdc_detach(c->client, att, c->timeout_ms);
+            cJSON_Delete(info);
+            return report_error(c, "attach --verify", rc, wd_error_text(&err));
+        }
+        cJSON_AddBoolToObject(info, "match", bad == 0);
+        cJSON_AddNumberToObject(info, "mismatched_tensors", (double)bad);
+        if (bad)
+            cJSON_AddStringToObject(info, "first_mismatch", first_bad);
+        cJSON_AddNumberToObject(info, "verify_seconds", now() - tv);
+    }
+    if (!c->json) {
+        printf("attached %s (lease %.0f): %.0f tensors, %.0f parts in %.0f handles from %.0f %s descriptors, %s, "
+               "in %.1f ms\n", str(info, "name"), num(info, "lease"), num(info, "tensors"), num(info, "parts"),
+               num(info, "handles"), num(info, "descriptors"), str(info, "handle_type"),
+               size_text(num(info, "bytes"), a, sizeof a), 1000 * num(info, "seconds"));
+        if (verify && !bad)
+            printf("verified: every part matches the checkpoint (%.2f s)\n", num(info, "verify_seconds"));
+        else if (verify)
+            printf("DIFFERS from the checkpoint: %zu tensors; %s\n", bad, first_bad);
+        fflush(stdout);
+    }
+    /* Held as a worker would hold it, until the time is up or the daemon asks
+     * for it back. */
+    for (double until = now() + hold; hold > 0 && !held.revoked && now() < until;) {
+        int left = (int)ceil((until - now()) * 1000);
+        if ((rc = wdc_poll(c->client, left > 0 ? left : 0)) < 0)
+            break;
+    }
+    if (held.revoked)
+        cJSON_AddStringToObject(info, "revoked", held.reason);
+    rc = wdc_detach(c->client, att, c->timeout_ms);
+    if (c->json)
+        print_json(info);
+    else if (held.revoked)
+        printf("revoked by the daemon (%s): detached\n", held.reason);
+    else
+        printf("detached\n");
+    cJSON_Delete(info);
+    if (rc && !held.revoked && rc != -ECONNRESET)
+        return report_error(c, "detach", rc, last_error(c));
+    return bad ? EXIT_FAILED : 0;
+}
+
+static int cmd_leases(ctl *c, int argc, char **argv)
+{
+    cJSON *all = cJSON_CreateArray(), *out;
+    double offset = 0;
+    int rc;
+    (void)argv;
+
+    if (argc != 1) {
+        cJSON_Delete(all);
+        return usage_error("leases takes no arguments");
+    }
+    for (;;) {
+        cJSON *args = cJSON_CreateObject(), *res, *l, *next;
+        cJSON_AddNumberToObject(args, "offset", offset);
+        rc = call(c, "leases", args, c->timeout_ms, NULL, NULL, &res);
+        cJSON_Delete(args);
+        if (rc) {
+            cJSON_Delete(all);
+            return report_error(c, "leases", rc, last_error(c));
+        }
+        while ((l = cJSON_GetObjectItemCaseSensitive(res, "leases")->child))
+            cJSON_AddItemToArray(all, cJSON_DetachItemViaPointer(cJSON_GetObjectItemCaseSensitive(res, "leases"), l));
+        next = cJSON_GetObjectItemCaseSensitive(res, "next");
+        offset = cJSON_IsNumber(next) ? next->valuedouble : -1;
+        cJSON_Delete(res);
+        if (offset < 0)
+            break;
+    }
+    if (c->json) {
+        out = cJSON_CreateObject();
+        cJSON_AddItemToObject(out, "leases", all);
+        print_json(out);
+        cJSON_Delete(out);
+        return 0;
+    }
+    if (!cJSON_GetArraySize(all))
+        puts("no leases");
+    else
+        printf("%-8s %-24s %-8s %-8s %-16s %-8s %-5s %10s\n", "LEASE", "MODEL", "PID", "UID", "PROCESS", "DEVICE", "RW",
+               "AGE(s)");
+    for (cJSON *l = all->child; l; l = l->next) {
+        char dev[16];
+        const cJSON *d = cJSON_GetObjectItemCaseSensitive(l, "device");
+        snprintf(dev, sizeof dev, cJSON_IsNumber(d) ? "%.0f" : "all", cJSON_IsNumber(d) ? d->valuedouble : 0.0);
+        printf("%-8.0f %-24s %-8.0f %-8.0f %-16s %-8s %-5s %10.1f\n", num(l, "lease"), str(l, "model"), num(l, "pid"),
+               num(l, "uid"), str(l, "process"), dev,
+               cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(l, "writable")) ? "yes" : "no", num(l, "age"));
+    }
+    cJSON_Delete(all);
     return 0;
 }
 
@@ -613,12 +888,13 @@ static int cmd_list(ctl *c, int argc, char **argv)
         if (!cJSON_GetArraySize(models))
             puts("no models loaded");
         else
-            printf("%-24s %-8s %-8s %8s %12s %8s  %s\n", "NAME", "STATE", "DEVICES", "TENSORS", "SIZE", "LOAD(s)",
-                   "PATH");
+            printf("%-24s %-10s %-8s %8s %12s %8s %6s  %s\n", "NAME", "STATE", "DEVICES", "TENSORS", "SIZE",
+                   "LOAD(s)", "LEASES", "PATH");
         cJSON_ArrayForEach(m, models)
-            printf("%-24s %-8s %-8s %8.0f %12s %8.2f  %s\n", str(m, "name"), str(m, "state"),
+            printf("%-24s %-10s %-8s %8.0f %12s %8.2f %6d  %s\n", str(m, "name"), str(m, "state"),
                    devices_text(cJSON_GetObjectItemCaseSensitive(m, "devices"), devs, sizeof devs), num(m, "tensors"),
-                   size_text(num(m, "bytes"), a, sizeof a), num(m, "load_seconds"), str(m, "path"));
+                   size_text(num(m, "bytes"), a, sizeof a), num(m, "load_seconds"),
+                   cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(m, "leases")), str(m, "path"));
     }
     cJSON_Delete(res);
     return 0;
@@ -946,10 +1222,17 @@ static const command commands[] = {
      "load a checkpoint (file, folder or index) onto devices, with progress;\n"
      "P: replicate (default) or expert-parallel (each layer's experts split\n"
      "across the devices); FILE: {\"devices\": [0, 1], \"placement\": P}"},
-    {"unload", cmd_unload, "NAME", "free a model's memory"},
+    {"unload", cmd_unload, "NAME [--force [--wait SECONDS]]",
+     "free a model's memory; refused while workers are attached, unless\n"
+     "--force: they are asked to detach, and waited for (10 s)"},
     {"list", cmd_list, "", "the models the daemon holds"},
     {"info", cmd_info, "NAME", "every tensor of a model: dtype, shape, and where it lives on each device"},
     {"verify", cmd_verify, "NAME", "re-read the checkpoint and compare it byte for byte (exit 1 on a difference)"},
+    {"attach", cmd_attach, "NAME [--device D] [--verify] [--hold SECONDS] [--writable]",
+     "map every tensor as a worker would; count, bytes and time; --verify:\n"
+     "compare what is mapped with the checkpoint's files (exit 1 on a\n"
+     "difference); --hold: keep the lease that long (a revoke ends it)"},
+    {"leases", cmd_leases, "", "the workers attached: lease, model, pid, uid, process, age"},
     {"stats", cmd_stats, "", "allocator statistics per device and the policy in force"},
     {"policy", cmd_policy, "[CONF]", "the allocator policy in force; with CONF, change the keys it names"},
     {"snapshot", cmd_snapshot, "", "every segment and block of every device"},

@@ -15,6 +15,7 @@
 #define WEIGHTD_CLIENT_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -49,8 +50,85 @@ const char *wdc_server_info(const wdc_client *c);   /* hello's result as JSON te
 const char *wdc_socket_path(const wdc_client *c);
 /* The socket's descriptor, for poll(); readable means a message is coming. */
 int wdc_fd(const wdc_client *c);
-/* Descriptors received with the last reply (attach); the caller owns them. */
+/* Descriptors received with the last reply; the caller owns them. */
 size_t wdc_take_fds(wdc_client *c, int *fds, size_t max);
+
+/* Events that belong to no request ("revoke": the daemon asks a lease's
+ * holder to detach) reach fn, whenever the library reads one: during any
+ * call, or in wdc_poll. */
+void wdc_set_notice_handler(wdc_client *c, wdc_event_fn fn, void *ctx);
+/* Waits up to timeout_ms for messages and hands their events to the notice
+ * handler: the number handled, 0 when none came, or a negative errno
+ * (-ECONNRESET: the daemon closed the connection). */
+int wdc_poll(wdc_client *c, int timeout_ms);
+
+/* ---- attach: a model's tensors, mapped into this process ---------------------
+ *
+ *     wdc_attachment *a;
+ *     if (wdc_attach(c, "gpt-oss", NULL, 0, 5000, &a) == 0) {
+ *         const wdc_tensor *t = wdc_attachment_find(a, "model.embed_tokens.weight");
+ *         use(t->parts[0].ptr, t->parts[0].bytes);  // a CUDA pointer on the cuda backends
+ *         wdc_detach(c, a, 5000);
+ *     }
+ *
+ * An attachment is a lease: the daemon will not unload the model while it
+ * lasts. It ends with wdc_detach (which unmaps everything first), the
+ * connection's close, or this process's exit. Mappings are read-only unless
+ * WDC_ATTACH_WRITABLE is asked for and the daemon allows it; on the cuda
+ * backends read-only is this library's doing, not the daemon's (README). */
+
+typedef struct wdc_attachment wdc_attachment;
+
+/* One run of a tensor's bytes on one device, mapped here. */
+typedef struct wdc_part {
+    int device;               /* the daemon's device number */
+    int cuda_device;          /* this process's CUDA device for it; -1 on the host backend */
+    void *ptr;                /* where the bytes are (device memory on the cuda backends) */
+    uint64_t bytes;
+    uint64_t tensor_offset;   /* where they start within the tensor */
+    size_t handle;            /* the mapping they lie in (wdc_attachment_handle) */
+    uint64_t handle_offset;
+} wdc_part;
+
+typedef struct wdc_tensor {
+    const char *name;
+    const char *dtype;        /* safetensors' name: "BF16", "F8_E4M3", "U8", ... */
+    size_t ndim;
+    const uint64_t *shape;
+    uint64_t bytes;           /* the whole tensor's */
+    size_t n_parts;           /* 0 when empty; one per device holding it, or per device's rows */
+    const wdc_part *parts;
+} wdc_tensor;
+
+/* A contiguous mapping: one slab of the daemon's. */
+typedef struct wdc_handle {
+    int device, cuda_device;
+    void *ptr;
+    uint64_t bytes;
+} wdc_handle;
+
+#define WDC_ATTACH_WRITABLE 1u
+
+/* Attaches model `name`: receives its table and handles, imports and maps
+ * them. device: NULL for every device, or one ("0", or a UUID as stats shows
+ * it); then only the tensors' parts on it. timeout_ms bounds each wait. */
+int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned flags, int timeout_ms,
+               wdc_attachment **out);
+size_t wdc_attachment_tensor_count(const wdc_attachment *a);
+const wdc_tensor *wdc_attachment_tensor(const wdc_attachment *a, size_t i);
+/* The tensor of that name, or NULL. */
+const wdc_tensor *wdc_attachment_find(const wdc_attachment *a, const char *name);
+size_t wdc_attachment_handle_count(const wdc_attachment *a);
+const wdc_handle *wdc_attachment_handle(const wdc_attachment *a, size_t i);
+uint64_t wdc_attachment_lease(const wdc_attachment *a);
+/* The daemon's summary (lease, handle_type, devices, descriptors, handles,
+ * tensors, bytes, messages) with "client": where this side's time went. */
+const char *wdc_attachment_info(const wdc_attachment *a);
+/* Copies len bytes of part p, from offset, into host memory dst. */
+int wdc_read(const wdc_attachment *a, const wdc_part *p, uint64_t offset, void *dst, size_t len);
+/* Unmaps and releases everything, then ends the lease; frees a whatever the
+ * daemon answers (the connection may be gone). */
+int wdc_detach(wdc_client *c, wdc_attachment *a, int timeout_ms);
 
 #ifdef __cplusplus
 }

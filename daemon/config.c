@@ -6,10 +6,11 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "common/size.h"
 
-typedef enum opt_type { OPT_STRING, OPT_INT, OPT_SIZE, OPT_LEVEL } opt_type;
+typedef enum opt_type { OPT_STRING, OPT_INT, OPT_SIZE, OPT_LEVEL, OPT_BOOL } opt_type;
 
 typedef struct opt_desc {
     const char *name, *def, *meta, *help;
@@ -87,6 +88,15 @@ static int set_option(wd_config *c, const opt_desc *o, const char *value, const 
             return wd_error_set(err, -EINVAL, "%s: %s must be a size such as 8GiB or 512M, not \"%s\"", source,
                                 o->name, value);
         return 0;
+    case OPT_BOOL: {
+        static const char *const yes[] = {"on", "yes", "true", "1"}, *const no[] = {"off", "no", "false", "0"};
+        for (size_t i = 0; i < sizeof yes / sizeof yes[0]; i++)
+            if (strcasecmp(value, yes[i]) == 0 || strcasecmp(value, no[i]) == 0) {
+                *(bool *)field = strcasecmp(value, yes[i]) == 0;
+                return 0;
+            }
+        return wd_error_set(err, -EINVAL, "%s: %s must be on or off, not \"%s\"", source, o->name, value);
+    }
     case OPT_LEVEL:
         if (wd_log_level_parse(value, (wd_log_level *)field))
             return wd_error_set(err, -EINVAL, "%s: %s must be error, warning, notice, info or debug, not \"%s\"",
@@ -174,8 +184,6 @@ static int validate(const wd_config *c, wd_error *err)
             break;
     if (i == sizeof backends / sizeof backends[0])
         return wd_error_set(err, -EINVAL, "unknown backend \"%s\" (host, fake, cuda or cuda-ipc)", c->backend);
-    if (strcmp(c->direct_io, "on") != 0 && strcmp(c->direct_io, "off") != 0)
-        return wd_error_set(err, -EINVAL, "direct_io must be on or off, not \"%s\"", c->direct_io);
     if (c->host_capacity == 0)
         return wd_error_set(err, -EINVAL, "host_capacity must be more than 0");
     if (c->staging_memory && c->staging_memory < (4u << 20))

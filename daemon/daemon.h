@@ -22,6 +22,7 @@ typedef struct wd_conn wd_conn;
 typedef struct wd_request wd_request;
 typedef struct wd_model wd_model;
 typedef struct wd_job wd_job;
+typedef struct wd_lease wd_lease;
 
 /* ---- log.c --------------------------------------------------------------- */
 
@@ -52,20 +53,26 @@ void wd_log(wd_log_level level, const char *fmt, ...) __attribute__((format(prin
     X(read_threads, INT, "0", "N", "threads reading checkpoints (0: 3 for every 4 CPUs, 2 to 12)")   \
     X(staging_memory, SIZE, "0", "SIZE",                                                          \
       "pinned host memory for staging GPU loads, two buffers a reader (0: 4MiB buffers)")          \
-    X(direct_io, STRING, "off", "MODE", "O_DIRECT reads for GPU loads: on or off (the page cache)")   \
+    X(direct_io, BOOL, "off", "on|off", "O_DIRECT reads for GPU loads (off: the page cache)")       \
     X(alloc_conf, STRING, "", "CONF", "allocator configuration in PYTORCH_CUDA_ALLOC_CONF syntax") \
     X(load_alloc_conf, STRING, WA_WEIGHTD_POLICY, "CONF",                                          \
       "allocator policy pushed for the length of each load (weightd's; vLLM's max_split_size_mb:20 " \
       "on backends without expandable segments)")                                                 \
     X(config, STRING, "", "FILE", "read options from FILE (key = value lines)")                   \
     X(log_level, LEVEL, "info", "LEVEL", "error, warning, notice, info or debug")                 \
-    X(max_clients, INT, "256", "N", "most connections served at once")
+    X(max_clients, INT, "256", "N", "most connections served at once")                            \
+    X(slab_size, SIZE, "0", "SIZE",                                                               \
+      "a model's memory on a device comes in slabs of about SIZE, each one allocation that a "    \
+      "worker maps with one handle (0: a 32nd of the model's bytes there, at least 256MiB)")     \
+    X(attach_writable, BOOL, "off", "on|off",                                                     \
+      "let the daemon's own user and root attach writable (workers get read-only mappings)")
 
 typedef struct wd_config {
 #define OPT_FIELD_STRING char *
 #define OPT_FIELD_INT int64_t
 #define OPT_FIELD_SIZE uint64_t
 #define OPT_FIELD_LEVEL wd_log_level
+#define OPT_FIELD_BOOL bool
 #define X(name, type, def, meta, help) OPT_FIELD_##type name;
     WD_OPTION_TABLE(X)
 #undef X
@@ -91,8 +98,13 @@ struct wd_conn {
     uid_t uid;
     bool hello;               /* hello exchanged */
     bool closing;             /* closed once the writer drains */
-    bool dead;                /* poll handle closed; memory freed in its close callback */
+    bool dead;                /* handles closed; memory freed in the last close callback */
+    int handles;              /* libuv handles still open (poll, peer_poll) */
     wd_request *pending;      /* requests still to be answered */
+    wd_request *current;      /* the request whose handler runs now: its handler frees it */
+    wd_lease *leases;         /* what it attached (lease.h) */
+    int peer_fd;              /* pidfd of the peer process, watched once it holds a lease; -1 */
+    uv_poll_t peer_poll;
     wd_conn *prev, *next;
 };
 
@@ -152,6 +164,17 @@ void wd_reply_error(wd_request *r, int code, const char *fmt, ...) __attribute__
 void wd_reply_err(wd_request *r, const wd_error *e);
 /* Sends an event for r without ending it (consumes ev). */
 void wd_request_event(wd_request *r, cJSON *ev);
+/* For an answer of several messages (attach): sends msg, an event of r's,
+ * with n descriptors (duplicated; the caller keeps its own), whether or not
+ * r asked for events. False once r's client is gone: stop there (its leases
+ * have ended). Consumes msg. */
+bool wd_request_stream(wd_request *r, cJSON *msg, const int *fds, size_t n);
+/* Queues an event that belongs to no request (revoke) for c; sent by the
+ * loop, so that no caller sees c close under it. Consumes ev. */
+void wd_conn_event(wd_conn *c, cJSON *ev);
+/* Watches c's peer process: when it exits, c closes (and its leases end),
+ * even if a child still holds the socket. */
+void wd_conn_watch_peer(wd_conn *c);
 
 /* ---- ops.c: the operation table ------------------------------------------ */
 
@@ -164,10 +187,43 @@ typedef struct wd_op {
     bool privileged;          /* only the daemon's own user or root */
 } wd_op;
 const wd_op *wd_op_find(const char *name);
+/* A device named by its number (a JSON number, or a string of digits) or by
+ * its UUID (or a prefix only it has), as --devices and weightctl take them. */
+int wd_device_arg(wd_server *s, wd_request *r, const cJSON *v, int *out);
 
-/* ---- registry.c: loaded models ------------------------------------------- */
+/* ---- attach.c: serving a model's memory to workers ------------------------ */
 
-typedef enum wd_model_state { WD_MODEL_LOADING, WD_MODEL_READY } wd_model_state;
+int wd_op_attach(wd_server *s, wd_request *r);
+int wd_op_detach(wd_server *s, wd_request *r);
+int wd_op_leases(wd_server *s, wd_request *r);
+
+/* ---- registry.c: the models, each one owner of its state and memory ----- */
+
+/* loading -> ready -> (unloading: a forced unload waits for its holders) ->
+ * gone; a failed load or an unload that ends its wait goes the same ways. */
+#define WD_MODEL_STATES(X) X(LOADING, "loading") X(READY, "ready") X(UNLOADING, "unloading")
+typedef enum wd_model_state {
+#define X(id, name) WD_MODEL_##id,
+    WD_MODEL_STATES(X)
+#undef X
+} wd_model_state;
+const char *wd_model_state_name(wd_model_state st);
+
+/* A model's memory on a device comes in slabs: one allocation each, holding
+ * a run of its tensor parts back to back. A worker maps a slab with one
+ * handle, so attaching costs a few dozen imports, not one per tensor. */
+typedef struct wd_slab {
+    int device;
+    uint64_t bytes;           /* what it asks the allocator for */
+    size_t first_dest, end_dest; /* the dests it holds lie in [first_dest, end_dest) */
+    wa_block *block;          /* NULL until allocated */
+} wd_slab;
+
+#define WD_NO_SLAB UINT32_MAX /* an empty dest's */
+typedef struct wd_part {
+    uint32_t slab;            /* which slab holds the dest, or WD_NO_SLAB */
+    uint64_t offset;          /* where in it */
+} wd_part;
 
 struct wd_model {
     char *name;
@@ -178,12 +234,18 @@ struct wd_model {
     wl_placement placement;
     wl_checkpoint ckpt;       /* headers, kept for info and verify */
     wl_dest *dest;            /* the tensors' runs on devices (placement.h), in tensor order */
+    wd_part *part;            /* one per dest: where it lives in the slabs */
     size_t n_dest;
-    wa_block **blocks;        /* one per dest; NULL for an empty one */
+    wd_slab *slabs;           /* in the order of their first dest, the order they are allocated in */
+    size_t n_slabs, slabs_allocated;
+    size_t dests_ready;       /* dests, from the first, with their memory */
     uint64_t device_bytes;    /* what the dests hold, on all devices together */
     double load_seconds;
     double loaded_at;         /* wall clock */
     unsigned busy;            /* verify jobs reading it */
+    wd_lease *leases;         /* the workers attached (lease.h) */
+    wd_request *unload;       /* UNLOADING: the forced unload waiting for its holders */
+    double unload_deadline;   /* monotonic: when that wait gives up */
     wd_model *next;
 };
 
@@ -194,13 +256,33 @@ wd_model *wd_registry_find(wd_server *s, const char *name);
 /* A new model in the LOADING state, linked in. */
 int wd_registry_add(wd_server *s, const char *name, const char *path, const int *devices, size_t n_devices,
                     wl_placement placement, wd_model **out, wd_error *err);
-/* Unlinks m, frees its blocks and itself; with give_back, the cached
- * segments of its devices go back to them too. */
+/* Unlinks m, frees its slabs and itself; with give_back, the cached
+ * segments of its devices go back to them too. m has no leases. */
 void wd_registry_remove(wd_server *s, wd_model *m, bool give_back);
 size_t wd_registry_count(const wd_server *s);
 /* "0" or "0,1": the model's devices, for people. */
 const char *wd_model_devices_text(const wd_model *m, char *buf, size_t len);
 cJSON *wd_model_devices_json(const wd_model *m);
+
+/* Packs m's dests (set, with device_bytes) into slabs of about slab_size
+ * bytes per device (0: a 32nd of what m holds there, at least 256 MiB),
+ * each part at a 512-byte boundary. */
+int wd_model_plan_slabs(wd_model *m, uint64_t slab_size, wd_error *err);
+/* Allocates the next slab and gives its dests their memory; -ENOMEM & co
+ * from the allocator, with err naming the slab's first tensor. */
+int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err);
+
+/* Unload: at once when nobody holds m; else -EBUSY naming the holders, or
+ * with force, a revoke event to each holder and a wait of up to `wait`
+ * seconds for them to detach (r is answered when it ends). 0 when r was
+ * answered or kept, else a negative errno with r->err set. */
+int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double wait);
+/* A lease of m ended (lease.c): a forced unload waiting for it may go on. */
+void wd_model_lease_ended(wd_server *s, wd_model *m);
+/* The client of r went away: a forced unload it waits for stops waiting. */
+void wd_models_request_gone(wd_server *s, wd_request *r);
+/* Forced unloads whose wait is over give up (from the tick timer). */
+void wd_models_tick(wd_server *s);
 
 /* ---- jobs.c: loads and verifies on worker threads ------------------------ */
 

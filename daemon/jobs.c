@@ -43,7 +43,6 @@ struct wd_job {
     bool policy_pushed;
     int rc;
     wd_error err;
-    size_t allocated;         /* load: dests with memory, published in io.dests_ready */
     int alloc_rc;             /* load: an allocation that failed while the reads ran */
     wd_error alloc_err;
     double t0;
@@ -238,8 +237,8 @@ static void verify_work(uv_work_t *w)
     wl_pipeline_destroy(p);
 }
 
-/* Every tensor's run on each device (placement.h) becomes a dest; its
- * memory comes later (allocate_step). */
+/* Every tensor's run on each device (placement.h) becomes a dest, and the
+ * dests are packed into slabs; their memory comes later (allocate_step). */
 static int place_tensors(wd_server *s, wd_job *j)
 {
     wd_model *m = j->model;
@@ -251,9 +250,7 @@ static int place_tensors(wd_server *s, wd_job *j)
     j->policy_pushed = true;
     if ((rc = wl_place(&m->ckpt, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, &j->err)))
         return rc;
-    m->blocks = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->blocks);
-    m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest);
-    if (!m->blocks || !m->dest) {
+    if (!(m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest))) {
         rc = wd_error_set(&j->err, -ENOMEM, "out of host memory");
         goto out;
     }
@@ -262,39 +259,30 @@ static int place_tensors(wd_server *s, wd_job *j)
         m->dest[i] = (wl_dest){.tensor = t->tensor, .tensor_off = t->offset, .len = t->len, .device = t->device};
         m->device_bytes += t->len;
     }
+    rc = wd_model_plan_slabs(m, s->conf->slab_size, &j->err);
 out:
     free(targets);
     return rc;
 }
 
-/* Gives the next dests, in order, until `bytes` are given or `seconds` have
- * passed (at least one), each its own block as a framework would allocate
- * it, and tells the readers. */
+/* Allocates the next slabs, in order, until `bytes` are given or `seconds`
+ * have passed (at least one), and tells the readers which dests have their
+ * memory now. */
 static int allocate_step(wd_server *s, wd_job *j, uint64_t bytes, double seconds, wd_error *err)
 {
     wd_model *m = j->model;
-    const wl_checkpoint *ck = &m->ckpt;
     double until = wd_now() + seconds;
     uint64_t done = 0;
     int rc = 0;
 
-    for (; j->allocated < m->n_dest && (done == 0 || (done < bytes && wd_now() < until)); j->allocated++) {
-        wl_dest *d = &m->dest[j->allocated];
-        wa_region reg;
-        if (d->len == 0)
-            continue;
-        if ((rc = wa_malloc(s->alloc, d->device, d->len, &m->blocks[j->allocated], err))) {
-            wd_error_prefix(err, "tensor \"%s\" (%u of %zu) on device %d", ck->tensors[d->tensor].st->name,
-                            d->tensor + 1, ck->n_tensors, d->device);
+    while (m->slabs_allocated < m->n_slabs && (done == 0 || (done < bytes && wd_now() < until))) {
+        done += m->slabs[m->slabs_allocated].bytes;
+        if ((rc = wd_model_allocate_slab(s, m, err)))
             break;
-        }
-        wa_block_region(m->blocks[j->allocated], &reg);
-        d->mem = reg.mem;
-        d->offset = reg.offset;
-        done += d->len;
     }
-    atomic_store_explicit(&j->io.dests_ready, j->allocated, memory_order_release);
-    if (!rc && j->allocated == m->n_dest)
+    atomic_store_explicit(&j->io.dests_ready, m->slabs_allocated == m->n_slabs ? m->n_dest : m->dests_ready,
+                          memory_order_release);
+    if (!rc && m->slabs_allocated == m->n_slabs)
         j->t_allocated = wd_now();
     return rc;
 }
@@ -318,7 +306,7 @@ static void on_alloc_idle(uv_idle_t *h)
     }
     if ((j->alloc_rc = allocate_step(s, j, ALLOC_STEP_BYTES, ALLOC_STEP_SECONDS, &j->alloc_err)))
         atomic_store(&j->io.cancel, true);
-    if (j->alloc_rc || j->allocated == j->model->n_dest)
+    if (j->alloc_rc || j->model->slabs_allocated == j->model->n_slabs)
         allocation_done(s);
 }
 
@@ -334,9 +322,6 @@ static void after_read(uv_work_t *w, int status)
     if (j->alloc_rc) {
         j->rc = j->alloc_rc;
         j->err = j->alloc_err;
-    } else if (j->rc == 0 && j->allocated < j->model->n_dest) {
-        /* Only empty dests can be left (no chunk waits for them). */
-        j->rc = allocate_step(s, j, UINT64_MAX, 1e9, &j->err);
     }
     finish_load(j);
 }
@@ -375,7 +360,7 @@ static void after_open(uv_work_t *w, int status)
     j->io.n_dest = j->model->n_dest;
     s->jobs_running++;
     uv_queue_work(s->loop, &j->work, read_work, after_read);
-    if (j->allocated < j->model->n_dest) {
+    if (j->model->slabs_allocated < j->model->n_slabs) {
         s->allocating = j;
         uv_idle_start(&s->alloc_idle, on_alloc_idle);
     }

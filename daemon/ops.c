@@ -1,5 +1,6 @@
 /* The operations of the protocol, one handler each, and their table. */
 #include "daemon/daemon.h"
+#include "daemon/lease.h"
 
 #include <ctype.h>
 #include <math.h>
@@ -27,13 +28,9 @@ static int find_model(wd_server *s, wd_request *r, wd_model **out)
     if (!(*out = wd_registry_find(s, name)))
         return wd_error_set(&r->err, -ENOENT, "no model named \"%s\" is loaded", name);
     if ((*out)->state != WD_MODEL_READY)
-        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is still loading", name);
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is %s", name,
+                            (*out)->state == WD_MODEL_LOADING ? "still loading" : "being unloaded");
     return 0;
-}
-
-static const char *state_name(wd_model_state st)
-{
-    return st == WD_MODEL_READY ? "ready" : "loading";
 }
 
 /* ---- hello ----------------------------------------------------------------- */
@@ -120,7 +117,7 @@ static int device_by_uuid(wd_server *s, wd_request *r, const char *text, int *ou
 
 /* A device named by its number (a JSON number, or a string of digits) or by
  * its UUID: as weightd's --devices and weightctl read them. */
-static int device_arg(wd_server *s, wd_request *r, const cJSON *v, int *out)
+int wd_device_arg(wd_server *s, wd_request *r, const cJSON *v, int *out)
 {
     long d;
 
@@ -160,7 +157,7 @@ static int load_devices(wd_server *s, wd_request *r, int *devices, size_t *n, wl
         return wd_error_set(&r->err, -EINVAL, "give \"device\" or \"devices\", not both");
     if (!list || cJSON_IsNull(list)) {
         devices[0] = 0;
-        if (one && !cJSON_IsNull(one) && (rc = device_arg(s, r, one, &devices[0])))
+        if (one && !cJSON_IsNull(one) && (rc = wd_device_arg(s, r, one, &devices[0])))
             return rc;
         *n = 1;
     } else {
@@ -169,7 +166,7 @@ static int load_devices(wd_server *s, wd_request *r, int *devices, size_t *n, wl
                                 "argument \"devices\" must be a non-empty array of device numbers or UUIDs");
         cJSON_ArrayForEach(v, list) {
             int d;
-            if ((rc = device_arg(s, r, v, &d)))
+            if ((rc = wd_device_arg(s, r, v, &d)))
                 return rc;
             for (size_t i = 0; i < *n; i++)
                 if (devices[i] == d)
@@ -215,27 +212,23 @@ static int op_load(wd_server *s, wd_request *r)
     return rc;
 }
 
+/* {"name", "force"?, "wait"?}: with force, holders are asked to detach and
+ * waited for, up to wait seconds (default 10). */
 static int op_unload(wd_server *s, wd_request *r)
 {
     wd_model *m;
-    cJSON *res;
-    char size[32];
+    bool force = false;
+    int64_t wait = 10;
     int rc;
 
     if ((rc = find_model(s, r, &m)))
         return rc;
-    if (m->busy)
-        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is being verified", m->name);
-    res = cJSON_CreateObject();
-    cJSON_AddStringToObject(res, "name", m->name);
-    cJSON_AddNumberToObject(res, "bytes", (double)m->ckpt.total_bytes);
-    cJSON_AddNumberToObject(res, "device_bytes", (double)m->device_bytes);
-    wd_log(WD_LOG_notice, "unloaded %s (%s)", m->name, wd_size_format(m->device_bytes, size, sizeof size));
-    /* A daemon that unloads a model gives its memory back to the devices. */
-    wd_registry_remove(s, m, true);
-    wd_reply_ok(r, res);
-    return 0;
+    if ((rc = wp_arg_bool(r->args, "force", &force, &r->err)) == -EINVAL ||
+        (rc = wp_arg_int(r->args, "wait", false, 0, 3600, &wait, &r->err)) == -EINVAL)
+        return rc;
+    return wd_model_unload(s, m, r, force, (double)wait);
 }
+
 static int op_verify(wd_server *s, wd_request *r)
 {
     wd_model *m;
@@ -254,17 +247,19 @@ static cJSON *model_summary(const wd_model *m)
 
     cJSON_AddStringToObject(o, "name", m->name);
     cJSON_AddStringToObject(o, "path", m->path);
-    cJSON_AddStringToObject(o, "state", state_name(m->state));
+    cJSON_AddStringToObject(o, "state", wd_model_state_name(m->state));
     cJSON_AddItemToObject(o, "devices", wd_model_devices_json(m));
     cJSON_AddStringToObject(o, "placement", wl_placement_name(m->placement));
     cJSON_AddNumberToObject(o, "tensors", (double)m->ckpt.n_tensors);
     cJSON_AddNumberToObject(o, "shards", (double)m->ckpt.n_shards);
     cJSON_AddNumberToObject(o, "bytes", (double)m->ckpt.total_bytes);
     cJSON_AddNumberToObject(o, "device_bytes", (double)m->device_bytes);
-    if (m->state == WD_MODEL_READY) {
+    if (m->state != WD_MODEL_LOADING) {
         cJSON_AddNumberToObject(o, "load_seconds", m->load_seconds);
         cJSON_AddNumberToObject(o, "loaded_at", m->loaded_at);
+        cJSON_AddNumberToObject(o, "slabs", (double)m->n_slabs);
     }
+    cJSON_AddItemToObject(o, "leases", wd_model_leases_json(m));
     return o;
 }
 
@@ -287,13 +282,16 @@ static cJSON *tensor_placements(const wd_model *m, size_t first, size_t n)
 
     for (size_t i = first; i < first + n; i++) {
         const wl_dest *d = &m->dest[i];
+        const wd_part *p = &m->part[i];
         cJSON *o = cJSON_CreateObject();
         wa_region reg = {0};
-        if (m->blocks[i])
-            wa_block_region(m->blocks[i], &reg);
+        if (p->slab != WD_NO_SLAB)
+            wa_block_region(m->slabs[p->slab].block, &reg);
         cJSON_AddNumberToObject(o, "device", d->device);
         cJSON_AddNumberToObject(o, "segment", reg.segment_id);
-        cJSON_AddNumberToObject(o, "offset", (double)reg.offset);
+        cJSON_AddNumberToObject(o, "offset", (double)(p->slab != WD_NO_SLAB ? reg.offset + p->offset : 0));
+        if (p->slab != WD_NO_SLAB)
+            cJSON_AddNumberToObject(o, "slab", p->slab);
         cJSON_AddNumberToObject(o, "tensor_offset", (double)d->tensor_off);
         cJSON_AddNumberToObject(o, "bytes", (double)d->len);
         cJSON_AddItemToArray(arr, o);
@@ -307,7 +305,7 @@ static int op_info(wd_server *s, wd_request *r)
     int64_t offset = 0, limit = INFO_PAGE_DEFAULT;
     uint64_t by_dtype[ST_DTYPE_COUNT];
     size_t budget = 0, i, target = 0;
-    cJSON *res, *arr, *dt;
+    cJSON *res, *arr, *dt, *slabs;
     int rc;
 
     if ((rc = find_model(s, r, &m)))
@@ -316,6 +314,20 @@ static int op_info(wd_server *s, wd_request *r)
         (rc = wp_arg_int(r->args, "limit", false, 1, 100000, &limit, &r->err)) == -EINVAL)
         return rc;
     res = model_summary(m);
+    /* Where the model's memory is: each slab, one allocation (attach maps it
+     * with one handle). */
+    slabs = cJSON_AddArrayToObject(res, "slab_list");
+    for (size_t k = 0; k < m->n_slabs; k++) {
+        cJSON *o = cJSON_CreateObject();
+        wa_region reg;
+        wa_block_region(m->slabs[k].block, &reg);
+        cJSON_AddNumberToObject(o, "slab", (double)k);
+        cJSON_AddNumberToObject(o, "device", m->slabs[k].device);
+        cJSON_AddNumberToObject(o, "bytes", (double)m->slabs[k].bytes);
+        cJSON_AddNumberToObject(o, "segment", reg.segment_id);
+        cJSON_AddNumberToObject(o, "offset", (double)reg.offset);
+        cJSON_AddItemToArray(slabs, o);
+    }
     dt = cJSON_AddObjectToObject(res, "dtypes");
     wl_checkpoint_dtype_totals(&m->ckpt, by_dtype, NULL);
     for (int d = 0; d < ST_DTYPE_COUNT; d++)
@@ -519,9 +531,10 @@ static int op_shutdown(wd_server *s, wd_request *r)
 /* ---- the table ------------------------------------------------------------- */
 
 static const wd_op op_table[] = {
-    {"hello", op_hello, false},   {"load", op_load, true},   {"unload", op_unload, true},
-    {"verify", op_verify, false}, {"list", op_list, false},  {"info", op_info, false},
-    {"stats", op_stats, false},   {"policy", op_policy, false},  {"snapshot", op_snapshot, false},
+    {"hello", op_hello, false},     {"load", op_load, true},         {"unload", op_unload, true},
+    {"verify", op_verify, false},   {"list", op_list, false},        {"info", op_info, false},
+    {"attach", wd_op_attach, false}, {"detach", wd_op_detach, false}, {"leases", wd_op_leases, false},
+    {"stats", op_stats, false},     {"policy", op_policy, false},    {"snapshot", op_snapshot, false},
     {"shutdown", op_shutdown, true},
 };
 

@@ -1,9 +1,40 @@
-/* The models the daemon holds. */
+/* The models the daemon holds: each model owns its state, its slabs of
+ * device memory and the leases of the workers attached to it; loads, unloads
+ * and attaches go through here. */
 #include "daemon/daemon.h"
+#include "daemon/lease.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common/grow.h"
+#include "common/size.h"
+
+/* Each part starts at a 512-byte boundary, as PyTorch's blocks do: any
+ * dtype's kernels may assume that much of a tensor's address. */
+#define PART_ALIGN 512u
+/* Slabs are whole pages of the GPU's granularity, so that a slab is one
+ * physical allocation, shared with nothing else. */
+#define SLAB_ROUND (2ull << 20)
+#define SLAB_SMALL (1ull << 20)
+#define SLAB_MIN (256ull << 20)
+#define SLABS_PER_DEVICE 32
+
+static uint64_t round_up(uint64_t v, uint64_t to)
+{
+    return (v + to - 1) / to * to;
+}
+
+const char *wd_model_state_name(wd_model_state st)
+{
+    static const char *const names[] = {
+#define X(id, name) name,
+        WD_MODEL_STATES(X)
+#undef X
+    };
+    return (unsigned)st < sizeof names / sizeof names[0] ? names[st] : "unknown";
+}
 
 int wd_model_name_check(const char *name, wd_error *err)
 {
@@ -79,12 +110,14 @@ void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
             *link = m->next;
             break;
         }
-    for (size_t i = 0; m->blocks && i < m->n_dest; i++)
-        wa_free(s->alloc, m->blocks[i]);
+    for (size_t i = 0; i < m->n_slabs; i++)
+        if (m->slabs[i].block)
+            wa_free(s->alloc, m->slabs[i].block);
     for (size_t i = 0; give_back && i < m->n_devices; i++)
         wa_empty_cache(s->alloc, m->devices[i]);
     wl_checkpoint_close(&m->ckpt);
-    free(m->blocks);
+    free(m->slabs);
+    free(m->part);
     free(m->dest);
     free(m->devices);
     free(m->name);
@@ -109,4 +142,177 @@ cJSON *wd_model_devices_json(const wd_model *m)
     for (size_t i = 0; i < m->n_devices; i++)
         cJSON_AddItemToArray(a, cJSON_CreateNumber(m->devices[i]));
     return a;
+}
+
+/* ---- slabs ------------------------------------------------------------------ */
+
+/* Which of m's devices (an index into m->devices) device is. */
+static size_t device_index(const wd_model *m, int device)
+{
+    size_t i = 0;
+
+    while (i < m->n_devices - 1 && m->devices[i] != device)
+        i++;
+    return i;
+}
+
+int wd_model_plan_slabs(wd_model *m, uint64_t slab_size, wd_error *err)
+{
+    uint64_t *target = calloc(m->n_devices, sizeof *target);
+    size_t *open = malloc(m->n_devices * sizeof *open), cap = 0;
+    int rc = 0;
+
+    m->n_slabs = m->slabs_allocated = m->dests_ready = 0;
+    if (!target || !open || !(m->part = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->part))) {
+        rc = wd_error_set(err, -ENOMEM, "out of host memory");
+        goto out;
+    }
+    for (size_t i = 0; i < m->n_dest; i++)
+        target[device_index(m, m->dest[i].device)] += round_up(m->dest[i].len, PART_ALIGN);
+    for (size_t d = 0; d < m->n_devices; d++) {
+        uint64_t share = round_up(target[d] / SLABS_PER_DEVICE, SLAB_ROUND);
+        target[d] = slab_size ? slab_size : share > SLAB_MIN ? share : SLAB_MIN;
+        open[d] = SIZE_MAX;
+    }
+    for (size_t i = 0; i < m->n_dest; i++) {
+        const wl_dest *dd = &m->dest[i];
+        size_t d = device_index(m, dd->device), k = open[d];
+        uint64_t at = k == SIZE_MAX ? 0 : round_up(m->slabs[k].bytes, PART_ALIGN);
+
+        if (dd->len == 0) {
+            m->part[i] = (wd_part){.slab = WD_NO_SLAB};
+            continue;
+        }
+        /* A part never straddles slabs; one larger than the target has a
+         * slab of its own. */
+        if (k == SIZE_MAX || at + dd->len > target[d]) {
+            if (WD_GROW(m->slabs, cap, m->n_slabs + 1, 16)) {
+                rc = wd_error_set(err, -ENOMEM, "out of host memory");
+                goto out;
+            }
+            k = open[d] = m->n_slabs++;
+            m->slabs[k] = (wd_slab){.device = dd->device, .first_dest = i};
+            at = 0;
+        }
+        m->part[i] = (wd_part){.slab = (uint32_t)k, .offset = at};
+        m->slabs[k].bytes = at + dd->len;
+        m->slabs[k].end_dest = i + 1;
+    }
+    /* Slabs past the small pool's 1 MiB are whole pages; the small ones
+     * (--slab-size of a tensor each) share the small pool's pages. */
+    for (size_t k = 0; k < m->n_slabs; k++)
+        if (m->slabs[k].bytes > SLAB_SMALL)
+            m->slabs[k].bytes = round_up(m->slabs[k].bytes, SLAB_ROUND);
+out:
+    free(target);
+    free(open);
+    return rc;
+}
+
+int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err)
+{
+    wd_slab *sl = &m->slabs[m->slabs_allocated];
+    uint32_t k = (uint32_t)m->slabs_allocated;
+    wa_region reg;
+    int rc;
+
+    if ((rc = wa_malloc(s->alloc, sl->device, sl->bytes, &sl->block, err))) {
+        char size[32];
+        wd_error_prefix(err, "slab %u of %zu (%s, from tensor \"%s\") on device %d", k + 1, m->n_slabs,
+                        wd_size_format(sl->bytes, size, sizeof size),
+                        m->ckpt.tensors[m->dest[sl->first_dest].tensor].st->name, sl->device);
+        return rc;
+    }
+    wa_block_region(sl->block, &reg);
+    for (size_t i = sl->first_dest; i < sl->end_dest; i++)
+        if (m->part[i].slab == k) {
+            m->dest[i].mem = reg.mem;
+            m->dest[i].offset = reg.offset + m->part[i].offset;
+        }
+    m->slabs_allocated++;
+    /* Slabs go in the order of their first dest: the dests ready are those
+     * up to the first whose slab is not allocated yet. */
+    while (m->dests_ready < m->n_dest &&
+           (m->part[m->dests_ready].slab == WD_NO_SLAB || m->part[m->dests_ready].slab < m->slabs_allocated))
+        m->dests_ready++;
+    return 0;
+}
+
+
+/* ---- unload ------------------------------------------------------------------ */
+
+static void finish_unload(wd_server *s, wd_model *m, wd_request *r)
+{
+    cJSON *res = cJSON_CreateObject();
+    char size[32];
+
+    cJSON_AddStringToObject(res, "name", m->name);
+    cJSON_AddNumberToObject(res, "bytes", (double)m->ckpt.total_bytes);
+    cJSON_AddNumberToObject(res, "device_bytes", (double)m->device_bytes);
+    wd_log(WD_LOG_notice, "unloaded %s (%s)", m->name, wd_size_format(m->device_bytes, size, sizeof size));
+    /* A daemon that unloads a model gives its memory back to the devices. */
+    wd_registry_remove(s, m, true);
+    wd_reply_ok(r, res);
+}
+
+int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double wait)
+{
+    char holders[512];
+
+    if (m->state == WD_MODEL_UNLOADING)
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is already being unloaded", m->name);
+    if (m->busy)
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is being verified", m->name);
+    if (!m->leases) {
+        finish_unload(s, m, r);
+        return 0;
+    }
+    wd_leases_describe(m, holders, sizeof holders);
+    if (!force)
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is attached by %s; detach them first, or unload --force",
+                            m->name, holders);
+    wd_log(WD_LOG_notice, "unloading %s: asking %s to detach (%.0f s at most)", m->name, holders, wait);
+    m->state = WD_MODEL_UNLOADING;
+    m->unload = r;
+    m->unload_deadline = wd_now() + wait;
+    wd_leases_revoke(s, m, "unload");
+    return 0;
+}
+
+void wd_model_lease_ended(wd_server *s, wd_model *m)
+{
+    wd_request *r = m->unload;
+
+    if (m->state != WD_MODEL_UNLOADING || m->leases)
+        return;
+    m->unload = NULL;
+    finish_unload(s, m, r);
+}
+
+void wd_models_request_gone(wd_server *s, wd_request *r)
+{
+    for (wd_model *m = s->models; m; m = m->next)
+        if (m->unload == r) {
+            wd_log(WD_LOG_info, "the forced unload of %s stopped waiting: its client went away", m->name);
+            m->unload = NULL;
+            m->state = WD_MODEL_READY;
+        }
+}
+
+void wd_models_tick(wd_server *s)
+{
+    double now = wd_now();
+
+    for (wd_model *m = s->models; m; m = m->next) {
+        char holders[512];
+        wd_request *r = m->unload;
+        if (m->state != WD_MODEL_UNLOADING || now < m->unload_deadline)
+            continue;
+        m->unload = NULL;
+        m->state = WD_MODEL_READY;
+        wd_leases_describe(m, holders, sizeof holders);
+        wd_log(WD_LOG_warning, "unload of %s gave up: still attached by %s", m->name, holders);
+        wd_reply_error(r, -EBUSY, "model \"%s\" is still attached by %s after they were asked to detach", m->name,
+                       holders);
+    }
 }

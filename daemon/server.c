@@ -5,6 +5,7 @@
  * message can carry descriptors (SCM_RIGHTS) exactly where the protocol puts
  * them; framing lives in proto/. */
 #include "daemon/daemon.h"
+#include "daemon/lease.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -12,8 +13,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
@@ -49,7 +52,11 @@ static void on_conn_closed(uv_handle_t *h)
 {
     wd_conn *c = h->data;
 
+    if (--c->handles)
+        return;
     close(c->fd);
+    if (c->peer_fd >= 0)
+        close(c->peer_fd);
     wp_reader_free(&c->rd);
     wp_writer_free(&c->wr);
     free(c);
@@ -77,7 +84,11 @@ static void conn_update_poll(wd_conn *c)
 
 static void conn_flush(wd_conn *c)
 {
-    int rc = wp_writer_flush(&c->wr, c->fd);
+    int rc;
+
+    if (c->dead)
+        return;
+    rc = wp_writer_flush(&c->wr, c->fd);
 
     if (rc && rc != -EAGAIN) {
         conn_close(c, rc == -EPIPE || rc == -ECONNRESET ? "peer went away" : strerror(-rc));
@@ -187,6 +198,37 @@ void wd_request_event(wd_request *r, cJSON *ev)
         cJSON_Delete(ev);
 }
 
+bool wd_request_stream(wd_request *r, cJSON *msg, const int *fds, size_t n)
+{
+    if (!r->conn || r->conn->dead) {
+        cJSON_Delete(msg);
+        return false;
+    }
+    conn_send(r->conn, msg, fds, n);
+    return r->conn && !r->conn->dead;
+}
+
+void wd_conn_event(wd_conn *c, cJSON *ev)
+{
+    char *line;
+    size_t len;
+
+    if (c->dead || c->closing || !ev) {
+        cJSON_Delete(ev);
+        return;
+    }
+    line = wp_encode(ev, &len);
+    cJSON_Delete(ev);
+    if (!line || len > WP_MAX_LINE || wp_writer_push(&c->wr, line, len, NULL, 0) ||
+        c->wr.queued > MAX_QUEUED_OUTPUT) {
+        /* Closed by the loop once what it has is sent, not under the caller. */
+        wd_log(WD_LOG_info, "client %llu: cannot queue an event; closing it", (unsigned long long)c->serial);
+        c->closing = true;
+    }
+    free(line);
+    conn_update_poll(c);
+}
+
 /* Sends an error that belongs to no request (a line we could not parse). */
 static void send_stray_error(wd_conn *c, const cJSON *id, int code, const char *msg)
 {
@@ -204,12 +246,20 @@ static void conn_close(wd_conn *c, const char *why)
         wd_log(WD_LOG_info, "client %llu (pid %d): closed: %s", (unsigned long long)c->serial, (int)c->pid, why);
     else
         wd_log(WD_LOG_debug, "client %llu (pid %d): closed", (unsigned long long)c->serial, (int)c->pid);
-    /* Requests still running lose their client: loads it started are cancelled. */
+    /* Requests still running lose their client: loads it started are
+     * cancelled, a forced unload it waits for stops waiting. The one whose
+     * handler runs now is its handler's to free. */
     while (c->pending) {
         wd_request *r = c->pending;
+        if (r == c->current) {
+            request_unlink(r);
+            continue;
+        }
         wd_jobs_request_gone(s, r);
+        wd_models_request_gone(s, r);
         request_free(r);
     }
+    wd_leases_conn_gone(s, c, why ? why : "the connection closed");
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -218,6 +268,37 @@ static void conn_close(wd_conn *c, const char *why)
         c->next->prev = c->prev;
     s->n_conns--;
     uv_close((uv_handle_t *)&c->poll, on_conn_closed);
+    if (c->peer_fd >= 0)
+        uv_close((uv_handle_t *)&c->peer_poll, on_conn_closed);
+}
+
+static void on_peer_exit(uv_poll_t *h, int status, int events)
+{
+    wd_conn *c = h->data;
+    (void)status;
+    (void)events;
+
+    conn_close(c, "its process exited");
+}
+
+void wd_conn_watch_peer(wd_conn *c)
+{
+    int fd;
+
+    if (c->peer_fd >= 0 || c->pid <= 0)
+        return;
+    /* Without pidfds (Linux before 5.3) the socket's close is the only sign. */
+    if ((fd = (int)syscall(SYS_pidfd_open, c->pid, 0)) < 0)
+        return;
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    if (uv_poll_init(c->srv->loop, &c->peer_poll, fd)) {
+        close(fd);
+        return;
+    }
+    c->peer_fd = fd;
+    c->handles++;
+    c->peer_poll.data = c;
+    uv_poll_start(&c->peer_poll, UV_READABLE, on_peer_exit);
 }
 
 bool wd_conn_privileged(const wd_conn *c)
@@ -290,7 +371,10 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
         goto out;
     }
     wd_log(WD_LOG_debug, "client %llu: %s", (unsigned long long)c->serial, r->op);
-    if ((rc = desc->fn(s, r))) {
+    c->current = r;
+    rc = desc->fn(s, r);
+    c->current = NULL;
+    if (rc) {
         r->err.code = rc;
         wd_reply_err(r, &r->err);
     }
@@ -407,6 +491,8 @@ static void on_listen(uv_poll_t *h, int status, int events)
         }
         c->srv = s;
         c->fd = fd;
+        c->peer_fd = -1;
+        c->handles = 1;
         c->serial = ++s->next_serial;
         wp_reader_init(&c->rd);
         wp_writer_init(&c->wr);
@@ -566,9 +652,25 @@ static void on_tick(uv_timer_t *h)
     static double last_ping;
 
     wd_jobs_progress(s);
+    wd_models_tick(s);
     if (s->watchdog_usec && wd_now() - last_ping >= (double)s->watchdog_usec / 2e6) {
         sd_notify(0, "WATCHDOG=1");
         last_ping = wd_now();
+    }
+}
+
+/* Every cuda segment keeps a descriptor (its exported handle) and attach
+ * passes duplicates on: take the hard limit of descriptors, not the soft
+ * 1024 a process starts with (libuv uses epoll, not select). */
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+            wd_log(WD_LOG_warning, "cannot raise the descriptor limit to %llu: %s", (unsigned long long)rl.rlim_max,
+                   strerror(errno));
     }
 }
 
@@ -585,6 +687,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     s->listen_fd = -1;
     s->signal_fd = -1;
     s->started = wd_now();
+    raise_fd_limit();
     bopts.name = conf->backend;
     bopts.n_devices = (int)conf->host_devices;
     bopts.capacity = strncmp(conf->backend, "cuda", 4) == 0 ? conf->device_capacity : conf->host_capacity;
@@ -614,7 +717,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     wa_policy_pop(s->alloc);
     {
         wl_pipeline_opts po = {.threads = (unsigned)conf->read_threads, .staging = conf->staging_memory,
-                               .direct = strcmp(conf->direct_io, "on") == 0 ? WL_DIRECT_ON : WL_DIRECT_OFF};
+                               .direct = conf->direct_io ? WL_DIRECT_ON : WL_DIRECT_OFF};
         if ((rc = wl_pipeline_create(s->backend, &po, &s->pipeline, err)))
             goto fail;
     }
@@ -671,6 +774,10 @@ void wd_server_stop(wd_server *s, const char *why)
     if (s->own_socket)
         unlink(s->socket_path);
     wd_jobs_cancel_all(s);
+    /* Workers hear it first: their mappings outlive the daemon on cuda and
+     * host, not on cuda-ipc. */
+    for (wd_model *m = s->models; m; m = m->next)
+        wd_leases_revoke(s, m, "shutdown");
     /* Clients get what is already queued for them, then the connection closes. */
     for (wd_conn *c = s->conns, *next; c; c = next) {
         next = c->next;
@@ -689,12 +796,11 @@ void wd_server_maybe_finish(wd_server *s)
 {
     if (!s->stopping || s->jobs_running || s->jobs || !s->alloc)
         return;
+    /* Connections first: their leases end before the models go. */
+    while (s->conns)
+        conn_close(s->conns, NULL);
     while (s->models)
         wd_registry_remove(s, s->models, false);
-    for (wd_conn *c = s->conns, *next; c; c = next) {
-        next = c->next;
-        conn_close(c, NULL);
-    }
     release_devices(s);
     uv_close((uv_handle_t *)&s->listen_poll, on_handle_closed);
     if (s->listen_fd >= 0)

@@ -697,6 +697,12 @@ class E2ETestCase(unittest.TestCase):
         return o["error"]
 
 
+def slab_bytes(info, device):
+    """What a model's slabs (info's slab_list) ask of a device: its
+    requested_bytes."""
+    return sum(s["bytes"] for s in info["slab_list"] if s["device"] == device)
+
+
 def load_ok(tc, d, path, *extra):
     r = d.ctl("load", path, *extra)
     tc.assertEqual(r.rc, 0, r)

@@ -28,9 +28,9 @@ class ModelCommands(h.E2ETestCase):
         r = d.ctl("list")
         self.assertEqual(r.rc, 0, r)
         lines = r.out.splitlines()
-        self.assertEqual(lines[0].split(), ["NAME", "STATE", "DEVICES", "TENSORS", "SIZE", "LOAD(s)", "PATH"])
-        self.assertRegex(lines[1], r"^small +ready +0 +22 +[\d.]+ MiB +[\d.]+ +%s$" % re.escape(self.small))
-        self.assertRegex(lines[2], r"^q +ready +1 +24 +[\d.]+ MiB +[\d.]+ +%s$" % re.escape(self.qwen))
+        self.assertEqual(lines[0].split(), ["NAME", "STATE", "DEVICES", "TENSORS", "SIZE", "LOAD(s)", "LEASES", "PATH"])
+        self.assertRegex(lines[1], r"^small +ready +0 +22 +[\d.]+ MiB +[\d.]+ +0 +%s$" % re.escape(self.small))
+        self.assertRegex(lines[2], r"^q +ready +1 +24 +[\d.]+ MiB +[\d.]+ +0 +%s$" % re.escape(self.qwen))
         models = d.ctl_json("list").json["models"]
         self.assertEqual([(m["name"], m["devices"], m["placement"], m["state"], m["tensors"], m["shards"])
                           for m in models],
@@ -119,7 +119,12 @@ class ModelCommands(h.E2ETestCase):
         self.assertEqual(dev0["reserved_bytes"]["current"], 0)
         self.assertGreaterEqual(dev1["allocated_bytes"]["current"], h.checkpoint_bytes(self.small))
         self.assertGreaterEqual(dev1["reserved_bytes"]["current"], dev1["allocated_bytes"]["current"])
-        self.assertEqual(dev1["requested_bytes"]["current"], h.checkpoint_bytes(self.small))
+        # The tensors come packed in slabs (whole 2 MiB pages): what was asked for.
+        info = d.ctl_json("info", "small").json
+        self.assertEqual(dev1["requested_bytes"]["current"], h.slab_bytes(info, 1))
+        self.assertGreaterEqual(h.slab_bytes(info, 1), h.checkpoint_bytes(self.small))
+        self.assertLess(h.slab_bytes(info, 1), h.checkpoint_bytes(self.small) + (2 << 20) * len(info["slab_list"]) +
+                        512 * info["tensors"])
         # Under weightd's load policy the model lives in expandable segments,
         # which PyTorch's "segment" statistic does not count; mapping pages does.
         self.assertEqual(dev1["segment"]["current"], 0)

@@ -106,9 +106,9 @@ class Snapshot(h.E2ETestCase):
         self.check_tiling(snap)
         dev1 = snap["devices"][1]
         allocated = [b for s in dev1["segments"] for b in s["blocks"] if b["state"] == "allocated"]
-        tensors = d.ctl_json("info", "small").json["tensors"]
-        self.assertEqual(len(allocated), tensors)
-        self.assertEqual(sum(b["requested"] for b in allocated), h.checkpoint_bytes(self.small))
+        info = d.ctl_json("info", "small").json
+        self.assertEqual(len(allocated), len(info["slab_list"]), "a block per slab")
+        self.assertEqual(sum(b["requested"] for b in allocated), h.slab_bytes(info, 1))
         mapped = sum(s["mapped"] for s in dev1["segments"])
         self.assertEqual(mapped, d.stats()["devices"][1]["reserved_bytes"]["current"])
         r = d.ctl("snapshot")
@@ -120,7 +120,7 @@ class Snapshot(h.E2ETestCase):
         # 6000 tensors in one expandable segment: more blocks than one message holds.
         path = os.path.join(self.tmp, "tiny.safetensors")
         write_tiny_tensors(path, 6000)
-        d = self.daemon()
+        d = self.daemon("--slab-size", "1")  # a slab, so a block, per tensor
         h.load_ok(self, d, path)
         c = self.raw(d)
         first = c.request("snapshot", {"device": 0})["result"]

@@ -164,6 +164,72 @@ START_TEST(registry_adds_finds_and_removes)
 }
 END_TEST
 
+/* A model's dests packed into slabs (registry.c): per device, in dest
+ * order, each part at a 512-byte boundary and inside one slab. */
+START_TEST(slabs_pack_parts_per_device)
+{
+    wd_server s;
+    wd_model *m;
+    const int devs[] = {0, 1};
+    wd_error err = {0};
+    /* tensor, len, device: two devices, an empty tensor, one larger than a slab */
+    const struct { uint32_t tensor; uint64_t len; int device; } d[] = {
+        {0, 1000, 0}, {0, 1000, 1}, {1, 0, 0}, {1, 0, 1}, {2, 300u << 20, 0}, {2, 300u << 20, 1},
+        {3, 100u << 20, 0}, {3, 100u << 20, 1}, {4, 200u << 20, 0}, {4, 200u << 20, 1},
+    };
+    const size_t n = sizeof d / sizeof d[0];
+
+    memset(&s, 0, sizeof s);
+    ck_assert_int_eq(wd_registry_add(&s, "m", "/x", devs, 2, WL_REPLICATE, &m, &err), 0);
+    m->n_dest = n;
+    m->dest = calloc(n, sizeof *m->dest);
+    for (size_t i = 0; i < n; i++)
+        m->dest[i] = (wl_dest){.tensor = d[i].tensor, .len = d[i].len, .device = d[i].device};
+    /* 256 MiB slabs: 1000 B + 300 MiB go to two slabs (it does not fit
+     * after the first part), 100 MiB joins the second... */
+    ck_assert_int_eq(wd_model_plan_slabs(m, 256u << 20, &err), 0);
+    ck_assert_uint_eq(m->part[2].slab, WD_NO_SLAB);
+    ck_assert_uint_eq(m->part[3].slab, WD_NO_SLAB);
+    for (size_t i = 0; i < n; i++) {
+        const wd_part *p = &m->part[i];
+        if (!d[i].len)
+            continue;
+        ck_assert_uint_lt(p->slab, m->n_slabs);
+        ck_assert_int_eq(m->slabs[p->slab].device, d[i].device);
+        ck_assert_uint_eq(p->offset % 512, 0);
+        ck_assert_uint_le(p->offset + d[i].len, m->slabs[p->slab].bytes);
+        ck_assert(m->slabs[p->slab].first_dest <= i && i < m->slabs[p->slab].end_dest);
+    }
+    /* per device: [1000 B], [300 MiB], [100 MiB], [200 MiB]: a part never
+     * straddles, and one too large has its own */
+    ck_assert_uint_eq(m->n_slabs, 8);
+    ck_assert_uint_eq(m->part[0].slab, 0);
+    ck_assert_uint_eq(m->part[1].slab, 1);
+    ck_assert_uint_eq(m->part[4].slab, 2);
+    ck_assert_uint_eq(m->part[6].slab, 4);
+    ck_assert_uint_eq(m->part[8].slab, 6);
+    ck_assert_uint_eq(m->slabs[2].bytes, 300u << 20);
+    ck_assert_uint_eq(m->slabs[0].bytes, 1000); /* small: shares the small pool's pages */
+    for (size_t k = 1; k < m->n_slabs; k++)
+        ck_assert_uint_lt(m->slabs[k - 1].first_dest, m->slabs[k].first_dest);
+    free(m->part);
+    free(m->slabs);
+    free(m->dest);
+    /* The default: a 32nd of what the device holds (at least 256 MiB), so
+     * 64 parts of 600 MiB are 32 slabs of two. */
+    m->n_dest = 64;
+    m->dest = calloc(64, sizeof *m->dest);
+    for (uint32_t i = 0; i < 64; i++)
+        m->dest[i] = (wl_dest){.tensor = i, .len = 600u << 20, .device = 1};
+    ck_assert_int_eq(wd_model_plan_slabs(m, 0, &err), 0);
+    ck_assert_uint_eq(m->n_slabs, 32);
+    ck_assert_uint_eq(m->part[63].slab, 31);
+    ck_assert_uint_eq(m->part[63].offset, 600u << 20);
+    ck_assert_uint_eq(m->slabs[0].bytes, 1200u << 20);
+    wd_registry_remove(&s, m, false);
+}
+END_TEST
+
 Suite *daemon_config_suite(void)
 {
     Suite *s = suite_create("daemon_config");
@@ -185,6 +251,7 @@ Suite *registry_suite(void)
 
     tcase_add_test(tc, model_names_are_checked);
     tcase_add_test(tc, registry_adds_finds_and_removes);
+    tcase_add_test(tc, slabs_pack_parts_per_device);
     suite_add_tcase(s, tc);
     return s;
 }

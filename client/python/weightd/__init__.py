@@ -15,18 +15,30 @@ daemon error raises WeightdError with its code ("ENOENT") and message; a
 connection that ends or stays silent raises ConnectionError or TimeoutError.
 One thread per Client. The protocol is described in the README; this module
 follows the C client library (libweightd-client) call for call.
+
+A worker gets a model's tensors without reading the checkpoint:
+
+    with weightd.Client() as c, c.attach("gpt-oss", device=0) as att:
+        model.load_state_dict(att.state_dict(), assign=True)   # zero-copy torch tensors
+
+attach() maps the daemon's memory through libweightd-client itself (ctypes):
+one implementation of import-and-map for C and Python (see Attachment).
 """
 
 import array
+import collections.abc
+import ctypes
+import ctypes.util
 import json
 import os
 import socket
+import weakref
 
-__all__ = ["Client", "WeightdError", "default_socket", "PROTOCOL_VERSION"]
+__all__ = ["Client", "Attachment", "WeightdError", "default_socket", "PROTOCOL_VERSION"]
 
 PROTOCOL_VERSION = "1.0"
 MAX_MESSAGE = 1 << 20  # the protocol's limit on a line
-MAX_FDS = 64           # descriptors taken from one message
+MAX_FDS = 253          # descriptors one message may carry (the kernel's SCM_MAX_FD)
 
 
 class WeightdError(Exception):
@@ -220,6 +232,26 @@ class Client:
         args = {k: v for k, v in (("device", device), ("segment", segment), ("block", block)) if v is not None}
         return self.call("snapshot", args)
 
+    def leases(self):
+        """Every lease: the workers attached (lease, model, pid, uid, process,
+        age, device, writable), gathered from the daemon's pages."""
+        out, offset = [], 0
+        while offset is not None:
+            page = self.call("leases", {"offset": offset})
+            out += page["leases"]
+            offset = page.get("next")
+        return out
+
+    def attach(self, name, device=None, framework="auto", writable=False, on_revoke=None, timeout=None):
+        """Maps model `name` into this process and returns an Attachment: a
+        read-only mapping from tensor name to a zero-copy tensor. device: a
+        device number or UUID (needed when the model spans several);
+        framework: "torch", "numpy", "memoryview" or "auto" (the first that
+        imports). The attachment has a connection of its own, which holds the
+        lease: this client stays free for other calls."""
+        return Attachment(self.path, name, device=device, framework=framework, writable=writable,
+                          on_revoke=on_revoke, timeout=self.timeout if timeout is None else timeout)
+
     def shutdown(self, timeout=None):
         """Asks the daemon to stop and waits until it has (every segment
         released and the connection closed)."""
@@ -231,3 +263,334 @@ class Client:
             pass
         finally:
             self.close()
+
+
+# ---- attach ---------------------------------------------------------------------
+
+class _Part(ctypes.Structure):
+    _fields_ = [("device", ctypes.c_int), ("cuda_device", ctypes.c_int), ("ptr", ctypes.c_void_p),
+                ("bytes", ctypes.c_uint64), ("tensor_offset", ctypes.c_uint64), ("handle", ctypes.c_size_t),
+                ("handle_offset", ctypes.c_uint64)]
+
+
+class _Tensor(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_char_p), ("ndim", ctypes.c_size_t),
+                ("shape", ctypes.POINTER(ctypes.c_uint64)), ("bytes", ctypes.c_uint64),
+                ("n_parts", ctypes.c_size_t), ("parts", ctypes.POINTER(_Part))]
+
+
+class _Handle(ctypes.Structure):
+    _fields_ = [("device", ctypes.c_int), ("cuda_device", ctypes.c_int), ("ptr", ctypes.c_void_p),
+                ("bytes", ctypes.c_uint64)]
+
+
+_NOTICE_FN = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_void_p)
+_lib = None
+
+
+def _library():
+    """libweightd-client: $WEIGHTD_CLIENT_LIB, else where make install put
+    it, else the system's search path."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    tried = []
+    candidates = [os.environ.get("WEIGHTD_CLIENT_LIB")]
+    try:
+        from . import _install  # written by make install
+        candidates.append(os.path.join(_install.LIBDIR, "libweightd-client.so.0"))
+    except ImportError:
+        pass
+    candidates += ["libweightd-client.so.0", ctypes.util.find_library("weightd-client")]
+    for path in candidates:
+        if not path:
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+            break
+        except OSError as e:
+            tried.append(str(e))
+    else:
+        raise OSError("libweightd-client.so.0 was not found (set WEIGHTD_CLIENT_LIB to its path): " +
+                      "; ".join(tried))
+    vp, cp, ci, sz, u64 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint64
+    for fn, res, args in (("wdc_new", vp, []), ("wdc_close", None, [vp]), ("wdc_connect", ci, [vp, cp, ci]),
+                          ("wdc_error_code", cp, [vp]), ("wdc_error_message", cp, [vp]), ("wdc_fd", ci, [vp]),
+                          ("wdc_set_notice_handler", None, [vp, _NOTICE_FN, vp]), ("wdc_poll", ci, [vp, ci]),
+                          ("wdc_attach", ci, [vp, cp, cp, ctypes.c_uint, ci, ctypes.POINTER(vp)]),
+                          ("wdc_attachment_tensor_count", sz, [vp]),
+                          ("wdc_attachment_tensor", ctypes.POINTER(_Tensor), [vp, sz]),
+                          ("wdc_attachment_handle_count", sz, [vp]),
+                          ("wdc_attachment_handle", ctypes.POINTER(_Handle), [vp, sz]),
+                          ("wdc_attachment_lease", u64, [vp]), ("wdc_attachment_info", cp, [vp]),
+                          ("wdc_detach", ci, [vp, vp, ci])):
+        f = getattr(lib, fn)
+        f.restype, f.argtypes = res, args
+    _lib = lib
+    return lib
+
+
+# safetensors dtype: (bytes an element, torch's name, numpy's name). numpy has
+# no bfloat16 or float8: those come as the raw bits (uint16, uint8).
+_DTYPES = {
+    "BOOL": (1, "bool", "bool_"), "U8": (1, "uint8", "uint8"), "I8": (1, "int8", "int8"),
+    "I16": (2, "int16", "int16"), "U16": (2, "uint16", "uint16"), "F16": (2, "float16", "float16"),
+    "BF16": (2, "bfloat16", "uint16"), "I32": (4, "int32", "int32"), "U32": (4, "uint32", "uint32"),
+    "F32": (4, "float32", "float32"), "F64": (8, "float64", "float64"), "I64": (8, "int64", "int64"),
+    "U64": (8, "uint64", "uint64"), "C64": (8, "complex64", "complex64"),
+    "F8_E4M3": (1, "float8_e4m3fn", "uint8"), "F8_E5M2": (1, "float8_e5m2", "uint8"),
+    "F8_E8M0": (1, "float8_e8m0fnu", "uint8"), "F8_E4M3FNUZ": (1, "float8_e4m3fnuz", "uint8"),
+    "F8_E5M2FNUZ": (1, "float8_e5m2fnuz", "uint8"),
+}
+
+
+class _CudaMemory:
+    """A range of device memory as __cuda_array_interface__ bytes, for
+    torch.as_tensor. The read-only flag stays False even for memory mapped
+    read-only: torch refuses arrays that set it."""
+
+    def __init__(self, ptr, nbytes, owner):
+        self.owner = owner
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": (nbytes,), "typestr": "|u1",
+                                         "version": 3, "strides": None}
+
+
+class _Mapping:
+    """What is mapped, and the connection that holds its lease. Every buffer
+    handed out refers to it, so that it outlives them unless closed."""
+
+    def __init__(self, path, name, device, writable, on_notice, timeout):
+        self.lib = _library()
+        self.client = self.lib.wdc_new()
+        self.att = None
+        self.timeout_ms = -1 if timeout is None else int(timeout * 1000)
+        if not self.client:
+            raise MemoryError("wdc_new")
+        self._notice = _NOTICE_FN(lambda raw, ctx: on_notice(json.loads(raw)))
+        self.lib.wdc_set_notice_handler(self.client, self._notice, None)
+        self._check(self.lib.wdc_connect(self.client, path.encode(), self.timeout_ms))
+        att = ctypes.c_void_p()
+        self._check(self.lib.wdc_attach(self.client, name.encode(), None if device is None else str(device).encode(),
+                                        1 if writable else 0, self.timeout_ms, ctypes.byref(att)))
+        self.att = att.value
+
+    def _check(self, rc):
+        if rc < 0:
+            code = self.lib.wdc_error_code(self.client).decode() or "EIO"
+            message = self.lib.wdc_error_message(self.client).decode(errors="replace")
+            if self.att is None:
+                self.close()
+            raise WeightdError(code, message)
+        return rc
+
+    def close(self):
+        if self.client:
+            if self.att:
+                self.lib.wdc_detach(self.client, self.att, self.timeout_ms)
+            self.lib.wdc_close(self.client)
+        self.client = self.att = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _framework(name, handle_type):
+    if name not in ("auto", "torch", "numpy", "memoryview"):
+        raise ValueError("framework %r: choose torch, numpy, memoryview or auto" % (name,))
+    gpu = handle_type != "memfd"
+    for candidate in ("torch", "numpy", "memoryview") if name == "auto" else (name,):
+        if candidate == "memoryview":
+            if gpu:
+                raise ValueError("device memory cannot be a memoryview: use framework=\"torch\"")
+            return candidate, None
+        try:
+            module = __import__(candidate)
+        except ImportError:
+            if name != "auto":
+                raise
+            continue
+        if gpu and candidate == "numpy":
+            if name == "auto":
+                raise ImportError("attaching device memory needs torch, which does not import here")
+            raise ValueError("numpy cannot hold device memory: use framework=\"torch\"")
+        return candidate, module
+    raise ImportError("no framework imports here")
+
+
+class Attachment(collections.abc.Mapping):
+    """A model's tensors, mapped into this process: a read-only mapping from
+    tensor name to a zero-copy tensor whose memory is the daemon's (a
+    torch.Tensor's data_ptr() is the mapped address; nothing is copied).
+
+    torch: tensors on cuda:N on the CUDA backends (N this process's number of
+    the daemon's GPU), on the CPU on the host backend, with the checkpoint's
+    dtypes (a dtype this torch lacks comes as uint8: the same shape for
+    one-byte types, a last dimension of the element's bytes otherwise).
+    numpy: arrays, not writable; BF16 as uint16 and F8 types as uint8 (raw
+    bits). memoryview: read-only bytes. A tensor split across devices by rows
+    (expert-parallel) is this device's rows: rows(name) says which.
+
+    The lease lasts while anything is mapped: until close() (or the end of a
+    with block), or, without one, until the attachment and every tensor from
+    it are gone, or the process exits. After close() the tensors must not be
+    used: their memory is unmapped (a use faults, on the GPU or the CPU).
+    Mappings are read-only unless writable=True and the daemon allows it: a
+    write faults in this process alone, and the daemon's copy stays as it
+    was. A "revoke" event (weightctl unload --force) calls on_revoke(att,
+    event); it is read when process_events() runs."""
+
+    def __init__(self, path, name, device=None, framework="auto", writable=False, on_revoke=None, timeout=30.0):
+        self.name = name
+        self.revoked = None
+        self._on_revoke = on_revoke
+        # The mapping must not keep the attachment alive (tensors keep the
+        # mapping alive): its events reach us through a weak reference.
+        me = weakref.ref(self)
+        self._map = _Mapping(path, name, device, writable, lambda ev: me() and me()._notice(ev), timeout)
+        try:
+            lib, att = self._map.lib, self._map.att
+            self.info = json.loads(lib.wdc_attachment_info(att))
+            self.lease = self.info["lease"]
+            if device is None and len(self.info["devices"]) > 1:
+                raise WeightdError("EINVAL", "model %r is on devices %s: attach one of them (device=N)" %
+                                   (name, ",".join(str(d["device"]) for d in self.info["devices"])))
+            self.framework, self._module = _framework(framework, self.info["handle_type"])
+            self._writable = writable
+            self._build(lib, att)
+        except BaseException:
+            self._map.close()
+            raise
+
+    # ---- building the tensors --------------------------------------------------
+
+    def _bases(self, lib, att):
+        """One buffer per handle, in the framework's terms."""
+        bases = []
+        for i in range(lib.wdc_attachment_handle_count(att)):
+            h = lib.wdc_attachment_handle(att, i).contents
+            if self.framework == "torch" and h.cuda_device >= 0:
+                torch = self._module
+                bases.append(torch.as_tensor(_CudaMemory(h.ptr, h.bytes, self._map),
+                                             device=torch.device("cuda", h.cuda_device)))
+                self.device = "cuda:%d" % h.cuda_device
+                continue
+            raw = (ctypes.c_ubyte * h.bytes).from_address(h.ptr)
+            raw._owner = self._map
+            if self.framework == "torch":
+                bases.append(self._module.frombuffer(raw, dtype=self._module.uint8))
+            elif self.framework == "numpy":
+                arr = self._module.frombuffer(raw, dtype=self._module.uint8)
+                arr.flags.writeable = self._writable
+                bases.append(arr)
+            else:
+                view = memoryview(raw).cast("B")
+                bases.append(view if self._writable else view.toreadonly())
+            self.device = "cpu"
+        return bases
+
+    def _build(self, lib, att):
+        self.device = "cpu"
+        bases = self._bases(lib, att)
+        n = lib.wdc_attachment_tensor_count(att)
+        table = (_Tensor * n).from_address(ctypes.addressof(lib.wdc_attachment_tensor(att, 0).contents)) if n else []
+        self._tensors, self._rows, self._parts = {}, {}, {}
+        for t in table:
+            name = t.name.decode()
+            dtype = t.dtype.decode()
+            shape = list(t.shape[:t.ndim])
+            parts = t.parts[:t.n_parts]
+            self._parts[name] = [{"device": p.device, "cuda_device": p.cuda_device, "ptr": p.ptr or 0,
+                                  "bytes": p.bytes, "tensor_offset": p.tensor_offset} for p in parts]
+            if len(parts) == 1 and parts[0].bytes != t.bytes:
+                # This device's rows of a tensor split by its first dimension.
+                p = parts[0]
+                first, rows = p.tensor_offset * shape[0] // t.bytes, p.bytes * shape[0] // t.bytes
+                self._rows[name] = (first, rows)
+                shape = [rows] + shape[1:]
+            elif len(parts) > 1:
+                raise WeightdError("EINVAL", "tensor %r has %d parts here" % (name, len(parts)))
+            p = parts[0] if parts else None
+            self._tensors[name] = self._wrap(bases, p, dtype, shape)
+
+    def _wrap(self, bases, part, dtype, shape):
+        size, torch_name, numpy_name = _DTYPES.get(dtype, (1, None, None))
+        if self.framework == "torch":
+            torch = self._module
+            kind = getattr(torch, torch_name, None) if torch_name else None
+            if kind is None:
+                # A dtype this torch lacks (or F4, F6): its bytes.
+                kind, shape = torch.uint8, (shape if size == 1 and torch_name else
+                                            (shape + [size] if torch_name else [part.bytes if part else 0]))
+            if part is None:
+                return torch.empty(shape, dtype=kind, device=self.device)
+            return bases[part.handle][part.handle_offset:part.handle_offset + part.bytes].view(kind).view(shape)
+        if self.framework == "numpy":
+            np = self._module
+            if part is None:
+                return np.empty(shape, dtype=numpy_name or "uint8")
+            flat = bases[part.handle][part.handle_offset:part.handle_offset + part.bytes]
+            return flat.view(numpy_name).reshape(shape) if numpy_name else flat
+        if part is None:
+            return memoryview(b"")
+        return bases[part.handle][part.handle_offset:part.handle_offset + part.bytes]
+
+    # ---- the mapping -------------------------------------------------------------
+
+    def __getitem__(self, name):
+        return self._tensors[name]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+    def state_dict(self):
+        """A plain dict of every tensor, for module.load_state_dict(...,
+        assign=True)."""
+        return dict(self._tensors)
+
+    def rows(self, name):
+        """(first, count) of the rows of a tensor split across devices that
+        this device holds; None for a whole tensor."""
+        return self._rows.get(name)
+
+    def parts(self, name):
+        """Where a tensor's bytes are mapped: device, cuda_device, ptr, bytes, tensor_offset."""
+        return self._parts[name]
+
+    # ---- events and the end ------------------------------------------------------
+
+    def _notice(self, event):
+        if event.get("event") == "revoke" and event.get("lease") == getattr(self, "lease", None):
+            self.revoked = event.get("reason") or "revoked"
+            if self._on_revoke is not None:
+                self._on_revoke(self, event)
+
+    def fileno(self):
+        """The attachment's connection, for select(): readable when the
+        daemon says something (a revoke)."""
+        return self._map.lib.wdc_fd(self._map.client)
+
+    def process_events(self, timeout=0.0):
+        """Reads what the daemon sent (waiting up to timeout seconds; None:
+        until something comes) and runs on_revoke for a revoke; the number
+        of events read."""
+        if not self._map.client:
+            return 0
+        return self._map._check(self._map.lib.wdc_poll(self._map.client, -1 if timeout is None else int(timeout * 1000)))
+
+    def close(self):
+        """Unmaps every tensor and ends the lease. The tensors must not be
+        used after this."""
+        self._tensors = {}
+        self._map.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,888 @@
+/* libweightd-client's attach: the daemon's stream of descriptors, handles
+ * and tensors (daemon/attach.c says what it sends), imported and mapped.
+ *
+ *   memfd     (host)      each handle's pieces mmap'ed side by side into one
+ *                         reserved range per device; read-only unless writable
+ *   cuda-vmm  (cuda)      each descriptor imported as it arrives (so that its
+ *                         fd closes at once), then cuMemMap'ed side by side into
+ *                         one cuMemAddressReserve range per device, and one
+ *                         cuMemSetAccess (PROT_READ unless writable) over it
+ *   cuda-ipc  (cuda-ipc)  cuIpcOpenMemHandle per descriptor; a handle is an
+ *                         offset into what that opens
+ * The CUDA driver is opened at run time (common/cuda_driver.c, the daemon's
+ * own shim); the library works without it on the host backend. */
+#include "client/internal.h"
+
+#include <ctype.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/grow.h"
+#ifdef WD_WITH_CUDA
+#include "common/cuda_driver.h"
+#endif
+
+#define HOST_PAGE 4096u
+
+typedef enum share_kind { KIND_MEMFD, KIND_VMM, KIND_IPC } share_kind;
+
+typedef struct att_device {
+    int device;               /* the daemon's */
+    int cuda;                 /* this process's ordinal; -1 on host */
+    uint64_t granularity;     /* of its mappings */
+    uint64_t va_bytes;        /* the range its handles are mapped into */
+    uintptr_t va;
+#ifdef WD_WITH_CUDA
+    CUdevice dev;
+    CUcontext ctx;            /* its primary context, retained */
+#endif
+} att_device;
+
+typedef struct att_desc {
+    size_t dev;               /* index into devs */
+    uint64_t bytes;
+    int fd;                   /* memfd: until mapped; -1 after */
+#ifdef WD_WITH_CUDA
+    CUmemGenericAllocationHandle vmm; /* imported; released once mapped */
+    CUipcMemHandle ipc;
+    CUdeviceptr opened;       /* ipc: what cuIpcOpenMemHandle gave */
+#endif
+} att_desc;
+
+typedef struct att_piece {
+    size_t desc;
+    uint64_t offset, bytes, at;
+    bool mapped;
+} att_piece;
+
+struct wdc_attachment {
+    uint64_t lease;
+    share_kind kind;
+    bool writable;
+    att_device *devs;
+    size_t n_devs;
+    att_desc *descs;
+    size_t n_descs, cap_descs;
+    att_piece *pieces;
+    size_t n_pieces, cap_pieces;
+    wdc_handle *handles;
+    uint64_t *handle_ids;     /* the daemon's numbers, rising */
+    size_t *handle_piece;     /* first piece of each; one more entry at the end */
+    size_t n_handles, cap_handles;
+    wdc_tensor *tensors;
+    size_t n_tensors, cap_tensors;
+    wdc_part *parts;
+    size_t n_parts, cap_parts;
+    uint64_t *dims;
+    size_t n_dims, cap_dims;
+    size_t *sorted;           /* tensor indices by name, for find */
+    char *info;
+    double import_seconds;
+};
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- CUDA ----------------------------------------------------------------------- */
+
+#ifdef WD_WITH_CUDA
+#define CU(c, call, what)                                                            \
+    do {                                                                             \
+        CUresult r_ = (call);                                                        \
+        if (r_ != CUDA_SUCCESS) {                                                    \
+            wd_error e_ = {0};                                                       \
+            rc = wdc__fail(c, wd_cuda_error(r_, what, &e_), "%s", e_.msg);           \
+            goto out;                                                                \
+        }                                                                            \
+    } while (0)
+
+static const wd_cuda *cuda(wdc_client *c, int *rc)
+{
+    const wd_cuda *cu = NULL;
+    wd_error err = {0};
+
+    if ((*rc = wd_cuda_load(&cu, &err)))
+        wdc__fail(c, *rc, "%s", err.msg);
+    return cu;
+}
+
+/* The local ordinal of the GPU whose UUID is uuid, with its primary context. */
+static int cuda_device(wdc_client *c, const char *uuid, att_device *d)
+{
+    const wd_cuda *cu;
+    int n = 0, rc;
+    CUmemAllocationProp prop = {0};
+    size_t gran = 0;
+    CUdevice dev;
+
+    if (!(cu = cuda(c, &rc)))
+        return rc;
+    CU(c, cu->cuDeviceGetCount(&n), "cuDeviceGetCount");
+    for (int i = 0; i < n; i++) {
+        CUuuid u;
+        char text[48];
+        const unsigned char *b = (const unsigned char *)u.bytes;
+        CU(c, cu->cuDeviceGet(&dev, i), "cuDeviceGet");
+        CU(c, cu->cuDeviceGetUuid(&u, dev), "cuDeviceGetUuid");
+        snprintf(text, sizeof text, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+                 b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+        if (strcasecmp(text, uuid) == 0) {
+            d->cuda = i;
+            d->dev = dev;
+            break;
+        }
+    }
+    if (d->cuda < 0)
+        return wdc__fail(c, -ENODEV, "the daemon's device %d (%s) is not visible in this process (CUDA_VISIBLE_DEVICES?)",
+                         d->device, uuid);
+    CU(c, cu->cuDevicePrimaryCtxRetain(&d->ctx, d->dev), "cuDevicePrimaryCtxRetain");
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = d->cuda;
+    CU(c, cu->cuMemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+       "cuMemGetAllocationGranularity");
+    d->granularity = gran;
+    rc = 0;
+out:
+    return rc;
+}
+
+/* Runs with d's context current, the caller's put back after. */
+static int push(wdc_client *c, const att_device *d)
+{
+    const wd_cuda *cu;
+    int rc;
+
+    if (!(cu = cuda(c, &rc)))
+        return rc;
+    CU(c, cu->cuCtxPushCurrent(d->ctx), "cuCtxPushCurrent");
+out:
+    return rc;
+}
+
+static void pop(void)
+{
+    const wd_cuda *cu;
+    wd_error err;
+    CUcontext ignored;
+
+    if (wd_cuda_load(&cu, &err) == 0)
+        cu->cuCtxPopCurrent(&ignored);
+}
+#endif
+
+/* ---- receiving -------------------------------------------------------------------- */
+
+static size_t device_index(const wdc_attachment *a, int device)
+{
+    for (size_t i = 0; i < a->n_devs; i++)
+        if (a->devs[i].device == device)
+            return i;
+    return SIZE_MAX;
+}
+
+static int get_u64(wdc_client *c, const cJSON *o, const char *key, uint64_t *out)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+
+    if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > 9007199254740992.0)
+        return wdc__fail(c, -EPROTO, "weightd's attach: \"%s\" is missing or not a count", key);
+    *out = (uint64_t)v->valuedouble;
+    return 0;
+}
+
+static int on_devices(wdc_client *c, wdc_attachment *a, const cJSON *ev, const cJSON *list)
+{
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(ev, "handle_type"), *o;
+    int rc;
+
+    if (a->devs)
+        return wdc__fail(c, -EPROTO, "weightd's attach: two device lists");
+    if (!cJSON_IsString(type))
+        return wdc__fail(c, -EPROTO, "weightd's attach: no handle_type");
+    if (strcmp(type->valuestring, "memfd") == 0)
+        a->kind = KIND_MEMFD;
+    else if (strcmp(type->valuestring, "cuda-vmm") == 0)
+        a->kind = KIND_VMM;
+    else if (strcmp(type->valuestring, "cuda-ipc") == 0)
+        a->kind = KIND_IPC;
+    else
+        return wdc__fail(c, -ENOTSUP, "weightd serves \"%s\" handles, which this library cannot map",
+                         type->valuestring);
+#ifndef WD_WITH_CUDA
+    if (a->kind != KIND_MEMFD)
+        return wdc__fail(c, -ENOTSUP, "this libweightd-client was built without CUDA; it cannot map %s handles",
+                         type->valuestring);
+#endif
+    if (!(a->devs = calloc((size_t)cJSON_GetArraySize(list) + 1, sizeof *a->devs)))
+        return wdc__fail(c, -ENOMEM, "out of memory");
+    cJSON_ArrayForEach(o, list)
+    {
+        att_device *d = &a->devs[a->n_devs];
+        const cJSON *uuid = cJSON_GetObjectItemCaseSensitive(o, "uuid");
+        uint64_t dev;
+        if ((rc = get_u64(c, o, "device", &dev)))
+            return rc;
+        if (!cJSON_IsString(uuid))
+            return wdc__fail(c, -EPROTO, "weightd's attach: a device without its uuid");
+        d->device = (int)dev;
+        d->cuda = -1;
+        d->granularity = HOST_PAGE;
+        a->n_devs++;
+#ifdef WD_WITH_CUDA
+        if (a->kind != KIND_MEMFD && (rc = cuda_device(c, uuid->valuestring, d)))
+            return rc;
+#endif
+    }
+    return 0;
+}
+
+static int on_descriptors(wdc_client *c, wdc_attachment *a, const cJSON *list)
+{
+    size_t n = (size_t)cJSON_GetArraySize(list), i = 0;
+    int fds[WP_MAX_FDS];
+    const cJSON *o;
+    int rc = 0;
+
+    if (!a->devs)
+        return wdc__fail(c, -EPROTO, "weightd's attach: descriptors before the devices");
+    if (a->kind != KIND_IPC) {
+        /* Their descriptors came with this message, in its order. */
+        if (n > WP_MAX_FDS || wp_reader_take_fds(&c->rd, fds, n) != n)
+            return wdc__fail(c, -EPROTO, "weightd's attach: a message lists %zu descriptors but brought fewer", n);
+    }
+    if (WD_GROW(a->descs, a->cap_descs, a->n_descs + n, 16)) {
+        rc = wdc__fail(c, -ENOMEM, "out of memory");
+        goto out;
+    }
+    cJSON_ArrayForEach(o, list)
+    {
+        att_desc *d = &a->descs[a->n_descs];
+        uint64_t index, dev;
+        if ((rc = get_u64(c, o, "descriptor", &index)) || (rc = get_u64(c, o, "device", &dev)) ||
+            (rc = get_u64(c, o, "bytes", &d->bytes)))
+            goto out;
+        if (index != a->n_descs || (d->dev = device_index(a, (int)dev)) == SIZE_MAX) {
+            rc = wdc__fail(c, -EPROTO, "weightd's attach: descriptor %llu out of order or on an unknown device",
+                           (unsigned long long)index);
+            goto out;
+        }
+        d->fd = -1;
+        if (a->kind == KIND_MEMFD) {
+            d->fd = fds[i];
+            fds[i++] = -1;
+        }
+#ifdef WD_WITH_CUDA
+        else if (a->kind == KIND_VMM) {
+            const wd_cuda *cu = cuda(c, &rc);
+            double t0 = now();
+            if (!cu || (rc = push(c, &a->devs[d->dev])))
+                goto out;
+            CUresult r = cu->cuMemImportFromShareableHandle(&d->vmm, (void *)(uintptr_t)fds[i],
+                                                            CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+            pop();
+            /* Imported or not, the descriptor has done its work. */
+            close(fds[i]);
+            fds[i++] = -1;
+            a->import_seconds += now() - t0;
+            if (r != CUDA_SUCCESS) {
+                wd_error e = {0};
+                rc = wdc__fail(c, wd_cuda_error(r, "cuMemImportFromShareableHandle", &e), "%s", e.msg);
+                goto out;
+            }
+        } else {
+            const cJSON *hex = cJSON_GetObjectItemCaseSensitive(o, "ipc");
+            const char *h = cJSON_IsString(hex) ? hex->valuestring : "";
+            if (strlen(h) != 2 * sizeof d->ipc.reserved) {
+                rc = wdc__fail(c, -EPROTO, "weightd's attach: an IPC handle is not %zu hex digits",
+                               2 * sizeof d->ipc.reserved);
+                goto out;
+            }
+            for (size_t b = 0; b < sizeof d->ipc.reserved; b++) {
+                unsigned v;
+                if (!isxdigit((unsigned char)h[2 * b]) || !isxdigit((unsigned char)h[2 * b + 1]) ||
+                    sscanf(h + 2 * b, "%2x", &v) != 1) {
+                    rc = wdc__fail(c, -EPROTO, "weightd's attach: an IPC handle is not hex");
+                    goto out;
+                }
+                d->ipc.reserved[b] = (char)v;
+            }
+        }
+#endif
+        a->n_descs++;
+    }
+out:
+    for (; i < n && a->kind != KIND_IPC; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    return rc;
+}
+
+static int on_handles(wdc_client *c, wdc_attachment *a, const cJSON *list)
+{
+    const cJSON *o, *p;
+    int rc;
+
+    cJSON_ArrayForEach(o, list)
+    {
+        const cJSON *pieces = cJSON_GetObjectItemCaseSensitive(o, "pieces");
+        wdc_handle *h;
+        uint64_t id, dev, bytes;
+        size_t di;
+        if ((rc = get_u64(c, o, "handle", &id)) || (rc = get_u64(c, o, "device", &dev)) ||
+            (rc = get_u64(c, o, "bytes", &bytes)))
+            return rc;
+        if ((di = device_index(a, (int)dev)) == SIZE_MAX || !cJSON_IsArray(pieces) || !bytes ||
+            (a->n_handles && id <= a->handle_ids[a->n_handles - 1]))
+            return wdc__fail(c, -EPROTO, "weightd's attach: handle %llu is malformed", (unsigned long long)id);
+        if (a->n_handles == a->cap_handles) {
+            size_t cap = a->cap_handles ? 2 * a->cap_handles : 16;
+            wdc_handle *handles = realloc(a->handles, cap * sizeof *handles);
+            uint64_t *ids = handles ? realloc(a->handle_ids, cap * sizeof *ids) : NULL;
+            size_t *first = ids ? realloc(a->handle_piece, (cap + 1) * sizeof *first) : NULL;
+            if (handles)
+                a->handles = handles;
+            if (ids)
+                a->handle_ids = ids;
+            if (!first)
+                return wdc__fail(c, -ENOMEM, "out of memory");
+            a->handle_piece = first;
+            a->cap_handles = cap;
+        }
+        h = &a->handles[a->n_handles];
+        *h = (wdc_handle){.device = (int)dev, .cuda_device = a->devs[di].cuda, .bytes = bytes};
+        a->handle_ids[a->n_handles] = id;
+        a->handle_piece[a->n_handles] = a->n_pieces;
+        cJSON_ArrayForEach(p, pieces)
+        {
+            att_piece pc = {0};
+            uint64_t desc;
+            if ((rc = get_u64(c, p, "descriptor", &desc)) || (rc = get_u64(c, p, "offset", &pc.offset)) ||
+                (rc = get_u64(c, p, "bytes", &pc.bytes)) || (rc = get_u64(c, p, "at", &pc.at)))
+                return rc;
+            pc.desc = (size_t)desc;
+            /* Each piece within its handle, on its device; whole allocations
+             * on cuda (the driver maps nothing less), one on cuda-ipc;
+             * page-aligned for mmap. */
+            if (desc >= a->n_descs || a->descs[desc].dev != di || pc.at > bytes || pc.bytes > bytes - pc.at ||
+                !pc.bytes || (a->kind == KIND_VMM && (pc.offset || pc.bytes != a->descs[desc].bytes)) ||
+                (a->kind == KIND_IPC && (pc.at || pc.offset > a->descs[desc].bytes ||
+                                         pc.bytes > a->descs[desc].bytes - pc.offset || a->n_pieces > a->handle_piece[a->n_handles])) ||
+                (a->kind == KIND_MEMFD && (pc.offset % HOST_PAGE || pc.at % HOST_PAGE)))
+                return wdc__fail(c, -EPROTO, "weightd's attach: a piece of handle %llu does not fit it",
+                                 (unsigned long long)id);
+            if (WD_GROW(a->pieces, a->cap_pieces, a->n_pieces + 1, 16))
+                return wdc__fail(c, -ENOMEM, "out of memory");
+            a->pieces[a->n_pieces++] = pc;
+        }
+        if (a->n_pieces == a->handle_piece[a->n_handles])
+            return wdc__fail(c, -EPROTO, "weightd's attach: handle %llu has no pieces", (unsigned long long)id);
+        a->n_handles++;
+        a->handle_piece[a->n_handles] = a->n_pieces;
+    }
+    return 0;
+}
+
+static size_t handle_index(const wdc_attachment *a, uint64_t id)
+{
+    size_t lo = 0, hi = a->n_handles;
+
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (a->handle_ids[mid] < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < a->n_handles && a->handle_ids[lo] == id ? lo : SIZE_MAX;
+}
+
+static int on_tensors(wdc_client *c, wdc_attachment *a, const cJSON *list)
+{
+    const cJSON *o, *v;
+    int rc;
+
+    cJSON_ArrayForEach(o, list)
+    {
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(o, "name");
+        const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(o, "dtype");
+        const cJSON *shape = cJSON_GetObjectItemCaseSensitive(o, "shape");
+        const cJSON *parts = cJSON_GetObjectItemCaseSensitive(o, "parts");
+        wdc_tensor *t;
+        if (!cJSON_IsString(name) || !cJSON_IsString(dtype) || !cJSON_IsArray(shape) || !cJSON_IsArray(parts))
+            return wdc__fail(c, -EPROTO, "weightd's attach: a tensor entry is malformed");
+        if (WD_GROW(a->tensors, a->cap_tensors, a->n_tensors + 1, 256))
+            return wdc__fail(c, -ENOMEM, "out of memory");
+        t = &a->tensors[a->n_tensors];
+        memset(t, 0, sizeof *t);
+        /* Pointers into dims and parts are set once every tensor is in;
+         * until then these hold indices. */
+        t->shape = (const uint64_t *)(uintptr_t)a->n_dims;
+        t->parts = (const wdc_part *)(uintptr_t)a->n_parts;
+        if (!(t->name = strdup(name->valuestring)) || !(t->dtype = strdup(dtype->valuestring)))
+            return wdc__fail(c, -ENOMEM, "out of memory");
+        a->n_tensors++; /* owns its strings from here */
+        if ((rc = get_u64(c, o, "bytes", &t->bytes)))
+            return rc;
+        cJSON_ArrayForEach(v, shape)
+        {
+            if (!cJSON_IsNumber(v) || v->valuedouble < 0)
+                return wdc__fail(c, -EPROTO, "weightd's attach: tensor \"%s\" has a bad shape", t->name);
+            if (WD_GROW(a->dims, a->cap_dims, a->n_dims + 1, 1024))
+                return wdc__fail(c, -ENOMEM, "out of memory");
+            a->dims[a->n_dims++] = (uint64_t)v->valuedouble;
+            t->ndim++;
+        }
+        cJSON_ArrayForEach(v, parts)
+        {
+            wdc_part p = {0};
+            uint64_t dev, handle;
+            size_t h;
+            if ((rc = get_u64(c, v, "device", &dev)) || (rc = get_u64(c, v, "handle", &handle)) ||
+                (rc = get_u64(c, v, "offset", &p.handle_offset)) || (rc = get_u64(c, v, "bytes", &p.bytes)) ||
+                (rc = get_u64(c, v, "tensor_offset", &p.tensor_offset)))
+                return rc;
+            if ((h = handle_index(a, handle)) == SIZE_MAX || a->handles[h].device != (int)dev ||
+                p.handle_offset > a->handles[h].bytes || p.bytes > a->handles[h].bytes - p.handle_offset ||
+                p.tensor_offset > t->bytes || p.bytes > t->bytes - p.tensor_offset)
+                return wdc__fail(c, -EPROTO, "weightd's attach: a part of tensor \"%s\" lies outside its handle",
+                                 t->name);
+            p.device = (int)dev;
+            p.cuda_device = a->handles[h].cuda_device;
+            p.handle = h;
+            if (WD_GROW(a->parts, a->cap_parts, a->n_parts + 1, 256))
+                return wdc__fail(c, -ENOMEM, "out of memory");
+            a->parts[a->n_parts++] = p;
+            t->n_parts++;
+        }
+    }
+    return 0;
+}
+
+/* ---- mapping ------------------------------------------------------------------------ */
+
+static uint64_t round_up(uint64_t v, uint64_t to)
+{
+    return (v + to - 1) / to * to;
+}
+
+static int map_memfd(wdc_client *c, wdc_attachment *a, att_device *d, size_t di)
+{
+    int prot = PROT_READ | (a->writable ? PROT_WRITE : 0);
+    void *va;
+    uint64_t at = 0;
+
+    for (size_t h = 0; h < a->n_handles; h++)
+        if (a->handles[h].device == d->device)
+            d->va_bytes += round_up(a->handles[h].bytes, HOST_PAGE);
+    if (!d->va_bytes)
+        return 0;
+    /* One range for the device, then each piece in its place. */
+    va = mmap(NULL, d->va_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (va == MAP_FAILED)
+        return wdc__fail(c, -errno, "reserving %llu bytes of address space: %s", (unsigned long long)d->va_bytes,
+                         strerror(errno));
+    d->va = (uintptr_t)va;
+    for (size_t h = 0; h < a->n_handles; h++) {
+        if (a->handles[h].device != d->device)
+            continue;
+        a->handles[h].ptr = (char *)va + at;
+        for (size_t i = a->handle_piece[h]; i < a->handle_piece[h + 1]; i++) {
+            att_piece *p = &a->pieces[i];
+            if (mmap((char *)va + at + p->at, p->bytes, prot, MAP_SHARED | MAP_FIXED, a->descs[p->desc].fd,
+                     (off_t)p->offset) == MAP_FAILED)
+                return wdc__fail(c, -errno, "mapping %llu bytes of device %d%s: %s", (unsigned long long)p->bytes,
+                                 d->device, a->writable ? " writable" : "", strerror(errno));
+            p->mapped = true;
+        }
+        at += round_up(a->handles[h].bytes, HOST_PAGE);
+    }
+    (void)di;
+    return 0;
+}
+
+#ifdef WD_WITH_CUDA
+static int map_cuda(wdc_client *c, wdc_attachment *a, att_device *d, size_t di)
+{
+    const wd_cuda *cu;
+    CUdeviceptr va = 0;
+    uint64_t at = 0;
+    bool gaps = false;
+    int rc;
+
+    if (!(cu = cuda(c, &rc)) || (rc = push(c, d)))
+        return rc;
+    if (a->kind == KIND_IPC) {
+        for (size_t i = 0; i < a->n_descs; i++)
+            if (a->descs[i].dev == di)
+                CU(c, cu->cuIpcOpenMemHandle(&a->descs[i].opened, a->descs[i].ipc, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                   "cuIpcOpenMemHandle");
+        for (size_t h = 0; h < a->n_handles; h++)
+            if (a->handles[h].device == d->device) {
+                const att_piece *p = &a->pieces[a->handle_piece[h]];
+                a->handles[h].ptr = (void *)(uintptr_t)(a->descs[p->desc].opened + p->offset);
+            }
+        goto out;
+    }
+    for (size_t h = 0; h < a->n_handles; h++)
+        if (a->handles[h].device == d->device) {
+            d->va_bytes += round_up(a->handles[h].bytes, d->granularity);
+            gaps |= a->handles[h].bytes % d->granularity != 0;
+        }
+    if (!d->va_bytes)
+        goto out;
+    /* One range for the device's handles, side by side: one reservation
+     * and one access grant instead of one per handle. */
+    CU(c, cu->cuMemAddressReserve(&va, d->va_bytes, d->granularity, 0, 0), "cuMemAddressReserve");
+    d->va = (uintptr_t)va;
+    for (size_t h = 0; h < a->n_handles; h++) {
+        if (a->handles[h].device != d->device)
+            continue;
+        a->handles[h].ptr = (void *)(uintptr_t)(va + at);
+        for (size_t i = a->handle_piece[h]; i < a->handle_piece[h + 1]; i++) {
+            att_piece *p = &a->pieces[i];
+            CU(c, cu->cuMemMap(va + at + p->at, p->bytes, 0, a->descs[p->desc].vmm, 0), "cuMemMap");
+            p->mapped = true;
+        }
+        at += round_up(a->handles[h].bytes, d->granularity);
+    }
+    {
+        CUmemAccessDesc access = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = d->cuda},
+                                  .flags = a->writable ? CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+                                                       : CU_MEM_ACCESS_FLAGS_PROT_READ};
+        if (!gaps) {
+            CU(c, cu->cuMemSetAccess(va, d->va_bytes, &access, 1), "cuMemSetAccess");
+        } else {
+            for (size_t h = 0; h < a->n_handles; h++)
+                if (a->handles[h].device == d->device)
+                    CU(c, cu->cuMemSetAccess((CUdeviceptr)(uintptr_t)a->handles[h].ptr, a->handles[h].bytes, &access, 1),
+                       "cuMemSetAccess");
+        }
+    }
+out:
+    pop();
+    return rc;
+}
+#endif
+
+/* Everything a has taken here, mapped or not, back. */
+static void release(wdc_attachment *a)
+{
+#ifdef WD_WITH_CUDA
+    const wd_cuda *cu = NULL;
+    wd_error err;
+
+    if (a->kind != KIND_MEMFD && wd_cuda_load(&cu, &err))
+        cu = NULL;
+#endif
+    for (size_t di = 0; di < a->n_devs; di++) {
+        att_device *d = &a->devs[di];
+        if (a->kind == KIND_MEMFD) {
+            if (d->va)
+                munmap((void *)d->va, d->va_bytes);
+            continue;
+        }
+#ifdef WD_WITH_CUDA
+        if (!cu || !d->ctx)
+            continue;
+        cu->cuCtxPushCurrent(d->ctx);
+        for (size_t h = 0; h < a->n_handles; h++)
+            for (size_t i = a->handle_piece[h]; a->handles[h].device == d->device && i < a->handle_piece[h + 1]; i++)
+                if (a->pieces[i].mapped)
+                    cu->cuMemUnmap((CUdeviceptr)(uintptr_t)a->handles[h].ptr + a->pieces[i].at, a->pieces[i].bytes);
+        if (d->va)
+            cu->cuMemAddressFree((CUdeviceptr)d->va, d->va_bytes);
+        for (size_t i = 0; i < a->n_descs; i++) {
+            if (a->descs[i].dev != di)
+                continue;
+            if (a->descs[i].vmm)
+                cu->cuMemRelease(a->descs[i].vmm);
+            if (a->descs[i].opened)
+                cu->cuIpcCloseMemHandle(a->descs[i].opened);
+        }
+        pop();
+        cu->cuDevicePrimaryCtxRelease(d->dev);
+#endif
+    }
+    for (size_t i = 0; i < a->n_descs; i++)
+        if (a->descs[i].fd >= 0)
+            close(a->descs[i].fd);
+    for (size_t i = 0; i < a->n_tensors; i++) {
+        free((char *)a->tensors[i].name);
+        free((char *)a->tensors[i].dtype);
+    }
+    free(a->devs);
+    free(a->descs);
+    free(a->pieces);
+    free(a->handles);
+    free(a->handle_ids);
+    free(a->handle_piece);
+    free(a->tensors);
+    free(a->parts);
+    free(a->dims);
+    free(a->sorted);
+    free(a->info);
+    free(a);
+}
+
+/* After mapping: what only mapping needed goes (descriptors, imported
+ * handles: the mappings hold the memory now), and the table's pointers. */
+static void settle(wdc_attachment *a)
+{
+#ifdef WD_WITH_CUDA
+    const wd_cuda *cu;
+    wd_error err;
+
+    if (a->kind == KIND_VMM && wd_cuda_load(&cu, &err) == 0)
+        for (size_t i = 0; i < a->n_descs; i++)
+            if (a->descs[i].vmm) {
+                cu->cuMemRelease(a->descs[i].vmm);
+                a->descs[i].vmm = 0;
+            }
+#endif
+    for (size_t i = 0; i < a->n_descs; i++)
+        if (a->descs[i].fd >= 0) {
+            close(a->descs[i].fd);
+            a->descs[i].fd = -1;
+        }
+    for (size_t i = 0; i < a->n_tensors; i++) {
+        wdc_tensor *t = &a->tensors[i];
+        t->shape = a->dims + (uintptr_t)t->shape;
+        t->parts = a->parts + (uintptr_t)t->parts;
+    }
+    for (size_t i = 0; i < a->n_parts; i++)
+        a->parts[i].ptr = (char *)a->handles[a->parts[i].handle].ptr + a->parts[i].handle_offset;
+}
+
+static int by_name(const void *x, const void *y, void *ctx)
+{
+    const wdc_attachment *a = ctx;
+    return strcmp(a->tensors[*(const size_t *)x].name, a->tensors[*(const size_t *)y].name);
+}
+
+/* ---- the calls ---------------------------------------------------------------------- */
+
+/* After a failed attach: the rest of its stream read and dropped (its
+ * descriptors closed), then its lease ended; on a broken connection, the
+ * connection closed instead, which ends the lease. The call's error stays. */
+static void abandon(wdc_client *c, int64_t id, bool replied, uint64_t lease, int rc, int timeout_ms)
+{
+    char code[32], message[1024];
+    cJSON *msg;
+    char *raw;
+
+    snprintf(code, sizeof code, "%s", c->code);
+    snprintf(message, sizeof message, "%s", c->message);
+    if (rc == -ETIMEDOUT || rc == -ECONNRESET || rc == -EPROTO || rc == -EMSGSIZE) {
+        close(c->fd);
+        c->fd = -1;
+    } else {
+        while (!replied && !wdc__next_for(c, id, timeout_ms, &msg, &raw)) {
+            const cJSON *res = NULL;
+            replied = !cJSON_GetObjectItemCaseSensitive(msg, "event");
+            if (replied && (wdc__reply_result(c, msg, &res) || !res))
+                lease = 0; /* an error reply: the daemon ended the lease itself */
+            cJSON_Delete(msg);
+            wp_reader_drop_fds(&c->rd);
+        }
+        if (lease) {
+            char args[64];
+            snprintf(args, sizeof args, "{\"lease\":%llu}", (unsigned long long)lease);
+            wdc_call(c, "detach", args, timeout_ms, NULL, NULL, NULL);
+        }
+    }
+    wp_reader_drop_fds(&c->rd);
+    snprintf(c->code, sizeof c->code, "%s", code);
+    snprintf(c->message, sizeof c->message, "%s", message);
+}
+
+int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned flags, int timeout_ms,
+               wdc_attachment **out)
+{
+    wdc_attachment *a = NULL;
+    cJSON *args, *msg = NULL, *summary = NULL, *client;
+    const cJSON *result;
+    double t0 = now(), t_reply;
+    bool replied = false;
+    int64_t id = 0;
+    char *raw;
+    int rc;
+
+    *out = NULL;
+    wp_reader_drop_fds(&c->rd);
+    if (!(a = calloc(1, sizeof *a)) || !(args = cJSON_CreateObject())) {
+        free(a);
+        return wdc__fail(c, -ENOMEM, "out of memory");
+    }
+    a->writable = flags & WDC_ATTACH_WRITABLE;
+    cJSON_AddStringToObject(args, "name", name);
+    if (device)
+        cJSON_AddStringToObject(args, "device", device);
+    if (a->writable)
+        cJSON_AddBoolToObject(args, "writable", 1);
+    if ((rc = wdc__send_request(c, "attach", args, timeout_ms, &id)))
+        goto fail;
+    for (;;) {
+        const cJSON *l;
+        if ((rc = wdc__next_for(c, id, timeout_ms, &msg, &raw)))
+            goto fail;
+        if (!cJSON_GetObjectItemCaseSensitive(msg, "event"))
+            break;
+        if (!a->lease && cJSON_IsNumber(l = cJSON_GetObjectItemCaseSensitive(msg, "lease")))
+            a->lease = (uint64_t)l->valuedouble;
+        if ((l = cJSON_GetObjectItemCaseSensitive(msg, "devices")))
+            rc = on_devices(c, a, msg, l);
+        else if ((l = cJSON_GetObjectItemCaseSensitive(msg, "descriptors")))
+            rc = on_descriptors(c, a, l);
+        else if ((l = cJSON_GetObjectItemCaseSensitive(msg, "handles")))
+            rc = on_handles(c, a, l);
+        else if ((l = cJSON_GetObjectItemCaseSensitive(msg, "tensors")))
+            rc = on_tensors(c, a, l);
+        cJSON_Delete(msg);
+        msg = NULL;
+        if (rc)
+            goto fail;
+    }
+    t_reply = now();
+    replied = true;
+    if ((rc = wdc__reply_result(c, msg, &result))) {
+        a->lease = 0; /* the daemon ended it with its error */
+        goto fail;
+    }
+    {
+        uint64_t n_desc = 0, n_handles = 0, n_tensors = 0;
+        if ((rc = get_u64(c, result, "descriptors", &n_desc)) || (rc = get_u64(c, result, "handles", &n_handles)) ||
+            (rc = get_u64(c, result, "tensors", &n_tensors)) || (rc = get_u64(c, result, "lease", &a->lease)))
+            goto fail;
+        if (!a->devs || n_desc != a->n_descs || n_handles != a->n_handles || n_tensors != a->n_tensors) {
+            rc = wdc__fail(c, -EPROTO, "weightd's attach announced %llu descriptors, %llu handles and %llu tensors "
+                           "but sent %zu, %zu and %zu", (unsigned long long)n_desc, (unsigned long long)n_handles,
+                           (unsigned long long)n_tensors, a->n_descs, a->n_handles, a->n_tensors);
+            goto fail;
+        }
+    }
+    for (size_t di = 0; di < a->n_devs; di++) {
+#ifdef WD_WITH_CUDA
+        rc = a->kind == KIND_MEMFD ? map_memfd(c, a, &a->devs[di], di) : map_cuda(c, a, &a->devs[di], di);
+#else
+        rc = map_memfd(c, a, &a->devs[di], di);
+#endif
+        if (rc)
+            goto fail;
+    }
+    settle(a);
+    if (a->n_tensors && !(a->sorted = malloc(a->n_tensors * sizeof *a->sorted))) {
+        rc = wdc__fail(c, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < a->n_tensors; i++)
+        a->sorted[i] = i;
+    qsort_r(a->sorted, a->n_tensors, sizeof *a->sorted, by_name, a);
+    summary = cJSON_Duplicate(result, 1);
+    client = cJSON_AddObjectToObject(summary, "client");
+    cJSON_AddNumberToObject(client, "seconds", now() - t0);
+    cJSON_AddNumberToObject(client, "receive_seconds", t_reply - t0);
+    cJSON_AddNumberToObject(client, "import_seconds", a->import_seconds);
+    cJSON_AddNumberToObject(client, "map_seconds", now() - t_reply);
+    a->info = cJSON_PrintUnformatted(summary);
+    cJSON_Delete(summary);
+    cJSON_Delete(msg);
+    if (!a->info) {
+        rc = wdc__fail(c, -ENOMEM, "out of memory");
+        msg = NULL;
+        goto fail;
+    }
+    *out = a;
+    return 0;
+fail:
+    cJSON_Delete(msg);
+    if (id && c->fd >= 0)
+        abandon(c, id, replied, a->lease, rc, timeout_ms);
+    release(a);
+    return rc;
+}
+
+size_t wdc_attachment_tensor_count(const wdc_attachment *a) { return a->n_tensors; }
+size_t wdc_attachment_handle_count(const wdc_attachment *a) { return a->n_handles; }
+uint64_t wdc_attachment_lease(const wdc_attachment *a) { return a->lease; }
+const char *wdc_attachment_info(const wdc_attachment *a) { return a->info; }
+
+const wdc_tensor *wdc_attachment_tensor(const wdc_attachment *a, size_t i)
+{
+    return i < a->n_tensors ? &a->tensors[i] : NULL;
+}
+
+const wdc_handle *wdc_attachment_handle(const wdc_attachment *a, size_t i)
+{
+    return i < a->n_handles ? &a->handles[i] : NULL;
+}
+
+const wdc_tensor *wdc_attachment_find(const wdc_attachment *a, const char *name)
+{
+    size_t lo = 0, hi = a->n_tensors;
+
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        int cmp = strcmp(a->tensors[a->sorted[mid]].name, name);
+        if (cmp == 0)
+            return &a->tensors[a->sorted[mid]];
+        if (cmp < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+int wdc_read(const wdc_attachment *a, const wdc_part *p, uint64_t offset, void *dst, size_t len)
+{
+    if (offset > p->bytes || len > p->bytes - offset)
+        return -ERANGE;
+    if (a->kind == KIND_MEMFD) {
+        memcpy(dst, (const char *)p->ptr + offset, len);
+        return 0;
+    }
+#ifdef WD_WITH_CUDA
+    {
+        const wd_cuda *cu;
+        wd_error err;
+        CUcontext ignored;
+        const att_device *d = &a->devs[device_index(a, p->device)];
+        CUresult r;
+        if (wd_cuda_load(&cu, &err))
+            return err.code;
+        if (cu->cuCtxPushCurrent(d->ctx) != CUDA_SUCCESS)
+            return -EIO;
+        r = cu->cuMemcpyDtoH(dst, (CUdeviceptr)(uintptr_t)p->ptr + offset, len);
+        cu->cuCtxPopCurrent(&ignored);
+        return r == CUDA_SUCCESS ? 0 : -EIO;
+    }
+#else
+    return -ENOTSUP;
+#endif
+}
+
+int wdc_detach(wdc_client *c, wdc_attachment *a, int timeout_ms)
+{
+    char args[64];
+    int rc;
+
+    if (!a)
+        return 0;
+    /* Unmapped first: the lease lasts while anything is mapped. */
+    snprintf(args, sizeof args, "{\"lease\":%llu}", (unsigned long long)a->lease);
+    release(a);
+    rc = wdc_call(c, "detach", args, timeout_ms, NULL, NULL, NULL);
+    return rc;
+}

@@ -1,0 +1,505 @@
+/* attach, detach and leases: serving a model's memory to worker processes.
+ *
+ * An attach is answered by a stream of "attach" events, then the reply:
+ *   descriptors  what the worker imports: on cuda and host one descriptor
+ *                each, passed as SCM_RIGHTS on the message that lists it (at
+ *                most WP_MAX_FDS a message); on cuda-ipc the IPC handle's bytes
+ *   handles      what it maps: one per slab, a contiguous range made of
+ *                pieces of descriptors placed one after another
+ *   tensors      name, dtype, shape and, per part on a device, the handle and
+ *                the offset in it where the part's bytes are
+ * Each list comes in pages that fit a message; the reply says how many of
+ * each came, so that the worker knows it has them all. Everything is sent
+ * from the loop at once: a model's handles are a few dozen (slabs), its
+ * tensors a few thousand, and the messages are queued on the connection,
+ * which stops reading that client's requests until it has caught up. */
+#include "daemon/daemon.h"
+#include "daemon/lease.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/grow.h"
+
+#define PAGE_BUDGET (768u * 1024u) /* bytes of entries per message, under WP_MAX_LINE */
+#define LEASES_PAGE 2000
+
+/* One thing a worker imports: a descriptor (its number here) or an IPC
+ * allocation (its memory), keyed so that pieces sharing it share it. */
+typedef struct share_desc {
+    uintptr_t key;
+    const wa_mem *mem;
+    int device;
+} share_desc;
+
+typedef struct share_piece {
+    uint32_t desc;
+    uint64_t offset, bytes, at;
+} share_piece;
+
+typedef struct share_handle {
+    int device;
+    uint64_t bytes;
+    size_t first_piece, n_pieces;
+    uint64_t slab_at;        /* where the slab starts in the handle */
+} share_handle;
+
+typedef struct share_table {
+    share_desc *desc;
+    size_t n_desc, cap_desc;
+    size_t *index;           /* open addressing over desc, by key */
+    size_t index_cap;
+    share_piece *pieces;
+    size_t n_pieces, cap_pieces;
+    share_handle *handles;   /* one per slab of the model (unused ones bytes 0) */
+    uint64_t bytes;          /* the handles' bytes */
+    size_t n_handles;        /* those on the devices attached */
+} share_table;
+
+static void table_free(share_table *t)
+{
+    free(t->desc);
+    free(t->index);
+    free(t->pieces);
+    free(t->handles);
+}
+
+static size_t hash_key(uintptr_t key, size_t cap)
+{
+    return (size_t)((key * 0x9E3779B97F4A7C15ull) >> 17) & (cap - 1);
+}
+
+/* The descriptor for key, added when new; SIZE_MAX when out of memory. */
+static size_t desc_for(share_table *t, uintptr_t key, const wa_mem *mem, int device)
+{
+    size_t at;
+
+    if (2 * (t->n_desc + 1) > t->index_cap) {
+        size_t cap = t->index_cap ? 2 * t->index_cap : 64, *index = malloc(cap * sizeof *index);
+        if (!index)
+            return SIZE_MAX;
+        for (size_t i = 0; i < cap; i++)
+            index[i] = SIZE_MAX;
+        for (size_t i = 0; i < t->n_desc; i++) {
+            for (at = hash_key(t->desc[i].key, cap); index[at] != SIZE_MAX; at = (at + 1) & (cap - 1))
+                ;
+            index[at] = i;
+        }
+        free(t->index);
+        t->index = index;
+        t->index_cap = cap;
+    }
+    for (at = hash_key(key, t->index_cap); t->index[at] != SIZE_MAX; at = (at + 1) & (t->index_cap - 1))
+        if (t->desc[t->index[at]].key == key)
+            return t->index[at];
+    if (WD_GROW(t->desc, t->cap_desc, t->n_desc + 1, 16))
+        return SIZE_MAX;
+    t->desc[t->n_desc] = (share_desc){.key = key, .mem = mem, .device = device};
+    t->index[at] = t->n_desc;
+    return t->n_desc++;
+}
+
+/* The handles of m's slabs on `device` (-1: all) and the descriptors
+ * behind them. */
+static int table_build(wd_server *s, const wd_model *m, int device, share_table *t, wd_error *err)
+{
+    const wa_mem *stack[16], **backing = stack;
+    size_t room = sizeof stack / sizeof stack[0];
+    int rc = 0;
+
+    memset(t, 0, sizeof *t);
+    if (!(t->handles = calloc(m->n_slabs ? m->n_slabs : 1, sizeof *t->handles)))
+        return wd_error_set(err, -ENOMEM, "out of memory");
+    for (size_t k = 0; k < m->n_slabs; k++) {
+        const wd_slab *sl = &m->slabs[k];
+        share_handle *h = &t->handles[k];
+        wa_region reg;
+        size_t n;
+        if (device >= 0 && sl->device != device)
+            continue;
+        while ((n = wa_block_backing(sl->block, backing, room)) > room) {
+            const wa_mem **more = realloc(backing == stack ? NULL : backing, n * sizeof *more);
+            if (!more) {
+                rc = wd_error_set(err, -ENOMEM, "out of memory");
+                goto out;
+            }
+            backing = more;
+            room = n;
+        }
+        wa_block_region(sl->block, &reg);
+        h->device = sl->device;
+        h->first_piece = t->n_pieces;
+        h->n_pieces = n;
+        h->slab_at = reg.addr - backing[0]->addr;
+        h->bytes = backing[n - 1]->addr + backing[n - 1]->size - backing[0]->addr;
+        t->bytes += h->bytes;
+        t->n_handles++;
+        for (size_t i = 0; i < n; i++) {
+            const wa_mem *mem = backing[i];
+            uintptr_t key = s->backend->share == WA_SHARE_IPC ? (uintptr_t)mem->priv : (uintptr_t)mem->fd;
+            size_t d = desc_for(t, key, mem, sl->device);
+            if (d == SIZE_MAX || WD_GROW(t->pieces, t->cap_pieces, t->n_pieces + 1, 16)) {
+                rc = wd_error_set(err, -ENOMEM, "out of memory");
+                goto out;
+            }
+            t->pieces[t->n_pieces++] = (share_piece){.desc = (uint32_t)d, .offset = mem->fd_offset,
+                                                     .bytes = mem->size, .at = mem->addr - backing[0]->addr};
+        }
+    }
+out:
+    if (backing != stack)
+        free(backing);
+    return rc;
+}
+
+/* ---- the stream -------------------------------------------------------------- */
+
+static cJSON *page_event(wd_request *r, const wd_lease *l, const char *list, cJSON **arr)
+{
+    cJSON *ev = wp_event_new(r->id, "attach");
+
+    cJSON_AddNumberToObject(ev, "lease", (double)l->id);
+    *arr = cJSON_AddArrayToObject(ev, list);
+    return ev;
+}
+
+/* A worker may map what it gets read-only or not at all: on host, a
+ * descriptor opened read-only (a write through any mapping of it faults);
+ * elsewhere the daemon's own, which the worker maps read-only by default. */
+static int share_fd(wd_server *s, const share_desc *d, bool writable, wd_error *err)
+{
+    char path[64];
+    int fd;
+
+    if (s->backend->share != WA_SHARE_MEMFD || writable)
+        return d->mem->fd;
+    snprintf(path, sizeof path, "/proc/self/fd/%d", d->mem->fd);
+    if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+        return wd_error_set(err, -errno, "reopening a segment read-only (%s): %s", path, strerror(errno));
+    return fd;
+}
+
+/* 0, -ECONNRESET when the client went away, or a negative errno with err set. */
+static int send_descriptors(wd_server *s, wd_request *r, const wd_lease *l, const share_table *t,
+                            size_t *messages, wd_error *err)
+{
+    int fds[WP_MAX_FDS];
+    bool opened[WP_MAX_FDS];
+    size_t n_fds = 0;
+    bool passes_fds = s->backend->share != WA_SHARE_IPC;
+    cJSON *arr = NULL, *ev = NULL;
+    int rc = 0;
+
+    for (size_t i = 0; i < t->n_desc; i++) {
+        const share_desc *d = &t->desc[i];
+        cJSON *o;
+        if (!ev)
+            ev = page_event(r, l, "descriptors", &arr);
+        o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "descriptor", (double)i);
+        cJSON_AddNumberToObject(o, "device", d->device);
+        cJSON_AddNumberToObject(o, "bytes", (double)d->mem->size);
+        cJSON_AddItemToArray(arr, o);
+        if (passes_fds) {
+            if ((fds[n_fds] = share_fd(s, d, l->writable, err)) < 0) {
+                rc = fds[n_fds];
+                break;
+            }
+            opened[n_fds] = fds[n_fds] != d->mem->fd;
+            n_fds++;
+        } else {
+            unsigned char h[WA_IPC_HANDLE_BYTES];
+            char hex[2 * WA_IPC_HANDLE_BYTES + 1];
+            s->backend->ipc_handle(s->backend, d->mem, h);
+            for (size_t b = 0; b < sizeof h; b++)
+                snprintf(hex + 2 * b, 3, "%02x", h[b]);
+            cJSON_AddStringToObject(o, "ipc", hex);
+        }
+        /* At most WP_MAX_FDS descriptors a message; IPC handles are some 200
+         * bytes of text each. */
+        if (n_fds == WP_MAX_FDS || cJSON_GetArraySize(arr) >= 2048 || i + 1 == t->n_desc) {
+            bool sent = wd_request_stream(r, ev, fds, n_fds); /* duplicates them */
+            ev = NULL;
+            (*messages)++;
+            for (size_t k = 0; k < n_fds; k++)
+                if (opened[k])
+                    close(fds[k]);
+            n_fds = 0;
+            if (!sent) {
+                rc = -ECONNRESET;
+                break;
+            }
+        }
+    }
+    cJSON_Delete(ev);
+    for (size_t k = 0; k < n_fds; k++)
+        if (opened[k])
+            close(fds[k]);
+    return rc;
+}
+
+static bool send_handles(wd_request *r, const wd_lease *l, const wd_model *m, const share_table *t, size_t *messages)
+{
+    size_t budget = 0;
+    cJSON *arr, *ev = NULL;
+
+    for (size_t k = 0; k < m->n_slabs; k++) {
+        const share_handle *h = &t->handles[k];
+        cJSON *o, *pieces;
+        if (!h->bytes)
+            continue;
+        if (!ev)
+            ev = page_event(r, l, "handles", &arr);
+        o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "handle", (double)k);
+        cJSON_AddNumberToObject(o, "device", h->device);
+        cJSON_AddNumberToObject(o, "bytes", (double)h->bytes);
+        pieces = cJSON_AddArrayToObject(o, "pieces");
+        for (size_t i = h->first_piece; i < h->first_piece + h->n_pieces; i++) {
+            const share_piece *p = &t->pieces[i];
+            cJSON *po = cJSON_CreateObject();
+            cJSON_AddNumberToObject(po, "descriptor", p->desc);
+            cJSON_AddNumberToObject(po, "offset", (double)p->offset);
+            cJSON_AddNumberToObject(po, "bytes", (double)p->bytes);
+            cJSON_AddNumberToObject(po, "at", (double)p->at);
+            cJSON_AddItemToArray(pieces, po);
+        }
+        cJSON_AddItemToArray(arr, o);
+        budget += 100 + 90 * h->n_pieces;
+        if (budget > PAGE_BUDGET) {
+            (*messages)++;
+            if (!wd_request_stream(r, ev, NULL, 0))
+                return false;
+            ev = NULL;
+            budget = 0;
+        }
+    }
+    if (!ev)
+        return true;
+    (*messages)++;
+    return wd_request_stream(r, ev, NULL, 0);
+}
+
+/* Every tensor with a part on the devices attached (an empty one too), its
+ * parts' places in the handles. */
+static bool send_tensors(wd_request *r, const wd_lease *l, const wd_model *m, const share_table *t, int device,
+                         size_t *n_tensors, size_t *n_parts, size_t *messages)
+{
+    size_t budget = 0, d = 0;
+    cJSON *arr, *ev = NULL;
+
+    for (size_t i = 0; i < m->ckpt.n_tensors; i++) {
+        const st_tensor *st = m->ckpt.tensors[i].st;
+        size_t first = d, cost;
+        bool here = false;
+        cJSON *o, *shape, *parts;
+        for (; d < m->n_dest && m->dest[d].tensor == i; d++)
+            here |= device < 0 || m->dest[d].device == device;
+        if (!here)
+            continue;
+        if (!ev)
+            ev = page_event(r, l, "tensors", &arr);
+        o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "name", st->name);
+        cJSON_AddStringToObject(o, "dtype", st_dtype_name(st->dtype));
+        shape = cJSON_AddArrayToObject(o, "shape");
+        for (size_t k = 0; k < st->ndim; k++)
+            cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)st->shape[k]));
+        cJSON_AddNumberToObject(o, "bytes", (double)st_tensor_nbytes(st));
+        parts = cJSON_AddArrayToObject(o, "parts");
+        cost = strlen(st->name) + 24 * st->ndim + 100;
+        for (size_t k = first; k < d; k++) {
+            const wl_dest *dd = &m->dest[k];
+            const wd_part *p = &m->part[k];
+            const share_handle *h;
+            cJSON *po;
+            if (p->slab == WD_NO_SLAB || (device >= 0 && dd->device != device))
+                continue;
+            h = &t->handles[p->slab];
+            po = cJSON_CreateObject();
+            cJSON_AddNumberToObject(po, "device", dd->device);
+            cJSON_AddNumberToObject(po, "handle", p->slab);
+            cJSON_AddNumberToObject(po, "offset", (double)(h->slab_at + p->offset));
+            cJSON_AddNumberToObject(po, "bytes", (double)dd->len);
+            cJSON_AddNumberToObject(po, "tensor_offset", (double)dd->tensor_off);
+            cJSON_AddItemToArray(parts, po);
+            cost += 100;
+            (*n_parts)++;
+        }
+        cJSON_AddItemToArray(arr, o);
+        (*n_tensors)++;
+        budget += cost;
+        if (budget > PAGE_BUDGET) {
+            (*messages)++;
+            if (!wd_request_stream(r, ev, NULL, 0))
+                return false;
+            ev = NULL;
+            budget = 0;
+        }
+    }
+    if (!ev)
+        return true;
+    (*messages)++;
+    return wd_request_stream(r, ev, NULL, 0);
+}
+
+static const char *share_name(wa_share share)
+{
+    return share == WA_SHARE_MEMFD ? "memfd" : share == WA_SHARE_VMM ? "cuda-vmm" : "cuda-ipc";
+}
+
+/* What the stream's first message says, and the reply again: how to map
+ * the handles, and which devices they are on (by UUID: a worker's CUDA
+ * numbers may differ from the daemon's). */
+static void describe_attach(wd_server *s, const wd_model *m, const wd_lease *l, cJSON *o)
+{
+    cJSON *devs;
+
+    cJSON_AddStringToObject(o, "name", m->name);
+    cJSON_AddStringToObject(o, "backend", s->backend->name);
+    cJSON_AddStringToObject(o, "handle_type", share_name(s->backend->share));
+    cJSON_AddBoolToObject(o, "writable", l->writable);
+    devs = cJSON_AddArrayToObject(o, "devices");
+    for (size_t i = 0; i < m->n_devices; i++) {
+        wa_device_info info;
+        cJSON *d;
+        if (l->device >= 0 && m->devices[i] != l->device)
+            continue;
+        s->backend->describe(s->backend, m->devices[i], &info);
+        d = cJSON_CreateObject();
+        cJSON_AddNumberToObject(d, "device", m->devices[i]);
+        cJSON_AddStringToObject(d, "uuid", info.uuid);
+        cJSON_AddItemToArray(devs, d);
+    }
+}
+
+/* ---- the operations ---------------------------------------------------------- */
+
+/* {"name", "device"?, "writable"?} */
+int wd_op_attach(wd_server *s, wd_request *r)
+{
+    const cJSON *dev_arg = cJSON_GetObjectItemCaseSensitive(r->args, "device");
+    const char *name;
+    bool writable = false;
+    int device = -1, rc;
+    size_t n_tensors = 0, n_parts = 0, messages = 0;
+    share_table t;
+    wd_model *m;
+    wd_lease *l;
+    cJSON *res;
+
+    if ((rc = wp_arg_string(r->args, "name", true, &name, &r->err)) ||
+        (rc = wp_arg_bool(r->args, "writable", &writable, &r->err)) == -EINVAL)
+        return rc;
+    if (dev_arg && !cJSON_IsNull(dev_arg) && (rc = wd_device_arg(s, r, dev_arg, &device)))
+        return rc;
+    if (!(m = wd_registry_find(s, name)))
+        return wd_error_set(&r->err, -ENOENT, "no model named \"%s\" is loaded", name);
+    if (m->state == WD_MODEL_LOADING)
+        return wd_error_set(&r->err, -EAGAIN, "model \"%s\" is still loading; attach once it is ready", name);
+    if (m->state != WD_MODEL_READY)
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is %s", name, wd_model_state_name(m->state));
+    if (s->backend->share == WA_SHARE_NONE)
+        return wd_error_set(&r->err, -ENOTSUP, "the %s backend holds no memory a worker could map", s->backend->name);
+    if (device >= 0) {
+        size_t i = 0;
+        char devs_text[128];
+        while (i < m->n_devices && m->devices[i] != device)
+            i++;
+        if (i == m->n_devices)
+            return wd_error_set(&r->err, -ENODEV, "model \"%s\" is not on device %d (it is on %s)", name, device,
+                                wd_model_devices_text(m, devs_text, sizeof devs_text));
+    }
+    if (writable && !(s->conf->attach_writable && wd_conn_privileged(r->conn)))
+        return wd_error_set(&r->err, -EPERM, "%s", s->conf->attach_writable
+                                ? "attaching writable is only for the daemon's own user or root"
+                                : "this daemon gives read-only mappings only (attach_writable is off)");
+    if ((rc = wd_lease_new(s, r, m, device, writable, &l, &r->err)))
+        return rc;
+    if ((rc = table_build(s, m, device, &t, &r->err))) {
+        wd_lease_end(s, l, "attach failed");
+        table_free(&t);
+        return rc;
+    }
+    /* From here a send may find the client gone: its close ended the lease
+     * and left r to be freed here (as a reply to nobody). */
+    {
+        cJSON *first = wp_event_new(r->id, "attach");
+        cJSON_AddNumberToObject(first, "lease", (double)l->id);
+        describe_attach(s, m, l, first);
+        messages++;
+        rc = wd_request_stream(r, first, NULL, 0) ? send_descriptors(s, r, l, &t, &messages, &r->err) : -ECONNRESET;
+    }
+    if (rc == 0 && (!send_handles(r, l, m, &t, &messages) ||
+                    !send_tensors(r, l, m, &t, device, &n_tensors, &n_parts, &messages)))
+        rc = -ECONNRESET;
+    if (rc) {
+        table_free(&t);
+        if (rc == -ECONNRESET) {
+            wd_reply_ok(r, NULL);
+            return 0;
+        }
+        wd_lease_end(s, l, "attach failed");
+        return rc;
+    }
+    res = cJSON_CreateObject();
+    cJSON_AddNumberToObject(res, "lease", (double)l->id);
+    describe_attach(s, m, l, res);
+    cJSON_AddNumberToObject(res, "descriptors", (double)t.n_desc);
+    cJSON_AddNumberToObject(res, "handles", (double)t.n_handles);
+    cJSON_AddNumberToObject(res, "tensors", (double)n_tensors);
+    cJSON_AddNumberToObject(res, "parts", (double)n_parts);
+    cJSON_AddNumberToObject(res, "bytes", (double)t.bytes);
+    cJSON_AddNumberToObject(res, "messages", (double)messages);
+    table_free(&t);
+    wd_reply_ok(r, res);
+    return 0;
+}
+
+/* {"lease"}: one of this connection's own. */
+int wd_op_detach(wd_server *s, wd_request *r)
+{
+    int64_t id;
+    wd_lease *l;
+    cJSON *res;
+    int rc;
+
+    if ((rc = wp_arg_int(r->args, "lease", true, 1, INT64_MAX / 2, &id, &r->err)))
+        return rc;
+    if (!(l = wd_lease_find(r->conn, (uint64_t)id)))
+        return wd_error_set(&r->err, -ENOENT, "this connection holds no lease %lld", (long long)id);
+    res = cJSON_CreateObject();
+    cJSON_AddNumberToObject(res, "lease", (double)id);
+    cJSON_AddStringToObject(res, "name", l->model->name);
+    wd_reply_ok(r, res);
+    /* After the reply: the end may finish a forced unload, which answers its
+     * own client. */
+    wd_lease_end(s, l, "detached");
+    return 0;
+}
+
+/* {"offset"?}: every lease of every model, a page at a time. */
+int wd_op_leases(wd_server *s, wd_request *r)
+{
+    int64_t offset = 0, i = 0;
+    cJSON *res, *arr;
+    int rc;
+
+    if ((rc = wp_arg_int(r->args, "offset", false, 0, INT32_MAX, &offset, &r->err)) == -EINVAL)
+        return rc;
+    res = cJSON_CreateObject();
+    arr = cJSON_AddArrayToObject(res, "leases");
+    for (wd_model *m = s->models; m; m = m->next)
+        for (wd_lease *l = m->leases; l; l = l->model_next, i++)
+            if (i >= offset && i < offset + LEASES_PAGE)
+                cJSON_AddItemToArray(arr, wd_lease_json(l));
+    if (i > offset + LEASES_PAGE)
+        cJSON_AddNumberToObject(res, "next", (double)(offset + LEASES_PAGE));
+    else
+        cJSON_AddNullToObject(res, "next");
+    wd_reply_ok(r, res);
+    return 0;
+}

@@ -1,0 +1,59 @@
+/* Leases: a worker's hold on a model it attached.
+ *
+ * A lease belongs to the connection that attached; it ends with detach, the
+ * connection's close, or the death of the peer process (a pidfd watched by
+ * the loop, for a socket that outlives its process in a child). It is also
+ * listed on its model, which asks its holders before it goes (unload
+ * --force sends them a "revoke" event). */
+#ifndef WD_LEASE_H
+#define WD_LEASE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <cjson/cJSON.h>
+
+#include "daemon/daemon.h"
+
+/* At most this many leases on one connection: a worker needs one per model
+ * (or per device of one), not thousands. */
+#define WD_LEASES_PER_CONN 64
+
+struct wd_lease {
+    uint64_t id;              /* unique for the daemon's life */
+    wd_conn *conn;
+    wd_model *model;
+    int device;               /* the device attached, or -1 for every one */
+    bool writable;
+    pid_t pid;                /* the peer's, from SO_PEERCRED */
+    uid_t uid;
+    char process[32];         /* /proc/PID/comm when it attached */
+    double since;             /* monotonic */
+    wd_lease *conn_next;      /* the connection's leases */
+    wd_lease *model_next;     /* the model's leases */
+};
+
+/* A new lease of m for the client of r, linked to both. */
+int wd_lease_new(wd_server *s, wd_request *r, wd_model *m, int device, bool writable, wd_lease **out,
+                 wd_error *err);
+/* Ends l: unlinked from its connection and its model, freed; a forced
+ * unload waiting on the model may go on. why goes to the log. */
+void wd_lease_end(wd_server *s, wd_lease *l, const char *why);
+/* Ends every lease of c (its connection is closing). */
+void wd_leases_conn_gone(wd_server *s, wd_conn *c, const char *why);
+/* c's lease number id, or NULL. */
+wd_lease *wd_lease_find(const wd_conn *c, uint64_t id);
+size_t wd_conn_lease_count(const wd_conn *c);
+
+/* {"lease", "model", "pid", "uid", "process", "age", "device", "writable"} */
+cJSON *wd_lease_json(const wd_lease *l);
+/* Every lease of m, as wd_lease_json gives them. */
+cJSON *wd_model_leases_json(const wd_model *m);
+/* "2 workers: pid 41 (python3, uid 1000, lease 3), pid 57 (...)" for messages. */
+void wd_leases_describe(const wd_model *m, char *buf, size_t len);
+/* A "revoke" event to each holder of m: {"event": "revoke", "lease", "name",
+ * "reason"}; the holder should detach. */
+void wd_leases_revoke(wd_server *s, wd_model *m, const char *reason);
+
+#endif
