@@ -99,7 +99,7 @@ LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/l
         $(BUILD)/weightd-client.pc
 UNIT := $(BUILD)/tests/unit-tests
 
-.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load
+.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach
 all: config $(BINS) $(LIBS)
 
 config:
@@ -182,6 +182,11 @@ $(BUILD)/vmmcost $(BUILD)/pipebw: $(BUILD)/%: bench/%.c bench/bench_cuda.h commo
 bench-load: all $(BUILD)/pipebw
 	$(Q)python3 bench/load_bench.py --build $(BUILD) --out $(BUILD)/bench
 
+# On the GPU machine: a fresh worker's attach of a 36-layer gpt-oss-shaped
+# model against safetensors and a warm load, and 8 workers at once.
+bench-attach: all
+	$(Q)python3 bench/attach_bench.py --build $(BUILD) --out $(BUILD)/bench
+
 install: all
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PCDIR) $(DESTDIR)$(UNITDIR) \
 	    $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
@@ -213,7 +218,7 @@ clean:
 
 help:
 	@echo "targets: all (default) test unit e2e demo bench install uninstall clean"
-	@echo "         on the GPU machine: gpu-test bench-gpu bench-load"
+	@echo "         on the GPU machine: gpu-test bench-gpu bench-load bench-attach"
 	@echo "switches: PREFIX=$(PREFIX) DESTDIR= WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
 	@echo "          SANITIZE=address,undefined BUILD=dir V=1"
 

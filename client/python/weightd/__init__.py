@@ -294,15 +294,18 @@ def _library():
     global _lib
     if _lib is not None:
         return _lib
+    def candidates():
+        yield os.environ.get("WEIGHTD_CLIENT_LIB")
+        try:
+            from . import _install  # written by make install
+            yield os.path.join(_install.LIBDIR, "libweightd-client.so.0")
+        except ImportError:
+            pass
+        yield "libweightd-client.so.0"
+        yield ctypes.util.find_library("weightd-client")  # slow (it runs ldconfig): the last resort
+
     tried = []
-    candidates = [os.environ.get("WEIGHTD_CLIENT_LIB")]
-    try:
-        from . import _install  # written by make install
-        candidates.append(os.path.join(_install.LIBDIR, "libweightd-client.so.0"))
-    except ImportError:
-        pass
-    candidates += ["libweightd-client.so.0", ctypes.util.find_library("weightd-client")]
-    for path in candidates:
+    for path in candidates():
         if not path:
             continue
         try:
