@@ -83,6 +83,7 @@ struct wdc_attachment {
     size_t n_dims, cap_dims;
     size_t *sorted;           /* tensor indices by name, for find */
     char *info;
+    double setup_seconds;     /* the driver and the devices' contexts */
     double import_seconds;
 };
 
@@ -741,8 +742,11 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
             break;
         if (!a->lease && cJSON_IsNumber(l = cJSON_GetObjectItemCaseSensitive(msg, "lease")))
             a->lease = (uint64_t)l->valuedouble;
-        if ((l = cJSON_GetObjectItemCaseSensitive(msg, "devices")))
+        if ((l = cJSON_GetObjectItemCaseSensitive(msg, "devices"))) {
+            double ts = now();
             rc = on_devices(c, a, msg, l);
+            a->setup_seconds += now() - ts;
+        }
         else if ((l = cJSON_GetObjectItemCaseSensitive(msg, "descriptors")))
             rc = on_descriptors(c, a, l);
         else if ((l = cJSON_GetObjectItemCaseSensitive(msg, "handles")))
@@ -793,6 +797,7 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
     client = cJSON_AddObjectToObject(summary, "client");
     cJSON_AddNumberToObject(client, "seconds", now() - t0);
     cJSON_AddNumberToObject(client, "receive_seconds", t_reply - t0);
+    cJSON_AddNumberToObject(client, "setup_seconds", a->setup_seconds);
     cJSON_AddNumberToObject(client, "import_seconds", a->import_seconds);
     cJSON_AddNumberToObject(client, "map_seconds", now() - t_reply);
     a->info = cJSON_PrintUnformatted(summary);

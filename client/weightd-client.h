@@ -122,7 +122,9 @@ size_t wdc_attachment_handle_count(const wdc_attachment *a);
 const wdc_handle *wdc_attachment_handle(const wdc_attachment *a, size_t i);
 uint64_t wdc_attachment_lease(const wdc_attachment *a);
 /* The daemon's summary (lease, handle_type, devices, descriptors, handles,
- * tensors, bytes, messages) with "client": where this side's time went. */
+ * tensors, bytes, messages, daemon_seconds) with "client": where this side's
+ * time went (seconds in all; receive_seconds, within which setup_seconds for
+ * the CUDA driver and contexts and import_seconds; map_seconds). */
 const char *wdc_attachment_info(const wdc_attachment *a);
 /* Copies len bytes of part p, from offset, into host memory dst. */
 int wdc_read(const wdc_attachment *a, const wdc_part *p, uint64_t offset, void *dst, size_t len);

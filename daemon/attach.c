@@ -386,6 +386,7 @@ int wd_op_attach(wd_server *s, wd_request *r)
     bool writable = false;
     int device = -1, rc;
     size_t n_tensors = 0, n_parts = 0, messages = 0;
+    double t0 = wd_now();
     share_table t;
     wd_model *m;
     wd_lease *l;
@@ -454,6 +455,7 @@ int wd_op_attach(wd_server *s, wd_request *r)
     cJSON_AddNumberToObject(res, "parts", (double)n_parts);
     cJSON_AddNumberToObject(res, "bytes", (double)t.bytes);
     cJSON_AddNumberToObject(res, "messages", (double)messages);
+    cJSON_AddNumberToObject(res, "daemon_seconds", wd_now() - t0);
     table_free(&t);
     wd_reply_ok(r, res);
     return 0;

@@ -32,6 +32,7 @@ import ctypes.util
 import json
 import os
 import socket
+import time
 import weakref
 
 __all__ = ["Client", "Attachment", "WeightdError", "default_socket", "PROTOCOL_VERSION"]
@@ -452,7 +453,9 @@ class Attachment(collections.abc.Mapping):
         # The mapping must not keep the attachment alive (tensors keep the
         # mapping alive): its events reach us through a weak reference.
         me = weakref.ref(self)
+        t0 = time.perf_counter()
         self._map = _Mapping(path, name, device, writable, lambda ev: me() and me()._notice(ev), timeout)
+        t1 = time.perf_counter()
         try:
             lib, att = self._map.lib, self._map.att
             self.info = json.loads(lib.wdc_attachment_info(att))
@@ -463,6 +466,11 @@ class Attachment(collections.abc.Mapping):
             self.framework, self._module = _framework(framework, self.info["handle_type"])
             self._writable = writable
             self._build(lib, att)
+            # Where the time went, in seconds: the library's side (connect,
+            # then the attach: the stream, importing, mapping) and the
+            # framework's (making the tensors).
+            self.timings = {"attach": t1 - t0, "library": self.info["client"]["seconds"],
+                            "wrap": time.perf_counter() - t1}
         except BaseException:
             self._map.close()
             raise
@@ -497,6 +505,7 @@ class Attachment(collections.abc.Mapping):
     def _build(self, lib, att):
         self.device = "cpu"
         bases = self._bases(lib, att)
+        self._views = {}  # (handle, dtype): the handle's memory as that dtype
         n = lib.wdc_attachment_tensor_count(att)
         table = (_Tensor * n).from_address(ctypes.addressof(lib.wdc_attachment_tensor(att, 0).contents)) if n else []
         self._tensors, self._rows, self._parts = {}, {}, {}
@@ -505,8 +514,7 @@ class Attachment(collections.abc.Mapping):
             dtype = t.dtype.decode()
             shape = list(t.shape[:t.ndim])
             parts = t.parts[:t.n_parts]
-            self._parts[name] = [{"device": p.device, "cuda_device": p.cuda_device, "ptr": p.ptr or 0,
-                                  "bytes": p.bytes, "tensor_offset": p.tensor_offset} for p in parts]
+            self._parts[name] = parts
             if len(parts) == 1 and parts[0].bytes != t.bytes:
                 # This device's rows of a tensor split by its first dimension.
                 p = parts[0]
@@ -529,7 +537,16 @@ class Attachment(collections.abc.Mapping):
                                             (shape + [size] if torch_name else [part.bytes if part else 0]))
             if part is None:
                 return torch.empty(shape, dtype=kind, device=self.device)
-            return bases[part.handle][part.handle_offset:part.handle_offset + part.bytes].view(kind).view(shape)
+            # One operation a tensor (they cost microseconds each on CUDA
+            # tensors): a strided view of its handle, seen as its dtype.
+            view = self._views.get((part.handle, kind))
+            if view is None:
+                view = self._views[(part.handle, kind)] = bases[part.handle].view(kind)
+            strides, step = [], 1
+            for dim in reversed(shape):
+                strides.append(step)
+                step *= dim
+            return view.as_strided(shape, strides[::-1], part.handle_offset // view.element_size())
         if self.framework == "numpy":
             np = self._module
             if part is None:
@@ -563,7 +580,8 @@ class Attachment(collections.abc.Mapping):
 
     def parts(self, name):
         """Where a tensor's bytes are mapped: device, cuda_device, ptr, bytes, tensor_offset."""
-        return self._parts[name]
+        return [{"device": p.device, "cuda_device": p.cuda_device, "ptr": p.ptr or 0, "bytes": p.bytes,
+                 "tensor_offset": p.tensor_offset} for p in self._parts[name]]
 
     # ---- events and the end ------------------------------------------------------
 
