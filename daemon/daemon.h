@@ -23,6 +23,7 @@ typedef struct wd_request wd_request;
 typedef struct wd_model wd_model;
 typedef struct wd_job wd_job;
 typedef struct wd_lease wd_lease;
+typedef struct wd_attach_table wd_attach_table;
 
 /* ---- log.c --------------------------------------------------------------- */
 
@@ -169,6 +170,9 @@ void wd_request_event(wd_request *r, cJSON *ev);
  * r asked for events. False once r's client is gone: stop there (its leases
  * have ended). Consumes msg. */
 bool wd_request_stream(wd_request *r, cJSON *msg, const int *fds, size_t n);
+/* The same with the message already encoded: one line with its newline,
+ * malloc'd; consumed. */
+bool wd_request_send(wd_request *r, char *line, size_t len, const int *fds, size_t n);
 /* Queues an event that belongs to no request (revoke) for c; sent by the
  * loop, so that no caller sees c close under it. Consumes ev. */
 void wd_conn_event(wd_conn *c, cJSON *ev);
@@ -196,6 +200,11 @@ int wd_device_arg(wd_server *s, wd_request *r, const cJSON *v, int *out);
 int wd_op_attach(wd_server *s, wd_request *r);
 int wd_op_detach(wd_server *s, wd_request *r);
 int wd_op_leases(wd_server *s, wd_request *r);
+/* Encodes what attach sends for every device of m, now (the load's end)
+ * rather than at the first attach. */
+void wd_attach_prepare(wd_server *s, wd_model *m);
+/* Drops m's encoded attach tables (the model goes, or its memory moves). */
+void wd_attach_forget(wd_model *m);
 
 /* ---- registry.c: the models, each one owner of its state and memory ----- */
 
@@ -244,6 +253,7 @@ struct wd_model {
     double loaded_at;         /* wall clock */
     unsigned busy;            /* verify jobs reading it */
     wd_lease *leases;         /* the workers attached (lease.h) */
+    wd_attach_table *attach_tables; /* what attach sends, encoded once per device asked for (attach.c) */
     wd_request *unload;       /* UNLOADING: the forced unload waiting for its holders */
     double unload_deadline;   /* monotonic: when that wait gives up */
     wd_model *next;

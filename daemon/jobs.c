@@ -200,6 +200,8 @@ static void finish_load(wd_job *j)
             cJSON_AddNumberToObject(phases, "read", j->t0 + m->load_seconds - j->t_opened);
             wd_reply_ok(j->req, res);
         }
+        /* After the reply: the load's client need not wait for it. */
+        wd_attach_prepare(s, m);
     } else {
         wd_log(j->rc == -ECANCELED ? WD_LOG_info : WD_LOG_warning, "load of %s failed: %s%s", m->name,
                wd_error_text(&j->err), j->policy_pushed ? "; everything it took is freed" : "");

@@ -115,6 +115,7 @@ void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
             wa_free(s->alloc, m->slabs[i].block);
     for (size_t i = 0; give_back && i < m->n_devices; i++)
         wa_empty_cache(s->alloc, m->devices[i]);
+    wd_attach_forget(m);
     wl_checkpoint_close(&m->ckpt);
     free(m->slabs);
     free(m->part);

@@ -101,10 +101,12 @@ static void conn_flush(wd_conn *c)
     conn_update_poll(c);
 }
 
+static void conn_send_line(wd_conn *c, char *line, size_t len, const int *fds, size_t n_fds);
+
 static void conn_send(wd_conn *c, cJSON *msg, const int *fds, size_t n_fds)
 {
     char *line;
-    size_t len;
+    size_t len = 0;
 
     if (!c || c->dead || !msg) {
         cJSON_Delete(msg);
@@ -112,6 +114,17 @@ static void conn_send(wd_conn *c, cJSON *msg, const int *fds, size_t n_fds)
     }
     line = wp_encode(msg, &len);
     cJSON_Delete(msg);
+    conn_send_line(c, line, len, fds, n_fds);
+}
+
+/* Queues one encoded line (consumed) with its descriptors, and sends what
+ * the socket takes. */
+static void conn_send_line(wd_conn *c, char *line, size_t len, const int *fds, size_t n_fds)
+{
+    if (!c || c->dead) {
+        free(line);
+        return;
+    }
     if (!line || len > WP_MAX_LINE) {
         wd_log(WD_LOG_error, "client %llu: a reply of %zu bytes does not fit a message; dropping the client",
                (unsigned long long)c->serial, line ? len : 0);
@@ -205,6 +218,16 @@ bool wd_request_stream(wd_request *r, cJSON *msg, const int *fds, size_t n)
         return false;
     }
     conn_send(r->conn, msg, fds, n);
+    return r->conn && !r->conn->dead;
+}
+
+bool wd_request_send(wd_request *r, char *line, size_t len, const int *fds, size_t n)
+{
+    if (!r->conn || r->conn->dead) {
+        free(line);
+        return false;
+    }
+    conn_send_line(r->conn, line, len, fds, n);
     return r->conn && !r->conn->dead;
 }
 
