@@ -715,6 +715,7 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
     cJSON *args, *msg = NULL, *summary = NULL, *client;
     const cJSON *result;
     double t0 = now(), t_reply;
+    int64_t waited0 = c->waited_us;
     bool replied = false;
     int64_t id = 0;
     char *raw;
@@ -797,6 +798,7 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
     client = cJSON_AddObjectToObject(summary, "client");
     cJSON_AddNumberToObject(client, "seconds", now() - t0);
     cJSON_AddNumberToObject(client, "receive_seconds", t_reply - t0);
+    cJSON_AddNumberToObject(client, "wait_seconds", (double)(c->waited_us - waited0) * 1e-6);
     cJSON_AddNumberToObject(client, "setup_seconds", a->setup_seconds);
     cJSON_AddNumberToObject(client, "import_seconds", a->import_seconds);
     cJSON_AddNumberToObject(client, "map_seconds", now() - t_reply);

@@ -54,15 +54,24 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 /* Waits for events on the socket; the timeout restarts with each message. */
 static int wait_for(wdc_client *c, short events, int timeout_ms)
 {
     struct pollfd p = {.fd = c->fd, .events = events};
+    int64_t t0 = now_us();
     int n;
 
     do
         n = poll(&p, 1, timeout_ms);
     while (n < 0 && errno == EINTR);
+    c->waited_us += now_us() - t0;
     if (n < 0)
         return wdc__fail(c, -errno, "poll: %s", strerror(errno));
     if (n == 0)

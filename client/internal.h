@@ -19,6 +19,7 @@ struct wdc_client {
     char message[1024];
     char *server_info;
     wdc_event_fn on_notice;   /* events that name no request (revoke) */
+    int64_t waited_us;        /* time blocked in poll(), for attach's figures */
     void *notice_ctx;
 };
 

@@ -519,6 +519,9 @@ static void on_listen(uv_poll_t *h, int status, int events)
         c->serial = ++s->next_serial;
         wp_reader_init(&c->rd);
         wp_writer_init(&c->wr);
+        /* Room for an attach's stream (150 KB for 687 tensors) in the socket
+         * itself (a message at least), so that the daemon writes it in few turns. */
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &(int){WP_MAX_LINE}, sizeof(int));
         if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0) {
             c->pid = cred.pid;
             c->uid = cred.uid;
