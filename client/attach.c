@@ -85,6 +85,8 @@ struct wdc_attachment {
     char *info;
     double setup_seconds;     /* the driver and the devices' contexts */
     double import_seconds;
+    double read_seconds;      /* reading and parsing the messages */
+    double table_seconds;     /* taking in the handles and tensors */
 };
 
 static double now(void)
@@ -737,8 +739,10 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
         goto fail;
     for (;;) {
         const cJSON *l;
+        double tr = now();
         if ((rc = wdc__next_for(c, id, timeout_ms, &msg, &raw)))
             goto fail;
+        a->read_seconds += now() - tr;
         if (!cJSON_GetObjectItemCaseSensitive(msg, "event"))
             break;
         if (!a->lease && cJSON_IsNumber(l = cJSON_GetObjectItemCaseSensitive(msg, "lease")))
@@ -750,10 +754,12 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
         }
         else if ((l = cJSON_GetObjectItemCaseSensitive(msg, "descriptors")))
             rc = on_descriptors(c, a, l);
-        else if ((l = cJSON_GetObjectItemCaseSensitive(msg, "handles")))
-            rc = on_handles(c, a, l);
-        else if ((l = cJSON_GetObjectItemCaseSensitive(msg, "tensors")))
-            rc = on_tensors(c, a, l);
+        else if ((l = cJSON_GetObjectItemCaseSensitive(msg, "handles")) ||
+                 (l = cJSON_GetObjectItemCaseSensitive(msg, "tensors"))) {
+            double tt = now();
+            rc = strcmp(l->string, "handles") == 0 ? on_handles(c, a, l) : on_tensors(c, a, l);
+            a->table_seconds += now() - tt;
+        }
         cJSON_Delete(msg);
         msg = NULL;
         if (rc)
@@ -799,6 +805,8 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
     cJSON_AddNumberToObject(client, "seconds", now() - t0);
     cJSON_AddNumberToObject(client, "receive_seconds", t_reply - t0);
     cJSON_AddNumberToObject(client, "wait_seconds", (double)(c->waited_us - waited0) * 1e-6);
+    cJSON_AddNumberToObject(client, "read_seconds", a->read_seconds);
+    cJSON_AddNumberToObject(client, "table_seconds", a->table_seconds);
     cJSON_AddNumberToObject(client, "setup_seconds", a->setup_seconds);
     cJSON_AddNumberToObject(client, "import_seconds", a->import_seconds);
     cJSON_AddNumberToObject(client, "map_seconds", now() - t_reply);
