@@ -847,6 +847,11 @@ static int cmd_info(ctl *c, int argc, char **argv)
                size_text(num(all, "device_bytes"), b, sizeof b));
         cJSON_ArrayForEach(d, cJSON_GetObjectItemCaseSensitive(all, "dtypes"))
             printf(" %s %s", d->string, size_text(d->valuedouble, a, sizeof a));
+        printf("\nslabs:    %d\nleases:   %d", cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(all, "slab_list")),
+               cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(all, "leases")));
+        cJSON_ArrayForEach(d, cJSON_GetObjectItemCaseSensitive(all, "leases"))
+            printf("\n          lease %.0f: pid %.0f (%s, uid %.0f), %.1f s", num(d, "lease"), num(d, "pid"),
+                   str(d, "process"), num(d, "uid"), num(d, "age"));
         /* One line per tensor and device; a tensor split by rows shows where
          * each device's part starts within it. */
         printf("\n\n%-60s %-8s %-22s %6s %7s %12s %12s %12s\n", "TENSOR", "DTYPE", "SHAPE", "DEVICE", "SEGMENT",

@@ -276,7 +276,7 @@ cJSON *wd_model_devices_json(const wd_model *m);
 
 /* Packs m's dests (set, with device_bytes) into slabs of about slab_size
  * bytes per device (0: a 32nd of what m holds there, at least 256 MiB),
- * each part at a 512-byte boundary. */
+ * each part at a 512-byte boundary; replaces an earlier plan. */
 int wd_model_plan_slabs(wd_model *m, uint64_t slab_size, wd_error *err);
 /* Allocates the next slab and gives its dests their memory; -ENOMEM & co
  * from the allocator, with err naming the slab's first tensor. */

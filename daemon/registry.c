@@ -163,6 +163,11 @@ int wd_model_plan_slabs(wd_model *m, uint64_t slab_size, wd_error *err)
     size_t *open = malloc(m->n_devices * sizeof *open), cap = 0;
     int rc = 0;
 
+    /* A plan replaces any earlier one (of a model with nothing allocated). */
+    free(m->slabs);
+    free(m->part);
+    m->slabs = NULL;
+    m->part = NULL;
     m->n_slabs = m->slabs_allocated = m->dests_ready = 0;
     if (!target || !open || !(m->part = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->part))) {
         rc = wd_error_set(err, -ENOMEM, "out of host memory");

@@ -118,7 +118,8 @@ class CleanStops(h.E2ETestCase):
         self.stop_during_load(shutdown)
 
     def test_shutdown_with_queued_loads(self):
-        d = self.daemon(capacity="4GiB")
+        # One reader: the first load still runs when the shutdown comes.
+        d = self.daemon("--read-threads", "1", capacity="4GiB")
         first = self.ctl_bg(d.sock, "load", h.checkpoint("big"), "--name", "first")
         h.wait_until(lambda: d.stats()["jobs"], h.T(30), what="the first load")
         second = self.ctl_bg(d.sock, "load", h.checkpoint("small"), "--name", "second")

@@ -61,7 +61,8 @@ START_TEST(bad_options_are_errors_that_name_them)
     static const char *const cases[][3] = {
         {"--host-devices", "0", "host_devices"},     {"--host-devices", "x", "host_devices"},
         {"--host-capacity", "lots", "host_capacity"}, {"--log-level", "loud", "log_level"},
-        {"--colour", "red", "unknown option"},
+        {"--colour", "red", "unknown option"},       {"--attach-writable", "maybe", "attach_writable"},
+        {"--direct-io", "2", "direct_io"},           {"--slab-size", "big", "slab_size"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char *argv[] = {"weightd", (char *)cases[i][0], (char *)cases[i][1], NULL};
@@ -85,6 +86,11 @@ START_TEST(bad_options_are_errors_that_name_them)
     char *conf[] = {"weightd", "--load-alloc-conf", "max_split_size_mb:2", NULL};
     ck_assert_int_eq(wd_config_load(&c, 3, conf, stdout, &err), -EINVAL);
     ck_assert_ptr_nonnull(strstr(err.msg, "load_alloc_conf"));
+    /* on/off options take the usual spellings */
+    char *on[] = {"weightd", "--attach-writable", "ON", "--direct-io", "yes", NULL};
+    ck_assert_int_eq(wd_config_load(&c, 5, on, stdout, &err), 0);
+    ck_assert(c.attach_writable && c.direct_io);
+    wd_config_free(&c);
 }
 END_TEST
 
@@ -212,8 +218,6 @@ START_TEST(slabs_pack_parts_per_device)
     ck_assert_uint_eq(m->slabs[0].bytes, 1000); /* small: shares the small pool's pages */
     for (size_t k = 1; k < m->n_slabs; k++)
         ck_assert_uint_lt(m->slabs[k - 1].first_dest, m->slabs[k].first_dest);
-    free(m->part);
-    free(m->slabs);
     free(m->dest);
     /* The default: a 32nd of what the device holds (at least 256 MiB), so
      * 64 parts of 600 MiB are 32 slabs of two. */
