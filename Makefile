@@ -230,7 +230,7 @@ help:
 # built with clang from the sources themselves (not this build's gcc
 # objects). Not part of `all` or `test`, which need no clang; the committed
 # corpus is replayed by the end-to-end tests (tests/e2e/test_corpus.py).
-#   make fuzz                      build/fuzz/fuzz_header, fuzz_discovery, fuzz_proto
+#   make fuzz                      build/fuzz/fuzz_header, fuzz_discovery, fuzz_proto, fuzz_attach
 #   make fuzz-run FUZZ_SECONDS=N   each harness for N seconds (default 60)
 FUZZ_CC      ?= clang
 FUZZ_OUT     := build/fuzz
@@ -240,12 +240,13 @@ FUZZ_CFLAGS  := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -g
                 -D_GNU_SOURCE -Wall -Wextra -I. $(shell pkg-config --cflags libcjson 2>/dev/null)
 FUZZ_LIBS    := $(shell pkg-config --libs libcjson 2>/dev/null)
 FUZZ_SRC     := loader/safetensors.c loader/checkpoint.c common/errors.c common/size.c proto/framing.c \
-                proto/message.c
+                proto/message.c client/client.c client/attach.c
 FUZZ_DEPS    := $(FUZZ_SRC) loader/safetensors.h loader/checkpoint.h common/errors.h common/size.h \
-                proto/proto.h tests/fuzz/fuzz_check.h Makefile
+                proto/proto.h client/internal.h client/weightd-client.h tests/fuzz/fuzz_check.h Makefile
 # Each harness with its -max_len: a whole-file image of a few tensors; an
-# archive of up to 8 such files; a connection's worth of requests.
-FUZZ_HARNESSES := header:4096 discovery:8192 proto:8192
+# archive of up to 8 such files; a connection's worth of requests; an attach
+# stream as a daemon sends it (the host backend's: the fuzz build has no CUDA).
+FUZZ_HARNESSES := header:4096 discovery:8192 proto:8192 attach:16384
 
 .PHONY: fuzz fuzz-run
 fuzz: $(foreach hm,$(FUZZ_HARNESSES),$(FUZZ_OUT)/fuzz_$(firstword $(subst :, ,$(hm))))

@@ -20,6 +20,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -262,8 +263,12 @@ static int on_descriptors(wdc_client *c, wdc_attachment *a, const cJSON *list)
         return wdc__fail(c, -EPROTO, "weightd's attach: descriptors before the devices");
     if (a->kind != KIND_IPC) {
         /* Their descriptors came with this message, in its order. */
-        if (n > WP_MAX_FDS || wp_reader_take_fds(&c->rd, fds, n) != n)
+        size_t got = n > WP_MAX_FDS ? 0 : wp_reader_take_fds(&c->rd, fds, n);
+        if (got != n || n > WP_MAX_FDS) {
+            while (got)
+                close(fds[--got]);
             return wdc__fail(c, -EPROTO, "weightd's attach: a message lists %zu descriptors but brought fewer", n);
+        }
     }
     if (WD_GROW(a->descs, a->cap_descs, a->n_descs + n, 16)) {
         rc = wdc__fail(c, -ENOMEM, "out of memory");
@@ -283,8 +288,17 @@ static int on_descriptors(wdc_client *c, wdc_attachment *a, const cJSON *list)
         }
         d->fd = -1;
         if (a->kind == KIND_MEMFD) {
+            /* Its true size bounds what may be mapped of it, whatever the
+             * message says: a mapping past a memfd's end faults when read. */
+            struct stat st;
             d->fd = fds[i];
             fds[i++] = -1;
+            if (fstat(d->fd, &st) < 0 || (uint64_t)st.st_size < d->bytes) {
+                a->n_descs++; /* closed with the others */
+                rc = wdc__fail(c, -EPROTO, "weightd's attach: descriptor %llu is smaller than it says",
+                               (unsigned long long)index);
+                goto out;
+            }
         }
 #ifdef WD_WITH_CUDA
         else if (a->kind == KIND_VMM) {
@@ -341,7 +355,7 @@ static int on_handles(wdc_client *c, wdc_attachment *a, const cJSON *list)
     {
         const cJSON *pieces = cJSON_GetObjectItemCaseSensitive(o, "pieces");
         wdc_handle *h;
-        uint64_t id, dev, bytes;
+        uint64_t id, dev, bytes, end = 0;
         size_t di;
         if ((rc = get_u64(c, o, "handle", &id)) || (rc = get_u64(c, o, "device", &dev)) ||
             (rc = get_u64(c, o, "bytes", &bytes)))
@@ -375,22 +389,26 @@ static int on_handles(wdc_client *c, wdc_attachment *a, const cJSON *list)
                 (rc = get_u64(c, p, "bytes", &pc.bytes)) || (rc = get_u64(c, p, "at", &pc.at)))
                 return rc;
             pc.desc = (size_t)desc;
-            /* Each piece within its handle, on its device; whole allocations
+            /* The pieces tile the handle, in order (every byte of it is
+             * mapped), each on the handle's device; whole allocations
              * on cuda (the driver maps nothing less), one on cuda-ipc;
              * page-aligned for mmap. */
             if (desc >= a->n_descs || a->descs[desc].dev != di || pc.at > bytes || pc.bytes > bytes - pc.at ||
-                !pc.bytes || (a->kind == KIND_VMM && (pc.offset || pc.bytes != a->descs[desc].bytes)) ||
+                !pc.bytes || pc.at != end || (a->kind == KIND_VMM && (pc.offset || pc.bytes != a->descs[desc].bytes)) ||
                 (a->kind == KIND_IPC && (pc.at || pc.offset > a->descs[desc].bytes ||
                                          pc.bytes > a->descs[desc].bytes - pc.offset || a->n_pieces > a->handle_piece[a->n_handles])) ||
-                (a->kind == KIND_MEMFD && (pc.offset % HOST_PAGE || pc.at % HOST_PAGE)))
+                (a->kind == KIND_MEMFD && (pc.offset % HOST_PAGE || pc.at % HOST_PAGE || pc.offset > a->descs[desc].bytes ||
+                                           pc.bytes > a->descs[desc].bytes - pc.offset)))
                 return wdc__fail(c, -EPROTO, "weightd's attach: a piece of handle %llu does not fit it",
                                  (unsigned long long)id);
             if (WD_GROW(a->pieces, a->cap_pieces, a->n_pieces + 1, 16))
                 return wdc__fail(c, -ENOMEM, "out of memory");
             a->pieces[a->n_pieces++] = pc;
+            end = pc.at + pc.bytes;
         }
-        if (a->n_pieces == a->handle_piece[a->n_handles])
-            return wdc__fail(c, -EPROTO, "weightd's attach: handle %llu has no pieces", (unsigned long long)id);
+        if (end != bytes)
+            return wdc__fail(c, -EPROTO, "weightd's attach: the pieces of handle %llu do not cover it",
+                             (unsigned long long)id);
         a->n_handles++;
         a->handle_piece[a->n_handles] = a->n_pieces;
     }
@@ -440,7 +458,7 @@ static int on_tensors(wdc_client *c, wdc_attachment *a, const cJSON *list)
             return rc;
         cJSON_ArrayForEach(v, shape)
         {
-            if (!cJSON_IsNumber(v) || v->valuedouble < 0)
+            if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > 9007199254740992.0)
                 return wdc__fail(c, -EPROTO, "weightd's attach: tensor \"%s\" has a bad shape", t->name);
             if (WD_GROW(a->dims, a->cap_dims, a->n_dims + 1, 1024))
                 return wdc__fail(c, -ENOMEM, "out of memory");
@@ -661,8 +679,8 @@ static void settle(wdc_attachment *a)
         }
     for (size_t i = 0; i < a->n_tensors; i++) {
         wdc_tensor *t = &a->tensors[i];
-        t->shape = a->dims + (uintptr_t)t->shape;
-        t->parts = a->parts + (uintptr_t)t->parts;
+        t->shape = t->ndim ? a->dims + (uintptr_t)t->shape : NULL;
+        t->parts = t->n_parts ? a->parts + (uintptr_t)t->parts : NULL;
     }
     for (size_t i = 0; i < a->n_parts; i++)
         a->parts[i].ptr = (char *)a->handles[a->parts[i].handle].ptr + a->parts[i].handle_offset;
@@ -745,8 +763,12 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
         a->read_seconds += now() - tr;
         if (!cJSON_GetObjectItemCaseSensitive(msg, "event"))
             break;
-        if (!a->lease && cJSON_IsNumber(l = cJSON_GetObjectItemCaseSensitive(msg, "lease")))
-            a->lease = (uint64_t)l->valuedouble;
+        if (!a->lease && cJSON_GetObjectItemCaseSensitive(msg, "lease") &&
+            (rc = get_u64(c, msg, "lease", &a->lease))) {
+            cJSON_Delete(msg);
+            msg = NULL;
+            goto fail;
+        }
         if ((l = cJSON_GetObjectItemCaseSensitive(msg, "devices"))) {
             double ts = now();
             rc = on_devices(c, a, msg, l);
@@ -799,7 +821,8 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
     }
     for (size_t i = 0; i < a->n_tensors; i++)
         a->sorted[i] = i;
-    qsort_r(a->sorted, a->n_tensors, sizeof *a->sorted, by_name, a);
+    if (a->n_tensors)
+        qsort_r(a->sorted, a->n_tensors, sizeof *a->sorted, by_name, a);
     summary = cJSON_Duplicate(result, 1);
     client = cJSON_AddObjectToObject(summary, "client");
     cJSON_AddNumberToObject(client, "seconds", now() - t0);

@@ -20,6 +20,8 @@ int wdc__fail(wdc_client *c, int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(c->message, sizeof c->message, fmt, ap);
     va_end(ap);
+    /* It may quote the daemon (its error's words, a name it sent). */
+    wd_text_clean(c->message);
     return code;
 }
 
@@ -165,12 +167,13 @@ int wdc__next_for(wdc_client *c, int64_t id, int timeout_ms, cJSON **msg, char *
 
     for (;;) {
         const cJSON *mid, *ok;
+        *msg = NULL; /* on a failed read too: the last one was deleted */
         if ((rc = wdc__read_message(c, timeout_ms, msg, raw)))
             return rc;
         mid = cJSON_GetObjectItemCaseSensitive(*msg, "id");
         ok = cJSON_GetObjectItemCaseSensitive(*msg, "ok");
         if (cJSON_GetObjectItemCaseSensitive(*msg, "event")) {
-            if (cJSON_IsNumber(mid) && (int64_t)mid->valuedouble == id)
+            if (cJSON_IsNumber(mid) && mid->valuedouble == (double)id)
                 return 0;
             if (!mid || cJSON_IsNull(mid))
                 dispatch_notice(c, *raw);
@@ -178,7 +181,7 @@ int wdc__next_for(wdc_client *c, int64_t id, int timeout_ms, cJSON **msg, char *
             continue;
         }
         /* Our reply, or an error the daemon could not tie to a request. */
-        if (cJSON_IsBool(ok) && ((cJSON_IsNumber(mid) && (int64_t)mid->valuedouble == id) ||
+        if (cJSON_IsBool(ok) && ((cJSON_IsNumber(mid) && mid->valuedouble == (double)id) ||
                                  (cJSON_IsNull(mid) && cJSON_IsFalse(ok))))
             return 0;
         cJSON_Delete(*msg);
@@ -196,11 +199,11 @@ int wdc__reply_result(wdc_client *c, const cJSON *msg, const cJSON **result)
     e = cJSON_GetObjectItemCaseSensitive(msg, "error");
     code = cJSON_GetObjectItemCaseSensitive(e, "code");
     text = cJSON_GetObjectItemCaseSensitive(e, "message");
-    wdc__fail(c, wd_errcode(cJSON_IsString(code) ? code->valuestring : NULL), "%s",
-              cJSON_IsString(text) ? text->valuestring : "weightd reported an error without a message");
-    if (cJSON_IsString(code))
-        snprintf(c->code, sizeof c->code, "%s", code->valuestring);
-    return wd_errcode(cJSON_IsString(code) ? code->valuestring : NULL);
+    /* The code as this library knows it (EPROTO for a name not in the
+     * table), so that wdc_error_code and the return value agree. */
+    return wdc__fail(c, wd_errcode(cJSON_IsString(code) ? code->valuestring : NULL), "%s",
+                     cJSON_IsString(text) && text->valuestring[0] ? text->valuestring
+                                                                  : "weightd reported an error without a message");
 }
 
 int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_ms, wdc_event_fn on_event,

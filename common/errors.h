@@ -63,5 +63,9 @@ void wd_error_prefix(wd_error *e, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 /* The message, or the table's meaning when no message was set. */
 const char *wd_error_text(const wd_error *e);
+/* Makes s one line of valid UTF-8, in place: each byte of an invalid
+ * sequence, and each control character, becomes '?'. For text that came
+ * from a peer or a file and goes into a message. */
+void wd_text_clean(char *s);
 
 #endif

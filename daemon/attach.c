@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/grow.h"
@@ -223,7 +224,13 @@ static int encode_descriptors(wd_server *s, const share_table *t, wd_attach_tabl
             arr = cJSON_CreateArray();
         cJSON_AddNumberToObject(o, "descriptor", (double)i);
         cJSON_AddNumberToObject(o, "device", d->device);
-        cJSON_AddNumberToObject(o, "bytes", (double)d->mem->size);
+        if (s->backend->share == WA_SHARE_MEMFD) {
+            /* the whole memfd (pieces of it are the pages of a range) */
+            struct stat st;
+            cJSON_AddNumberToObject(o, "bytes", fstat(d->mem->fd, &st) == 0 ? (double)st.st_size : 0.0);
+        } else {
+            cJSON_AddNumberToObject(o, "bytes", (double)d->mem->size); /* one whole allocation */
+        }
         if (s->backend->share == WA_SHARE_IPC) {
             unsigned char h[WA_IPC_HANDLE_BYTES];
             char hex[2 * WA_IPC_HANDLE_BYTES + 1];

@@ -107,11 +107,12 @@ int wp_reader_fill(wp_reader *r, int sock)
 
 int wp_reader_next(wp_reader *r, char **line, size_t *len)
 {
-    char *start = r->buf + r->consumed, *nl;
     size_t avail = r->len - r->consumed;
+    char *start, *nl;
 
     if (!avail)
-        return 0;
+        return 0; /* before the first read, buf is NULL */
+    start = r->buf + r->consumed;
     nl = memchr(start, '\n', avail);
     if (!nl)
         return avail >= WP_MAX_LINE ? -EMSGSIZE : 0;

@@ -16,7 +16,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 
 from . import harness as h
 
@@ -312,6 +311,10 @@ class Attach(h.E2ETestCase):
         self.assertEqual(d.ctl("unload", "m").rc, 0, "allowed once the holder is gone")
 
     def test_a_lease_ends_with_its_process_even_if_a_child_keeps_the_socket(self):
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except (AttributeError, OSError) as e:
+            self.skipTest("no pidfds here (%s): the connection's close is the only sign" % e)
         d = self.loaded()
         script = ("import socket, sys, os, time\n"
                   "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
@@ -349,10 +352,9 @@ class Attach(h.E2ETestCase):
         d = self.loaded()
         holder = self.ctl_bg(d.sock, "attach", "m", "--hold", "120")
         h.wait_until(lambda: d.ctl_json("leases").json["leases"], h.T(10), what="the holder")
-        t0 = time.monotonic()
-        r = d.ctl("unload", "m", "--force")
+        # Success means the holder detached when asked: the wait would end in EBUSY.
+        r = d.ctl("unload", "m", "--force", "--wait", "60")
         self.assertEqual(r.rc, 0, r)
-        self.assertLess(time.monotonic() - t0, h.T(10), "the holder detached when asked")
         out = holder.finish()
         self.assertEqual(out.rc, 0, out)
         self.assertIn("revoked by the daemon (unload): detached", out.out)

@@ -14,14 +14,20 @@
    replayed through `weightctl inspect`: exit 0 or 1, never a crash, a
    sanitizer report or a hang. Under `make test SANITIZE=address,undefined`
    this replays them under ASan and UBSan.
+5. fuzz_attach's corpus replayed into `weightctl attach`: each input is what
+   the peer at the socket sends a worker that attaches (a hostile daemon,
+   or whatever listens there), with its memfds; the same verdicts.
 """
 
+import array
 import concurrent.futures
 import hashlib
 import importlib.util
 import json
 import os
+import socket
 import struct
+import threading
 
 from . import harness as h
 from .harness import st_image
@@ -545,6 +551,65 @@ class ReplayFuzzCorpus(h.E2ETestCase):
         found = corpus_files("discovery") + corpus_files("header")
         regressions = [p for p in found if os.sep + "regressions" + os.sep in p]
         self.assertGreaterEqual(len(regressions), 3, regressions)
+
+
+class ReplayAttachCorpus(h.E2ETestCase):
+    """Each fuzz_attach input (tests/fuzz/fuzz_attach.c: a byte saying how
+    many 64 KiB memfds come along, then the stream) from a peer that answers
+    hello and then sends it, to `weightctl attach` (the request ids as
+    weightctl numbers them: attach is its second). Exit 0 or 1; no crash,
+    sanitizer report or hang."""
+
+    def serve(self, path, data, ready):
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        ready.set()
+        conn, _ = srv.accept()
+        conn.settimeout(h.T(10))
+        try:
+            buf = b""
+            while buf.count(b"\n") < 1:
+                buf += conn.recv(4096)
+            conn.sendall(b'{"id":1,"ok":true,"result":{"version":"1.0","backend":"host"}}\n')
+            while buf.count(b"\n") < 2:
+                buf += conn.recv(4096)
+            fds = [os.memfd_create("fuzz") for _ in range(data[0] & 7)]
+            for fd in fds:
+                os.ftruncate(fd, 64 << 10)
+            stream = data[1:].replace(b'"id":1', b'"id":2') or b"\n"
+            conn.sendmsg([stream], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+            for fd in fds:
+                os.close(fd)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(4096):  # until weightctl is done
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            srv.close()
+
+    def test_attach_corpus(self):
+        inputs = corpus_files("attach")
+        self.assertGreater(len(inputs), 5, "the attach corpus is missing (tests/fuzz/corpus/attach)")
+        verdicts = {0: 0, 1: 0}
+        for k, src in enumerate(inputs):
+            with open(src, "rb") as f:
+                data = f.read()
+            if not data:
+                continue
+            path = os.path.join(self.tmp, "peer%d.sock" % k)
+            ready = threading.Event()
+            t = threading.Thread(target=self.serve, args=(path, data, ready))
+            t.start()
+            ready.wait(h.T(10))
+            r = h.run_ctl(path, "attach", "m", timeout=h.T(20))
+            t.join(h.T(20))
+            self.assertIn(r.rc, (0, 1), "%s: %r" % (src, r))
+            verdicts[r.rc] += 1
+        self.assertGreater(verdicts[0], 0, verdicts)
+        self.assertGreater(verdicts[1], 0, verdicts)
 
 
 class ArchiveFormat(h.E2ETestCase):

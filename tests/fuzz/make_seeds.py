@@ -12,6 +12,10 @@ OUT/discovery/  inputs of fuzz_discovery: tiny archives (the format is in
                 fuzz_discovery.c) of checkpoints: one shard, shards without an
                 index, a sharded set with model.safetensors.index.json, other
                 index names, hidden files, and a few broken sets.
+OUT/attach/     inputs of fuzz_attach: a byte (how many 64 KiB memfds come
+                with the stream), then an attach stream as the daemon sends it
+                on the host backend (devices, descriptors, handles, tensors,
+                the reply), whole, cut short, or with one rule broken.
 
 Files are named by the SHA-1 of their contents, as libFuzzer names what it
 adds, so running this again next to a merged corpus adds nothing twice.
@@ -200,6 +204,59 @@ def discovery_seeds():
     return s
 
 
+def attach_stream(n_fds, descriptors, handles, tensors, counts=None, lease=7, kind="memfd", reply=True):
+    """fuzz_attach's input: the memfd count, then the daemon's messages."""
+    def line(o):
+        return json.dumps(o, separators=(",", ":")).encode() + b"\n"
+    out = line({"event": "attach", "id": 1, "lease": lease, "name": "m", "backend": "host", "handle_type": kind,
+                "writable": False, "devices": [{"device": 0, "uuid": "host-0"}]})
+    if descriptors:
+        out += line({"event": "attach", "id": 1, "lease": lease, "descriptors": descriptors})
+    if handles:
+        out += line({"event": "attach", "id": 1, "lease": lease, "handles": handles})
+    if tensors:
+        out += line({"event": "attach", "id": 1, "lease": lease, "tensors": tensors})
+    c = counts or (len(descriptors), len(handles), len(tensors))
+    if reply:
+        out += line({"id": 1, "ok": True, "result": {"lease": lease, "name": "m", "handle_type": kind,
+                                                      "devices": [{"device": 0, "uuid": "host-0"}],
+                                                      "descriptors": c[0], "handles": c[1], "tensors": c[2],
+                                                      "parts": sum(len(t["parts"]) for t in tensors), "messages": 4}})
+    return bytes([n_fds]) + out
+
+
+def attach_seeds():
+    desc = [{"descriptor": i, "device": 0, "bytes": 65536} for i in range(2)]
+    handles = [{"handle": 0, "device": 0, "bytes": 65536,
+                "pieces": [{"descriptor": 0, "offset": 0, "bytes": 32768, "at": 0},
+                           {"descriptor": 1, "offset": 32768, "bytes": 32768, "at": 32768}]},
+               {"handle": 3, "device": 0, "bytes": 8192, "pieces": [{"descriptor": 1, "offset": 0, "bytes": 8192,
+                                                                      "at": 0}]}]
+    tensors = [{"name": "a", "dtype": "BF16", "shape": [4, 8], "bytes": 64,
+                "parts": [{"device": 0, "handle": 0, "offset": 512, "bytes": 64, "tensor_offset": 0}]},
+               {"name": "e", "dtype": "U8", "shape": [0], "bytes": 0, "parts": []},
+               {"name": "split", "dtype": "F32", "shape": [4, 2], "bytes": 32,
+                "parts": [{"device": 0, "handle": 3, "offset": 4096, "bytes": 16, "tensor_offset": 16}]}]
+    good = attach_stream(2, desc, handles, tensors)
+    s = [good, good[:len(good) // 2], attach_stream(2, desc, handles, tensors, reply=False),
+         attach_stream(1, desc, handles, tensors),  # fewer descriptors than listed
+         attach_stream(2, desc, handles, tensors, counts=(2, 2, 9)),  # counts that disagree
+         attach_stream(0, [], [], [{"name": "e", "dtype": "U8", "shape": [0], "bytes": 0, "parts": []}]),
+         attach_stream(2, desc, handles, tensors, kind="cuda-vmm"),
+         bytes([0]) + b'{"id":1,"ok":false,"error":{"code":"ENOENT","message":"no model named \\"m\\""}}\n']
+    # one rule broken each: a piece past its memfd, a gap, a part past its handle
+    bad = json.loads(json.dumps(handles))
+    bad[0]["pieces"][1]["offset"] = 65536
+    s.append(attach_stream(2, desc, bad, tensors))
+    bad = json.loads(json.dumps(handles))
+    bad[0]["pieces"][1]["at"] = 36864
+    s.append(attach_stream(2, desc, bad, tensors))
+    bad = json.loads(json.dumps(tensors))
+    bad[0]["parts"][0]["offset"] = 65500
+    s.append(attach_stream(2, desc, handles, bad))
+    return s
+
+
 def write(out, kind, seeds):
     d = os.path.join(out, kind)
     os.makedirs(d, exist_ok=True)
@@ -220,6 +277,7 @@ def main():
     a = ap.parse_args()
     write(a.out, "header", header_seeds())
     write(a.out, "discovery", discovery_seeds())
+    write(a.out, "attach", attach_seeds())
 
 
 if __name__ == "__main__":

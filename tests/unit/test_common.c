@@ -1,6 +1,7 @@
 /* The error table, size parsing and growing arrays. */
 #include "tests/unit/suites.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include "common/errors.h"
@@ -50,6 +51,27 @@ START_TEST(error_prefix_truncates_instead_of_overflowing)
     wd_error_prefix(&e, "%s", "prefix");
     ck_assert_uint_eq(strlen(e.msg), sizeof e.msg - 1);
     ck_assert(strncmp(e.msg, "prefix: aaa", 11) == 0);
+}
+END_TEST
+
+START_TEST(text_clean_leaves_one_line_of_valid_utf8)
+{
+    static const struct { const char *in, *out; } cases[] = {
+        {"plain text", "plain text"},
+        {"na\xc3\xafve \xe2\x82\xac \xf0\x9f\x98\x80", "na\xc3\xafve \xe2\x82\xac \xf0\x9f\x98\x80"},
+        {"two\nlines\tand\x7f", "two?lines?and?"},
+        {"cud\xef-vmm", "cud?-vmm"},                  /* a lead byte without its continuation */
+        {"\xc0\xaf overlong", "?? overlong"},        /* an overlong '/' */
+        {"\xed\xa0\x80 surrogate", "??? surrogate"},
+        {"\xf4\x90\x80\x80 past U+10FFFF", "???? past U+10FFFF"},
+        {"cut \xe2\x82", "cut ??"},                  /* cut short at the end */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char buf[64];
+        snprintf(buf, sizeof buf, "%s", cases[i].in);
+        wd_text_clean(buf);
+        ck_assert_str_eq(buf, cases[i].out);
+    }
 }
 END_TEST
 
@@ -133,6 +155,7 @@ Suite *errors_suite(void)
     tcase_add_test(tc, errname_of_unknown_value_is_numeric);
     tcase_add_test(tc, error_set_and_prefix);
     tcase_add_test(tc, error_prefix_truncates_instead_of_overflowing);
+    tcase_add_test(tc, text_clean_leaves_one_line_of_valid_utf8);
     suite_add_tcase(s, tc);
     return s;
 }
