@@ -2,10 +2,11 @@
  * touches the allocator or the registry runs on the loop thread, in the
  * after-work callbacks and, while a load reads, its allocation steps.
  *
- * A load: open the checkpoint (headers only, worker) -> push the load policy
- * and place every tensor (loop) -> read the bytes in (worker) while the loop
- * allocates the tensors, in order, a step at a time -> mark the model ready
- * and pop the policy (loop). Allocating beside the reads hides its cost (10
+ * A load: open the checkpoint (headers only, worker) -> push the load policy,
+ * place every tensor and pack them into slabs (loop) -> read the bytes in
+ * (worker) while the loop allocates the slabs, in order, a step at a time ->
+ * mark the model ready and pop the policy (loop), then encode what attach
+ * will send. Allocating beside the reads hides its cost (10
  * to 70 ms for 12.8 GB on an H200, 4 to 22 % of a warm load) and lets the
  * loop serve other clients between steps of a few milliseconds. Any failure or a cancel frees every
  * block the load took, gives cached segments back and pops the policy, so the
@@ -19,9 +20,9 @@
 
 #include <systemd/sd-daemon.h>
 
-/* One allocation step on the loop thread: 256 MiB of tensors or 2 ms,
- * whichever comes first (a tensor is never split, so a step is at least one
- * allocation). On an H200 256 MiB take 0.2 ms in steady state and 1.2 ms the
+/* One allocation step on the loop thread: 256 MiB of slabs or 2 ms,
+ * whichever comes first (a slab is one allocation, so a step is at least
+ * one). On an H200 256 MiB take 0.2 ms in steady state and 1.2 ms the
  * first time, far ahead of the readers (1.3 and 0.2 TB/s against 50 GB/s);
  * the time bound is for slower backends (the host backend on a small VM took
  * up to 0.5 s for 256 MiB). */
