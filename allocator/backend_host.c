@@ -1,14 +1,17 @@
-/* The host backend: each segment is a memfd of the segment's size, mapped
- * into the daemon, on one of N emulated devices of a fixed capacity. It takes
- * the same path as the cuda backend (one fd per segment, passed to workers
- * over SCM_RIGHTS), so the whole daemon runs and is tested without a GPU. */
+/* The host backend: each segment (or each physical allocation of an
+ * expandable one) is a memfd of its size, mapped into the daemon, on one of N
+ * emulated devices of a fixed capacity. It takes the same path as the cuda
+ * backend (one fd per allocation, passed to workers over SCM_RIGHTS), so the
+ * whole daemon runs and is tested without a GPU. */
 #include "allocator/backend.h"
 
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 typedef struct host_backend {
@@ -17,51 +20,53 @@ typedef struct host_backend {
     uint64_t *used;
 } host_backend;
 
+/* A sealed memfd of `size` bytes for `device`: a worker that gets it can map
+ * it but never resize it, and only its owner (the daemon's user) may open it
+ * again (/proc/PID/fd/N), so a read-only copy cannot be made writable by
+ * another user. commit: its pages taken now (fallocate), so that running out
+ * is -ENOMEM here rather than a fault later. */
+static int segment_memfd(int device, uint64_t size, bool commit, int *out, wd_error *err)
+{
+    char name[48];
+    int fd, rc;
+
+    snprintf(name, sizeof name, "weightd-host%d", device);
+    if ((fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
+        rc = -errno;
+        wd_error_set(err, rc, "memfd_create for %llu bytes: %s", (unsigned long long)size, strerror(errno));
+        return rc == -ENFILE || rc == -EMFILE ? -ENOMEM : rc; /* out of memfds is out of memory */
+    }
+    if (ftruncate(fd, (off_t)size) < 0 || fchmod(fd, 0400) < 0 ||
+        (commit && fallocate(fd, 0, 0, (off_t)size) < 0) ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
+        rc = errno == ENOSPC ? -ENOMEM : -errno;
+        wd_error_set(err, rc, "making a %llu-byte segment: %s", (unsigned long long)size, strerror(errno));
+        close(fd);
+        return rc;
+    }
+    *out = fd;
+    return 0;
+}
+
 static int host_seg_alloc(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err)
 {
     host_backend *h = (host_backend *)b;
-    char name[48];
-    void *map = MAP_FAILED;
-    int fd = -1, rc;
+    void *map;
+    int fd, rc;
 
     if (size > h->capacity || h->used[device] + size > h->capacity)
         return -ENOMEM;
-    snprintf(name, sizeof name, "weightd-host%d", device);
-    fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (fd < 0) {
-        rc = -errno;
-        wd_error_set(err, rc, "memfd_create for a %llu-byte segment: %s", (unsigned long long)size, strerror(errno));
-        goto fail;
-    }
-    if (ftruncate(fd, (off_t)size) < 0) {
-        rc = -errno;
-        wd_error_set(err, rc, "sizing a %llu-byte segment: %s", (unsigned long long)size, strerror(errno));
-        goto fail;
-    }
-    /* Workers that map the segment must not be able to shrink it under us. */
-    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
-        rc = -errno;
-        wd_error_set(err, rc, "sealing a segment: %s", strerror(errno));
-        goto fail;
-    }
+    if ((rc = segment_memfd(device, size, false, &fd, err)))
+        return rc;
     map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (map == MAP_FAILED) {
-        rc = -errno;
-        wd_error_set(err, rc, "mapping a %llu-byte segment: %s", (unsigned long long)size, strerror(errno));
-        goto fail;
+        rc = wd_error_set(err, -errno, "mapping a %llu-byte segment: %s", (unsigned long long)size, strerror(errno));
+        close(fd);
+        return rc;
     }
     h->used[device] += size;
-    out->addr = (uint64_t)(uintptr_t)map;
-    out->size = size;
-    out->host = map;
-    out->fd = fd;
-    out->priv = NULL;
+    *out = (wa_mem){.addr = (uint64_t)(uintptr_t)map, .size = size, .host = map, .fd = fd};
     return 0;
-fail:
-    if (fd >= 0)
-        close(fd);
-    /* Running out of address space or memfds is running out of memory. */
-    return rc == -ENFILE || rc == -EMFILE ? -ENOMEM : rc;
 }
 
 static void host_seg_free(wa_backend *b, int device, wa_mem *mem)
@@ -107,33 +112,22 @@ static int host_read(wa_backend *b, int device, const wa_mem *mem, uint64_t offs
     return 0;
 }
 
-/* Expandable segments: one sparse memfd the size of the address range,
- * mapped whole; a page is committed with fallocate and given back by punching
- * a hole, so a segment is one descriptor however many pages it maps. */
+/* Expandable segments: an address range reserved with nothing behind it,
+ * and each physical allocation its own memfd mapped at its place, as cuda's
+ * VMM handles are: a worker gets the descriptors of what it attaches and no
+ * more. (One sparse memfd for the whole range let a reader commit memory in
+ * its holes, which nothing accounted for.) */
 static int host_va_reserve(wa_backend *b, int device, uint64_t size, wa_mem *va, wd_error *err)
 {
-    char name[48];
     void *map;
-    int fd, rc;
     (void)b;
+    (void)device;
 
-    snprintf(name, sizeof name, "weightd-host%d-expandable", device);
-    if ((fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0)
-        return wd_error_set(err, -errno, "memfd_create: %s", strerror(errno));
-    if (ftruncate(fd, (off_t)size) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
-        rc = wd_error_set(err, -errno, "sizing a %llu-byte address range: %s", (unsigned long long)size,
-                          strerror(errno));
-        close(fd);
-        return rc;
-    }
-    map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-    if (map == MAP_FAILED) {
-        rc = wd_error_set(err, -errno, "mapping a %llu-byte address range: %s", (unsigned long long)size,
-                          strerror(errno));
-        close(fd);
-        return rc;
-    }
-    *va = (wa_mem){.addr = (uint64_t)(uintptr_t)map, .size = size, .host = map, .fd = fd};
+    map = mmap(NULL, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (map == MAP_FAILED)
+        return wd_error_set(err, -errno, "reserving %llu bytes of address space: %s", (unsigned long long)size,
+                            strerror(errno));
+    *va = (wa_mem){.addr = (uint64_t)(uintptr_t)map, .size = size, .host = map, .fd = -1};
     return 0;
 }
 
@@ -142,36 +136,42 @@ static void host_va_release(wa_backend *b, int device, wa_mem *va)
     (void)b;
     (void)device;
     munmap(va->host, va->size);
-    close(va->fd);
     va->host = NULL;
-    va->fd = -1;
 }
 
 static int host_page_map(wa_backend *b, int device, const wa_mem *va, uint64_t offset, uint64_t size, wa_mem *page,
                          wd_error *err)
 {
     host_backend *h = (host_backend *)b;
+    char *at = (char *)va->host + offset;
+    int fd, rc;
 
     if (size > h->capacity || h->used[device] + size > h->capacity)
         return -ENOMEM;
-    if (fallocate(va->fd, 0, (off_t)offset, (off_t)size) < 0) {
-        int rc = errno == ENOSPC ? -ENOMEM : -errno;
-        return wd_error_set(err, rc, "committing %llu bytes of host memory: %s", (unsigned long long)size,
-                            strerror(errno));
+    if ((rc = segment_memfd(device, size, true, &fd, err)))
+        return rc;
+    if (mmap(at, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+        rc = wd_error_set(err, -errno, "mapping %llu bytes into a range: %s", (unsigned long long)size,
+                          strerror(errno));
+        close(fd);
+        return rc;
     }
     h->used[device] += size;
-    /* The range's memfd is what a worker maps; the page does not own it. */
-    *page = (wa_mem){.addr = va->addr + offset, .size = size, .host = (char *)va->host + offset, .fd = va->fd,
-                     .fd_offset = offset};
+    *page = (wa_mem){.addr = va->addr + offset, .size = size, .host = at, .fd = fd};
     return 0;
 }
 
 static void host_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem *page)
 {
     host_backend *h = (host_backend *)b;
+    (void)va;
 
-    fallocate(va->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(page->addr - va->addr), (off_t)page->size);
+    /* The range keeps its hole reserved; the memory goes with the last
+     * descriptor (a worker still mapping it keeps it until it unmaps). */
+    mmap(page->host, page->size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    close(page->fd);
     h->used[device] -= page->size;
+    page->fd = -1;
     page->size = 0;
 }
 

@@ -240,6 +240,8 @@ static int on_devices(wdc_client *c, wdc_attachment *a, const cJSON *ev, const c
             return rc;
         if (!cJSON_IsString(uuid))
             return wdc__fail(c, -EPROTO, "weightd's attach: a device without its uuid");
+        if (device_index(a, (int)dev) != SIZE_MAX)
+            return wdc__fail(c, -EPROTO, "weightd's attach: device %llu listed twice", (unsigned long long)dev);
         d->device = (int)dev;
         d->cuda = -1;
         d->granularity = HOST_PAGE;
@@ -278,6 +280,7 @@ static int on_descriptors(wdc_client *c, wdc_attachment *a, const cJSON *list)
     {
         att_desc *d = &a->descs[a->n_descs];
         uint64_t index, dev;
+        memset(d, 0, sizeof *d); /* what release looks at, for an entry not taken in full */
         if ((rc = get_u64(c, o, "descriptor", &index)) || (rc = get_u64(c, o, "device", &dev)) ||
             (rc = get_u64(c, o, "bytes", &d->bytes)))
             goto out;
@@ -615,9 +618,8 @@ static void release(wdc_attachment *a)
             continue;
         }
 #ifdef WD_WITH_CUDA
-        if (!cu || !d->ctx)
+        if (!cu || !d->ctx || cu->cuCtxPushCurrent(d->ctx) != CUDA_SUCCESS)
             continue;
-        cu->cuCtxPushCurrent(d->ctx);
         for (size_t h = 0; h < a->n_handles; h++)
             for (size_t i = a->handle_piece[h]; a->handles[h].device == d->device && i < a->handle_piece[h + 1]; i++)
                 if (a->pieces[i].mapped)
@@ -666,11 +668,15 @@ static void settle(wdc_attachment *a)
     wd_error err;
 
     if (a->kind == KIND_VMM && wd_cuda_load(&cu, &err) == 0)
-        for (size_t i = 0; i < a->n_descs; i++)
-            if (a->descs[i].vmm) {
-                cu->cuMemRelease(a->descs[i].vmm);
+        for (size_t i = 0; i < a->n_descs; i++) {
+            CUcontext ignored;
+            /* Kept for release() to try again if this fails. */
+            if (!a->descs[i].vmm || cu->cuCtxPushCurrent(a->devs[a->descs[i].dev].ctx) != CUDA_SUCCESS)
+                continue;
+            if (cu->cuMemRelease(a->descs[i].vmm) == CUDA_SUCCESS)
                 a->descs[i].vmm = 0;
-            }
+            cu->cuCtxPopCurrent(&ignored);
+        }
 #endif
     for (size_t i = 0; i < a->n_descs; i++)
         if (a->descs[i].fd >= 0) {
@@ -694,34 +700,40 @@ static int by_name(const void *x, const void *y, void *ctx)
 
 /* ---- the calls ---------------------------------------------------------------------- */
 
-/* After a failed attach: the rest of its stream read and dropped (its
- * descriptors closed), then its lease ended; on a broken connection, the
- * connection closed instead, which ends the lease. The call's error stays. */
+/* After a failed attach (everything it mapped already unmapped): the rest
+ * of its stream read and dropped (its descriptors closed), then its lease
+ * ended, so that the connection goes on in step, with its other leases.
+ * Only a connection out of step (nothing came in time, a line too long, a
+ * stream that ends before its reply) is closed, which ends every lease on
+ * it. The call's error stays. */
 static void abandon(wdc_client *c, int64_t id, bool replied, uint64_t lease, int rc, int timeout_ms)
 {
     char code[32], message[1024];
+    bool broken = rc == -ETIMEDOUT || rc == -ECONNRESET || rc == -EMSGSIZE;
     cJSON *msg;
     char *raw;
 
     snprintf(code, sizeof code, "%s", c->code);
     snprintf(message, sizeof message, "%s", c->message);
-    if (rc == -ETIMEDOUT || rc == -ECONNRESET || rc == -EPROTO || rc == -EMSGSIZE) {
+    while (!replied && !broken) {
+        const cJSON *res = NULL;
+        if (wdc__next_for(c, id, timeout_ms, &msg, &raw)) {
+            broken = true;
+            break;
+        }
+        replied = !cJSON_GetObjectItemCaseSensitive(msg, "event");
+        if (replied && (wdc__reply_result(c, msg, &res) || !res))
+            lease = 0; /* an error reply: the daemon ended the lease itself */
+        cJSON_Delete(msg);
+        wp_reader_drop_fds(&c->rd);
+    }
+    if (broken) {
         close(c->fd);
         c->fd = -1;
-    } else {
-        while (!replied && !wdc__next_for(c, id, timeout_ms, &msg, &raw)) {
-            const cJSON *res = NULL;
-            replied = !cJSON_GetObjectItemCaseSensitive(msg, "event");
-            if (replied && (wdc__reply_result(c, msg, &res) || !res))
-                lease = 0; /* an error reply: the daemon ended the lease itself */
-            cJSON_Delete(msg);
-            wp_reader_drop_fds(&c->rd);
-        }
-        if (lease) {
-            char args[64];
-            snprintf(args, sizeof args, "{\"lease\":%llu}", (unsigned long long)lease);
-            wdc_call(c, "detach", args, timeout_ms, NULL, NULL, NULL);
-        }
+    } else if (lease) {
+        char args[64];
+        snprintf(args, sizeof args, "{\"lease\":%llu}", (unsigned long long)lease);
+        wdc_call(c, "detach", args, timeout_ms, NULL, NULL, NULL);
     }
     wp_reader_drop_fds(&c->rd);
     snprintf(c->code, sizeof c->code, "%s", code);
@@ -845,9 +857,12 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
     return 0;
 fail:
     cJSON_Delete(msg);
-    if (id && c->fd >= 0)
-        abandon(c, id, replied, a->lease, rc, timeout_ms);
-    release(a);
+    {
+        uint64_t lease = a->lease;
+        release(a); /* unmapped before the lease ends */
+        if (id && c->fd >= 0)
+            abandon(c, id, replied, lease, rc, timeout_ms);
+    }
     return rc;
 }
 

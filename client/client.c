@@ -12,6 +12,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/grow.h"
+
 int wdc__fail(wdc_client *c, int code, const char *fmt, ...)
 {
     va_list ap;
@@ -45,6 +47,9 @@ void wdc_close(wdc_client *c)
         close(c->fd);
     wp_reader_free(&c->rd);
     wp_writer_free(&c->wr);
+    for (size_t i = 0; i < c->n_notices; i++)
+        free(c->notices[i]);
+    free(c->notices);
     free(c->server_info);
     free(c);
 }
@@ -154,11 +159,20 @@ int wdc__send_request(wdc_client *c, const char *op, cJSON *args, int timeout_ms
     return 0;
 }
 
-/* An event that names no request (a lease's revoke): to the handler. */
-static void dispatch_notice(wdc_client *c, const char *raw)
+/* An event that names no request (a lease's revoke): kept for wdc_poll,
+ * which hands it to the handler once it has stopped reading, so that the
+ * handler may call into the library (wdc_detach, say). */
+static void queue_notice(wdc_client *c, const char *raw)
 {
-    if (c->on_notice)
-        c->on_notice(raw, c->notice_ctx);
+    char *copy;
+
+    if (!c->on_notice || !(copy = strdup(raw)))
+        return;
+    if (WD_GROW(c->notices, c->cap_notices, c->n_notices + 1, 4)) {
+        free(copy);
+        return;
+    }
+    c->notices[c->n_notices++] = copy;
 }
 
 int wdc__next_for(wdc_client *c, int64_t id, int timeout_ms, cJSON **msg, char **raw)
@@ -176,7 +190,7 @@ int wdc__next_for(wdc_client *c, int64_t id, int timeout_ms, cJSON **msg, char *
             if (cJSON_IsNumber(mid) && mid->valuedouble == (double)id)
                 return 0;
             if (!mid || cJSON_IsNull(mid))
-                dispatch_notice(c, *raw);
+                queue_notice(c, *raw);
             cJSON_Delete(*msg);
             continue;
         }
@@ -257,46 +271,62 @@ void wdc_set_notice_handler(wdc_client *c, wdc_event_fn fn, void *ctx)
 
 int wdc_poll(wdc_client *c, int timeout_ms)
 {
-    int handled = 0, rc;
+    int handled = 0, rc = 0;
 
-    if (c->fd < 0)
+    if (c->fd < 0 && !c->n_notices)
         return wdc__fail(c, -ENOTCONN, "not connected to weightd");
-    /* What has arrived, or what arrives within the timeout: then every
-     * whole message buffered. */
-    for (;;) {
+    /* Every whole message buffered, and, when there were none, what arrives
+     * within the timeout. */
+    for (bool waited = false; c->fd >= 0 && !rc;) {
         char *line;
         size_t len;
         cJSON *msg;
         wd_error err = {0};
-        rc = wp_reader_next(&c->rd, &line, &len);
-        if (rc == -EMSGSIZE)
-            return wdc__fail(c, -EMSGSIZE, "weightd sent a message longer than %u bytes", WP_MAX_LINE);
-        if (rc == 1) {
+        int more = wp_reader_next(&c->rd, &line, &len);
+        if (more == -EMSGSIZE) {
+            rc = wdc__fail(c, -EMSGSIZE, "weightd sent a message longer than %u bytes", WP_MAX_LINE);
+            break;
+        }
+        if (more == 1) {
             if (len == 0)
                 continue;
-            if (wp_parse(line, len, &msg, &err))
-                return wdc__fail(c, -EPROTO, "weightd sent a malformed message: %s", wd_error_text(&err));
+            if (wp_parse(line, len, &msg, &err)) {
+                rc = wdc__fail(c, -EPROTO, "weightd sent a malformed message: %s", wd_error_text(&err));
+                break;
+            }
             if (cJSON_GetObjectItemCaseSensitive(msg, "event")) {
                 const cJSON *mid = cJSON_GetObjectItemCaseSensitive(msg, "id");
-                if (!mid || cJSON_IsNull(mid)) {
-                    dispatch_notice(c, line);
-                    handled++;
-                }
+                if (!mid || cJSON_IsNull(mid))
+                    queue_notice(c, line);
             }
             cJSON_Delete(msg);
             continue;
         }
-        if (handled)
-            return handled;
-        if ((rc = wait_for(c, POLLIN, timeout_ms)))
-            return rc == -ETIMEDOUT ? 0 : rc;
-        rc = wp_reader_fill(&c->rd, c->fd);
-        if (rc == 0)
-            return wdc__fail(c, -ECONNRESET, "weightd closed the connection");
-        if (rc < 0 && rc != -EAGAIN)
-            return wdc__fail(c, rc, "reading from weightd: %s", strerror(-rc));
-        timeout_ms = 0; /* what came, without waiting again */
+        if (c->n_notices || waited)
+            break;
+        waited = true;
+        if ((rc = wait_for(c, POLLIN, timeout_ms))) {
+            if (rc == -ETIMEDOUT) {
+                c->code[0] = c->message[0] = '\0';
+                rc = 0;
+            }
+            break;
+        }
+        if ((more = wp_reader_fill(&c->rd, c->fd)) == 0)
+            rc = wdc__fail(c, -ECONNRESET, "weightd closed the connection");
+        else if (more < 0 && more != -EAGAIN)
+            rc = wdc__fail(c, more, "reading from weightd: %s", strerror(-more));
     }
+    /* Reading is over: the handler may use the client (not close it). */
+    while (c->n_notices) {
+        char *ev = c->notices[0];
+        memmove(c->notices, c->notices + 1, --c->n_notices * sizeof *c->notices);
+        if (c->on_notice)
+            c->on_notice(ev, c->notice_ctx);
+        free(ev);
+        handled++;
+    }
+    return handled ? handled : rc;
 }
 
 int wdc_connect(wdc_client *c, const char *path, int timeout_ms)

@@ -19,8 +19,10 @@ struct wdc_client {
     char message[1024];
     char *server_info;
     wdc_event_fn on_notice;   /* events that name no request (revoke) */
-    int64_t waited_us;        /* time blocked in poll(), for attach's figures */
     void *notice_ctx;
+    char **notices;           /* those read and not yet handed to on_notice (wdc_poll does) */
+    size_t n_notices, cap_notices;
+    int64_t waited_us;        /* time blocked in poll(), for attach's figures */
 };
 
 /* Sets the last error (its code's name and the message) and returns code. */

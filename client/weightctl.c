@@ -587,8 +587,14 @@ static int verify_attachment(const wdc_attachment *att, const char *path, bool a
                 }
             }
         }
-        if (differs && !rc && !(*bad)++ && !ct)
-            snprintf(first_bad, len, "tensor \"%s\" is not in the checkpoint", t->name);
+        if (differs && !rc) {
+            if (!*bad && !ct)
+                snprintf(first_bad, len, "tensor \"%s\" is not in the checkpoint", t->name);
+            else if (!*bad && !first_bad[0])
+                snprintf(first_bad, len, "tensor \"%s\": %llu bytes mapped, %llu in the checkpoint", t->name,
+                         (unsigned long long)t->bytes, (unsigned long long)st_tensor_nbytes(ct->st));
+            (*bad)++;
+        }
     }
 out:
     if (fd >= 0)

@@ -54,12 +54,16 @@ int wdc_fd(const wdc_client *c);
 size_t wdc_take_fds(wdc_client *c, int *fds, size_t max);
 
 /* Events that belong to no request ("revoke": the daemon asks a lease's
- * holder to detach) reach fn, whenever the library reads one: during any
- * call, or in wdc_poll. */
+ * holder to detach) reach fn from wdc_poll only: read during another call,
+ * they wait for the next wdc_poll. fn may call into the library on c
+ * (wdc_detach, say), but not wdc_close. */
 void wdc_set_notice_handler(wdc_client *c, wdc_event_fn fn, void *ctx);
-/* Waits up to timeout_ms for messages and hands their events to the notice
- * handler: the number handled, 0 when none came, or a negative errno
- * (-ECONNRESET: the daemon closed the connection). */
+/* Reads every message buffered, waits up to timeout_ms (< 0: forever) for
+ * more if there were none, then hands the events among them (and those
+ * waiting from other calls) to the notice handler: the number handed, 0 when
+ * none came, or a negative errno (-ECONNRESET: the daemon closed the
+ * connection). A call may leave messages buffered that wdc_fd will not show
+ * as readable: call wdc_poll(c, 0) before waiting on wdc_fd. */
 int wdc_poll(wdc_client *c, int timeout_ms);
 
 /* ---- attach: a model's tensors, mapped into this process ---------------------
@@ -73,9 +77,15 @@ int wdc_poll(wdc_client *c, int timeout_ms);
  *
  * An attachment is a lease: the daemon will not unload the model while it
  * lasts. It ends with wdc_detach (which unmaps everything first), the
- * connection's close, or this process's exit. Mappings are read-only unless
- * WDC_ATTACH_WRITABLE is asked for and the daemon allows it; on the cuda
- * backends read-only is this library's doing, not the daemon's (README). */
+ * connection's close, or this process's exit. A failed wdc_attach that
+ * leaves the connection out of step (a timeout, a stream cut short) closes
+ * it, which ends every other lease on it: hold one attachment a connection
+ * where that matters (the Python client does). Mappings are read-only
+ * unless WDC_ATTACH_WRITABLE is asked for and the daemon allows it: on host
+ * the daemon's doing, on cuda this library's (it maps with PROT_READ), and
+ * on cuda-ipc nobody's: legacy IPC mappings are always writable (README).
+ * Not thread-safe, like the client: one thread per client and its
+ * attachments. */
 
 typedef struct wdc_attachment wdc_attachment;
 

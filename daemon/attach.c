@@ -180,16 +180,21 @@ struct wd_attach_table {
     wd_attach_table *next;
 };
 
+static void table_text_free(wd_attach_table *t)
+{
+    for (size_t i = 0; i < t->n_pages; i++)
+        free(t->pages[i].text);
+    free(t->pages);
+    free(t->fds);
+    free(t);
+}
+
 void wd_attach_forget(wd_model *m)
 {
     while (m->attach_tables) {
         wd_attach_table *t = m->attach_tables;
         m->attach_tables = t->next;
-        for (size_t i = 0; i < t->n_pages; i++)
-            free(t->pages[i].text);
-        free(t->pages);
-        free(t->fds);
-        free(t);
+        table_text_free(t);
     }
 }
 
@@ -375,9 +380,7 @@ static int attach_table(wd_server *s, wd_model *m, int device, wd_attach_table *
     at->bytes = t.bytes;
     if ((rc = encode_descriptors(s, &t, at)) || (rc = encode_handles(m, &t, at)) ||
         (rc = encode_tensors(m, &t, device, at))) {
-        at->next = NULL;
-        m->attach_tables = at; /* freed with the others */
-        wd_attach_forget(m);
+        table_text_free(at);
         rc = wd_error_set(err, -ENOMEM, "out of memory encoding the attach table");
         goto out;
     }
@@ -592,10 +595,10 @@ int wd_op_detach(wd_server *s, wd_request *r)
     res = cJSON_CreateObject();
     cJSON_AddNumberToObject(res, "lease", (double)id);
     cJSON_AddStringToObject(res, "name", l->model->name);
-    wd_reply_ok(r, res);
-    /* After the reply: the end may finish a forced unload, which answers its
-     * own client. */
+    /* The end may finish a forced unload (which frees the model and answers
+     * its own client): the reply holds a copy of the name. */
     wd_lease_end(s, l, "detached");
+    wd_reply_ok(r, res);
     return 0;
 }
 

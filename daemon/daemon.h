@@ -99,6 +99,8 @@ struct wd_conn {
     uid_t uid;
     bool hello;               /* hello exchanged */
     bool closing;             /* closed once the writer drains */
+    bool broken;              /* cannot be sent to: the reaper closes it (server.c) */
+    const char *broken_why;
     bool dead;                /* handles closed; memory freed in the last close callback */
     int handles;              /* libuv handles still open (poll, peer_poll) */
     wd_request *pending;      /* requests still to be answered */
@@ -138,7 +140,8 @@ struct wd_server {
     wd_conn *conns;
     wd_model *models;
     wd_job *jobs;             /* loads and verifies, in arrival order; one load runs at a time */
-    uv_idle_t alloc_idle;     /* allocates the running load's tensors beside its reads (jobs.c) */
+    uv_idle_t alloc_idle;     /* allocates the running load's slabs beside its reads (jobs.c) */
+    uv_idle_t reaper;         /* closes broken connections, outside whatever sent to them */
     wd_job *allocating;       /* that load, while it has tensors left to allocate */
     size_t jobs_running;      /* uv work items in flight */
     bool stopping;

@@ -149,22 +149,11 @@ void wd_leases_describe(const wd_model *m, char *buf, size_t len)
 
 void wd_leases_revoke(wd_server *s, wd_model *m, const char *reason)
 {
-    uint64_t ids[WD_LEASES_PER_CONN * 4];
-    size_t n = 0;
     (void)s;
-
-    /* A send that fails closes its connection, which ends that
-     * connection's leases: take the ids first, and look each up again. */
-    for (wd_lease *l = m->leases; l && n < sizeof ids / sizeof ids[0]; l = l->model_next)
-        ids[n++] = l->id;
-    for (size_t i = 0; i < n; i++) {
-        wd_lease *l = m->leases;
-        cJSON *ev;
-        while (l && l->id != ids[i])
-            l = l->model_next;
-        if (!l)
-            continue;
-        ev = cJSON_CreateObject();
+    /* wd_conn_event only queues: no connection closes, no lease ends, while
+     * this walks the list. */
+    for (wd_lease *l = m->leases; l; l = l->model_next) {
+        cJSON *ev = cJSON_CreateObject();
         cJSON_AddStringToObject(ev, "event", "revoke");
         cJSON_AddNumberToObject(ev, "lease", (double)l->id);
         cJSON_AddStringToObject(ev, "name", m->name);

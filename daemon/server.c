@@ -29,6 +29,7 @@
 #define TICK_MS 200
 #define MAX_QUEUED_OUTPUT (64u << 20) /* a client this far behind is dropped */
 #define PAUSE_QUEUED_OUTPUT (1u << 20) /* a client this far behind is not read until it catches up */
+#define PAUSE_QUEUED_FDS 256           /* and one with this many descriptors queued for it */
 
 double wd_now(void)
 {
@@ -64,16 +65,34 @@ static void on_conn_closed(uv_handle_t *h)
 
 /* A client that does not read its replies gets no more requests handled
  * (they wait in its socket) until it catches up: its backlog stays bounded
+ * (bytes, and descriptors: each attach queues duplicates of its model's)
  * and the loop stays free for the other clients. */
 static bool conn_paused(const wd_conn *c)
 {
-    return c->wr.queued >= PAUSE_QUEUED_OUTPUT;
+    return c->wr.queued >= PAUSE_QUEUED_OUTPUT || c->wr.queued_fds >= PAUSE_QUEUED_FDS;
+}
+
+/* A connection that can no longer be sent to is closed by the loop (the
+ * reaper), never under the code that was sending: that code may be walking
+ * the jobs, the leases or the models that the close ends and frees. */
+static void on_reap(uv_idle_t *h);
+
+static void conn_fail(wd_conn *c, const char *why)
+{
+    if (c->dead || c->broken)
+        return;
+    c->broken = true;
+    c->broken_why = why;
+    uv_poll_stop(&c->poll);
+    uv_idle_start(&c->srv->reaper, on_reap);
 }
 
 static void conn_update_poll(wd_conn *c)
 {
     int events = c->closing || conn_paused(c) ? 0 : UV_READABLE;
 
+    if (c->broken)
+        return;
     if (!wp_writer_empty(&c->wr))
         events |= UV_WRITABLE;
     if (events)
@@ -86,16 +105,16 @@ static void conn_flush(wd_conn *c)
 {
     int rc;
 
-    if (c->dead)
+    if (c->dead || c->broken)
         return;
     rc = wp_writer_flush(&c->wr, c->fd);
 
     if (rc && rc != -EAGAIN) {
-        conn_close(c, rc == -EPIPE || rc == -ECONNRESET ? "peer went away" : strerror(-rc));
+        conn_fail(c, rc == -EPIPE || rc == -ECONNRESET ? "peer went away" : strerror(-rc));
         return;
     }
     if (c->closing && wp_writer_empty(&c->wr)) {
-        conn_close(c, NULL);
+        conn_fail(c, NULL);
         return;
     }
     conn_update_poll(c);
@@ -108,7 +127,7 @@ static void conn_send(wd_conn *c, cJSON *msg, const int *fds, size_t n_fds)
     char *line;
     size_t len = 0;
 
-    if (!c || c->dead || !msg) {
+    if (!c || c->dead || c->broken || !msg) {
         cJSON_Delete(msg);
         return;
     }
@@ -121,7 +140,9 @@ static void conn_send(wd_conn *c, cJSON *msg, const int *fds, size_t n_fds)
  * the socket takes. */
 static void conn_send_line(wd_conn *c, char *line, size_t len, const int *fds, size_t n_fds)
 {
-    if (!c || c->dead) {
+    int rc;
+
+    if (!c || c->dead || c->broken) {
         free(line);
         return;
     }
@@ -129,17 +150,18 @@ static void conn_send_line(wd_conn *c, char *line, size_t len, const int *fds, s
         wd_log(WD_LOG_error, "client %llu: a reply of %zu bytes does not fit a message; dropping the client",
                (unsigned long long)c->serial, line ? len : 0);
         free(line);
-        conn_close(c, "reply too large");
+        conn_fail(c, "reply too large");
         return;
     }
-    if (wp_writer_push(&c->wr, line, len, fds, n_fds)) {
+    if ((rc = wp_writer_push(&c->wr, line, len, fds, n_fds))) {
         free(line);
-        conn_close(c, "out of memory queueing a reply");
+        conn_fail(c, rc == -ENOMEM ? "out of memory queueing a reply"
+                                   : "cannot duplicate a descriptor for it (too many open files)");
         return;
     }
     free(line);
     if (c->wr.queued > MAX_QUEUED_OUTPUT) {
-        conn_close(c, "client does not read its replies");
+        conn_fail(c, "client does not read its replies");
         return;
     }
     conn_flush(c);
@@ -213,22 +235,22 @@ void wd_request_event(wd_request *r, cJSON *ev)
 
 bool wd_request_stream(wd_request *r, cJSON *msg, const int *fds, size_t n)
 {
-    if (!r->conn || r->conn->dead) {
+    if (!r->conn || r->conn->dead || r->conn->broken) {
         cJSON_Delete(msg);
         return false;
     }
     conn_send(r->conn, msg, fds, n);
-    return r->conn && !r->conn->dead;
+    return !r->conn->broken;
 }
 
 bool wd_request_send(wd_request *r, char *line, size_t len, const int *fds, size_t n)
 {
-    if (!r->conn || r->conn->dead) {
+    if (!r->conn || r->conn->dead || r->conn->broken) {
         free(line);
         return false;
     }
     conn_send_line(r->conn, line, len, fds, n);
-    return r->conn && !r->conn->dead;
+    return !r->conn->broken;
 }
 
 void wd_conn_event(wd_conn *c, cJSON *ev)
@@ -236,7 +258,7 @@ void wd_conn_event(wd_conn *c, cJSON *ev)
     char *line;
     size_t len;
 
-    if (c->dead || c->closing || !ev) {
+    if (c->dead || c->broken || c->closing || !ev) {
         cJSON_Delete(ev);
         return;
     }
@@ -244,11 +266,13 @@ void wd_conn_event(wd_conn *c, cJSON *ev)
     cJSON_Delete(ev);
     if (!line || len > WP_MAX_LINE || wp_writer_push(&c->wr, line, len, NULL, 0) ||
         c->wr.queued > MAX_QUEUED_OUTPUT) {
-        /* Closed by the loop once what it has is sent, not under the caller. */
-        wd_log(WD_LOG_info, "client %llu: cannot queue an event; closing it", (unsigned long long)c->serial);
-        c->closing = true;
+        free(line);
+        conn_fail(c, "cannot queue an event for it");
+        return;
     }
     free(line);
+    /* Sent when the socket is writable: the caller walks a list that a
+     * failed send would change. */
     conn_update_poll(c);
 }
 
@@ -256,6 +280,20 @@ void wd_conn_event(wd_conn *c, cJSON *ev)
 static void send_stray_error(wd_conn *c, const cJSON *id, int code, const char *msg)
 {
     conn_send(c, wp_reply_error(id, code, msg), NULL, 0);
+}
+
+static void on_reap(uv_idle_t *h)
+{
+    wd_server *s = h->data;
+
+    uv_idle_stop(h);
+    /* conn_close unlinks c and may end leases and jobs of others, but it
+     * never closes another connection (sends only mark them broken). */
+    for (wd_conn *c = s->conns, *next; c; c = next) {
+        next = c->next;
+        if (c->broken)
+            conn_close(c, c->broken_why);
+    }
 }
 
 static void conn_close(wd_conn *c, const char *why)
@@ -412,7 +450,7 @@ static void conn_handle_lines(wd_conn *c)
     size_t len;
     int rc;
 
-    while (!c->dead && !c->closing && !conn_paused(c)) {
+    while (!c->dead && !c->broken && !c->closing && !conn_paused(c)) {
         rc = wp_reader_next(&c->rd, &line, &len);
         if (rc == 1) {
             handle_line(c, line, len);
@@ -423,7 +461,7 @@ static void conn_handle_lines(wd_conn *c)
             snprintf(text, sizeof text, "message longer than %u bytes; closing the connection", WP_MAX_LINE);
             wd_log(WD_LOG_info, "client %llu: %s", (unsigned long long)c->serial, text);
             send_stray_error(c, NULL, -EMSGSIZE, text);
-            if (!c->dead) {
+            if (!c->dead && !c->broken) {
                 c->closing = true;
                 conn_flush(c);
             }
@@ -444,20 +482,20 @@ static void on_conn_event(uv_poll_t *h, int status, int events)
     if (events & UV_WRITABLE) {
         bool was_paused = conn_paused(c);
         conn_flush(c);
-        if (c->dead)
+        if (c->dead || c->broken)
             return;
         if (was_paused && !conn_paused(c)) {
             /* caught up: the requests it sent meanwhile */
             conn_handle_lines(c);
-            if (c->dead)
+            if (c->dead || c->broken)
                 return;
             conn_update_poll(c);
         }
     }
-    if (!(events & UV_READABLE) || c->closing)
+    if (!(events & UV_READABLE) || c->closing || c->broken)
         return;
     /* A bounded number of reads per wakeup keeps one client from starving others. */
-    for (int round = 0; round < 16 && !c->dead && !c->closing && !conn_paused(c); round++) {
+    for (int round = 0; round < 16 && !c->dead && !c->broken && !c->closing && !conn_paused(c); round++) {
         rc = wp_reader_fill(&c->rd, c->fd);
         if (rc == -EAGAIN)
             break;
@@ -765,6 +803,8 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     uv_poll_start(&s->signal_poll, UV_READABLE, on_signal);
     uv_idle_init(loop, &s->alloc_idle);
     s->alloc_idle.data = s;
+    uv_idle_init(loop, &s->reaper);
+    s->reaper.data = s;
     uv_timer_init(loop, &s->tick);
     s->tick.data = s;
     uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
@@ -836,5 +876,6 @@ void wd_server_maybe_finish(wd_server *s)
     close(s->signal_fd);
     uv_close((uv_handle_t *)&s->tick, on_handle_closed);
     uv_close((uv_handle_t *)&s->alloc_idle, on_handle_closed);
+    uv_close((uv_handle_t *)&s->reaper, on_handle_closed);
     wd_log(WD_LOG_notice, "stopped: every segment released");
 }

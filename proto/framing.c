@@ -190,6 +190,7 @@ int wp_writer_push(wp_writer *w, const char *data, size_t len, const int *fds, s
         w->head = c;
     w->tail = c;
     w->queued += len;
+    w->queued_fds += c->n_fds;
     return 0;
 }
 
@@ -227,6 +228,7 @@ int wp_writer_flush(wp_writer *w, int sock)
             /* The kernel holds its own references now. */
             for (size_t i = 0; i < c->n_fds; i++)
                 close(c->fds[i]);
+            w->queued_fds -= c->n_fds;
             c->n_fds = 0;
         }
         c->off += (size_t)n;

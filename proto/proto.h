@@ -59,6 +59,7 @@ typedef struct wp_chunk wp_chunk;
 typedef struct wp_writer {
     wp_chunk *head, *tail;
     size_t queued;     /* bytes not yet sent */
+    size_t queued_fds; /* descriptors held for messages not yet sent */
 } wp_writer;
 
 void wp_writer_init(wp_writer *w);

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import unittest
 
 from . import harness as h
 
@@ -276,7 +277,7 @@ class Attach(h.E2ETestCase):
         # The table in many messages (a slab per tensor, on classic segments):
         # the worker dies with some descriptors in hand and the rest queued.
         d = self.loaded("--slab-size", "1", "--load-alloc-conf", "max_split_size_mb:20", path=self.qwen)
-        base = h.fd_count(d.pid)
+        base = settled_fds(d)
         script = ("import socket, sys, os, signal\n"
                   "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
                   "s.sendall(b'{\"id\":1,\"op\":\"hello\",\"args\":{\"version\":\"1.0\"}}\\n"
@@ -341,7 +342,7 @@ class Attach(h.E2ETestCase):
 
     def test_300_attach_detach_cycles_leave_descriptor_counts_as_they_were(self):
         d = self.loaded()
-        base = h.fd_count(d.pid)
+        base = settled_fds(d)
         res = worker_json(self, d, "cycles", "m", 300, timeout=h.T(300))
         self.assertEqual(res["after"], res["before"], "the worker's descriptors")
         self.assertEqual(res["leases"], 0)
@@ -370,6 +371,18 @@ class Attach(h.E2ETestCase):
         self.assertEqual((m["event"], m["lease"], m["name"], m["reason"]), ("revoke", lease, "m", "unload"))
         self.assertEqual(d.models()[0]["state"], "ready")
         self.assertEqual(run_ctl_ok(self, d, "attach", "m", "--verify").rc, 0)
+
+    def test_a_python_worker_that_closes_on_revoke(self):
+        d = self.loaded()
+        p = start_worker(self, d, "hold", "m", "--close-on-revoke", "1")
+        wait_ready(self, p)
+        r = d.ctl("unload", "m", "--force", "--wait", "60")
+        self.assertEqual(r.rc, 0, r)
+        out, err = p.communicate(timeout=h.T(30))
+        self.assertEqual(p.returncode, 0, err)
+        res = json.loads(out.strip().splitlines()[-1])
+        self.assertEqual(res, {"revoked": "unload", "fileno": "the attachment is closed", "parts_kept": True,
+                               "leases": 0})
 
     def test_a_shutdown_tells_holders(self):
         d = self.loaded()
@@ -473,6 +486,134 @@ class Attach(h.E2ETestCase):
         self.assertEqual((r.json["descriptors"], r.json["handles"], r.json["match"]), (260, 260, True))
 
 
+class HostilePeers(h.E2ETestCase):
+    """Peers that attach and then misbehave; each case crashed, leaked or
+    leaked through before its fix (the sanitizer build catches the memory
+    errors)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.small = h.checkpoint("small")
+
+    def loaded(self, *args, **kw):
+        d = self.daemon(*args, **kw)
+        h.load_ok(self, d, self.small, "--name", "m")
+        return d
+
+    def test_a_detach_whose_reply_cannot_be_sent(self):
+        # The reply's failed send closed the connection, which ended the
+        # lease that detach then ended again.
+        d = self.loaded()
+        for how in ("close", "shut"):
+            c = RawAttach(d.sock)
+            lease = c.request("attach", {"name": "m"})[-1][0]["result"]["lease"]
+            c.send("detach", {"lease": lease})
+            if how == "shut":
+                c.sock.shutdown(socket.SHUT_RD)
+            c.close()
+        h.wait_until(lambda: d.ctl_json("leases").json["leases"] == [], h.T(10), what="the leases to end")
+        self.assertEqual(d.ctl("unload", "m").rc, 0)
+
+    def test_a_revoke_reaches_every_holder(self):
+        # 5 connections of 64 leases each: more than the 256 a fixed array held.
+        d = self.loaded()
+        conns = []
+        for _ in range(5):
+            c = RawAttach(d.sock)
+            self.addCleanup(c.close)
+            for _ in range(64):
+                msgs = c.request("attach", {"name": "m"})
+                self.assertTrue(msgs[-1][0]["ok"])
+                for _, fds in msgs:
+                    for fd in fds:
+                        os.close(fd)
+            conns.append(c)
+        r = d.ctl_json("unload", "m", "--force", "--wait", "1")
+        self.assertJsonError(r, "EBUSY")
+        revoked = 0
+        for c in conns:
+            for _ in range(64):
+                m, _ = c.message()
+                revoked += m.get("event") == "revoke"
+        self.assertEqual(revoked, 320)
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root, to hand a descriptor to another user")
+    def test_another_user_cannot_reopen_a_read_only_descriptor(self):
+        # A memfd is mode 0777 unless told otherwise: any holder could open
+        # /proc/self/fd/N read-write and change the daemon's copy.
+        d = self.loaded()
+        c = self.raw_attach_fds(d)
+        fd = c[0]
+        child = os.fork()
+        if child == 0:
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                for mode in (os.O_RDWR, os.O_RDONLY):
+                    try:
+                        os.close(os.open("/proc/self/fd/%d" % fd, mode))
+                        os._exit(1)
+                    except PermissionError:
+                        pass
+                os._exit(0)
+            except BaseException:
+                os._exit(2)
+        self.assertEqual(os.waitpid(child, 0)[1], 0, "the other user reopened the descriptor")
+        self.assertEqual(d.ctl("verify", "m").rc, 0)
+
+    def raw_attach_fds(self, d):
+        c = RawAttach(d.sock)
+        self.addCleanup(c.close)
+        msgs = c.request("attach", {"name": "m"})
+        fds = [fd for _, got in msgs for fd in got]
+        c.fds += fds  # closed with the client
+        return fds
+
+    def test_a_worker_gets_descriptors_of_its_allocations_alone(self):
+        # One memfd for a whole expandable range let a reader commit memory
+        # in its holes; now each physical allocation is its own memfd.
+        d = self.loaded()
+        c = RawAttach(d.sock)
+        self.addCleanup(c.close)
+        msgs = c.request("attach", {"name": "m"})
+        fds = [fd for _, got in msgs for fd in got]
+        c.fds += fds
+        descs = [x for m, _ in msgs for x in m.get("descriptors", [])]
+        pieces = [p for m, _ in msgs for hd in m.get("handles", []) for p in hd["pieces"]]
+        for p in pieces:
+            size = os.fstat(fds[p["descriptor"]]).st_size
+            self.assertEqual((p["offset"], p["bytes"]), (0, size), "a piece is its whole descriptor")
+        for x in descs:
+            self.assertEqual(os.fstat(fds[x["descriptor"]]).st_size, x["bytes"])
+        reserved = d.device(0)["reserved_bytes"]["current"]
+        self.assertLessEqual(sum(os.fstat(fd).st_size for fd in fds), reserved, "nothing beyond what is reserved")
+
+    def test_a_client_that_does_not_read_cannot_make_the_daemon_hold_descriptors(self):
+        # attach/detach pairs, never read: each queued attach held duplicates
+        # of the model's descriptors, without bound.
+        d = self.loaded("--slab-size", "4MiB", "--load-alloc-conf", "max_split_size_mb:20")
+        per_attach = d.ctl_json("attach", "m").json["descriptors"]
+        self.assertGreater(per_attach, 4)
+        base = settled_fds(d)
+        first = max([0] + [l["lease"] for l in d.ctl_json("leases").json["leases"]]) + 2
+        c = RawAttach(d.sock)
+        self.addCleanup(c.close)
+        c.sock.setblocking(False)
+        out = b"".join(json.dumps({"id": 1, "op": "attach", "args": {"name": "m"}}).encode() + b"\n" +
+                       json.dumps({"id": 2, "op": "detach", "args": {"lease": first + i}}).encode() + b"\n"
+                       for i in range(600))
+        try:
+            c.sock.send(out)
+        except BlockingIOError:
+            pass
+        time_limit = h.T(5)
+        h.wait_until(lambda: h.fd_count(d.pid) > base + 100, time_limit, what="the daemon to start answering")
+        held = max(h.fd_count(d.pid) for _ in range(20))
+        self.assertLess(held - base, 256 + 2 * per_attach + 20, "descriptors queued for one client are bounded")
+        self.assertEqual(d.ctl("list").rc, 0, "and the daemon serves others")
+
+
 # ---- helpers --------------------------------------------------------------------------
 
 LINEAR_W = [[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]]
@@ -513,6 +654,13 @@ def read_tensor(path, name):
                 f.seek(base + b)
                 return f.read(e - b)
     raise KeyError(name)
+
+
+def settled_fds(d):
+    """The daemon's descriptor count once the connections of earlier
+    commands have closed (only the one asking is left)."""
+    h.wait_until(lambda: d.stats()["connections"] == 1, h.T(10), what="connections to settle")
+    return h.fd_count(d.pid)
 
 
 def proc_name(pid):

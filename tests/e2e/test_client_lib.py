@@ -84,6 +84,35 @@ int main(int argc, char **argv)
         rc = wdc_call(c, "verify", "{\"name\": \"from-c\"}", 60000, NULL, NULL, &res);
         CHECK(rc == 0 && strstr(res, "\"match\":true"), "verify: %d %s", rc, res ? res : wdc_error_message(c));
         free(res);
+
+        /* attach: every tensor mapped here, read back; a failed attach whose
+         * reply came leaves the connection and its other lease */
+        wdc_attachment *a = NULL, *none = NULL;
+        rc = wdc_attach(c, "from-c", NULL, 0, 10000, &a);
+        CHECK(rc == 0 && a, "attach: %d %s", rc, wdc_error_message(c));
+        CHECK(wdc_attachment_tensor_count(a) == 41 && wdc_attachment_handle_count(a) >= 1, "attach counts");
+        const wdc_tensor *t = wdc_attachment_find(a, "model.norm.weight");
+        CHECK(t && t->n_parts == 1 && t->ndim == 1 && strcmp(t->dtype, "BF16") == 0, "find");
+        unsigned char first[8];
+        CHECK(wdc_read(a, &t->parts[0], 0, first, sizeof first) == 0, "read");
+        CHECK(memcmp(first, t->parts[0].ptr, sizeof first) == 0, "the pointer is the memory");
+        CHECK(wdc_read(a, &t->parts[0], t->parts[0].bytes, first, 1) == -ERANGE, "read past the part");
+        CHECK(wdc_attachment_find(a, "no.such.tensor") == NULL, "find a missing one");
+        CHECK(strstr(wdc_attachment_info(a), "\"handle_type\":\"memfd\""), "info %s", wdc_attachment_info(a));
+        rc = wdc_attach(c, "from-c", "99", 0, 10000, &none);
+        CHECK(rc == -ENODEV && none == NULL && strcmp(wdc_error_code(c), "ENODEV") == 0, "bad device: %d", rc);
+        CHECK(wdc_fd(c) >= 0, "the connection stays");
+        rc = wdc_call(c, "leases", NULL, 10000, NULL, NULL, &res);
+        CHECK(rc == 0 && strstr(res, "\"lease\":") && strstr(res, "\"model\":\"from-c\""), "leases %s", res);
+        free(res);
+        CHECK(wdc_poll(c, 0) == 0 && strcmp(wdc_error_code(c), "") == 0, "nothing to hand out");
+        rc = wdc_call(c, "unload", "{\"name\": \"from-c\"}", 10000, NULL, NULL, NULL);
+        CHECK(rc == -EBUSY && strstr(wdc_error_message(c), "attached by 1 worker"), "unload while leased: %d", rc);
+        rc = wdc_detach(c, a, 10000);
+        CHECK(rc == 0, "detach: %d %s", rc, wdc_error_message(c));
+        rc = wdc_call(c, "leases", NULL, 10000, NULL, NULL, &res);
+        CHECK(rc == 0 && strstr(res, "\"leases\":[]"), "no leases left: %s", res);
+        free(res);
         rc = wdc_call(c, "unload", "{\"name\": \"from-c\"}", 60000, NULL, NULL, NULL);
         CHECK(rc == 0, "unload: %d %s", rc, wdc_error_message(c));
     }

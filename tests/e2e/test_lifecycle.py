@@ -131,6 +131,36 @@ class CleanStops(h.E2ETestCase):
         self.assertClean(d, rc)
 
 
+    def test_progress_for_a_queued_load_whose_client_cannot_take_it(self):
+        # The tick's progress event to the queued load's client failed, which
+        # closed it and freed the job the tick was walking.
+        d = self.daemon("--read-threads", "1", capacity="4GiB")
+        running = self.raw(d)
+        running.send_request("load", {"path": h.checkpoint("big"), "name": "big"}, id="big", events=True)
+        self.assertEqual(running.recv(timeout=h.T(30)).get("event"), "progress")
+        queued = self.raw(d)
+        queued.send_request("load", {"path": h.checkpoint("small"), "name": "q"}, id="q", events=True)
+        h.wait_until(lambda: len(d.stats()["jobs"]) == 2, h.T(30), what="the second load to queue")
+        queued.sock.shutdown(socket.SHUT_RD)
+        h.wait_until(lambda: len(d.stats()["jobs"]) == 1, h.T(30), what="the queued load to go with its client")
+        self.assertTrue(running.reply_to("big", timeout=h.T(120))["ok"])
+        self.assertEqual([m["name"] for m in d.models()], ["big"])
+        self.assertClean(d, d.stop())
+
+    def test_a_stop_with_two_queued_loads_of_a_client_that_cannot_take_replies(self):
+        # Cancelling the first queued load sent an error its client could not
+        # take: the close freed the second job, which the loop had saved as next.
+        d = self.daemon("--read-threads", "1", capacity="4GiB")
+        running = self.raw(d)
+        running.send_request("load", {"path": h.checkpoint("big"), "name": "big"}, id="big")
+        h.wait_until(lambda: d.stats()["jobs"], h.T(30), what="the first load")
+        queued = self.raw(d)
+        queued.send_request("load", {"path": h.checkpoint("small"), "name": "q1"}, id="q1")
+        queued.send_request("load", {"path": h.checkpoint("qwen"), "name": "q2"}, id="q2")
+        h.wait_until(lambda: len(d.stats()["jobs"]) == 3, h.T(30), what="two loads to queue")
+        queued.sock.shutdown(socket.SHUT_RD)
+        self.assertClean(d, d.stop())
+
     def test_sigterm_with_a_verify_running_and_clients_that_misbehave(self):
         d = self.daemon(capacity="4GiB")
         h.load_ok(self, d, h.checkpoint("big"))

@@ -81,12 +81,23 @@ def cmd_verify(sock, name, ckpt, framework="auto", device=None):
                           "missing": sorted(set(want) - set(att))}))
 
 
-def cmd_hold(sock, name, device=None):
+def cmd_hold(sock, name, device=None, close_on_revoke=False):
+    """Holds an attachment; with close_on_revoke, closes it from on_revoke
+    (as a worker should) and reports what is left of it."""
     c = weightd.Client(sock)
-    att = c.attach(name, device=device, framework="memoryview")
+    att = c.attach(name, device=device, framework="memoryview",
+                   on_revoke=(lambda a, ev: a.close()) if close_on_revoke else None)
+    parts = att.parts(next(iter(att)))
     print("READY %d" % att.lease, flush=True)
-    while True:
+    while att.revoked is None or not close_on_revoke:
         att.process_events(timeout=None)
+    try:
+        att.fileno()
+        fileno = "answered"
+    except ValueError as e:
+        fileno = str(e)
+    print(json.dumps({"revoked": att.revoked, "fileno": fileno, "parts_kept": att.parts(next(iter(att._parts))) == parts,
+                      "leases": len(c.leases())}), flush=True)
 
 
 def cmd_cycles(sock, name, n):
@@ -160,7 +171,7 @@ def main(argv):
     if cmd == "verify":
         cmd_verify(sock, args[0], args[1], framework=opts.get("framework", "auto"), device=opts.get("device"))
     elif cmd == "hold":
-        cmd_hold(sock, args[0], device=opts.get("device"))
+        cmd_hold(sock, args[0], device=opts.get("device"), close_on_revoke=opts.get("close-on-revoke") == "1")
     elif cmd == "cycles":
         cmd_cycles(sock, args[0], int(args[1]))
     elif cmd == "write":

@@ -103,9 +103,10 @@ START_TEST(allocator_on_host_gives_writable_blocks_inside_their_segment)
 END_TEST
 
 /* What a worker maps to see a block (wa_block_backing): the segment's memfd
- * for a classic segment; the range's memfd at each physical allocation's
- * offset for an expandable one, one allocation per request when coalesced,
- * one per page when not. */
+ * for a classic segment; for an expandable one, the memfd of each physical
+ * allocation under it (one per request when coalesced, one per page when
+ * not), each exactly its allocation's size, so that a worker can map nothing
+ * else; each only its owner may open again. */
 START_TEST(a_blocks_backing_is_what_a_worker_maps)
 {
     static const char *const confs[] = {NULL, "expandable_segments:True,expandable_page_mb:2,expandable_coalesce:True",
@@ -143,9 +144,14 @@ START_TEST(a_blocks_backing_is_what_a_worker_maps)
         ck_assert_uint_ge(back[n - 1]->addr + back[n - 1]->size, r.addr + r.size);
         for (size_t i = 0; i < n; i++) {
             char probe[4];
+            struct stat st;
             ck_assert_int_ge(back[i]->fd, 0);
-            ck_assert_int_eq(back[i]->fd, back[0]->fd);
-            ck_assert_uint_eq(back[i]->fd_offset % 4096, 0);
+            ck_assert_int_eq(fstat(back[i]->fd, &st), 0);
+            ck_assert_int_eq(st.st_mode & 0777, 0400);
+            ck_assert_uint_eq(back[i]->fd_offset, 0);
+            ck_assert_uint_eq((uint64_t)st.st_size, c == 0 ? r.segment_size : back[i]->size);
+            if (i)
+                ck_assert_int_ne(back[i]->fd, back[i - 1]->fd);
             if (i)
                 ck_assert_uint_eq(back[i]->addr, back[i - 1]->addr + back[i - 1]->size);
             /* The memfd at fd_offset is the memory at addr. */

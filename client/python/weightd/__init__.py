@@ -33,7 +33,6 @@ import json
 import os
 import socket
 import time
-import weakref
 
 __all__ = ["Client", "Attachment", "WeightdError", "default_socket", "PROTOCOL_VERSION"]
 
@@ -388,11 +387,11 @@ class _Mapping:
         return rc
 
     def close(self):
-        if self.client:
-            if self.att:
-                self.lib.wdc_detach(self.client, self.att, self.timeout_ms)
-            self.lib.wdc_close(self.client)
-        self.client = self.att = None
+        client, att, self.client, self.att = self.client, self.att, None, None
+        if client:
+            if att:
+                self.lib.wdc_detach(client, att, self.timeout_ms)
+            self.lib.wdc_close(client)
 
     def __del__(self):
         try:
@@ -444,17 +443,19 @@ class Attachment(collections.abc.Mapping):
     Mappings are read-only unless writable=True and the daemon allows it: a
     write faults in this process alone, and the daemon's copy stays as it
     was. A "revoke" event (weightctl unload --force) calls on_revoke(att,
-    event); it is read when process_events() runs."""
+    event), from process_events(); it may close the attachment. One thread
+    at a time, like Client."""
 
     def __init__(self, path, name, device=None, framework="auto", writable=False, on_revoke=None, timeout=30.0):
         self.name = name
         self.revoked = None
         self._on_revoke = on_revoke
         # The mapping must not keep the attachment alive (tensors keep the
-        # mapping alive): its events reach us through a weak reference.
-        me = weakref.ref(self)
+        # mapping alive): the library hands its events to this list alone.
+        self._events = []
+        events = self._events
         t0 = time.perf_counter()
-        self._map = _Mapping(path, name, device, writable, lambda ev: me() and me()._notice(ev), timeout)
+        self._map = _Mapping(path, name, device, writable, events.append, timeout)
         t1 = time.perf_counter()
         try:
             lib, att = self._map.lib, self._map.att
@@ -525,6 +526,10 @@ class Attachment(collections.abc.Mapping):
                 raise WeightdError("EINVAL", "tensor %r has %d parts here" % (name, len(parts)))
             p = parts[0] if parts else None
             self._tensors[name] = self._wrap(bases, p, dtype, shape)
+        # Copies: the library's table goes with close().
+        self._parts = {name: [{"device": p.device, "cuda_device": p.cuda_device, "ptr": p.ptr or 0,
+                               "bytes": p.bytes, "tensor_offset": p.tensor_offset} for p in parts]
+                       for name, parts in self._parts.items()}
 
     def _wrap(self, bases, part, dtype, shape):
         size, torch_name, numpy_name = _DTYPES.get(dtype, (1, None, None))
@@ -550,7 +555,9 @@ class Attachment(collections.abc.Mapping):
         if self.framework == "numpy":
             np = self._module
             if part is None:
-                return np.empty(shape, dtype=numpy_name or "uint8")
+                empty = np.empty(shape, dtype=numpy_name or "uint8")
+                empty.flags.writeable = self._writable
+                return empty
             flat = bases[part.handle][part.handle_offset:part.handle_offset + part.bytes]
             return flat.view(numpy_name).reshape(shape) if numpy_name else flat
         if part is None:
@@ -580,29 +587,34 @@ class Attachment(collections.abc.Mapping):
 
     def parts(self, name):
         """Where a tensor's bytes are mapped: device, cuda_device, ptr, bytes, tensor_offset."""
-        return [{"device": p.device, "cuda_device": p.cuda_device, "ptr": p.ptr or 0, "bytes": p.bytes,
-                 "tensor_offset": p.tensor_offset} for p in self._parts[name]]
+        return [dict(p) for p in self._parts[name]]
 
     # ---- events and the end ------------------------------------------------------
 
-    def _notice(self, event):
-        if event.get("event") == "revoke" and event.get("lease") == getattr(self, "lease", None):
-            self.revoked = event.get("reason") or "revoked"
-            if self._on_revoke is not None:
-                self._on_revoke(self, event)
-
     def fileno(self):
         """The attachment's connection, for select(): readable when the
-        daemon says something (a revoke)."""
+        daemon says something (a revoke). Call process_events(0) before
+        waiting on it: a message may already be buffered."""
+        if not self._map.client:
+            raise ValueError("the attachment is closed")
         return self._map.lib.wdc_fd(self._map.client)
 
     def process_events(self, timeout=0.0):
-        """Reads what the daemon sent (waiting up to timeout seconds; None:
-        until something comes) and runs on_revoke for a revoke; the number
-        of events read."""
-        if not self._map.client:
-            return 0
-        return self._map._check(self._map.lib.wdc_poll(self._map.client, -1 if timeout is None else int(timeout * 1000)))
+        """Reads what the daemon sent (waiting up to timeout seconds if
+        nothing is buffered; None: until something comes) and runs
+        on_revoke for each revoke of this lease; the number of events.
+        on_revoke may close the attachment."""
+        if self._map.client:
+            self._map._check(self._map.lib.wdc_poll(self._map.client, -1 if timeout is None else int(timeout * 1000)))
+        handled = 0
+        while self._events:
+            event = self._events.pop(0)
+            handled += 1
+            if event.get("event") == "revoke" and event.get("lease") == self.lease:
+                self.revoked = event.get("reason") or "revoked"
+                if self._on_revoke is not None:
+                    self._on_revoke(self, event)
+        return handled
 
     def close(self):
         """Unmaps every tensor and ends the lease. The tensors must not be
