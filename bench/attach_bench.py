@@ -28,6 +28,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "client", "python"))
+sys.path.insert(0, HERE)
+from load_bench import Daemon  # noqa: E402
 
 
 # ---- the worker (a fresh process each) ------------------------------------------
@@ -84,30 +86,11 @@ def ms(s):
     return "%.1f ms (%.1f-%.1f)" % (1e3 * s["median"], 1e3 * s["min"], 1e3 * s["max"])
 
 
-class Daemon:
-    def __init__(self, build, work, backend):
-        self.sock = os.path.join(work, "weightd.sock")
-        self.ctl = os.path.join(build, "weightctl")
-        self.log = open(os.path.join(work, "weightd.log"), "a")
-        extra = ["--host-capacity", "64GiB"] if backend == "host" else []
-        self.p = subprocess.Popen([os.path.join(build, "weightd"), "--backend", backend, "--socket", self.sock] + extra,
-                                  stderr=self.log)
-        for _ in range(300):
-            if os.path.exists(self.sock):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("weightd did not start; see weightd.log")
-
-    def run(self, *args):
-        r = subprocess.run([self.ctl, "--socket", self.sock, "--json", "--timeout", "600"] + list(args),
-                           capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError("weightctl %s: %s %s" % (args, r.stdout, r.stderr))
-        return json.loads(r.stdout)
-
-    def stop(self):
-        self.run("shutdown")
-        self.p.wait(timeout=120)
+def start_daemon(build, work, backend):
+    """load_bench's daemon wrapper (run a weightctl command as JSON, stop),
+    on the cuda backend or, for trying the script, on host."""
+    extra = ["--backend", "host", "--host-capacity", "64GiB"] if backend == "host" else []
+    return Daemon(build, work, extra)
 
 
 def worker_env(build):
@@ -171,7 +154,7 @@ def main():
                 pass
     gpu_name = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "-i", "0"],
                               capture_output=True, text=True).stdout.strip() if gpu else "none (host backend)"
-    d = Daemon(build, work, a.backend)
+    d = start_daemon(build, work, a.backend)
     try:
         loads = []
         for i in range(3):
