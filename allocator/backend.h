@@ -23,15 +23,14 @@ typedef struct wa_mem {
     uint64_t addr;   /* device address (a made-up one on fake) */
     uint64_t size;
     void *host;      /* CPU mapping of the whole segment, or NULL */
-    int fd;          /* shareable handle a worker can map, or -1 */
-    uint64_t fd_offset; /* where this memory begins within fd (host pages share their range's memfd) */
+    int fd;          /* shareable handle of this memory alone, which a worker can map; or -1 */
     void *priv;      /* the backend's own */
 } wa_mem;
 
 /* How a worker maps a backend's memory (attach; DESIGN.md, "Backends"). */
 typedef enum wa_share {
     WA_SHARE_NONE,   /* fake: there is nothing to map */
-    WA_SHARE_MEMFD,  /* host: fd is a memfd; a worker mmaps [fd_offset, fd_offset + size) of it */
+    WA_SHARE_MEMFD,  /* host: fd is a memfd of size bytes; a worker mmaps it */
     WA_SHARE_VMM,    /* cuda: fd is a POSIX-fd handle of one whole cuMemCreate allocation */
     WA_SHARE_IPC,    /* cuda-ipc: a legacy IPC handle (ipc_handle) of one whole cuMemAlloc allocation */
 } wa_share;

@@ -501,7 +501,7 @@ static uint64_t round_up(uint64_t v, uint64_t to)
     return (v + to - 1) / to * to;
 }
 
-static int map_memfd(wdc_client *c, wdc_attachment *a, att_device *d, size_t di)
+static int map_memfd(wdc_client *c, wdc_attachment *a, att_device *d)
 {
     int prot = PROT_READ | (a->writable ? PROT_WRITE : 0);
     void *va;
@@ -532,7 +532,6 @@ static int map_memfd(wdc_client *c, wdc_attachment *a, att_device *d, size_t di)
         }
         at += round_up(a->handles[h].bytes, HOST_PAGE);
     }
-    (void)di;
     return 0;
 }
 
@@ -819,9 +818,9 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
     }
     for (size_t di = 0; di < a->n_devs; di++) {
 #ifdef WD_WITH_CUDA
-        rc = a->kind == KIND_MEMFD ? map_memfd(c, a, &a->devs[di], di) : map_cuda(c, a, &a->devs[di], di);
+        rc = a->kind == KIND_MEMFD ? map_memfd(c, a, &a->devs[di]) : map_cuda(c, a, &a->devs[di], di);
 #else
-        rc = map_memfd(c, a, &a->devs[di], di);
+        rc = map_memfd(c, a, &a->devs[di]);
 #endif
         if (rc)
             goto fail;

@@ -275,47 +275,23 @@ int wdc_poll(wdc_client *c, int timeout_ms)
 
     if (c->fd < 0 && !c->n_notices)
         return wdc__fail(c, -ENOTCONN, "not connected to weightd");
-    /* Every whole message buffered, and, when there were none, what arrives
-     * within the timeout. */
-    for (bool waited = false; c->fd >= 0 && !rc;) {
-        char *line;
-        size_t len;
+    /* Every message buffered or readable now, and, while no notice has come,
+     * what arrives within the timeout. */
+    while (c->fd >= 0) {
+        const cJSON *mid;
         cJSON *msg;
-        wd_error err = {0};
-        int more = wp_reader_next(&c->rd, &line, &len);
-        if (more == -EMSGSIZE) {
-            rc = wdc__fail(c, -EMSGSIZE, "weightd sent a message longer than %u bytes", WP_MAX_LINE);
-            break;
-        }
-        if (more == 1) {
-            if (len == 0)
-                continue;
-            if (wp_parse(line, len, &msg, &err)) {
-                rc = wdc__fail(c, -EPROTO, "weightd sent a malformed message: %s", wd_error_text(&err));
-                break;
-            }
-            if (cJSON_GetObjectItemCaseSensitive(msg, "event")) {
-                const cJSON *mid = cJSON_GetObjectItemCaseSensitive(msg, "id");
-                if (!mid || cJSON_IsNull(mid))
-                    queue_notice(c, line);
-            }
-            cJSON_Delete(msg);
-            continue;
-        }
-        if (c->n_notices || waited)
-            break;
-        waited = true;
-        if ((rc = wait_for(c, POLLIN, timeout_ms))) {
+        char *line;
+        if ((rc = wdc__read_message(c, c->n_notices ? 0 : timeout_ms, &msg, &line))) {
             if (rc == -ETIMEDOUT) {
                 c->code[0] = c->message[0] = '\0';
                 rc = 0;
             }
             break;
         }
-        if ((more = wp_reader_fill(&c->rd, c->fd)) == 0)
-            rc = wdc__fail(c, -ECONNRESET, "weightd closed the connection");
-        else if (more < 0 && more != -EAGAIN)
-            rc = wdc__fail(c, more, "reading from weightd: %s", strerror(-more));
+        mid = cJSON_GetObjectItemCaseSensitive(msg, "id");
+        if (cJSON_GetObjectItemCaseSensitive(msg, "event") && (!mid || cJSON_IsNull(mid)))
+            queue_notice(c, line);
+        cJSON_Delete(msg);
     }
     /* Reading is over: the handler may use the client (not close it). */
     while (c->n_notices) {

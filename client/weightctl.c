@@ -148,6 +148,59 @@ static const char *flag_value(int argc, char **argv, int *i, const char *flag)
     return NULL;
 }
 
+/* Calls op page after page (each reply's "next" is the next call's
+ * "offset") and gathers the list `key` of every page into the first reply,
+ * which *out gets without "next" and "offset". Consumes args. */
+static int call_paged(ctl *c, const char *op, cJSON *args, const char *key, cJSON **out)
+{
+    cJSON *all = NULL, *list = NULL;
+    double offset = 0;
+    int rc;
+
+    for (;;) {
+        cJSON *res, *page, *next, *item;
+        cJSON_DeleteItemFromObjectCaseSensitive(args, "offset");
+        cJSON_AddNumberToObject(args, "offset", offset);
+        if ((rc = call(c, op, args, c->timeout_ms, NULL, NULL, &res)))
+            break;
+        page = cJSON_DetachItemFromObjectCaseSensitive(res, key);
+        next = cJSON_GetObjectItemCaseSensitive(res, "next");
+        offset = cJSON_IsNumber(next) ? next->valuedouble : -1;
+        if (!all) {
+            all = res;
+            list = cJSON_AddArrayToObject(all, key);
+        }
+        while (page && (item = cJSON_DetachItemViaPointer(page, page->child)))
+            cJSON_AddItemToArray(list, item);
+        cJSON_Delete(page);
+        if (res != all)
+            cJSON_Delete(res);
+        if (offset < 0)
+            break;
+    }
+    cJSON_Delete(args);
+    if (rc) {
+        cJSON_Delete(all);
+        return rc;
+    }
+    cJSON_DeleteItemFromObjectCaseSensitive(all, "next");
+    cJSON_DeleteItemFromObjectCaseSensitive(all, "offset");
+    *out = all;
+    return 0;
+}
+
+/* A number of seconds from 0 to max (--timeout, --wait, --hold). */
+static bool parse_seconds(const char *text, double max, double *out)
+{
+    char *end;
+    double v = strtod(text, &end);
+
+    if (*end || end == text || !(v >= 0 && v <= max))
+        return false;
+    *out = v;
+    return true;
+}
+
 /* ---- load -------------------------------------------------------------------- */
 
 typedef struct progress {
@@ -473,9 +526,7 @@ static int cmd_unload(ctl *c, int argc, char **argv)
         if (strcmp(argv[i], "--force") == 0) {
             force = true;
         } else if ((v = flag_value(argc, argv, &i, "--wait"))) {
-            char *end;
-            wait = strtod(v, &end);
-            if (*end || end == v || wait < 0 || wait > 3600)
+            if (!parse_seconds(v, 3600, &wait))
                 return usage_error("--wait: \"%s\" is not a number of seconds (0 to 3600)", v);
         } else if (argv[i][0] == '-' || name) {
             return usage_error("unload: expected NAME [--force [--wait SECONDS]], not \"%s\"", argv[i]);
@@ -625,9 +676,7 @@ static int cmd_attach(ctl *c, int argc, char **argv)
         } else if ((v = flag_value(argc, argv, &i, "--device"))) {
             device = v;
         } else if ((v = flag_value(argc, argv, &i, "--hold"))) {
-            char *end;
-            hold = strtod(v, &end);
-            if (*end || end == v || hold < 0 || hold > 1e6)
+            if (!parse_seconds(v, 1e6, &hold))
                 return usage_error("--hold: \"%s\" is not a number of seconds", v);
         } else if (argv[i][0] == '-' || name) {
             return usage_error("attach: expected NAME [--device D] [--verify] [--hold SECONDS] [--writable], not \"%s\"",
@@ -706,37 +755,18 @@ static int cmd_attach(ctl *c, int argc, char **argv)
 
 static int cmd_leases(ctl *c, int argc, char **argv)
 {
-    cJSON *all = cJSON_CreateArray(), *out;
-    double offset = 0;
+    cJSON *res, *all;
     int rc;
     (void)argv;
 
-    if (argc != 1) {
-        cJSON_Delete(all);
+    if (argc != 1)
         return usage_error("leases takes no arguments");
-    }
-    for (;;) {
-        cJSON *args = cJSON_CreateObject(), *res, *l, *next;
-        cJSON_AddNumberToObject(args, "offset", offset);
-        rc = call(c, "leases", args, c->timeout_ms, NULL, NULL, &res);
-        cJSON_Delete(args);
-        if (rc) {
-            cJSON_Delete(all);
-            return report_error(c, "leases", rc, last_error(c));
-        }
-        while ((l = cJSON_GetObjectItemCaseSensitive(res, "leases")->child))
-            cJSON_AddItemToArray(all, cJSON_DetachItemViaPointer(cJSON_GetObjectItemCaseSensitive(res, "leases"), l));
-        next = cJSON_GetObjectItemCaseSensitive(res, "next");
-        offset = cJSON_IsNumber(next) ? next->valuedouble : -1;
-        cJSON_Delete(res);
-        if (offset < 0)
-            break;
-    }
+    if ((rc = call_paged(c, "leases", cJSON_CreateObject(), "leases", &res)))
+        return report_error(c, "leases", rc, last_error(c));
+    all = cJSON_GetObjectItemCaseSensitive(res, "leases");
     if (c->json) {
-        out = cJSON_CreateObject();
-        cJSON_AddItemToObject(out, "leases", all);
-        print_json(out);
-        cJSON_Delete(out);
+        print_json(res);
+        cJSON_Delete(res);
         return 0;
     }
     if (!cJSON_GetArraySize(all))
@@ -752,7 +782,7 @@ static int cmd_leases(ctl *c, int argc, char **argv)
                num(l, "uid"), str(l, "process"), dev,
                cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(l, "writable")) ? "yes" : "no", num(l, "age"));
     }
-    cJSON_Delete(all);
+    cJSON_Delete(res);
     return 0;
 }
 
@@ -802,43 +832,14 @@ static void print_shape(const cJSON *shape, char *buf, size_t len)
 static int cmd_info(ctl *c, int argc, char **argv)
 {
     const char *name = NULL;
-    cJSON *all = NULL, *list = NULL;
-    double offset = 0;
+    cJSON *all;
     char a[32], b[32], shape[128];
     int rc;
 
     if ((rc = one_name(argc, argv, &name)))
         return rc;
-    /* The daemon answers in pages that fit a message; gather them all. */
-    for (;;) {
-        cJSON *args = name_args(name), *res, *page, *next, *t;
-        cJSON_AddNumberToObject(args, "offset", offset);
-        rc = call(c, "info", args, c->timeout_ms, NULL, NULL, &res);
-        cJSON_Delete(args);
-        if (rc) {
-            cJSON_Delete(all);
-            return report_error(c, "info", rc, last_error(c));
-        }
-        page = cJSON_DetachItemFromObjectCaseSensitive(res, "tensor_list");
-        next = cJSON_GetObjectItemCaseSensitive(res, "next");
-        if (!all) {
-            all = res;
-            list = cJSON_AddArrayToObject(all, "tensor_list");
-        }
-        while (page && (t = cJSON_DetachItemViaPointer(page, page->child)))
-            cJSON_AddItemToArray(list, t);
-        cJSON_Delete(page);
-        if (!cJSON_IsNumber(next)) {
-            if (res != all)
-                cJSON_Delete(res);
-            break;
-        }
-        offset = next->valuedouble;
-        if (res != all)
-            cJSON_Delete(res);
-    }
-    cJSON_DeleteItemFromObjectCaseSensitive(all, "next");
-    cJSON_DeleteItemFromObjectCaseSensitive(all, "offset");
+    if ((rc = call_paged(c, "info", name_args(name), "tensor_list", &all)))
+        return report_error(c, "info", rc, last_error(c));
     if (c->json) {
         print_json(all);
     } else {
@@ -862,7 +863,7 @@ static int cmd_info(ctl *c, int argc, char **argv)
          * each device's part starts within it. */
         printf("\n\n%-60s %-8s %-22s %6s %7s %12s %12s %12s\n", "TENSOR", "DTYPE", "SHAPE", "DEVICE", "SEGMENT",
                "OFFSET", "FROM", "BYTES");
-        cJSON_ArrayForEach(t, list)
+        cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(all, "tensor_list"))
         {
             print_shape(cJSON_GetObjectItemCaseSensitive(t, "shape"), shape, sizeof shape);
             if (!cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(t, "placements")))
@@ -1294,9 +1295,8 @@ int main(int argc, char **argv)
         case 's': c.socket = optarg; break;
         case 'j': c.json = true; break;
         case 't': {
-            char *end;
-            double secs = strtod(optarg, &end);
-            if (*end || end == optarg || secs < 0 || secs > 1e6)
+            double secs;
+            if (!parse_seconds(optarg, 1e6, &secs))
                 return usage_error("--timeout: \"%s\" is not a number of seconds", optarg);
             c.timeout_ms = secs == 0 ? -1 : (int)ceil(secs * 1000);
             break;

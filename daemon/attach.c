@@ -20,7 +20,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/grow.h"
@@ -28,17 +27,16 @@
 #define PAGE_BUDGET (768u * 1024u) /* bytes of entries per message, under WP_MAX_LINE */
 #define LEASES_PAGE 2000
 
-/* One thing a worker imports: a descriptor (its number here) or an IPC
- * allocation (its memory), keyed so that pieces sharing it share it. */
+/* One thing a worker imports: one physical allocation (its descriptor, or
+ * its IPC handle), listed once however many pieces lie on it. */
 typedef struct share_desc {
-    uintptr_t key;
     const wa_mem *mem;
     int device;
 } share_desc;
 
 typedef struct share_piece {
     uint32_t desc;
-    uint64_t offset, bytes, at;
+    uint64_t bytes, at;      /* the whole descriptor, at `at` in its handle */
 } share_piece;
 
 typedef struct share_handle {
@@ -51,7 +49,7 @@ typedef struct share_handle {
 typedef struct share_table {
     share_desc *desc;
     size_t n_desc, cap_desc;
-    size_t *index;           /* open addressing over desc, by key */
+    size_t *index;           /* open addressing over desc, by mem */
     size_t index_cap;
     share_piece *pieces;
     size_t n_pieces, cap_pieces;
@@ -68,13 +66,14 @@ static void table_free(share_table *t)
     free(t->handles);
 }
 
-static size_t hash_key(uintptr_t key, size_t cap)
+static size_t hash_mem(const wa_mem *mem, size_t cap)
 {
-    return (size_t)((key * 0x9E3779B97F4A7C15ull) >> 17) & (cap - 1);
+    return (size_t)(((uintptr_t)mem * 0x9E3779B97F4A7C15ull) >> 17) & (cap - 1);
 }
 
-/* The descriptor for key, added when new; SIZE_MAX when out of memory. */
-static size_t desc_for(share_table *t, uintptr_t key, const wa_mem *mem, int device)
+/* The descriptor of mem (the allocator's record of one allocation: the
+ * same for every block on it), added when new; SIZE_MAX when out of memory. */
+static size_t desc_for(share_table *t, const wa_mem *mem, int device)
 {
     size_t at;
 
@@ -85,7 +84,7 @@ static size_t desc_for(share_table *t, uintptr_t key, const wa_mem *mem, int dev
         for (size_t i = 0; i < cap; i++)
             index[i] = SIZE_MAX;
         for (size_t i = 0; i < t->n_desc; i++) {
-            for (at = hash_key(t->desc[i].key, cap); index[at] != SIZE_MAX; at = (at + 1) & (cap - 1))
+            for (at = hash_mem(t->desc[i].mem, cap); index[at] != SIZE_MAX; at = (at + 1) & (cap - 1))
                 ;
             index[at] = i;
         }
@@ -93,19 +92,19 @@ static size_t desc_for(share_table *t, uintptr_t key, const wa_mem *mem, int dev
         t->index = index;
         t->index_cap = cap;
     }
-    for (at = hash_key(key, t->index_cap); t->index[at] != SIZE_MAX; at = (at + 1) & (t->index_cap - 1))
-        if (t->desc[t->index[at]].key == key)
+    for (at = hash_mem(mem, t->index_cap); t->index[at] != SIZE_MAX; at = (at + 1) & (t->index_cap - 1))
+        if (t->desc[t->index[at]].mem == mem)
             return t->index[at];
     if (WD_GROW(t->desc, t->cap_desc, t->n_desc + 1, 16))
         return SIZE_MAX;
-    t->desc[t->n_desc] = (share_desc){.key = key, .mem = mem, .device = device};
+    t->desc[t->n_desc] = (share_desc){.mem = mem, .device = device};
     t->index[at] = t->n_desc;
     return t->n_desc++;
 }
 
 /* The handles of m's slabs on `device` (-1: all) and the descriptors
  * behind them. */
-static int table_build(wd_server *s, const wd_model *m, int device, share_table *t, wd_error *err)
+static int table_build(const wd_model *m, int device, share_table *t, wd_error *err)
 {
     const wa_mem *stack[16], **backing = stack;
     size_t room = sizeof stack / sizeof stack[0];
@@ -140,14 +139,14 @@ static int table_build(wd_server *s, const wd_model *m, int device, share_table 
         t->n_handles++;
         for (size_t i = 0; i < n; i++) {
             const wa_mem *mem = backing[i];
-            uintptr_t key = s->backend->share == WA_SHARE_IPC ? (uintptr_t)mem->priv : (uintptr_t)mem->fd;
-            size_t d = desc_for(t, key, mem, sl->device);
+            size_t d = desc_for(t, mem, sl->device);
             if (d == SIZE_MAX || WD_GROW(t->pieces, t->cap_pieces, t->n_pieces + 1, 16)) {
                 rc = wd_error_set(err, -ENOMEM, "out of memory");
                 goto out;
             }
-            t->pieces[t->n_pieces++] = (share_piece){.desc = (uint32_t)d, .offset = mem->fd_offset,
-                                                     .bytes = mem->size, .at = mem->addr - backing[0]->addr};
+            /* Each piece is a whole descriptor (offset 0 in it). */
+            t->pieces[t->n_pieces++] = (share_piece){.desc = (uint32_t)d, .bytes = mem->size,
+                                                     .at = mem->addr - backing[0]->addr};
         }
     }
 out:
@@ -229,13 +228,7 @@ static int encode_descriptors(wd_server *s, const share_table *t, wd_attach_tabl
             arr = cJSON_CreateArray();
         cJSON_AddNumberToObject(o, "descriptor", (double)i);
         cJSON_AddNumberToObject(o, "device", d->device);
-        if (s->backend->share == WA_SHARE_MEMFD) {
-            /* the whole memfd (pieces of it are the pages of a range) */
-            struct stat st;
-            cJSON_AddNumberToObject(o, "bytes", fstat(d->mem->fd, &st) == 0 ? (double)st.st_size : 0.0);
-        } else {
-            cJSON_AddNumberToObject(o, "bytes", (double)d->mem->size); /* one whole allocation */
-        }
+        cJSON_AddNumberToObject(o, "bytes", (double)d->mem->size);
         if (s->backend->share == WA_SHARE_IPC) {
             unsigned char h[WA_IPC_HANDLE_BYTES];
             char hex[2 * WA_IPC_HANDLE_BYTES + 1];
@@ -259,10 +252,42 @@ static int encode_descriptors(wd_server *s, const share_table *t, wd_attach_tabl
     return rc;
 }
 
+/* A list cut into pages of about PAGE_BUDGET bytes of text. */
+typedef struct pager {
+    wd_attach_table *at;
+    const char *list;
+    cJSON *arr;              /* the page being filled, or NULL */
+    size_t budget;           /* its estimated size */
+} pager;
+
+/* The page to add an entry to. */
+static cJSON *pager_page(pager *p)
+{
+    if (!p->arr)
+        p->arr = cJSON_CreateArray();
+    return p->arr;
+}
+
+/* Ends the page being filled, if any. */
+static int pager_flush(pager *p)
+{
+    cJSON *arr = p->arr;
+
+    p->arr = NULL;
+    p->budget = 0;
+    return arr ? add_page(p->at, p->list, arr, 0, 0) : 0;
+}
+
+/* After an entry of about `cost` bytes: the page ends when full. */
+static int pager_added(pager *p, size_t cost)
+{
+    p->budget += cost;
+    return p->budget > PAGE_BUDGET ? pager_flush(p) : 0;
+}
+
 static int encode_handles(const wd_model *m, const share_table *t, wd_attach_table *at)
 {
-    size_t budget = 0;
-    cJSON *arr = NULL;
+    pager pg = {.at = at, .list = "handles"};
     int rc = 0;
 
     for (size_t k = 0; k < m->n_slabs && !rc; k++) {
@@ -270,8 +295,6 @@ static int encode_handles(const wd_model *m, const share_table *t, wd_attach_tab
         cJSON *o, *pieces;
         if (!h->bytes)
             continue;
-        if (!arr)
-            arr = cJSON_CreateArray();
         o = cJSON_CreateObject();
         cJSON_AddNumberToObject(o, "handle", (double)k);
         cJSON_AddNumberToObject(o, "device", h->device);
@@ -281,48 +304,35 @@ static int encode_handles(const wd_model *m, const share_table *t, wd_attach_tab
             const share_piece *p = &t->pieces[i];
             cJSON *po = cJSON_CreateObject();
             cJSON_AddNumberToObject(po, "descriptor", p->desc);
-            cJSON_AddNumberToObject(po, "offset", (double)p->offset);
+            cJSON_AddNumberToObject(po, "offset", 0); /* whole descriptors */
             cJSON_AddNumberToObject(po, "bytes", (double)p->bytes);
             cJSON_AddNumberToObject(po, "at", (double)p->at);
             cJSON_AddItemToArray(pieces, po);
         }
-        cJSON_AddItemToArray(arr, o);
-        budget += 100 + 90 * h->n_pieces;
-        if (budget > PAGE_BUDGET) {
-            rc = add_page(at, "handles", arr, 0, 0);
-            arr = NULL;
-            budget = 0;
-        }
+        cJSON_AddItemToArray(pager_page(&pg), o);
+        rc = pager_added(&pg, 100 + 90 * h->n_pieces);
     }
-    return rc || !arr ? rc : add_page(at, "handles", arr, 0, 0);
+    return rc ? rc : pager_flush(&pg); /* a page that failed was consumed */
 }
 
 /* Every tensor with a part on the devices attached (an empty one too), its
  * parts' places in the handles. */
 static int encode_tensors(const wd_model *m, const share_table *t, int device, wd_attach_table *at)
 {
-    size_t budget = 0, d = 0;
-    cJSON *arr = NULL;
+    pager pg = {.at = at, .list = "tensors"};
+    size_t d = 0;
     int rc = 0;
 
     for (size_t i = 0; i < m->ckpt.n_tensors && !rc; i++) {
         const st_tensor *st = m->ckpt.tensors[i].st;
         size_t first = d, cost;
         bool here = false;
-        cJSON *o, *shape, *parts;
+        cJSON *o, *parts;
         for (; d < m->n_dest && m->dest[d].tensor == i; d++)
             here |= device < 0 || m->dest[d].device == device;
         if (!here)
             continue;
-        if (!arr)
-            arr = cJSON_CreateArray();
-        o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "name", st->name);
-        cJSON_AddStringToObject(o, "dtype", st_dtype_name(st->dtype));
-        shape = cJSON_AddArrayToObject(o, "shape");
-        for (size_t k = 0; k < st->ndim; k++)
-            cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)st->shape[k]));
-        cJSON_AddNumberToObject(o, "bytes", (double)st_tensor_nbytes(st));
+        o = wd_tensor_json(st);
         parts = cJSON_AddArrayToObject(o, "parts");
         cost = strlen(st->name) + 24 * st->ndim + 100;
         for (size_t k = first; k < d; k++) {
@@ -341,16 +351,11 @@ static int encode_tensors(const wd_model *m, const share_table *t, int device, w
             cost += 100;
             at->n_parts++;
         }
-        cJSON_AddItemToArray(arr, o);
+        cJSON_AddItemToArray(pager_page(&pg), o);
         at->n_tensors++;
-        budget += cost;
-        if (budget > PAGE_BUDGET) {
-            rc = add_page(at, "tensors", arr, 0, 0);
-            arr = NULL;
-            budget = 0;
-        }
+        rc = pager_added(&pg, cost);
     }
-    return rc || !arr ? rc : add_page(at, "tensors", arr, 0, 0);
+    return rc ? rc : pager_flush(&pg); /* a page that failed was consumed */
 }
 
 /* m's table for device (-1: all), from the cache or made now. */
@@ -367,7 +372,7 @@ static int attach_table(wd_server *s, wd_model *m, int device, wd_attach_table *
             *out = at;
             return 0;
         }
-    if ((rc = table_build(s, m, device, &t, err)))
+    if ((rc = table_build(m, device, &t, err)))
         goto out;
     if (!(at = calloc(1, sizeof *at)) || !(at->fds = calloc(t.n_desc ? t.n_desc : 1, sizeof *at->fds))) {
         free(at);
@@ -512,7 +517,8 @@ int wd_op_attach(wd_server *s, wd_request *r)
     const char *name;
     bool writable = false;
     int device = -1, rc;
-    size_t messages = 0;
+    size_t messages = 0, len = 0;
+    char *line;
     double t0 = wd_now();
     wd_attach_table *at = NULL;
     wd_model *m;
@@ -551,13 +557,15 @@ int wd_op_attach(wd_server *s, wd_request *r)
         wd_lease_end(s, l, "attach failed");
         return rc;
     }
-    /* From here a send may find the client gone: its close ended the lease
-     * and left r to be freed here (as a reply to nobody). */
+    /* From here a send may find the client gone: r is answered to nobody,
+     * and the lease ends when the loop closes the connection. */
     first = wp_event_new(r->id, "attach");
     cJSON_AddNumberToObject(first, "lease", (double)l->id);
     describe_attach(s, m, l, first);
+    line = wp_encode(first, &len);
+    cJSON_Delete(first);
     messages++;
-    rc = wd_request_stream(r, first, NULL, 0) ? send_table(s, r, l, at, &messages, &r->err) : -ECONNRESET;
+    rc = wd_request_send(r, line, len, NULL, 0) ? send_table(s, r, l, at, &messages, &r->err) : -ECONNRESET;
     if (rc == -ECONNRESET) {
         wd_reply_ok(r, NULL);
         return 0;

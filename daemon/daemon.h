@@ -104,7 +104,6 @@ struct wd_conn {
     bool dead;                /* handles closed; memory freed in the last close callback */
     int handles;              /* libuv handles still open (poll, peer_poll) */
     wd_request *pending;      /* requests still to be answered */
-    wd_request *current;      /* the request whose handler runs now: its handler frees it */
     wd_lease *leases;         /* what it attached (lease.h) */
     int peer_fd;              /* pidfd of the peer process, watched once it holds a lease; -1 */
     uv_poll_t peer_poll;
@@ -168,16 +167,14 @@ void wd_reply_error(wd_request *r, int code, const char *fmt, ...) __attribute__
 void wd_reply_err(wd_request *r, const wd_error *e);
 /* Sends an event for r without ending it (consumes ev). */
 void wd_request_event(wd_request *r, cJSON *ev);
-/* For an answer of several messages (attach): sends msg, an event of r's,
- * with n descriptors (duplicated; the caller keeps its own), whether or not
- * r asked for events. False once r's client is gone: stop there (its leases
- * have ended). Consumes msg. */
-bool wd_request_stream(wd_request *r, cJSON *msg, const int *fds, size_t n);
-/* The same with the message already encoded: one line with its newline,
- * malloc'd; consumed. */
+/* For an answer of several messages (attach): sends one encoded line (its
+ * newline included, malloc'd; consumed), an event of r's, with n descriptors
+ * (duplicated; the caller keeps its own), whether or not r asked for
+ * events. False once r's client is gone: stop there (its connection closes
+ * from the loop, which ends its leases). */
 bool wd_request_send(wd_request *r, char *line, size_t len, const int *fds, size_t n);
-/* Queues an event that belongs to no request (revoke) for c; sent by the
- * loop, so that no caller sees c close under it. Consumes ev. */
+/* Sends an event that belongs to no request (revoke) to c, unless c is
+ * closing. Like every send it never closes c under the caller. Consumes ev. */
 void wd_conn_event(wd_conn *c, cJSON *ev);
 /* Watches c's peer process: when it exits, c closes (and its leases end),
  * even if a child still holds the socket. */
@@ -197,6 +194,8 @@ const wd_op *wd_op_find(const char *name);
 /* A device named by its number (a JSON number, or a string of digits) or by
  * its UUID (or a prefix only it has), as --devices and weightctl take them. */
 int wd_device_arg(wd_server *s, wd_request *r, const cJSON *v, int *out);
+/* {"name", "dtype", "shape", "bytes"}: a tensor as info and attach list it. */
+cJSON *wd_tensor_json(const st_tensor *t);
 
 /* ---- attach.c: serving a model's memory to workers ------------------------ */
 

@@ -28,10 +28,7 @@ static void process_name(pid_t pid, char *buf, size_t len)
     }
     buf[n] = '\0';
     buf[strcspn(buf, "\n")] = '\0';
-    /* Shown in JSON and logs: nothing but printable ASCII. */
-    for (char *p = buf; *p; p++)
-        if ((unsigned char)*p < 0x20 || (unsigned char)*p > 0x7e)
-            *p = '?';
+    wd_text_clean(buf); /* shown in JSON and logs */
 }
 
 int wd_lease_new(wd_server *s, wd_request *r, wd_model *m, int device, bool writable, wd_lease **out,

@@ -276,6 +276,19 @@ static int op_list(wd_server *s, wd_request *r)
 /* Where each run of a tensor's bytes lives: one entry per device holding it
  * (two for a replicated tensor on two devices, one per device's rows for a
  * split fused expert tensor). */
+cJSON *wd_tensor_json(const st_tensor *t)
+{
+    cJSON *o = cJSON_CreateObject(), *shape;
+
+    cJSON_AddStringToObject(o, "name", t->name);
+    cJSON_AddStringToObject(o, "dtype", st_dtype_name(t->dtype));
+    shape = cJSON_AddArrayToObject(o, "shape");
+    for (size_t k = 0; k < t->ndim; k++)
+        cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)t->shape[k]));
+    cJSON_AddNumberToObject(o, "bytes", (double)st_tensor_nbytes(t));
+    return o;
+}
+
 static cJSON *tensor_placements(const wd_model *m, size_t first, size_t n)
 {
     cJSON *arr = cJSON_CreateArray();
@@ -289,7 +302,7 @@ static cJSON *tensor_placements(const wd_model *m, size_t first, size_t n)
             wa_block_region(m->slabs[p->slab].block, &reg);
         cJSON_AddNumberToObject(o, "device", d->device);
         cJSON_AddNumberToObject(o, "segment", reg.segment_id);
-        cJSON_AddNumberToObject(o, "offset", (double)(p->slab != WD_NO_SLAB ? reg.offset + p->offset : 0));
+        cJSON_AddNumberToObject(o, "offset", (double)d->offset); /* in the segment; 0 for an empty part */
         if (p->slab != WD_NO_SLAB)
             cJSON_AddNumberToObject(o, "slab", p->slab);
         cJSON_AddNumberToObject(o, "tensor_offset", (double)d->tensor_off);
@@ -340,7 +353,7 @@ static int op_info(wd_server *s, wd_request *r)
         target++;
     for (i = (size_t)offset; i < m->ckpt.n_tensors && i < (size_t)(offset + limit); i++) {
         const st_tensor *t = m->ckpt.tensors[i].st;
-        cJSON *o, *shape;
+        cJSON *o;
         size_t parts = 0, cost;
         while (target + parts < m->n_dest && m->dest[target + parts].tensor == i)
             parts++;
@@ -348,13 +361,7 @@ static int op_info(wd_server *s, wd_request *r)
         if (budget + cost > INFO_PAGE_BUDGET)
             break;
         budget += cost;
-        o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "name", t->name);
-        cJSON_AddStringToObject(o, "dtype", st_dtype_name(t->dtype));
-        shape = cJSON_AddArrayToObject(o, "shape");
-        for (size_t k = 0; k < t->ndim; k++)
-            cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)t->shape[k]));
-        cJSON_AddNumberToObject(o, "bytes", (double)st_tensor_nbytes(t));
+        o = wd_tensor_json(t);
         cJSON_AddItemToObject(o, "placements", tensor_placements(m, target, parts));
         target += parts;
         cJSON_AddItemToArray(arr, o);

@@ -191,15 +191,11 @@ static void request_free(wd_request *r)
     free(r);
 }
 
-/* A reply ends its request: r leaves the connection's pending list before
- * the send, because a send that fails closes the connection, and closing
- * frees every request still pending on it. */
+/* A reply ends its request. A send that fails only marks the connection
+ * broken (conn_fail): r and its connection stay until the reaper runs. */
 void wd_reply_ok(wd_request *r, cJSON *result)
 {
-    wd_conn *c = r->conn;
-
-    request_unlink(r);
-    conn_send(c, wp_reply_ok(r->id, result), NULL, 0);
+    conn_send(r->conn, wp_reply_ok(r->id, result), NULL, 0);
     request_free(r);
 }
 
@@ -215,7 +211,6 @@ void wd_reply_error(wd_request *r, int code, const char *fmt, ...)
     if (c)
         wd_log(WD_LOG_debug, "client %llu: %s failed: %s: %s", (unsigned long long)c->serial, r->op,
                wd_errname(code), msg);
-    request_unlink(r);
     conn_send(c, wp_reply_error(r->id, code, msg), NULL, 0);
     request_free(r);
 }
@@ -233,47 +228,21 @@ void wd_request_event(wd_request *r, cJSON *ev)
         cJSON_Delete(ev);
 }
 
-bool wd_request_stream(wd_request *r, cJSON *msg, const int *fds, size_t n)
-{
-    if (!r->conn || r->conn->dead || r->conn->broken) {
-        cJSON_Delete(msg);
-        return false;
-    }
-    conn_send(r->conn, msg, fds, n);
-    return !r->conn->broken;
-}
-
 bool wd_request_send(wd_request *r, char *line, size_t len, const int *fds, size_t n)
 {
-    if (!r->conn || r->conn->dead || r->conn->broken) {
-        free(line);
-        return false;
-    }
-    conn_send_line(r->conn, line, len, fds, n);
-    return !r->conn->broken;
+    wd_conn *c = r->conn;
+
+    conn_send_line(c, line, len, fds, n);
+    return c && !c->dead && !c->broken;
 }
 
 void wd_conn_event(wd_conn *c, cJSON *ev)
 {
-    char *line;
-    size_t len;
-
-    if (c->dead || c->broken || c->closing || !ev) {
+    if (c->closing) {
         cJSON_Delete(ev);
         return;
     }
-    line = wp_encode(ev, &len);
-    cJSON_Delete(ev);
-    if (!line || len > WP_MAX_LINE || wp_writer_push(&c->wr, line, len, NULL, 0) ||
-        c->wr.queued > MAX_QUEUED_OUTPUT) {
-        free(line);
-        conn_fail(c, "cannot queue an event for it");
-        return;
-    }
-    free(line);
-    /* Sent when the socket is writable: the caller walks a list that a
-     * failed send would change. */
-    conn_update_poll(c);
+    conn_send(c, ev, NULL, 0);
 }
 
 /* Sends an error that belongs to no request (a line we could not parse). */
@@ -308,14 +277,11 @@ static void conn_close(wd_conn *c, const char *why)
     else
         wd_log(WD_LOG_debug, "client %llu (pid %d): closed", (unsigned long long)c->serial, (int)c->pid);
     /* Requests still running lose their client: loads it started are
-     * cancelled, a forced unload it waits for stops waiting. The one whose
-     * handler runs now is its handler's to free. */
+     * cancelled, a forced unload it waits for stops waiting. None is a
+     * running handler's: sends never close (the reaper does, from the
+     * loop), and shutdown replies before it closes every connection. */
     while (c->pending) {
         wd_request *r = c->pending;
-        if (r == c->current) {
-            request_unlink(r);
-            continue;
-        }
         wd_jobs_request_gone(s, r);
         wd_models_request_gone(s, r);
         request_free(r);
@@ -432,9 +398,7 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
         goto out;
     }
     wd_log(WD_LOG_debug, "client %llu: %s", (unsigned long long)c->serial, r->op);
-    c->current = r;
     rc = desc->fn(s, r);
-    c->current = NULL;
     if (rc) {
         r->err.code = rc;
         wd_reply_err(r, &r->err);
