@@ -119,43 +119,27 @@ static void free_strv(char **v, size_t n)
     free(v);
 }
 
-/* Reads a whole regular file of at most max bytes into a NUL-terminated
- * buffer. */
-static int read_small_file(const char *path, uint64_t max, char **out, size_t *len, wd_error *err)
+/* Reads a whole regular file of at most max bytes, open at fd, into a
+ * NUL-terminated buffer; shown names it in messages. */
+static int read_small_fd(int fd, const char *shown, uint64_t max, char **out, size_t *len, wd_error *err)
 {
     struct stat sb;
     char *buf = NULL;
-    path_buf pb;
-    const char *shown = spath(path, pb);
     size_t got = 0, size;
-    int fd, rc;
+    int rc;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block us */
-    if (fd < 0) {
-        rc = -errno;
-        return wd_error_set(err, rc, "index %s: cannot open: %s", shown, strerror(-rc));
-    }
-    if (fstat(fd, &sb) < 0) {
-        rc = wd_error_set(err, -errno, "index %s: cannot stat: %s", shown, strerror(errno));
-        goto out;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        rc = wd_error_set(err, -EBADMSG, "index %s: not a regular file", shown);
-        goto out;
-    }
-    if ((uint64_t)sb.st_size > max) {
-        rc = wd_error_set(err, -EFBIG, "index %s: %llu bytes, over the limit of %llu", shown,
-                          (unsigned long long)sb.st_size, (unsigned long long)max);
-        goto out;
-    }
+    if (fstat(fd, &sb) < 0)
+        return wd_error_set(err, -errno, "index %s: cannot stat: %s", shown, strerror(errno));
+    if (!S_ISREG(sb.st_mode))
+        return wd_error_set(err, -EBADMSG, "index %s: not a regular file", shown);
+    if ((uint64_t)sb.st_size > max)
+        return wd_error_set(err, -EFBIG, "index %s: %llu bytes, over the limit of %llu", shown,
+                            (unsigned long long)sb.st_size, (unsigned long long)max);
     size = (size_t)sb.st_size;
-    buf = malloc(size + 1);
-    if (!buf) {
-        rc = wd_error_set(err, -ENOMEM, "index %s: out of memory for %zu bytes", shown, size);
-        goto out;
-    }
+    if (!(buf = malloc(size + 1)))
+        return wd_error_set(err, -ENOMEM, "index %s: out of memory for %zu bytes", shown, size);
     while (got < size) {
-        ssize_t r = read(fd, buf + got, size - got);
+        ssize_t r = pread(fd, buf + got, size - got, (off_t)got);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0) {
@@ -175,8 +159,19 @@ static int read_small_file(const char *path, uint64_t max, char **out, size_t *l
     rc = 0;
 out:
     free(buf);
-    close(fd);
     return rc;
+}
+
+/* O_NONBLOCK: a FIFO put where a file was expected must not block us (the
+ * readers refuse anything but a regular file). */
+static int open_file(const char *path, const char *what, wd_error *err)
+{
+    path_buf pb;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+
+    if (fd < 0)
+        return wd_error_set(err, -errno, "%s%s: cannot open: %s", what, spath(path, pb), strerror(errno));
+    return fd;
 }
 
 /* Shard names come from the file: they must stay inside the index's folder. */
@@ -185,7 +180,7 @@ static int bad_shard_name(const char *s)
     return !*s || strchr(s, '/') || strcmp(s, ".") == 0 || strcmp(s, "..") == 0;
 }
 
-static int index_load(const char *path, wl__index *ix, wd_error *err)
+static int index_load(int fd, const char *path, wl__index *ix, wd_error *err)
 {
     char *text = NULL, msg[512];
     path_buf pb;
@@ -197,7 +192,7 @@ static int index_load(const char *path, wl__index *ix, wd_error *err)
     int rc;
 
     memset(ix, 0, sizeof *ix);
-    rc = read_small_file(path, WL_INDEX_MAX_LEN, &text, &len, err);
+    rc = read_small_fd(fd, shown, WL_INDEX_MAX_LEN, &text, &len, err);
     if (rc < 0)
         return rc;
     rc = st_json_check(text, len, &end, msg, sizeof msg);
@@ -410,7 +405,9 @@ out:
     return rc;
 }
 
-static int load_shards(wl_checkpoint *c, char **paths, size_t n, wd_error *err)
+/* The shards' headers, read through their descriptors, which the shards
+ * keep: the bytes loaded later, and verified, come from these same files. */
+static int load_shards(wl_checkpoint *c, char **paths, int *fds, size_t n, wd_error *err)
 {
     char msg[sizeof err->msg];
     int rc;
@@ -421,11 +418,15 @@ static int load_shards(wl_checkpoint *c, char **paths, size_t n, wd_error *err)
     if (!c->shards)
         return wd_error_set(err, -ENOMEM, "%s: out of memory", c->path);
     c->n_shards = n;
+    for (size_t i = 0; i < n; i++)
+        c->shards[i].fd = -1;
     for (size_t i = 0; i < n; i++) {
         wl_shard *s = &c->shards[i];
         s->path = paths[i];
+        s->fd = fds[i];
         paths[i] = NULL;
-        rc = st_read(s->path, &s->st, msg, sizeof msg);
+        fds[i] = -1;
+        rc = st_read_fd(s->fd, s->path, &s->st, msg, sizeof msg);
         if (rc < 0)
             return wd_error_set(err, rc, "%s", msg);
         s->file_size = s->st.data_offset + s->st.data_len;
@@ -501,96 +502,260 @@ static int link_tensors(wl_checkpoint *c, const wl__index *ix, wd_error *err)
     return 0;
 }
 
-int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err)
+static const char *base_name(const char *path)
 {
-    wl_checkpoint c;
-    wl__index ix = {0};
-    struct stat sb;
-    char **paths = NULL, *folder = NULL;
-    size_t n_paths = 0;
-    int rc, have_index = 0;
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
 
-    memset(&c, 0, sizeof c);
-    if (out)
-        memset(out, 0, sizeof *out);
-    if (!path || !out)
-        return wd_error_set(err, -EINVAL, "wl_checkpoint_open: bad arguments");
+/* The shard of the index's n-th file, for messages. */
+static const char *tensor_of_shard(const wl__index *ix, size_t shard, char *buf)
+{
+    for (size_t k = 0; k < ix->n_entries; k++)
+        if (ix->entries[k].shard == shard)
+            return qname(ix->entries[k].name, buf);
+    return "?";
+}
+
+int wl_checkpoint_files(const char *path, char ***files, size_t *n_files, wd_error *err)
+{
+    struct stat sb;
+    char **v = NULL, *index = NULL, *folder = NULL;
+    size_t n = 0;
+    wl__index ix = {0};
+    int rc, fd;
+
+    *files = NULL;
+    *n_files = 0;
+    if (!path)
+        return wd_error_set(err, -EINVAL, "wl_checkpoint_files: bad arguments");
     if (stat(path, &sb) < 0) {
         path_buf pb;
         rc = -errno;
         return wd_error_set(err, rc, "%s: %s", spath(path, pb), strerror(-rc));
     }
-    c.path = strdup(path);
-    if (!c.path)
-        return wd_error_set(err, -ENOMEM, "%s: out of memory", path);
-
     if (S_ISDIR(sb.st_mode)) {
-        rc = scan_dir(path, &c.index_path, &paths, &n_paths, err);
-        if (rc < 0)
-            goto out;
+        if ((rc = scan_dir(path, &index, &v, &n, err)) < 0)
+            return rc;
     } else if (ends_with(path, ".json")) {
-        c.index_path = strdup(path);
-        if (!c.index_path) {
-            rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
-            goto out;
-        }
+        if (!(index = strdup(path)))
+            return wd_error_set(err, -ENOMEM, "%s: out of memory", path);
     } else {
-        paths = calloc(1, sizeof *paths);
-        if (!paths || !(paths[0] = strdup(path))) {
-            rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+        if (!(v = calloc(1, sizeof *v)) || !(v[0] = strdup(path))) {
+            free(v);
+            return wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+        }
+        n = 1;
+    }
+    if (index) {
+        /* The index first, then the shards it names, each in its folder. */
+        if ((fd = open_file(index, "index ", err)) < 0) {
+            rc = fd;
             goto out;
         }
-        n_paths = 1;
-    }
-
-    if (c.index_path) {
-        rc = index_load(c.index_path, &ix, err);
+        rc = index_load(fd, index, &ix, err);
+        close(fd);
         if (rc < 0)
             goto out;
-        have_index = 1;
-        folder = dir_of(c.index_path);
-        paths = calloc(ix.n_files, sizeof *paths);
-        if (!folder || !paths) {
+        if (!(folder = dir_of(index)) || !(v = calloc(ix.n_files + 1, sizeof *v))) {
             rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
             goto out;
         }
-        n_paths = ix.n_files;
+        v[n++] = index;
+        index = NULL;
         for (size_t i = 0; i < ix.n_files; i++) {
-            paths[i] = wl_join_path(folder, ix.files[i]);
-            if (!paths[i]) {
+            if (!(v[n] = wl_join_path(folder, ix.files[i]))) {
                 rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
                 goto out;
             }
-            if (access(paths[i], F_OK) < 0) {
-                const wl__entry *e = NULL;
+            if (access(v[n++], F_OK) < 0) {
                 int errnum = errno;
                 name_buf q;
                 path_buf p1, p2;
-                for (size_t k = 0; k < ix.n_entries && !e; k++)
-                    if (ix.entries[k].shard == i)
-                        e = &ix.entries[k];
-                rc = wd_error_set(err, -errnum,
-                                  "index %s: shard %s (of tensor %s) is missing: %s",
-                                  spath(c.index_path, p1), spath(paths[i], p2),
-                                  e ? qname(e->name, q) : "?", strerror(errnum));
+                rc = wd_error_set(err, -errnum, "index %s: shard %s (of tensor %s) is missing: %s",
+                                  spath(v[0], p1), spath(v[n - 1], p2), tensor_of_shard(&ix, i, q),
+                                  strerror(errnum));
                 goto out;
             }
         }
     }
+    *files = v;
+    *n_files = n;
+    v = NULL;
+    n = 0;
+    rc = 0;
+out:
+    free_strv(v, n);
+    free(index);
+    free(folder);
+    index_free(&ix);
+    return rc;
+}
 
-    rc = load_shards(&c, paths, n_paths, err);
-    if (rc < 0)
+int wl_checkpoint_open_files(const char *path, char *const *files, int *fds, size_t n, wl_checkpoint *out,
+                             wd_error *err)
+{
+    wl_checkpoint c;
+    wl__index ix = {0};
+    char **paths = NULL;
+    int *shard_fds = NULL;
+    size_t n_paths = 0, first = 0;
+    path_buf p1, p2;
+    int rc = 0;
+
+    memset(&c, 0, sizeof c);
+    if (out)
+        memset(out, 0, sizeof *out);
+    if (!path || !out || !n || !files || !fds) {
+        rc = wd_error_set(err, -EINVAL, "wl_checkpoint_open_files: bad arguments");
         goto out;
-    rc = link_tensors(&c, have_index ? &ix : NULL, err);
-    if (rc < 0)
+    }
+    if (!(c.path = strdup(path)) || !(paths = calloc(n, sizeof *paths)) || !(shard_fds = malloc(n * sizeof *shard_fds))) {
+        rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
+    /* One folder's files, each once: an index's shard names are names in it. */
+    for (size_t i = 0; i < n; i++) {
+        const char *bi = base_name(files[i]);
+        if (!*bi || (size_t)(bi - files[i]) != (size_t)(base_name(files[0]) - files[0]) ||
+            strncmp(files[i], files[0], (size_t)(bi - files[i])) != 0) {
+            rc = wd_error_set(err, -EINVAL, "%s: the files of a checkpoint lie in one folder (%s is not beside %s)",
+                              spath(path, p1), spath(files[i], p2), spath(files[0], p1));
+            goto out;
+        }
+        for (size_t k = 0; k < i; k++)
+            if (strcmp(files[k], files[i]) == 0) {
+                rc = wd_error_set(err, -EINVAL, "%s: file %s is given twice", spath(path, p1), spath(files[i], p2));
+                goto out;
+            }
+    }
+    if (ends_with(files[0], ".json")) {
+        char *folder;
+        if (!(c.index_path = strdup(files[0]))) {
+            rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+            goto out;
+        }
+        if ((rc = index_load(fds[0], files[0], &ix, err)) < 0)
+            goto out;
+        close(fds[0]);
+        fds[0] = -1;
+        first = 1;
+        if (n - 1 > ix.n_files) {
+            rc = wd_error_set(err, -EINVAL, "index %s: names %zu shards, and %zu files came with it",
+                              spath(files[0], p1), ix.n_files, n - 1);
+            goto out;
+        }
+        if (!(folder = dir_of(files[0]))) {
+            rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+            goto out;
+        }
+        /* The shards in the index's order, each from the file of its name. */
+        for (size_t i = 0; i < ix.n_files && !rc; i++) {
+            size_t k;
+            for (k = 1; k < n && (fds[k] < 0 || strcmp(base_name(files[k]), ix.files[i]) != 0); k++)
+                ;
+            if (k == n) {
+                name_buf q;
+                char *shown = wl_join_path(folder, ix.files[i]);
+                rc = wd_error_set(err, -ENOENT, "index %s: shard %s (of tensor %s) is missing",
+                                  spath(files[0], p1), spath(shown ? shown : ix.files[i], p2),
+                                  tensor_of_shard(&ix, i, q));
+                free(shown);
+                break;
+            }
+            if (!(paths[n_paths] = strdup(files[k]))) {
+                rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+                break;
+            }
+            shard_fds[n_paths++] = fds[k];
+            fds[k] = -1;
+        }
+        free(folder);
+        if (rc)
+            goto out;
+    } else {
+        /* Shards alone: in name order, whatever order they came in. */
+        size_t order[n];
+        for (size_t i = 0; i < n; i++) {
+            size_t k = i;
+            order[i] = i;
+            if (!ends_with(files[i], SHARD_SUFFIX) && n > 1) {
+                rc = wd_error_set(err, -EINVAL, "%s: %s is neither a shard (*" SHARD_SUFFIX ") nor an index",
+                                  spath(path, p1), spath(files[i], p2));
+                goto out;
+            }
+            while (k > 0 && strcmp(files[order[k - 1]], files[i]) > 0) {
+                order[k] = order[k - 1];
+                k--;
+            }
+            order[k] = i;
+        }
+        for (size_t i = 0; i < n; i++) {
+            if (!(paths[i] = strdup(files[order[i]]))) {
+                rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+                goto out;
+            }
+            shard_fds[i] = fds[order[i]];
+            n_paths++;
+        }
+        for (size_t i = 0; i < n; i++)
+            fds[i] = -1;
+    }
+    if ((rc = load_shards(&c, paths, shard_fds, n_paths, err)) < 0)
+        goto out;
+    n_paths = 0;
+    if ((rc = link_tensors(&c, first ? &ix : NULL, err)) < 0)
         goto out;
     *out = c;
     memset(&c, 0, sizeof c);
 out:
-    free_strv(paths, n_paths);
-    free(folder);
+    /* Every descriptor is taken: kept by the shards, or closed here. */
+    for (size_t i = 0; fds && i < n; i++)
+        if (fds[i] >= 0) {
+            close(fds[i]);
+            fds[i] = -1;
+        }
+    for (size_t i = 0; shard_fds && i < n_paths; i++)
+        if (shard_fds[i] >= 0)
+            close(shard_fds[i]);
+    free(shard_fds);
+    free_strv(paths, n);
     index_free(&ix);
     wl_checkpoint_close(&c);
+    return rc;
+}
+
+int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err)
+{
+    char **files = NULL;
+    int *fds = NULL;
+    size_t n = 0;
+    int rc;
+
+    if (out)
+        memset(out, 0, sizeof *out);
+    if (!path || !out)
+        return wd_error_set(err, -EINVAL, "wl_checkpoint_open: bad arguments");
+    if ((rc = wl_checkpoint_files(path, &files, &n, err)) < 0)
+        return rc;
+    if (!(fds = malloc(n * sizeof *fds))) {
+        rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        fds[i] = -1;
+    for (size_t i = 0; i < n; i++)
+        if ((fds[i] = open_file(files[i], i == 0 && n > 1 && ends_with(files[0], ".json") ? "index " : "", err)) < 0) {
+            rc = fds[i];
+            goto out;
+        }
+    rc = wl_checkpoint_open_files(path, files, fds, n, out, err); /* takes every fds[i] */
+out:
+    for (size_t i = 0; fds && i < n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    free(fds);
+    free_strv(files, n);
     return rc;
 }
 
@@ -600,6 +765,8 @@ void wl_checkpoint_close(wl_checkpoint *c)
         return;
     for (size_t i = 0; i < c->n_shards; i++) {
         free(c->shards[i].path);
+        if (c->shards[i].fd >= 0)
+            close(c->shards[i].fd);
         st_free(&c->shards[i].st);
     }
     free(c->shards);

@@ -27,6 +27,7 @@
 
 typedef struct wl_shard {
     char *path;
+    int fd;                   /* open from discovery to close: loads and verifies read this file */
     uint64_t file_size;
     st_file st;
 } wl_shard;
@@ -53,6 +54,17 @@ typedef struct wl_checkpoint {
  * violation), -EFBIG (index over WL_INDEX_MAX_LEN), -ENOMEM, -EIO/-errno.
  * out is zeroed on failure. */
 int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err);
+/* The files of the checkpoint at path, by the rules above, as paths: its
+ * index first (if it has one), then its shards. What a client opens to
+ * hand the daemon its descriptors. */
+int wl_checkpoint_files(const char *path, char ***files, size_t *n, wd_error *err);
+/* Opens a checkpoint from files already open: fds[i] is files[i] (a path,
+ * for messages and names; all in one folder), an index first if any, then
+ * the shards it names, or shards alone. Takes every descriptor: the shards
+ * keep theirs, the rest are closed (each fds[i] becomes -1). path is the
+ * checkpoint as named. wl_checkpoint_open is discovery, open(2), then this. */
+int wl_checkpoint_open_files(const char *path, char *const *files, int *fds, size_t n, wl_checkpoint *out,
+                             wd_error *err);
 /* Safe on a zeroed or already-closed checkpoint. */
 void wl_checkpoint_close(wl_checkpoint *c);
 /* The index a folder's checkpoint is read from when it has several. */

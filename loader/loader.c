@@ -503,6 +503,9 @@ static void *worker_main(void *arg)
 
 /* ---- a job ------------------------------------------------------------------- */
 
+/* Each job reads through duplicates of the descriptors the checkpoint
+ * opened at discovery: a path renamed or replaced since reads nothing new,
+ * and a checkpoint a client opened is read with what it could read. */
 static int open_shards(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
 {
     if (!(p->fd = malloc(ck->n_shards * sizeof *p->fd)) || !(p->fd_direct = malloc(ck->n_shards * sizeof *p->fd)))
@@ -512,8 +515,7 @@ static int open_shards(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
     for (size_t s = 0; s < ck->n_shards; s++) {
         const wl_shard *sh = &ck->shards[s];
         struct stat st;
-        /* O_NONBLOCK: a shard replaced by a FIFO must not hang the load. */
-        if ((p->fd[s] = open(sh->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)) < 0)
+        if ((p->fd[s] = fcntl(sh->fd, F_DUPFD_CLOEXEC, 3)) < 0)
             return wd_error_set(err, -errno, "%s: %s", sh->path, strerror(errno));
         if (fstat(p->fd[s], &st) < 0 || !S_ISREG(st.st_mode))
             return wd_error_set(err, -EINVAL, "%s: not a regular file", sh->path);
@@ -521,9 +523,14 @@ static int open_shards(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
             return wd_error_set(err, -EIO, "%s: the file changed size since its header was read (%llu bytes, was %llu)",
                                 sh->path, (unsigned long long)st.st_size, (unsigned long long)sh->file_size);
         posix_fadvise(p->fd[s], 0, 0, POSIX_FADV_SEQUENTIAL);
-        /* Staged reads only: reading straight into host segments stays buffered. */
-        if (p->pinned && p->direct == WL_DIRECT_ON)
-            p->fd_direct[s] = open(sh->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_DIRECT);
+        /* Staged reads only: reading straight into host segments stays
+         * buffered. O_DIRECT is a new open of the same file (through
+         * /proc, not its path); where the daemon may not, reads stay buffered. */
+        if (p->pinned && p->direct == WL_DIRECT_ON) {
+            char self[64];
+            snprintf(self, sizeof self, "/proc/self/fd/%d", sh->fd);
+            p->fd_direct[s] = open(self, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_DIRECT);
+        }
     }
     return 0;
 }
