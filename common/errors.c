@@ -91,6 +91,32 @@ static size_t utf8_sequence(const unsigned char *s)
     return n;
 }
 
+size_t wd_utf8_check(const char *s, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0;
+
+    while (i < len) {
+        size_t n;
+        if (p[i] < 0x80) { /* the common case, a byte at a time */
+            i++;
+            continue;
+        }
+        /* utf8_sequence reads up to 4 bytes: only where they exist */
+        if (len - i < 4) {
+            unsigned char tail[4] = {0};
+            memcpy(tail, p + i, len - i);
+            n = utf8_sequence(tail);
+            if (n == 0 || n > len - i)
+                return i;
+        } else if ((n = utf8_sequence(p + i)) == 0) {
+            return i;
+        }
+        i += n;
+    }
+    return len;
+}
+
 void wd_text_clean(char *s)
 {
     unsigned char *p = (unsigned char *)s;

@@ -7,6 +7,7 @@
 #define WD_ERRORS_H
 
 #include <errno.h>
+#include <stddef.h>
 
 /* X(errno, what it means in weightd) */
 #define WD_ERRNO_TABLE(X)                                                     \
@@ -67,5 +68,9 @@ const char *wd_error_text(const wd_error *e);
  * sequence, and each control character, becomes '?'. For text that came
  * from a peer or a file and goes into a message. */
 void wd_text_clean(char *s);
+/* The offset of the first byte of s[0..len) that is not part of valid
+ * UTF-8 (no overlong forms, surrogates or code points past U+10FFFF), or
+ * len when all of it is. */
+size_t wd_utf8_check(const char *s, size_t len);
 
 #endif

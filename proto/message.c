@@ -11,9 +11,14 @@ int wp_parse(const char *line, size_t len, cJSON **out, wd_error *err)
 {
     const char *end = NULL;
     cJSON *msg;
+    size_t bad;
 
     if (memchr(line, '\0', len))
         return wd_error_set(err, -EBADMSG, "message contains a NUL byte");
+    /* JSON is UTF-8: raw bytes outside it would travel on into replies,
+     * logs and other clients' decoders. */
+    if ((bad = wd_utf8_check(line, len)) < len)
+        return wd_error_set(err, -EBADMSG, "message is not valid UTF-8 (byte %zu)", bad);
     msg = cJSON_ParseWithLengthOpts(line, len, &end, 0);
     if (!msg)
         /* end, not cJSON_GetErrorPtr(): that is one global for every thread. */

@@ -27,6 +27,9 @@
 /* Descriptors carried by one message: the kernel's own limit (SCM_MAX_FD).
  * More travel in several messages, each saying which its descriptors are. */
 #define WP_MAX_FDS 253
+/* A request's "id": a number, or a string of at most this many bytes, so
+ * that every reply and event fits a message whatever the id. */
+#define WP_MAX_ID_LEN 128
 
 /* ---- reading: bytes and descriptors in, lines out ---------------------- */
 
@@ -48,6 +51,11 @@ int wp_reader_fill(wp_reader *r, int sock);
  * when a whole line is buffered; 0 when more bytes are needed; -EMSGSIZE when
  * a line runs past WP_MAX_LINE. */
 int wp_reader_next(wp_reader *r, char **line, size_t *len);
+/* Bytes received and not yet returned as lines (a line still half read). */
+static inline size_t wp_reader_buffered(const wp_reader *r)
+{
+    return r->len - r->consumed;
+}
 /* Moves up to max received descriptors to fds; returns how many. */
 size_t wp_reader_take_fds(wp_reader *r, int *fds, size_t max);
 /* Closes the received descriptors nobody took. */
@@ -76,7 +84,7 @@ static inline bool wp_writer_empty(const wp_writer *w)
 
 /* ---- messages ------------------------------------------------------------ */
 
-/* Parses one line: a JSON object, or -EBADMSG with why in err. */
+/* Parses one line: a JSON object in valid UTF-8, or -EBADMSG with why in err. */
 int wp_parse(const char *line, size_t len, cJSON **out, wd_error *err);
 /* Encodes msg as one line with its newline (malloc'd); NULL when out of memory. */
 char *wp_encode(const cJSON *msg, size_t *len);
