@@ -92,7 +92,7 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 
 CORE_OBJ   := $(call obj,$(COMMON_SRC) $(ALLOC_SRC) $(LOADER_SRC) $(PROTO_SRC))
 DAEMON_OBJ := $(call obj,$(DAEMON_SRC))
-CLIENT_OBJ := $(call obj,$(CLIENT_SRC) $(PROTO_SRC) $(COMMON_SRC))
+CLIENT_OBJ := $(call obj,$(CLIENT_SRC) $(PROTO_SRC) $(COMMON_SRC) loader/checkpoint.c loader/safetensors.c)
 
 BINS := $(BUILD)/weightd $(BUILD)/weightctl $(BUILD)/weightd-replay $(BUILD)/weightd-mkckpt
 LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/libweightd-client.a \

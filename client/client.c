@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "common/grow.h"
+#include "loader/checkpoint.h"
 
 int wdc__fail(wdc_client *c, int code, const char *fmt, ...)
 {
@@ -127,7 +128,9 @@ int wdc__read_message(wdc_client *c, int timeout_ms, cJSON **msg, char **line_ou
     }
 }
 
-int wdc__send_request(wdc_client *c, const char *op, cJSON *args, int timeout_ms, int64_t *id_out)
+/* Sends a request with n descriptors (duplicated: the caller keeps its own). */
+static int send_request_fds(wdc_client *c, const char *op, cJSON *args, const int *fds, size_t n, int timeout_ms,
+                            int64_t *id_out)
 {
     cJSON *req;
     char *line;
@@ -149,14 +152,19 @@ int wdc__send_request(wdc_client *c, const char *op, cJSON *args, int timeout_ms
         free(line);
         return wdc__fail(c, -EMSGSIZE, "request for %s is longer than %u bytes", op, WP_MAX_LINE);
     }
-    rc = wp_writer_push(&c->wr, line, len, NULL, 0);
+    rc = wp_writer_push(&c->wr, line, len, fds, n);
     free(line);
     if (rc)
-        return wdc__fail(c, rc, "out of memory");
+        return wdc__fail(c, rc, rc == -ENOMEM ? "out of memory" : "cannot duplicate a descriptor to send");
     if ((rc = send_all(c, timeout_ms)))
         return rc;
     *id_out = id;
     return 0;
+}
+
+int wdc__send_request(wdc_client *c, const char *op, cJSON *args, int timeout_ms, int64_t *id_out)
+{
+    return send_request_fds(c, op, args, NULL, 0, timeout_ms, id_out);
 }
 
 /* An event that names no request (a lease's revoke): kept for wdc_poll,
@@ -220,32 +228,19 @@ int wdc__reply_result(wdc_client *c, const cJSON *msg, const cJSON **result)
                                                                   : "weightd reported an error without a message");
 }
 
-int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_ms, wdc_event_fn on_event,
-             void *ctx, char **result_json)
+/* Sends op with args (consumed) and n descriptors, and waits for its reply. */
+static int call_with(wdc_client *c, const char *op, cJSON *args, const int *fds, size_t n, int timeout_ms,
+                     wdc_event_fn on_event, void *ctx, char **result_json)
 {
-    cJSON *args = NULL, *msg = NULL;
+    cJSON *msg = NULL;
     const cJSON *result;
-    wd_error err = {0};
     char *raw;
     int64_t id;
     int rc;
 
-    c->code[0] = c->message[0] = '\0';
-    /* Descriptors nobody took from an earlier reply are not kept. */
-    wp_reader_drop_fds(&c->rd);
-    if (result_json)
-        *result_json = NULL;
-    if (c->fd < 0)
-        return wdc__fail(c, -ENOTCONN, "not connected to weightd");
-    if (args_json && *args_json) {
-        if ((rc = wp_parse(args_json, strlen(args_json), &args, &err)))
-            return wdc__fail(c, -EINVAL, "arguments for %s: %s", op, wd_error_text(&err));
-    } else {
-        args = cJSON_CreateObject();
-    }
     if (on_event)
         cJSON_AddBoolToObject(args, "events", 1);
-    if ((rc = wdc__send_request(c, op, args, timeout_ms, &id)))
+    if ((rc = send_request_fds(c, op, args, fds, n, timeout_ms, &id)))
         return rc;
     for (;;) {
         if ((rc = wdc__next_for(c, id, timeout_ms, &msg, &raw)))
@@ -260,6 +255,141 @@ int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_m
         !(*result_json = result ? cJSON_PrintUnformatted(result) : strdup("null")))
         rc = wdc__fail(c, -ENOMEM, "out of memory");
     cJSON_Delete(msg);
+    return rc;
+}
+
+/* Arguments as JSON text (NULL or "": none), parsed; NULL with c's error set. */
+static cJSON *parse_args(wdc_client *c, const char *op, const char *args_json)
+{
+    wd_error err = {0};
+    cJSON *args = NULL;
+
+    c->code[0] = c->message[0] = '\0';
+    /* Descriptors nobody took from an earlier reply are not kept. */
+    wp_reader_drop_fds(&c->rd);
+    if (c->fd < 0) {
+        wdc__fail(c, -ENOTCONN, "not connected to weightd");
+        return NULL;
+    }
+    if (!args_json || !*args_json) {
+        if (!(args = cJSON_CreateObject()))
+            wdc__fail(c, -ENOMEM, "out of memory");
+        return args;
+    }
+    if (wp_parse(args_json, strlen(args_json), &args, &err))
+        wdc__fail(c, -EINVAL, "arguments for %s: %s", op, wd_error_text(&err));
+    return args;
+}
+
+int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_ms, wdc_event_fn on_event,
+             void *ctx, char **result_json)
+{
+    cJSON *args;
+
+    if (result_json)
+        *result_json = NULL;
+    if (!(args = parse_args(c, op, args_json)))
+        return wd_errcode(c->code);
+    return call_with(c, op, args, NULL, 0, timeout_ms, on_event, ctx, result_json);
+}
+
+int wdc_checkpoint_files(const char *path, char **files, size_t *len, char *errbuf, size_t errlen)
+{
+    wd_error err = {0};
+    char **v = NULL, *out;
+    size_t n = 0, total = 0;
+    int rc;
+
+    *files = NULL;
+    *len = 0;
+    if ((rc = wl_checkpoint_files(path, &v, &n, &err)) == 0) {
+        for (size_t i = 0; i < n; i++)
+            total += strlen(v[i]) + 1;
+        if ((out = malloc(total ? total : 1))) {
+            for (size_t i = 0, at = 0; i < n; i++) {
+                memcpy(out + at, v[i], strlen(v[i]) + 1);
+                at += strlen(v[i]) + 1;
+            }
+            *files = out;
+            *len = total;
+        } else {
+            rc = wd_error_set(&err, -ENOMEM, "out of memory");
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        free(v[i]);
+    free(v);
+    if (rc && errbuf && errlen)
+        snprintf(errbuf, errlen, "%s", wd_error_text(&err));
+    return rc;
+}
+
+void wdc_free(void *p)
+{
+    free(p);
+}
+
+int wdc_load(wdc_client *c, const char *path, const char *args_json, int timeout_ms, wdc_event_fn on_event,
+             void *ctx, char **result_json)
+{
+    wd_error err = {0};
+    cJSON *args, *list;
+    char **files = NULL, *shown;
+    int *fds = NULL;
+    size_t n = 0, opened = 0;
+    int rc;
+
+    if (result_json)
+        *result_json = NULL;
+    if (!(args = parse_args(c, "load", args_json)))
+        return wd_errcode(c->code);
+    if (!path || path[0] != '/') {
+        cJSON_Delete(args);
+        return wdc__fail(c, -EINVAL, "wdc_load takes an absolute path");
+    }
+    /* The files, opened here: the daemon reads through these descriptors,
+     * so it reads what this process can, and nothing a path swapped later
+     * would point to. */
+    if ((rc = wl_checkpoint_files(path, &files, &n, &err))) {
+        rc = wdc__fail(c, rc, "%s", wd_error_text(&err));
+        goto out;
+    }
+    if (n > WP_MAX_FDS) {
+        rc = wdc__fail(c, -E2BIG, "%s has %zu files; one load takes at most %d", path, n, WP_MAX_FDS);
+        goto out;
+    }
+    if (!(fds = malloc(n * sizeof *fds))) {
+        rc = wdc__fail(c, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (; opened < n; opened++)
+        if ((fds[opened] = open(files[opened], O_RDONLY | O_CLOEXEC | O_NONBLOCK)) < 0) {
+            rc = wdc__fail(c, -errno, "cannot open %s: %s", files[opened], strerror(errno));
+            goto out;
+        }
+    /* Paths are for people: one line of UTF-8 each (JSON carries no other). */
+    cJSON_DeleteItemFromObjectCaseSensitive(args, "path");
+    cJSON_DeleteItemFromObjectCaseSensitive(args, "files");
+    if ((shown = strdup(path))) {
+        wd_text_clean(shown);
+        cJSON_AddStringToObject(args, "path", shown);
+        free(shown);
+    }
+    list = cJSON_AddArrayToObject(args, "files");
+    for (size_t i = 0; i < n; i++) {
+        wd_text_clean(files[i]);
+        cJSON_AddItemToArray(list, cJSON_CreateString(files[i]));
+    }
+    rc = call_with(c, "load", args, fds, n, timeout_ms, on_event, ctx, result_json);
+    args = NULL;
+out:
+    cJSON_Delete(args);
+    for (size_t i = 0; i < opened; i++)
+        close(fds[i]);
+    free(fds);
+    for (size_t i = 0; i < n; i++)
+        free(files[i]);
+    free(files);
     return rc;
 }
 

@@ -117,9 +117,10 @@ static int connect_once(ctl *c)
     return wdc_connect(c->client, c->socket, c->timeout_ms);
 }
 
-/* Sends one request; on success *out is the parsed result (cJSON_Delete it). */
-static int call(ctl *c, const char *op, cJSON *args, int timeout_ms, wdc_event_fn on_event, void *ctx,
-                cJSON **out)
+/* Sends one request; on success *out is the parsed result (cJSON_Delete it).
+ * A load of load_path opens its files here and sends them (wdc_load). */
+static int call_load(ctl *c, const char *op, cJSON *args, const char *load_path, int timeout_ms,
+                     wdc_event_fn on_event, void *ctx, cJSON **out)
 {
     char *args_text, *result = NULL;
     int rc;
@@ -127,13 +128,22 @@ static int call(ctl *c, const char *op, cJSON *args, int timeout_ms, wdc_event_f
     if ((rc = connect_once(c)))
         return rc;
     args_text = args ? cJSON_PrintUnformatted(args) : NULL;
-    rc = wdc_call(c->client, op, args_text, timeout_ms, on_event, ctx, &result);
+    if (load_path)
+        rc = wdc_load(c->client, load_path, args_text, timeout_ms, on_event, ctx, &result);
+    else
+        rc = wdc_call(c->client, op, args_text, timeout_ms, on_event, ctx, &result);
     free(args_text);
     if (rc)
         return rc;
     *out = cJSON_Parse(result ? result : "null");
     free(result);
     return *out ? 0 : -EPROTO;
+}
+
+static int call(ctl *c, const char *op, cJSON *args, int timeout_ms, wdc_event_fn on_event, void *ctx,
+                cJSON **out)
+{
+    return call_load(c, op, args, NULL, timeout_ms, on_event, ctx, out);
 }
 
 /* Parses "--flag VALUE" pairs after a command's positional argument. */
@@ -260,11 +270,12 @@ static void on_progress(const char *event_json, void *ctx)
 }
 
 /* A call that shows the daemon's progress events for `label` on stderr. */
-static int call_with_progress(ctl *c, const char *op, cJSON *args, const char *label, cJSON **res)
+static int call_with_progress(ctl *c, const char *op, cJSON *args, const char *load_path, const char *label,
+                              cJSON **res)
 {
     progress p = {.tty = isatty(STDERR_FILENO), .quiet = c->json, .last_print = now(), .last_percent = -10,
                   .name = label};
-    int rc = call(c, op, args, c->timeout_ms, on_progress, &p, res);
+    int rc = call_load(c, op, args, load_path, c->timeout_ms, on_progress, &p, res);
 
     if (p.tty && !p.quiet)
         fputs("\r\033[K", stderr);
@@ -466,10 +477,9 @@ static int cmd_load(ctl *c, int argc, char **argv)
         rc = report_error(c, path, rc, strerror(-rc));
         goto out;
     }
-    cJSON_AddStringToObject(args, "path", abs);
     if (name)
         cJSON_AddStringToObject(args, "name", name);
-    rc = call_with_progress(c, "load", args, name ? name : path, &res);
+    rc = call_with_progress(c, "load", args, abs, name ? name : path, &res);
     if (rc) {
         rc = report_error(c, "load", rc, last_error(c));
         goto out;
@@ -796,7 +806,7 @@ static int cmd_verify(ctl *c, int argc, char **argv)
     if ((rc = one_name(argc, argv, &name)))
         return rc;
     args = name_args(name);
-    rc = call_with_progress(c, "verify", args, name, &res);
+    rc = call_with_progress(c, "verify", args, NULL, name, &res);
     cJSON_Delete(args);
     if (rc)
         return report_error(c, "verify", rc, last_error(c));
@@ -891,7 +901,7 @@ static int cmd_list(ctl *c, int argc, char **argv)
 
     if (argc != 1)
         return usage_error("list takes no arguments");
-    if ((rc = call(c, "list", NULL, c->timeout_ms, NULL, NULL, &res)))
+    if ((rc = call_paged(c, "list", cJSON_CreateObject(), "models", &res)))
         return report_error(c, "list", rc, last_error(c));
     if (c->json) {
         print_json(res);

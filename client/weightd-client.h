@@ -41,6 +41,22 @@ int wdc_connect(wdc_client *c, const char *path, int timeout_ms);
 int wdc_call(wdc_client *c, const char *op, const char *args_json, int timeout_ms, wdc_event_fn on_event,
              void *ctx, char **result_json);
 
+/* Loads the checkpoint at path (absolute: a .safetensors file, a folder or
+ * an index) as wdc_call("load") would, but this process opens the files
+ * and sends their descriptors: the daemon reads exactly what the caller
+ * can read, as it was when opened. args_json: the other arguments ("name",
+ * "device" or "devices", "placement"), or NULL. */
+int wdc_load(wdc_client *c, const char *path, const char *args_json, int timeout_ms, wdc_event_fn on_event,
+             void *ctx, char **result_json);
+
+/* The files of the checkpoint at path, as wdc_load would open them (its
+ * index first, if any, then its shards): *files is the paths one after
+ * another, each ending in a NUL byte, *len bytes in all, to wdc_free().
+ * On failure, a negative errno and a line in err. For a client that sends
+ * the descriptors itself (the Python client). */
+int wdc_checkpoint_files(const char *path, char **files, size_t *len, char *err, size_t errlen);
+void wdc_free(void *p);
+
 /* Waits until the daemon closes the connection (after shutdown). */
 int wdc_wait_closed(wdc_client *c, int timeout_ms);
 

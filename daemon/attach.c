@@ -610,7 +610,8 @@ int wd_op_detach(wd_server *s, wd_request *r)
     return 0;
 }
 
-/* {"offset"?}: every lease of every model, a page at a time. */
+/* {"offset"?}: every lease of every model that the caller may see (its
+ * own uid's, or all for an administrator), a page at a time. */
 int wd_op_leases(wd_server *s, wd_request *r)
 {
     int64_t offset = 0, i = 0;
@@ -622,9 +623,13 @@ int wd_op_leases(wd_server *s, wd_request *r)
     res = cJSON_CreateObject();
     arr = cJSON_AddArrayToObject(res, "leases");
     for (wd_model *m = s->models; m; m = m->next)
-        for (wd_lease *l = m->leases; l; l = l->model_next, i++)
+        for (wd_lease *l = m->leases; l; l = l->model_next) {
+            if (!wd_lease_visible(l, r->conn))
+                continue;
             if (i >= offset && i < offset + LEASES_PAGE)
                 cJSON_AddItemToArray(arr, wd_lease_json(l));
+            i++;
+        }
     if (i > offset + LEASES_PAGE)
         cJSON_AddNumberToObject(res, "next", (double)(offset + LEASES_PAGE));
     else

@@ -37,6 +37,10 @@ typedef enum wd_log_level {
 int wd_log_level_parse(const char *text, wd_log_level *out);
 void wd_log_set_level(wd_log_level level);
 void wd_log(wd_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* For what a peer can trigger at will (bad requests, refusals, drops): at
+ * most the configured lines a second (0: no limit), the rest counted. */
+void wd_log_peer(wd_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void wd_log_set_peer_rate(unsigned per_second);
 
 /* ---- config.c: the one option table -------------------------------------- */
 
@@ -61,7 +65,22 @@ void wd_log(wd_log_level level, const char *fmt, ...) __attribute__((format(prin
       "on backends without expandable segments)")                                                 \
     X(config, STRING, "", "FILE", "read options from FILE (key = value lines)")                   \
     X(log_level, LEVEL, "info", "LEVEL", "error, warning, notice, info or debug")                 \
-    X(max_clients, INT, "256", "N", "most connections served at once")                            \
+    X(max_clients, INT, "1024", "N",                                                              \
+      "most connections served at once (administrators get 16 more)")                            \
+    X(max_clients_per_uid, INT, "128", "N", "most connections of one user who is not an administrator") \
+    X(max_requests_per_client, INT, "64", "N", "most requests of one connection in flight at once") \
+    X(max_requests_per_uid, INT, "256", "N", "most requests of one user in flight at once")         \
+    X(hello_timeout, INT, "10", "SECONDS", "close a connection that has not said hello by then")   \
+    X(idle_timeout, INT, "900", "SECONDS",                                                        \
+      "close a connection idle this long that holds no lease and waits for nothing (0: never)")   \
+    X(listen_backlog, INT, "4096", "N", "connections waiting to be accepted (capped by net.core.somaxconn)") \
+    X(log_rate, INT, "10", "N", "lines a second at most about clients' bad requests and refusals (0: all)") \
+    X(admin_uids, STRING, "", "LIST",                                                             \
+      "users (names or uids, comma-separated) who may load, unload, verify, sleep, wake, set the " \
+      "policy, snapshot and shut down, besides root and the daemon's own user")                   \
+    X(admin_groups, STRING, "", "LIST", "groups (names or gids) whose members are administrators too") \
+    X(socket_mode, STRING, "0660", "MODE", "permissions of the socket the daemon binds itself")   \
+    X(socket_group, STRING, "", "GROUP", "group of the socket the daemon binds itself (members may connect)") \
     X(slab_size, SIZE, "0", "SIZE",                                                               \
       "a model's memory on a device comes in slabs of about SIZE, each one allocation that a "    \
       "worker maps with one handle (0: a 32nd of the model's bytes there, at least 256MiB)")     \
@@ -86,7 +105,39 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
 void wd_config_free(wd_config *c);
 void wd_config_usage(FILE *f);
 
+/* ---- auth.c: who may do what --------------------------------------------- */
+
+/* Readers: whoever can reach the socket. Administrators: root, the daemon's
+ * own user, --admin-uids and members of --admin-groups. */
+#define WD_ROLES(X) X(READER, "reader") X(ADMIN, "administrator")
+typedef enum wd_role {
+#define X(id, name) WD_ROLE_##id,
+    WD_ROLES(X)
+#undef X
+} wd_role;
+const char *wd_role_name(wd_role role);
+
+typedef struct wd_auth {
+    uid_t *uids;
+    size_t n_uids;
+    gid_t *gids;
+    size_t n_gids;
+} wd_auth;
+
+/* Resolves --admin-uids and --admin-groups (names or numbers). */
+int wd_auth_init(wd_auth *a, const wd_config *c, wd_error *err);
+void wd_auth_free(wd_auth *a);
+/* Reads c's peer credentials (SO_PEERCRED, SO_PEERGROUPS) and its role. */
+void wd_auth_peer(const wd_auth *a, wd_conn *c);
+/* 0 when r's peer has the role; else -EPERM with r->err saying the role
+ * needed for `what`, and a log line. */
+int wd_auth_require(wd_request *r, wd_role role, const char *what);
+/* --socket-mode and --socket-group on a socket bound at path. */
+int wd_auth_socket(const wd_config *c, const char *path, wd_error *err);
+
 /* ---- server.c: the loop, the socket, connections ------------------------- */
+
+typedef struct wd_peer wd_peer; /* one uid's connections and requests (server.c) */
 
 struct wd_conn {
     wd_server *srv;
@@ -97,6 +148,13 @@ struct wd_conn {
     wp_writer wr;
     pid_t pid;
     uid_t uid;
+    gid_t gid;
+    gid_t *groups;            /* supplementary groups (SO_PEERGROUPS); NULL when unknown */
+    size_t n_groups;
+    wd_role role;
+    wd_peer *peer;            /* its uid's accounting, for the per-uid bounds */
+    size_t n_pending;         /* requests in flight */
+    double connected_at, last_active; /* monotonic: for the hello and idle timeouts */
     bool hello;               /* hello exchanged */
     bool closing;             /* closed once the writer drains */
     bool broken;              /* cannot be sent to: the reaper closes it (server.c) */
@@ -116,6 +174,9 @@ struct wd_request {
     cJSON *args;              /* {} when the request had none */
     char op[32];
     bool want_events;
+    int *fds;                 /* descriptors that came with it (load's files); -1 once taken */
+    size_t n_fds;
+    wd_job *job;              /* the job it started, while it runs */
     wd_error err;
     wd_request *prev, *next;  /* conn->pending */
 };
@@ -137,8 +198,13 @@ struct wd_server {
     uint64_t next_serial;
     size_t n_conns;
     wd_conn *conns;
+    wd_peer *peers;
+    wd_auth auth;
+    uv_timer_t accept_retry;  /* accept(2) out of descriptors: listening again later */
+    unsigned accept_delay_ms; /* 0 while accepting */
+    unsigned long accept_refused;
     wd_model *models;
-    wd_job *jobs;             /* loads and verifies, in arrival order; one load runs at a time */
+    wd_job *jobs, *jobs_tail; /* loads and verifies, in arrival order; one load and one verify run at a time */
     uv_idle_t alloc_idle;     /* allocates the running load's slabs beside its reads (jobs.c) */
     uv_idle_t reaper;         /* closes broken connections, outside whatever sent to them */
     wd_job *allocating;       /* that load, while it has tensors left to allocate */
@@ -158,7 +224,8 @@ void wd_server_stop(wd_server *s, const char *why);
 /* Called when a job ends, to finish a stop that waits for it. */
 void wd_server_maybe_finish(wd_server *s);
 
-/* The peer is the daemon's own user or root (SO_PEERCRED). */
+/* The peer is the daemon's own user or root (SO_PEERCRED): it can read
+ * whatever the daemon can, and may have writable mappings. */
 bool wd_conn_privileged(const wd_conn *c);
 
 /* Replies: each sends to the client (if it is still there) and frees r. */
@@ -188,7 +255,9 @@ typedef int (*wd_op_fn)(wd_server *s, wd_request *r);
 typedef struct wd_op {
     const char *name;
     wd_op_fn fn;
-    bool privileged;          /* only the daemon's own user or root */
+    wd_role role;             /* who may call it (auth.c) */
+    bool takes_fds;           /* its args' "files" name descriptors sent with it */
+    bool lasts;               /* may be answered later: bounded by max_requests_per_client and _uid */
 } wd_op;
 const wd_op *wd_op_find(const char *name);
 /* A device named by its number (a JSON number, or a string of digits) or by
@@ -289,8 +358,8 @@ int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err);
  * seconds for them to detach (r is answered when it ends). 0 when r was
  * answered or kept, else a negative errno with r->err set. */
 int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double wait);
-/* A lease of m ended (lease.c): a forced unload waiting for it may go on. */
-void wd_model_lease_ended(wd_server *s, wd_model *m);
+/* A lease or a verify of m ended: an unload waiting for it may go on. */
+void wd_model_released(wd_server *s, wd_model *m);
 /* The client of r went away: a forced unload it waits for stops waiting. */
 void wd_models_request_gone(wd_server *s, wd_request *r);
 /* Forced unloads whose wait is over give up (from the tick timer). */
@@ -298,19 +367,24 @@ void wd_models_tick(wd_server *s);
 
 /* ---- jobs.c: loads and verifies on worker threads ------------------------ */
 
+/* files: the checkpoint's files as the client opened them (r->fds, taken
+ * by the job), or none for the daemon to open path itself. */
 int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, const int *devices,
-                  size_t n_devices, wl_placement placement, wd_error *err);
+                  size_t n_devices, wl_placement placement, char *const *files, size_t n_files, wd_error *err);
 int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err);
 /* The client of r went away: cancel what it started (r is the caller's to free). */
 void wd_jobs_request_gone(wd_server *s, wd_request *r);
 /* Cancel every job (the daemon is stopping). */
 void wd_jobs_cancel_all(wd_server *s);
+/* Cancel m's verifies (it is being unloaded): queued ones end now. */
+void wd_jobs_cancel_verifies(wd_server *s, wd_model *m, const char *why);
 /* Progress events for the running load (from the tick timer). */
 void wd_jobs_progress(wd_server *s);
 /* The load policy's state for stats: whether a load holds it now. */
 bool wd_jobs_load_active(const wd_server *s);
-/* Adds the jobs' state to a stats reply. */
-void wd_jobs_describe(const wd_server *s, cJSON *out);
+/* Adds the jobs' state to a stats reply: a page from offset ("jobs",
+ * "jobs_total", "jobs_next"). */
+void wd_jobs_describe(const wd_server *s, cJSON *out, size_t offset);
 
 double wd_now(void);       /* monotonic seconds */
 double wd_wall(void);      /* Unix time */

@@ -39,6 +39,9 @@ struct wd_job {
     wd_request *req;          /* NULL once the client is gone */
     wd_model *model;
     wl_checkpoint ckpt;       /* load: opened by the worker, then moved into the model */
+    char **files;             /* load: the files its client opened, and their descriptors (-1 once taken) */
+    int *fds;
+    size_t n_files;
     wl_job io;
     uv_work_t work;
     bool policy_pushed;
@@ -51,16 +54,18 @@ struct wd_job {
     wd_job *prev, *next;
 };
 
+#define VERIFIES_RUNNING 1 /* at once: each holds a thread of the pool that loads need too */
+#define JOBS_PAGE 200       /* jobs a stats reply lists */
+
 static void job_link(wd_server *s, wd_job *j)
 {
-    wd_job **tail = &s->jobs, *prev = NULL;
-
-    while (*tail) {
-        prev = *tail;
-        tail = &(*tail)->next;
-    }
-    j->prev = prev;
-    *tail = j;
+    j->prev = s->jobs_tail;
+    j->next = NULL;
+    if (s->jobs_tail)
+        s->jobs_tail->next = j;
+    else
+        s->jobs = j;
+    s->jobs_tail = j;
 }
 
 static void job_unlink(wd_server *s, wd_job *j)
@@ -71,13 +76,31 @@ static void job_unlink(wd_server *s, wd_job *j)
         s->jobs = j->next;
     if (j->next)
         j->next->prev = j->prev;
+    else
+        s->jobs_tail = j->prev;
     j->prev = j->next = NULL;
+}
+
+/* The job's request is answered, or its client gone: they part. */
+static void job_detach_request(wd_job *j)
+{
+    if (j->req)
+        j->req->job = NULL;
+    j->req = NULL;
 }
 
 static void job_free(wd_server *s, wd_job *j)
 {
+    job_detach_request(j);
     job_unlink(s, j);
     wl_checkpoint_close(&j->ckpt);
+    for (size_t i = 0; i < j->n_files; i++) {
+        free(j->files[i]);
+        if (j->fds && j->fds[i] >= 0)
+            close(j->fds[i]);
+    }
+    free(j->files);
+    free(j->fds);
     free(j);
 }
 
@@ -145,6 +168,8 @@ static wd_job *job_new(wd_server *s, job_kind kind, job_state state, wd_request 
     j->kind = kind;
     j->state = state;
     j->req = r;
+    if (r)
+        r->job = j;
     j->work.data = j;
     j->t0 = wd_now();
     return j;
@@ -200,6 +225,7 @@ static void finish_load(wd_job *j)
             cJSON_AddNumberToObject(phases, "allocate", j->t_allocated - j->t_opened);
             cJSON_AddNumberToObject(phases, "read", j->t0 + m->load_seconds - j->t_opened);
             wd_reply_ok(j->req, res);
+            j->req = NULL;
         }
         /* After the reply: the load's client need not wait for it. */
         wd_attach_prepare(s, m);
@@ -210,6 +236,7 @@ static void finish_load(wd_job *j)
         wd_registry_remove(s, m, j->policy_pushed);
         if (j->req)
             wd_reply_err(j->req, &j->err);
+        j->req = NULL;
     }
     if (j->policy_pushed)
         wa_policy_pop(s->alloc);
@@ -333,7 +360,10 @@ static void open_work(uv_work_t *w)
 {
     wd_job *j = w->data;
 
-    j->rc = wl_checkpoint_open(j->model->path, &j->ckpt, &j->err);
+    if (j->n_files)
+        j->rc = wl_checkpoint_open_files(j->model->path, j->files, j->fds, j->n_files, &j->ckpt, &j->err);
+    else
+        j->rc = wl_checkpoint_open(j->model->path, &j->ckpt, &j->err);
 }
 
 static void after_open(uv_work_t *w, int status)
@@ -396,7 +426,7 @@ static void start_next_load(wd_server *s)
 }
 
 int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, const int *devices,
-                  size_t n_devices, wl_placement placement, wd_error *err)
+                  size_t n_devices, wl_placement placement, char *const *files, size_t n_files, wd_error *err)
 {
     wd_job *j;
     int rc;
@@ -406,8 +436,32 @@ int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *nam
     if (!(j = job_new(s, JOB_LOAD, JOB_QUEUED, r, err)))
         return -ENOMEM;
     if ((rc = wd_registry_add(s, name, path, devices, n_devices, placement, &j->model, err))) {
+        job_detach_request(j);
         free(j);
         return rc;
+    }
+    /* The request's descriptors go with the job. */
+    if (n_files) {
+        if (!(j->files = calloc(n_files, sizeof *j->files))) {
+            wd_registry_remove(s, j->model, false);
+            job_detach_request(j);
+            free(j);
+            return wd_error_set(err, -ENOMEM, "out of memory");
+        }
+        j->n_files = n_files;
+        for (size_t i = 0; i < n_files; i++)
+            j->files[i] = strdup(files[i]);
+        j->fds = r->fds;
+        r->fds = NULL;
+        r->n_fds = 0;
+        for (size_t i = 0; i < n_files; i++)
+            if (!j->files[i]) {
+                wd_model *m = j->model;
+                job_link(s, j);
+                job_free(s, j);
+                wd_registry_remove(s, m, false);
+                return wd_error_set(err, -ENOMEM, "out of memory");
+            }
     }
     job_link(s, j);
     start_next_load(s);
@@ -415,6 +469,8 @@ int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *nam
 }
 
 /* ---- verify ---------------------------------------------------------------- */
+
+static void start_next_verify(wd_server *s);
 
 static void after_verify(uv_work_t *w, int status)
 {
@@ -425,10 +481,10 @@ static void after_verify(uv_work_t *w, int status)
     (void)status;
 
     s->jobs_running--;
-    m->busy--;
     settle_cancel(j);
     if (j->rc) {
-        wd_log(WD_LOG_warning, "verify of %s failed: %s", m->name, wd_error_text(&j->err));
+        wd_log(j->rc == -ECANCELED ? WD_LOG_info : WD_LOG_warning, "verify of %s failed: %s", m->name,
+               wd_error_text(&j->err));
         if (j->req)
             wd_reply_err(j->req, &j->err);
     } else {
@@ -449,8 +505,33 @@ static void after_verify(uv_work_t *w, int status)
             wd_reply_ok(j->req, res);
         }
     }
+    j->req = NULL;
     job_free(s, j);
+    m->busy--;
+    wd_model_released(s, m); /* an unload may wait for it */
+    start_next_verify(s);
     wd_server_maybe_finish(s);
+}
+
+static void start_next_verify(wd_server *s)
+{
+    wd_job *next = NULL;
+    unsigned running = 0;
+
+    for (wd_job *j = s->jobs; j; j = j->next) {
+        if (j->kind != JOB_VERIFY)
+            continue;
+        if (j->state == JOB_RUNNING)
+            running++;
+        else if (!next)
+            next = j;
+    }
+    if (!next || running >= VERIFIES_RUNNING || s->stopping)
+        return;
+    next->state = JOB_RUNNING;
+    next->t0 = wd_now();
+    s->jobs_running++;
+    uv_queue_work(s->loop, &next->work, verify_work, after_verify);
 }
 
 int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
@@ -459,7 +540,7 @@ int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
 
     if (s->stopping)
         return wd_error_set(err, -ECANCELED, "weightd is stopping");
-    if (!(j = job_new(s, JOB_VERIFY, JOB_RUNNING, r, err)))
+    if (!(j = job_new(s, JOB_VERIFY, JOB_QUEUED, r, err)))
         return -ENOMEM;
     j->model = m;
     j->io.mode = WL_VERIFY;
@@ -469,22 +550,29 @@ int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
     atomic_store(&j->io.dests_ready, m->n_dest);
     m->busy++;
     job_link(s, j);
-    s->jobs_running++;
-    uv_queue_work(s->loop, &j->work, verify_work, after_verify);
+    start_next_verify(s);
     return 0;
 }
 
 /* ---- cancellation and progress -------------------------------------------- */
 
-static void cancel_job(wd_server *s, wd_job *j)
+static void cancel_job(wd_server *s, wd_job *j, const char *why)
 {
     if (j->state == JOB_QUEUED) {
         /* Nothing was taken yet: drop it here. */
-        wd_log(WD_LOG_info, "load of %s cancelled before it started", j->model->name);
-        wd_registry_remove(s, j->model, false);
+        wd_model *m = j->model;
+        wd_log(WD_LOG_info, "%s of %s cancelled before it started", j->kind == JOB_LOAD ? "load" : "verify", m->name);
         if (j->req)
-            wd_reply_error(j->req, -ECANCELED, "cancelled before the load started");
-        job_free(s, j);
+            wd_reply_error(j->req, -ECANCELED, "cancelled before it started: %s", why);
+        j->req = NULL;
+        if (j->kind == JOB_LOAD) {
+            job_free(s, j);
+            wd_registry_remove(s, m, false);
+        } else {
+            job_free(s, j);
+            m->busy--;
+            wd_model_released(s, m);
+        }
         return;
     }
     atomic_store(&j->io.cancel, true);
@@ -492,22 +580,31 @@ static void cancel_job(wd_server *s, wd_job *j)
 
 void wd_jobs_request_gone(wd_server *s, wd_request *r)
 {
-    for (wd_job *j = s->jobs; j; j = j->next)
-        if (j->req == r) {
-            /* The caller frees r; the job ends without a reply. */
-            j->req = NULL;
-            wd_log(WD_LOG_info, "client gone: cancelling the %s of %s", j->kind == JOB_LOAD ? "load" : "verify",
-                   j->model->name);
-            cancel_job(s, j);
-            return;
-        }
+    wd_job *j = r->job;
+
+    if (!j)
+        return;
+    /* The caller frees r; the job ends without a reply. */
+    job_detach_request(j);
+    wd_log(WD_LOG_info, "client gone: cancelling the %s of %s", j->kind == JOB_LOAD ? "load" : "verify",
+           j->model->name);
+    cancel_job(s, j, "its client went away");
 }
 
 void wd_jobs_cancel_all(wd_server *s)
 {
     for (wd_job *j = s->jobs, *next; j; j = next) {
         next = j->next;
-        cancel_job(s, j);
+        cancel_job(s, j, "weightd is stopping");
+    }
+}
+
+void wd_jobs_cancel_verifies(wd_server *s, wd_model *m, const char *why)
+{
+    for (wd_job *j = s->jobs, *next; j; j = next) {
+        next = j->next;
+        if (j->kind == JOB_VERIFY && j->model == m)
+            cancel_job(s, j, why);
     }
 }
 
@@ -527,11 +624,15 @@ bool wd_jobs_load_active(const wd_server *s)
     return false;
 }
 
-void wd_jobs_describe(const wd_server *s, cJSON *out)
+void wd_jobs_describe(const wd_server *s, cJSON *out, size_t offset)
 {
     cJSON *arr = cJSON_AddArrayToObject(out, "jobs");
+    size_t i = 0, total = 0;
 
-    for (const wd_job *j = s->jobs; j; j = j->next) {
+    for (const wd_job *j = s->jobs; j; j = j->next, i++) {
+        total++;
+        if (i < offset || i >= offset + JOBS_PAGE)
+            continue;
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "kind", j->kind == JOB_LOAD ? "load" : "verify");
         cJSON_AddStringToObject(o, "model", j->model->name);
@@ -540,4 +641,9 @@ void wd_jobs_describe(const wd_server *s, cJSON *out)
         cJSON_AddNumberToObject(o, "bytes_total", (double)j->model->device_bytes);
         cJSON_AddItemToArray(arr, o);
     }
+    cJSON_AddNumberToObject(out, "jobs_total", (double)total);
+    if (total > offset + JOBS_PAGE)
+        cJSON_AddNumberToObject(out, "jobs_next", (double)(offset + JOBS_PAGE));
+    else
+        cJSON_AddNullToObject(out, "jobs_next");
 }

@@ -78,7 +78,7 @@ void wd_lease_end(wd_server *s, wd_lease *l, const char *why)
         *link = l->model_next;
     wd_log(WD_LOG_info, "lease %llu of %s (pid %d) ended: %s", (unsigned long long)l->id, m->name, (int)l->pid, why);
     free(l);
-    wd_model_lease_ended(s, m);
+    wd_model_released(s, m);
 }
 
 void wd_leases_conn_gone(wd_server *s, wd_conn *c, const char *why)
@@ -122,21 +122,37 @@ cJSON *wd_lease_json(const wd_lease *l)
     return o;
 }
 
-cJSON *wd_model_leases_json(const wd_model *m)
+bool wd_lease_visible(const wd_lease *l, const wd_conn *viewer)
+{
+    return !viewer || viewer->role == WD_ROLE_ADMIN || viewer->uid == l->uid;
+}
+
+cJSON *wd_model_leases_json(const wd_model *m, const wd_conn *viewer, size_t max)
 {
     cJSON *arr = cJSON_CreateArray();
+    size_t n = 0;
+
+    for (const wd_lease *l = m->leases; l && n < max; l = l->model_next)
+        if (wd_lease_visible(l, viewer)) {
+            cJSON_AddItemToArray(arr, wd_lease_json(l));
+            n++;
+        }
+    return arr;
+}
+
+size_t wd_model_lease_count(const wd_model *m)
+{
+    size_t n = 0;
 
     for (const wd_lease *l = m->leases; l; l = l->model_next)
-        cJSON_AddItemToArray(arr, wd_lease_json(l));
-    return arr;
+        n++;
+    return n;
 }
 
 void wd_leases_describe(const wd_model *m, char *buf, size_t len)
 {
-    size_t n = 0, used;
+    size_t n = wd_model_lease_count(m), used;
 
-    for (const wd_lease *l = m->leases; l; l = l->model_next)
-        n++;
     used = (size_t)snprintf(buf, len, "%zu worker%s:", n, n == 1 ? "" : "s");
     for (const wd_lease *l = m->leases; l && used < len; l = l->model_next)
         used += (size_t)snprintf(buf + used, len - used, "%s pid %d (%s, uid %u, lease %llu)",

@@ -48,8 +48,12 @@ size_t wd_conn_lease_count(const wd_conn *c);
 
 /* {"lease", "model", "pid", "uid", "process", "age", "device", "writable"} */
 cJSON *wd_lease_json(const wd_lease *l);
-/* Every lease of m, as wd_lease_json gives them. */
-cJSON *wd_model_leases_json(const wd_model *m);
+/* Whether viewer may see l's holder: administrators see every lease,
+ * readers their own uid's (NULL: the daemon itself). */
+bool wd_lease_visible(const wd_lease *l, const wd_conn *viewer);
+/* The first max leases of m that viewer may see, as wd_lease_json gives them. */
+cJSON *wd_model_leases_json(const wd_model *m, const wd_conn *viewer, size_t max);
+size_t wd_model_lease_count(const wd_model *m);
 /* "2 workers: pid 41 (python3, uid 1000, lease 3), pid 57 (...)" for messages. */
 void wd_leases_describe(const wd_model *m, char *buf, size_t len);
 /* A "revoke" event to each holder of m: {"event": "revoke", "lease", "name",

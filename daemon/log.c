@@ -48,18 +48,10 @@ static int stderr_is_journal(void)
     return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
 }
 
-void wd_log(wd_log_level level, const char *fmt, ...)
+static void log_line(wd_log_level level, const char *msg)
 {
-    char msg[1024];
-    va_list ap;
-
-    if (level > log_threshold)
-        return;
     if (log_to_journal < 0)
         log_to_journal = stderr_is_journal();
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     if (log_to_journal) {
         fprintf(stderr, "<%d>%s\n", level_priority[level], msg);
     } else {
@@ -73,4 +65,56 @@ void wd_log(wd_log_level level, const char *fmt, ...)
                 level_names[level], msg);
     }
     fflush(stderr);
+}
+
+void wd_log(wd_log_level level, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+
+    if (level > log_threshold)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    log_line(level, msg);
+}
+
+/* What peers can make the daemon say: at most peer_rate lines a second;
+ * the rest are counted, and the count logged when lines flow again. */
+static unsigned peer_rate = 10, peer_lines, peer_dropped;
+static double peer_window;
+
+void wd_log_set_peer_rate(unsigned per_second)
+{
+    peer_rate = per_second;
+}
+
+void wd_log_peer(wd_log_level level, const char *fmt, ...)
+{
+    char msg[1024];
+    double now = wd_now();
+    va_list ap;
+
+    if (level > log_threshold)
+        return;
+    if (now - peer_window >= 1.0) {
+        if (peer_dropped) {
+            snprintf(msg, sizeof msg, "%u more messages about clients were not logged (log_rate %u a second)",
+                     peer_dropped, peer_rate);
+            log_line(WD_LOG_notice, msg);
+        }
+        peer_window = now;
+        peer_lines = peer_dropped = 0;
+    }
+    if (peer_rate && peer_lines >= peer_rate) {
+        peer_dropped++;
+        return;
+    }
+    peer_lines++;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    wd_text_clean(msg); /* peers' words may be in it */
+    log_line(level, msg);
 }

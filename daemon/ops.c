@@ -182,13 +182,21 @@ static int load_devices(wd_server *s, wd_request *r, int *devices, size_t *n, wl
     return 0;
 }
 
+/* {"path", "name"?, "device"? | "devices"?, "placement"?, "files"?}.
+ * With "files" (the checkpoint's files as paths, an index first), the
+ * descriptors sent with the request are what is read: the client opened
+ * them, so the daemon reads only what its peer could. Without, the daemon
+ * opens path itself, which only a peer that can read whatever the daemon
+ * can (root, or its own user) may ask. */
 static int op_load(wd_server *s, wd_request *r)
 {
     const char *path, *name = NULL;
     char defname[WD_MODEL_NAME_MAX + 1];
+    const cJSON *files = cJSON_GetObjectItemCaseSensitive(r->args, "files"), *f;
+    char **names = NULL;
     wl_placement placement;
-    int *devices;
-    size_t n_devices;
+    int *devices = NULL;
+    size_t n_devices, n_files = 0;
     int rc;
 
     if ((rc = wp_arg_string(r->args, "path", true, &path, &r->err)))
@@ -198,16 +206,35 @@ static int op_load(wd_server *s, wd_request *r)
                             path);
     if (strlen(path) >= 4096)
         return wd_error_set(&r->err, -ENAMETOOLONG, "path too long");
+    if (!r->n_fds && !wd_conn_privileged(r->conn))
+        return wd_error_set(&r->err, -EPERM, "uid %d must send the checkpoint's files with the request (\"files\" "
+                            "and their descriptors; weightctl load does): the daemon opens a path itself only for "
+                            "root and its own user", (int)r->conn->uid);
     if ((rc = wp_arg_string(r->args, "name", false, &name, &r->err)) && rc != -ENOENT)
         return rc;
     if (!name) {
         default_name(path, defname, sizeof defname);
         name = defname;
     }
-    if (!(devices = malloc((size_t)s->backend->n_devices * sizeof *devices)))
-        return wd_error_set(&r->err, -ENOMEM, "out of memory");
+    if (r->n_fds) {
+        if (!(names = calloc(r->n_fds, sizeof *names)))
+            return wd_error_set(&r->err, -ENOMEM, "out of memory");
+        cJSON_ArrayForEach(f, files) {
+            if (!cJSON_IsString(f) || f->valuestring[0] != '/' || strlen(f->valuestring) >= 4096) {
+                rc = wd_error_set(&r->err, -EINVAL, "argument \"files\" must hold absolute paths");
+                goto out;
+            }
+            names[n_files++] = f->valuestring;
+        }
+    }
+    if (!(devices = malloc((size_t)s->backend->n_devices * sizeof *devices))) {
+        rc = wd_error_set(&r->err, -ENOMEM, "out of memory");
+        goto out;
+    }
     if (!(rc = load_devices(s, r, devices, &n_devices, &placement)))
-        rc = wd_load_start(s, r, path, name, devices, n_devices, placement, &r->err);
+        rc = wd_load_start(s, r, path, name, devices, n_devices, placement, names, n_files, &r->err);
+out:
+    free(names);
     free(devices);
     return rc;
 }
@@ -241,7 +268,11 @@ static int op_verify(wd_server *s, wd_request *r)
 
 /* ---- list / info ----------------------------------------------------------- */
 
-static cJSON *model_summary(const wd_model *m)
+#define SUMMARY_LEASES 32 /* holders a model's summary names; `leases` lists every one */
+#define LIST_PAGE_DEFAULT 100
+
+/* m as list and info show it to the client of viewer. */
+static cJSON *model_summary(const wd_model *m, const wd_conn *viewer)
 {
     cJSON *o = cJSON_CreateObject();
 
@@ -259,16 +290,40 @@ static cJSON *model_summary(const wd_model *m)
         cJSON_AddNumberToObject(o, "loaded_at", m->loaded_at);
         cJSON_AddNumberToObject(o, "slabs", (double)m->n_slabs);
     }
-    cJSON_AddItemToObject(o, "leases", wd_model_leases_json(m));
+    cJSON_AddNumberToObject(o, "lease_count", (double)wd_model_lease_count(m));
+    cJSON_AddItemToObject(o, "leases", wd_model_leases_json(m, viewer, SUMMARY_LEASES));
     return o;
 }
 
+/* {"offset"?, "limit"?}: the models, a page at a time ("next": the offset
+ * of the following page, or null). */
 static int op_list(wd_server *s, wd_request *r)
 {
-    cJSON *res = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(res, "models");
+    int64_t offset = 0, limit = LIST_PAGE_DEFAULT, i = 0;
+    size_t budget = 0;
+    cJSON *res, *arr;
+    wd_model *m;
+    int rc;
 
-    for (wd_model *m = s->models; m; m = m->next)
-        cJSON_AddItemToArray(arr, model_summary(m));
+    if ((rc = wp_arg_int(r->args, "offset", false, 0, INT32_MAX, &offset, &r->err)) == -EINVAL ||
+        (rc = wp_arg_int(r->args, "limit", false, 1, 1000, &limit, &r->err)) == -EINVAL)
+        return rc;
+    res = cJSON_CreateObject();
+    arr = cJSON_AddArrayToObject(res, "models");
+    for (m = s->models; m && i < offset; m = m->next)
+        i++;
+    for (; m && i < offset + limit; m = m->next, i++) {
+        /* a summary: its strings, its devices and up to SUMMARY_LEASES holders */
+        size_t cost = strlen(m->name) + strlen(m->path) + 8 * m->n_devices + 400 + 200 * SUMMARY_LEASES;
+        if (budget + cost > INFO_PAGE_BUDGET && i > offset)
+            break;
+        budget += cost;
+        cJSON_AddItemToArray(arr, model_summary(m, r->conn));
+    }
+    if (m)
+        cJSON_AddNumberToObject(res, "next", (double)i);
+    else
+        cJSON_AddNullToObject(res, "next");
     wd_reply_ok(r, res);
     return 0;
 }
@@ -326,7 +381,7 @@ static int op_info(wd_server *s, wd_request *r)
     if ((rc = wp_arg_int(r->args, "offset", false, 0, INT32_MAX, &offset, &r->err)) == -EINVAL ||
         (rc = wp_arg_int(r->args, "limit", false, 1, 100000, &limit, &r->err)) == -EINVAL)
         return rc;
-    res = model_summary(m);
+    res = model_summary(m, r->conn);
     /* Where the model's memory is: each slab, one allocation (attach maps it
      * with one handle). */
     slabs = cJSON_AddArrayToObject(res, "slab_list");
@@ -389,16 +444,23 @@ static cJSON *policy_state(wd_server *s)
 }
 
 
+/* {"jobs_offset"?}: the daemon's figures, with its jobs a page at a time. */
 static int op_stats(wd_server *s, wd_request *r)
 {
-    cJSON *res = cJSON_CreateObject(), *devs;
+    cJSON *res, *devs;
+    int64_t jobs_offset = 0;
+    int rc;
+
+    if ((rc = wp_arg_int(r->args, "jobs_offset", false, 0, INT32_MAX, &jobs_offset, &r->err)) == -EINVAL)
+        return rc;
+    res = cJSON_CreateObject();
 
     cJSON_AddStringToObject(res, "backend", s->backend->name);
     cJSON_AddNumberToObject(res, "uptime", wd_now() - s->started);
     cJSON_AddNumberToObject(res, "models", (double)wd_registry_count(s));
     cJSON_AddNumberToObject(res, "connections", (double)s->n_conns);
     cJSON_AddItemToObject(res, "policy", policy_state(s));
-    wd_jobs_describe(s, res);
+    wd_jobs_describe(s, res, (size_t)jobs_offset);
     devs = cJSON_AddArrayToObject(res, "devices");
     for (int d = 0; d < wa_device_count(s->alloc); d++) {
         cJSON *o = cJSON_CreateObject();
@@ -445,8 +507,8 @@ static int op_policy(wd_server *s, wd_request *r)
     if ((rc = wp_arg_string(r->args, "conf", false, &text, &r->err)) == -EINVAL)
         return rc;
     if (rc == 0) {
-        if (!wd_conn_privileged(r->conn))
-            return wd_error_set(&r->err, -EPERM, "changing the policy is only for the daemon's own user or root");
+        if ((rc = wd_auth_require(r, WD_ROLE_ADMIN, "setting the policy")))
+            return rc;
         if (wa_policy_depth(s->alloc))
             return wd_error_set(&r->err, -EBUSY, "a load holds the load policy; change the policy after it");
         if ((rc = wa_config_parse(text, wa_get_config(s->alloc), WA_CONF_OVERLAY, &next, &r->err)))
@@ -537,13 +599,29 @@ static int op_shutdown(wd_server *s, wd_request *r)
 
 /* ---- the table ------------------------------------------------------------- */
 
+/* Who may call what. Readers inspect and attach; administrators change
+ * what the daemon holds, read files, see addresses, and stop it. policy
+ * is a reader's to read and an administrator's to set (op_policy). */
+#define READER WD_ROLE_READER
+#define ADMIN WD_ROLE_ADMIN
 static const wd_op op_table[] = {
-    {"hello", op_hello, false},     {"load", op_load, true},         {"unload", op_unload, true},
-    {"verify", op_verify, false},   {"list", op_list, false},        {"info", op_info, false},
-    {"attach", wd_op_attach, false}, {"detach", wd_op_detach, false}, {"leases", wd_op_leases, false},
-    {"stats", op_stats, false},     {"policy", op_policy, false},    {"snapshot", op_snapshot, false},
-    {"shutdown", op_shutdown, true},
+    /* name       handler       role    fds    lasts */
+    {"hello",    op_hello,     READER, false, false},
+    {"load",     op_load,      ADMIN,  true,  true},
+    {"unload",   op_unload,    ADMIN,  false, true},
+    {"verify",   op_verify,    ADMIN,  false, true},
+    {"list",     op_list,      READER, false, false},
+    {"info",     op_info,      READER, false, false},
+    {"attach",   wd_op_attach, READER, false, false},
+    {"detach",   wd_op_detach, READER, false, false},
+    {"leases",   wd_op_leases, READER, false, false},
+    {"stats",    op_stats,     READER, false, false},
+    {"policy",   op_policy,    READER, false, false},
+    {"snapshot", op_snapshot,  ADMIN,  false, false},
+    {"shutdown", op_shutdown,  ADMIN,  false, false},
 };
+#undef READER
+#undef ADMIN
 
 static size_t op_count(void)
 {

@@ -267,17 +267,24 @@ int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double
 
     if (m->state == WD_MODEL_UNLOADING)
         return wd_error_set(&r->err, -EBUSY, "model \"%s\" is already being unloaded", m->name);
+    if (m->leases && !force) {
+        wd_leases_describe(m, holders, sizeof holders);
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is attached by %s; detach them first, or unload --force",
+                            m->name, holders);
+    }
+    /* Verifies give way to an unload: queued ones end now, running ones
+     * at their next chunk (while the model is still READY, so that none of
+     * these ends finishes the unload under this loop). */
     if (m->busy)
-        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is being verified", m->name);
-    if (!m->leases) {
+        wd_jobs_cancel_verifies(s, m, "the model is being unloaded");
+    if (!m->leases && !m->busy) {
         finish_unload(s, m, r);
         return 0;
     }
-    wd_leases_describe(m, holders, sizeof holders);
-    if (!force)
-        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is attached by %s; detach them first, or unload --force",
-                            m->name, holders);
-    wd_log(WD_LOG_notice, "unloading %s: asking %s to detach (%.0f s at most)", m->name, holders, wait);
+    if (m->leases) {
+        wd_leases_describe(m, holders, sizeof holders);
+        wd_log(WD_LOG_notice, "unloading %s: asking %s to detach (%.0f s at most)", m->name, holders, wait);
+    }
     m->state = WD_MODEL_UNLOADING;
     m->unload = r;
     m->unload_deadline = wd_now() + wait;
@@ -285,11 +292,11 @@ int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double
     return 0;
 }
 
-void wd_model_lease_ended(wd_server *s, wd_model *m)
+void wd_model_released(wd_server *s, wd_model *m)
 {
     wd_request *r = m->unload;
 
-    if (m->state != WD_MODEL_UNLOADING || m->leases)
+    if (m->state != WD_MODEL_UNLOADING || m->leases || m->busy || !r)
         return;
     m->unload = NULL;
     finish_unload(s, m, r);

@@ -45,6 +45,41 @@ double wd_wall(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* ---- peers: what each uid holds, for the per-uid bounds -------------------- */
+
+struct wd_peer {
+    uid_t uid;
+    size_t conns, requests;
+    wd_peer *next;
+};
+
+static wd_peer *peer_get(wd_server *s, uid_t uid)
+{
+    wd_peer *p;
+
+    for (p = s->peers; p; p = p->next)
+        if (p->uid == uid)
+            return p;
+    if (!(p = calloc(1, sizeof *p)))
+        return NULL;
+    p->uid = uid;
+    p->next = s->peers;
+    s->peers = p;
+    return p;
+}
+
+static void peer_put(wd_server *s, wd_peer *p)
+{
+    if (p->conns || p->requests)
+        return;
+    for (wd_peer **pp = &s->peers; *pp; pp = &(*pp)->next)
+        if (*pp == p) {
+            *pp = p->next;
+            free(p);
+            return;
+        }
+}
+
 /* ---- connections ----------------------------------------------------------- */
 
 static void conn_close(wd_conn *c, const char *why);
@@ -60,6 +95,7 @@ static void on_conn_closed(uv_handle_t *h)
         close(c->peer_fd);
     wp_reader_free(&c->rd);
     wp_writer_free(&c->wr);
+    free(c->groups);
     free(c);
 }
 
@@ -173,6 +209,9 @@ static void request_unlink(wd_request *r)
 
     if (!c)
         return;
+    c->n_pending--;
+    c->peer->requests--;
+    c->last_active = wd_now();
     if (r->prev)
         r->prev->next = r->next;
     else
@@ -186,6 +225,10 @@ static void request_unlink(wd_request *r)
 static void request_free(wd_request *r)
 {
     request_unlink(r);
+    for (size_t i = 0; i < r->n_fds; i++)
+        if (r->fds[i] >= 0)
+            close(r->fds[i]);
+    free(r->fds);
     cJSON_Delete(r->id);
     cJSON_Delete(r->args);
     free(r);
@@ -208,6 +251,7 @@ void wd_reply_error(wd_request *r, int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    wd_text_clean(msg); /* may quote the peer, and be cut mid-character */
     if (c)
         wd_log(WD_LOG_debug, "client %llu: %s failed: %s: %s", (unsigned long long)c->serial, r->op,
                wd_errname(code), msg);
@@ -294,6 +338,9 @@ static void conn_close(wd_conn *c, const char *why)
     if (c->next)
         c->next->prev = c->prev;
     s->n_conns--;
+    c->peer->conns--;
+    peer_put(s, c->peer);
+    c->peer = NULL;
     uv_close((uv_handle_t *)&c->poll, on_conn_closed);
     if (c->peer_fd >= 0)
         uv_close((uv_handle_t *)&c->peer_poll, on_conn_closed);
@@ -333,6 +380,26 @@ bool wd_conn_privileged(const wd_conn *c)
     return c->uid == 0 || c->uid == geteuid();
 }
 
+/* The descriptors r's "files" name, from those received with it. */
+static int request_take_fds(wd_conn *c, wd_request *r)
+{
+    const cJSON *files = cJSON_GetObjectItemCaseSensitive(r->args, "files");
+    size_t want, got;
+
+    if (!files || cJSON_IsNull(files))
+        return 0;
+    if (!cJSON_IsArray(files) || (want = (size_t)cJSON_GetArraySize(files)) < 1 || want > WP_MAX_FDS)
+        return wd_error_set(&r->err, -EINVAL, "argument \"files\" must be an array of 1 to %d paths, one for each "
+                            "descriptor sent with the request", WP_MAX_FDS);
+    if (!(r->fds = malloc(want * sizeof *r->fds)))
+        return wd_error_set(&r->err, -ENOMEM, "out of memory");
+    got = wp_reader_take_fds(&c->rd, r->fds, want);
+    r->n_fds = got;
+    if (got < want)
+        return wd_error_set(&r->err, -EINVAL, "the request names %zu files and came with %zu descriptors", want, got);
+    return 0;
+}
+
 static void handle_line(wd_conn *c, const char *line, size_t len)
 {
     wd_server *s = c->srv;
@@ -344,8 +411,9 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
 
     if (len == 0)
         return; /* blank lines are allowed between messages */
+    c->last_active = wd_now();
     if ((rc = wp_parse(line, len, &msg, &err))) {
-        wd_log(WD_LOG_info, "client %llu: bad message: %s", (unsigned long long)c->serial, wd_error_text(&err));
+        wd_log_peer(WD_LOG_info, "client %llu: bad message: %s", (unsigned long long)c->serial, wd_error_text(&err));
         send_stray_error(c, NULL, rc, wd_error_text(&err));
         return;
     }
@@ -354,6 +422,12 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
     args = cJSON_GetObjectItemCaseSensitive(msg, "args");
     if (id && !cJSON_IsNumber(id) && !cJSON_IsString(id) && !cJSON_IsNull(id)) {
         send_stray_error(c, NULL, -EINVAL, "\"id\" must be a number or a string");
+        goto out;
+    }
+    if (cJSON_IsString(id) && strlen(id->valuestring) > WP_MAX_ID_LEN) {
+        char text[96];
+        snprintf(text, sizeof text, "a string \"id\" is at most %d bytes", WP_MAX_ID_LEN);
+        send_stray_error(c, NULL, -EINVAL, text);
         goto out;
     }
     if (!cJSON_IsString(op)) {
@@ -367,6 +441,7 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
     if (!(desc = wd_op_find(op->valuestring))) {
         char text[160];
         snprintf(text, sizeof text, "unknown operation \"%.64s\"", op->valuestring);
+        wd_text_clean(text);
         send_stray_error(c, id, -ENOSYS, text);
         goto out;
     }
@@ -374,11 +449,19 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
         send_stray_error(c, id, -EPROTO, "the first request must be \"hello\"");
         goto out;
     }
-    if (desc->privileged && !wd_conn_privileged(c)) {
-        char text[160];
-        snprintf(text, sizeof text, "\"%s\" is only for the daemon's own user or root (you are uid %u)",
-                 desc->name, (unsigned)c->uid);
-        send_stray_error(c, id, -EPERM, text);
+    /* Bounds on what one peer keeps the daemon busy with: requests that
+     * may stay in flight (the others are answered before the next line). */
+    if (desc->lasts && (c->n_pending >= (size_t)s->conf->max_requests_per_client ||
+                        c->peer->requests >= (size_t)s->conf->max_requests_per_uid)) {
+        bool mine = c->n_pending >= (size_t)s->conf->max_requests_per_client;
+        char text[200];
+        snprintf(text, sizeof text, "%zu requests of this %s are in flight (%s %lld); wait for their replies",
+                 mine ? c->n_pending : c->peer->requests, mine ? "connection" : "user",
+                 mine ? "max_requests_per_client" : "max_requests_per_uid",
+                 (long long)(mine ? s->conf->max_requests_per_client : s->conf->max_requests_per_uid));
+        wd_log_peer(WD_LOG_info, "client %llu (uid %d): refused %s: %s", (unsigned long long)c->serial, (int)c->uid,
+                    desc->name, text);
+        send_stray_error(c, id, -EAGAIN, text);
         goto out;
     }
     if (!(r = calloc(1, sizeof *r))) {
@@ -393,7 +476,11 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
     if (c->pending)
         c->pending->prev = r;
     c->pending = r;
-    if (wp_arg_bool(r->args, "events", &r->want_events, &r->err) == -EINVAL) {
+    c->n_pending++;
+    c->peer->requests++;
+    if ((rc = wd_auth_require(r, desc->role, desc->name)) ||
+        (desc->takes_fds && (rc = request_take_fds(c, r))) ||
+        (rc = wp_arg_bool(r->args, "events", &r->want_events, &r->err)) == -EINVAL) {
         wd_reply_err(r, &r->err);
         goto out;
     }
@@ -423,7 +510,7 @@ static void conn_handle_lines(wd_conn *c)
         if (rc == -EMSGSIZE) {
             char text[96];
             snprintf(text, sizeof text, "message longer than %u bytes; closing the connection", WP_MAX_LINE);
-            wd_log(WD_LOG_info, "client %llu: %s", (unsigned long long)c->serial, text);
+            wd_log_peer(WD_LOG_info, "client %llu: %s", (unsigned long long)c->serial, text);
             send_stray_error(c, NULL, -EMSGSIZE, text);
             if (!c->dead && !c->broken) {
                 c->closing = true;
@@ -473,11 +560,67 @@ static void on_conn_event(uv_poll_t *h, int status, int events)
             conn_close(c, strerror(-rc));
             return;
         }
-        /* The daemon takes no descriptors: those sent are closed at once. */
-        wp_reader_drop_fds(&c->rd);
         conn_handle_lines(c);
+        /* Descriptors belong to the request that names them ("files"),
+         * which they arrive with: those left once no line is half read
+         * were sent with none. */
+        if (!c->dead && !conn_paused(c) && !wp_reader_buffered(&c->rd))
+            wp_reader_drop_fds(&c->rd);
     }
 }
+
+/* Refuses fd with an EBUSY line (best effort: it may not read it). */
+static void refuse(wd_server *s, int fd, uid_t uid, const char *why)
+{
+    char line[320];
+    int n = snprintf(line, sizeof line, "{\"id\":null,\"ok\":false,\"error\":{\"code\":\"EBUSY\",\"message\":"
+                                        "\"weightd refused the connection: %s\"}}\n", why);
+    ssize_t ignored = send(fd, line, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+
+    (void)ignored;
+    close(fd);
+    wd_log_peer(WD_LOG_warning, "refused a client (uid %d): %s", (int)uid, why);
+    s->accept_refused++;
+}
+
+/* At the connection limit: connections whose peers have gone but whose
+ * close the loop has not seen yet, and broken ones, are closed first. */
+static void reap_departed(wd_server *s)
+{
+    for (wd_conn *c = s->conns, *next; c; c = next) {
+        char b;
+        next = c->next;
+        if (c->broken)
+            conn_close(c, c->broken_why);
+        else if (!c->dead && recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0)
+            conn_close(c, NULL);
+    }
+}
+
+static void on_accept_retry(uv_timer_t *h)
+{
+    wd_server *s = h->data;
+
+    if (!s->stopping)
+        uv_poll_start(&s->listen_poll, UV_READABLE, s->listen_poll.poll_cb);
+}
+
+/* Out of descriptors (or kernel memory): stop listening for a while rather
+ * than spin on a socket that stays readable, 10 ms at first, doubling to 1 s. */
+static void accept_backoff(wd_server *s, int errnum)
+{
+    if (!s->accept_delay_ms) {
+        wd_log(WD_LOG_warning, "cannot accept connections: %s (%zu open); trying again with a growing delay",
+               strerror(errnum), s->n_conns);
+        s->accept_delay_ms = 10;
+    } else if (s->accept_delay_ms < 1000) {
+        s->accept_delay_ms *= 2;
+    }
+    uv_poll_stop(&s->listen_poll);
+    uv_timer_start(&s->accept_retry, on_accept_retry, s->accept_delay_ms, 0);
+}
+
+#define ADMIN_RESERVE 16 /* connections beyond max_clients, for administrators only */
 
 static void on_listen(uv_poll_t *h, int status, int events)
 {
@@ -488,27 +631,26 @@ static void on_listen(uv_poll_t *h, int status, int events)
         wd_log(WD_LOG_error, "listening socket: %s", uv_strerror(status));
         return;
     }
-    for (;;) {
-        struct ucred cred;
-        socklen_t clen = sizeof cred;
+    /* A bounded number a turn: a flood of connections does not starve the
+     * clients already served. */
+    for (int round = 0; round < 64; round++) {
         wd_conn *c;
+        wd_peer *peer;
+        char why[160];
         int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
 
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                accept_backoff(s, errno);
+            else if (errno != EAGAIN && errno != EWOULDBLOCK)
                 wd_log(WD_LOG_warning, "accept: %s", strerror(errno));
             return;
         }
-        if ((int64_t)s->n_conns >= s->conf->max_clients || s->stopping) {
-            static const char busy[] = "{\"id\":null,\"ok\":false,\"error\":{\"code\":\"EBUSY\","
-                                       "\"message\":\"weightd is serving its maximum number of clients\"}}\n";
-            ssize_t ignored = send(fd, busy, sizeof busy - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-            (void)ignored;
-            close(fd);
-            wd_log(WD_LOG_warning, "refused a client: %zu connections already (max_clients)", s->n_conns);
-            continue;
+        if (s->accept_delay_ms) {
+            wd_log(WD_LOG_notice, "accepting connections again");
+            s->accept_delay_ms = 0;
         }
         if (!(c = calloc(1, sizeof *c))) {
             close(fd);
@@ -516,25 +658,47 @@ static void on_listen(uv_poll_t *h, int status, int events)
         }
         c->srv = s;
         c->fd = fd;
+        wd_auth_peer(&s->auth, c);
+        if (s->stopping) {
+            refuse(s, fd, c->uid, "it is stopping");
+            free(c->groups);
+            free(c);
+            continue;
+        }
+        if ((int64_t)s->n_conns >= s->conf->max_clients)
+            reap_departed(s);
+        peer = peer_get(s, c->uid);
+        why[0] = '\0';
+        if (!peer)
+            snprintf(why, sizeof why, "out of memory");
+        else if ((int64_t)s->n_conns >= s->conf->max_clients + (c->role == WD_ROLE_ADMIN ? ADMIN_RESERVE : 0))
+            snprintf(why, sizeof why, "it serves %zu connections (max_clients %lld)", s->n_conns,
+                     (long long)s->conf->max_clients);
+        else if (c->role != WD_ROLE_ADMIN && (int64_t)peer->conns >= s->conf->max_clients_per_uid)
+            snprintf(why, sizeof why, "uid %d has %zu connections (max_clients_per_uid %lld)", (int)c->uid,
+                     peer->conns, (long long)s->conf->max_clients_per_uid);
+        if (why[0] || uv_poll_init(s->loop, &c->poll, fd)) {
+            if (why[0])
+                refuse(s, fd, c->uid, why);
+            else
+                close(fd);
+            if (peer)
+                peer_put(s, peer);
+            free(c->groups);
+            free(c);
+            continue;
+        }
+        c->peer = peer;
+        peer->conns++;
         c->peer_fd = -1;
         c->handles = 1;
         c->serial = ++s->next_serial;
+        c->connected_at = c->last_active = wd_now();
         wp_reader_init(&c->rd);
         wp_writer_init(&c->wr);
         /* Room for an attach's stream (150 KB for 687 tensors) in the socket
          * itself (a message at least), so that the daemon writes it in few turns. */
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &(int){WP_MAX_LINE}, sizeof(int));
-        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0) {
-            c->pid = cred.pid;
-            c->uid = cred.uid;
-        } else {
-            c->uid = (uid_t)-1; /* unknown: not privileged */
-        }
-        if (uv_poll_init(s->loop, &c->poll, fd)) {
-            close(fd);
-            free(c);
-            continue;
-        }
         c->poll.data = c;
         c->next = s->conns;
         if (s->conns)
@@ -542,8 +706,31 @@ static void on_listen(uv_poll_t *h, int status, int events)
         s->conns = c;
         s->n_conns++;
         uv_poll_start(&c->poll, UV_READABLE, on_conn_event);
-        wd_log(WD_LOG_debug, "client %llu connected (pid %d, uid %u)", (unsigned long long)c->serial, (int)c->pid,
-               (unsigned)c->uid);
+        wd_log(WD_LOG_debug, "client %llu connected (pid %d, uid %d, %s)", (unsigned long long)c->serial, (int)c->pid,
+               (int)c->uid, wd_role_name(c->role));
+    }
+}
+
+/* Connections that said nothing in time: no hello within hello_timeout, or
+ * idle for idle_timeout holding no lease and waiting for nothing. */
+static void conns_tick(wd_server *s)
+{
+    double now = wd_now();
+
+    for (wd_conn *c = s->conns; c; c = c->next) {
+        char text[128];
+        if (c->broken || c->closing)
+            continue;
+        if (!c->hello && now - c->connected_at >= (double)s->conf->hello_timeout)
+            snprintf(text, sizeof text, "no hello within %lld s (hello_timeout)", (long long)s->conf->hello_timeout);
+        else if (c->hello && s->conf->idle_timeout && !c->leases && !c->pending &&
+                 now - c->last_active >= (double)s->conf->idle_timeout)
+            snprintf(text, sizeof text, "idle for %lld s (idle_timeout); closing", (long long)s->conf->idle_timeout);
+        else
+            continue;
+        wd_log_peer(WD_LOG_info, "client %llu (pid %d): %s", (unsigned long long)c->serial, (int)c->pid, text);
+        send_stray_error(c, NULL, -ETIMEDOUT, text);
+        conn_fail(c, NULL); /* what it could take was sent; the reaper closes it */
     }
 }
 
@@ -588,7 +775,11 @@ static int bind_socket(wd_server *s, const char *path, wd_error *err)
         wd_log(WD_LOG_notice, "replacing the stale socket %s", path);
         unlink(path);
     }
-    if (chmod(path, 0660) < 0 || listen(fd, 128) < 0) {
+    if ((rc = wd_auth_socket(s->conf, path, err))) {
+        unlink(path);
+        goto fail;
+    }
+    if (listen(fd, (int)s->conf->listen_backlog) < 0) {
         rc = wd_error_set(err, -errno, "cannot listen on %s: %s", path, strerror(errno));
         unlink(path);
         goto fail;
@@ -681,6 +872,7 @@ static void on_tick(uv_timer_t *h)
 
     wd_jobs_progress(s);
     wd_models_tick(s);
+    conns_tick(s);
     if (s->watchdog_usec && wd_now() - last_ping >= (double)s->watchdog_usec / 2e6) {
         sd_notify(0, "WATCHDOG=1");
         last_ping = wd_now();
@@ -716,6 +908,9 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     s->signal_fd = -1;
     s->started = wd_now();
     raise_fd_limit();
+    wd_log_set_peer_rate((unsigned)conf->log_rate);
+    if ((rc = wd_auth_init(&s->auth, conf, err)))
+        return rc;
     bopts.name = conf->backend;
     bopts.n_devices = (int)conf->host_devices;
     bopts.capacity = strncmp(conf->backend, "cuda", 4) == 0 ? conf->device_capacity : conf->host_capacity;
@@ -769,6 +964,8 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     s->alloc_idle.data = s;
     uv_idle_init(loop, &s->reaper);
     s->reaper.data = s;
+    uv_timer_init(loop, &s->accept_retry);
+    s->accept_retry.data = s;
     uv_timer_init(loop, &s->tick);
     s->tick.data = s;
     uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
@@ -790,6 +987,7 @@ fail:
     if (s->signal_fd >= 0)
         close(s->signal_fd);
     release_devices(s);
+    wd_auth_free(&s->auth);
     return rc;
 }
 
@@ -801,6 +999,7 @@ void wd_server_stop(wd_server *s, const char *why)
     wd_log(WD_LOG_notice, "stopping (%s)", why);
     sd_notify(0, "STOPPING=1");
     uv_poll_stop(&s->listen_poll);
+    uv_timer_stop(&s->accept_retry);
     if (s->own_socket)
         unlink(s->socket_path);
     wd_jobs_cancel_all(s);
@@ -841,5 +1040,7 @@ void wd_server_maybe_finish(wd_server *s)
     uv_close((uv_handle_t *)&s->tick, on_handle_closed);
     uv_close((uv_handle_t *)&s->alloc_idle, on_handle_closed);
     uv_close((uv_handle_t *)&s->reaper, on_handle_closed);
+    uv_close((uv_handle_t *)&s->accept_retry, on_handle_closed);
+    wd_auth_free(&s->auth);
     wd_log(WD_LOG_notice, "stopped: every segment released");
 }

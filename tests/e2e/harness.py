@@ -22,6 +22,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -177,20 +178,49 @@ def ctl_cmd(sock, args, json_mode=False):
     return cmd + [str(a) for a in args]
 
 
-def run_ctl(sock, *args, json_mode=False, timeout=None, env=None, cwd=None):
+def run_ctl(sock, *args, json_mode=False, timeout=None, env=None, cwd=None, user=None):
     """Runs weightctl to the end; returns a CtlResult. Fails on a crash or a
     sanitizer report."""
-    return run_program(ctl_cmd(sock, args, json_mode), timeout=timeout, env=env, cwd=cwd)
+    return run_program(ctl_cmd(sock, args, json_mode), timeout=timeout, env=env, cwd=cwd, user=user)
+
+
+# A Python other users can run (a pyenv one under /root is not theirs to run).
+PEER_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+_PEER_SCRIPT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(float(sys.argv[2])); s.connect(sys.argv[1])
+f = s.makefile("rwb")
+out = []
+for op, args in json.loads(sys.argv[3]):
+    f.write((json.dumps({"id": len(out), "op": op, "args": args}) + "\n").encode()); f.flush()
+    line = f.readline()
+    out.append(json.loads(line) if line else None)
+    if not line:
+        break
+print(json.dumps(out))
+"""
+
+
+def peer_requests(sock, requests, user, timeout=None):
+    """Sends [(op, args), ...] one after another on one raw connection as
+    user (as_user), hello first; returns the replies (None: closed)."""
+    p = subprocess.run([PEER_PYTHON, "-c", _PEER_SCRIPT, sock, str(timeout or T(30)),
+                        json.dumps([("hello", {"version": "1.0"})] + list(requests))],
+                       capture_output=True, text=True, timeout=T(120), **user)
+    if p.returncode != 0:
+        raise AssertionError("peer as %r failed: %s" % (user, p.stderr))
+    return json.loads(p.stdout)[1:]
 
 
 class CtlProcess:
     """A weightctl running in the background (concurrent loads and the like)."""
 
-    def __init__(self, sock, *args, json_mode=False, env=None, stderr=None):
+    def __init__(self, sock, *args, json_mode=False, env=None, stderr=None, user=None):
         self.cmd = ctl_cmd(sock, args, json_mode)
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=stderr if stderr is not None else subprocess.PIPE,
-                                     env=child_env(env), start_new_session=True)
+                                     env=child_env(env), start_new_session=True, **(user or {}))
 
     def finish(self, timeout=None):
         try:
@@ -215,14 +245,20 @@ class CtlProcess:
             pass
 
 
-def run_program(cmd, timeout=None, env=None, cwd=None):
+def as_user(uid, gid=None, groups=()):
+    """Credentials for run_program and run_ctl (user=): a real other user,
+    by number, for the authorisation tests; only root can take them."""
+    return {"user": uid, "group": uid if gid is None else gid, "extra_groups": list(groups)}
+
+
+def run_program(cmd, timeout=None, env=None, cwd=None, user=None):
     """Runs any of the programs to the end (weightctl, weightd that should
     refuse to start, mkckpt); returns a CtlResult. Fails on a crash or a
-    sanitizer report."""
+    sanitizer report. user: as_user(...) to run it as another user."""
     cmd = [str(c) for c in cmd]
     try:
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout or T(60),
-                           env=child_env(env), cwd=cwd, start_new_session=True)
+                           env=child_env(env), cwd=cwd, start_new_session=True, **(user or {}))
     except subprocess.TimeoutExpired as e:
         raise AssertionError("%s did not finish within %s s; stderr so far:\n%s" %
                              (" ".join(cmd), e.timeout, (e.stderr or b"").decode(errors="replace")))

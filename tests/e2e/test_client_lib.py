@@ -194,7 +194,7 @@ class ClientLibrary(h.E2ETestCase):
             self.assertNotIn("wdc_connect", p.stdout, "wdc_* comes from the archive, not a shared library")
         d = self.daemon()
         r = self.run_against(prog, d)
-        self.assertIn('LIST {"models":[]}', r.out)
+        self.assertIn('LIST {"models":[],"next":null}', r.out)
 
     def test_shared_library_exports_only_the_api(self):
         if not shutil.which("nm"):

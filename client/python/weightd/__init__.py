@@ -29,6 +29,7 @@ import array
 import collections.abc
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
 import socket
@@ -79,12 +80,29 @@ class Client:
         self._fds = []
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(self.path)
+            self._connect(timeout)
             self.server_info = self.call("hello", {"version": PROTOCOL_VERSION, "client": "weightd.py"})
         except BaseException:
             self.close()
             raise
+
+    def _connect(self, timeout):
+        """Connects, waiting (up to timeout) while the daemon's listen queue
+        is full, as weightctl does, rather than failing at once."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                self._sock.settimeout(timeout)
+                self._sock.connect(self.path)
+                return
+            except (BlockingIOError, InterruptedError):
+                # EAGAIN from a Unix socket: its backlog is full right now.
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise TimeoutError("weightd at %s does not accept connections (its queue is full)"
+                                       % self.path) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def __enter__(self):
         return self
@@ -103,14 +121,15 @@ class Client:
 
     # ---- the protocol -----------------------------------------------------
 
-    def call(self, op, args=None, on_event=None, timeout=None, events=False):
+    def call(self, op, args=None, on_event=None, timeout=None, events=False, fds=()):
         """Sends {"op": op, "args": args} and returns the reply's result.
         With on_event (or events), asks for the request's events; on_event
         gets each (a dict, e.g. a load's "progress"). timeout bounds each wait
         for a message; a job that sends events keeps it alive however long it
-        runs."""
+        runs. fds: descriptors to send with the request (load's files)."""
         if self._sock is None:
             raise ConnectionError("the client is closed")
+        self._reconnect_if_dropped()
         rid = self._next_id
         self._next_id += 1
         args = dict(args or {})
@@ -121,7 +140,12 @@ class Client:
             raise ValueError("a %s request of %d bytes is larger than the protocol's 1 MiB" % (op, len(line)))
         self._sock.settimeout(self.timeout)
         try:
-            self._sock.sendall(line)
+            if fds:
+                # the descriptors ride on the line's first byte
+                sent = self._sock.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                self._sock.sendall(line[sent:])
+            else:
+                self._sock.sendall(line)
         except socket.timeout:
             self.close()  # part of a line may have gone: the stream is no longer whole
             raise TimeoutError("weightd at %s does not take the request" % self.path) from None
@@ -138,6 +162,33 @@ class Client:
                 return msg.get("result")
             err = msg.get("error") or {}
             raise WeightdError(err.get("code", "EPROTO"), err.get("message", "malformed error reply"))
+
+    def _reconnect_if_dropped(self):
+        """A connection the daemon closed while it was idle (idle_timeout;
+        calls are synchronous, so nothing of ours was in flight) is opened
+        again before a request goes."""
+        data, closed = b"", False
+        self._sock.setblocking(False)
+        try:
+            while True:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                data += chunk
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            closed = True
+        finally:
+            self._sock.settimeout(self.timeout)
+        if not closed:
+            self._buf += data  # events that came meanwhile: the next read takes them
+            return
+        self._sock.close()
+        self._buf, self._sock = b"", socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._connect(self.timeout)
+        self.server_info = self.call("hello", {"version": PROTOCOL_VERSION, "client": "weightd.py"})
 
     def take_fds(self):
         """The descriptors that came with replies so far; the caller owns them."""
@@ -181,21 +232,46 @@ class Client:
         here, as the daemon has its own working directory). device, or each
         of devices (a list, or "0,1" as weightctl takes it), is a device number
         or UUID; placement is "replicate" or "expert-parallel". Returns the
-        load's summary; on_progress gets each progress event."""
-        args = {"path": os.path.abspath(path)}
+        load's summary; on_progress gets each progress event.
+
+        The files are opened here and their descriptors sent (the daemon
+        then reads what this process can read); without libweightd-client,
+        which finds the files, the daemon opens the path itself, which it
+        does only for root and its own user."""
+        path = os.path.abspath(path)
+        args = {"path": _text(path)}
         if isinstance(devices, str):
             devices = devices.split(",")
         for key, value in (("name", name), ("device", device), ("devices", devices), ("placement", placement)):
             if value is not None:
                 args[key] = list(value) if key == "devices" else value
-        return self.call("load", args, on_event=on_progress, timeout=timeout, events=True)
+        fds = []
+        try:
+            files = _checkpoint_files(path)
+            if files is not None:
+                for f in files:
+                    fds.append(os.open(f, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
+                args["files"] = [_text(f) for f in files]
+            return self.call("load", args, on_event=on_progress, timeout=timeout, events=True, fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def unload(self, name):
         return self.call("unload", {"name": name})
 
+    def _paged(self, op, key, args=None):
+        """Every entry of a listing the daemon sends a page at a time."""
+        out, offset = [], 0
+        while offset is not None:
+            page = self.call(op, dict(args or {}, offset=offset))
+            out += page[key]
+            offset = page.get("next")
+        return out
+
     def list(self):
         """The models, loaded and loading."""
-        return self.call("list")["models"]
+        return self._paged("list", "models")
 
     def info(self, name, offset=0, limit=None):
         """One page of a model's tensors, from tensor number offset; the
@@ -234,13 +310,9 @@ class Client:
 
     def leases(self):
         """Every lease: the workers attached (lease, model, pid, uid, process,
-        age, device, writable), gathered from the daemon's pages."""
-        out, offset = [], 0
-        while offset is not None:
-            page = self.call("leases", {"offset": offset})
-            out += page["leases"]
-            offset = page.get("next")
-        return out
+        age, device, writable) this user may see (an administrator: every
+        one), gathered from the daemon's pages."""
+        return self._paged("leases", "leases")
 
     def attach(self, name, device=None, framework="auto", writable=False, on_revoke=None, timeout=None):
         """Maps model `name` into this process and returns an Attachment: a
@@ -285,6 +357,30 @@ class _Handle(ctypes.Structure):
 
 
 _NOTICE_FN = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_void_p)
+
+
+def _text(path):
+    """A path as JSON can carry it (valid UTF-8): undecodable bytes become
+    U+FFFD. Only for display: the descriptors say which files are read."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _checkpoint_files(path):
+    """The files a load of path reads (index first), or None without the
+    library that knows the rules."""
+    try:
+        lib = _library()
+    except OSError:
+        return None
+    buf, size, err = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.create_string_buffer(1024)
+    rc = lib.wdc_checkpoint_files(os.fsencode(path), ctypes.byref(buf), ctypes.byref(size), err, len(err))
+    if rc:
+        raise WeightdError(errno.errorcode.get(-rc, "EIO"), err.value.decode("utf-8", "replace"))
+    try:
+        raw = ctypes.string_at(buf, size.value)
+    finally:
+        lib.wdc_free(buf)
+    return [os.fsdecode(p) for p in raw.split(b"\0")[:-1]]
 _lib = None
 
 
@@ -326,7 +422,9 @@ def _library():
                           ("wdc_attachment_handle_count", sz, [vp]),
                           ("wdc_attachment_handle", ctypes.POINTER(_Handle), [vp, sz]),
                           ("wdc_attachment_lease", u64, [vp]), ("wdc_attachment_info", cp, [vp]),
-                          ("wdc_detach", ci, [vp, vp, ci])):
+                          ("wdc_detach", ci, [vp, vp, ci]),
+                          ("wdc_checkpoint_files", ci, [cp, ctypes.POINTER(vp), ctypes.POINTER(sz), cp, sz]),
+                          ("wdc_free", None, [vp])):
         f = getattr(lib, fn)
         f.restype, f.argtypes = res, args
     _lib = lib
@@ -621,6 +719,24 @@ class Attachment(collections.abc.Mapping):
         used after this."""
         self._tensors = {}
         self._map.close()
+
+    def _connect(self, timeout):
+        """Connects, waiting (up to timeout) while the daemon's listen queue
+        is full, as weightctl does, rather than failing at once."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                self._sock.settimeout(timeout)
+                self._sock.connect(self.path)
+                return
+            except (BlockingIOError, InterruptedError):
+                # EAGAIN from a Unix socket: its backlog is full right now.
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise TimeoutError("weightd at %s does not accept connections (its queue is full)"
+                                       % self.path) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def __enter__(self):
         return self
