@@ -435,6 +435,25 @@ int wdc_poll(wdc_client *c, int timeout_ms)
     return handled ? handled : rc;
 }
 
+/* A daemon that refuses a connection (max_clients, stopping) says why and
+ * closes at once, perhaps before our hello went: its words, if they came. */
+static int refusal(wdc_client *c, int rc)
+{
+    const cJSON *result;
+    cJSON *msg = NULL;
+    char *line;
+    size_t len;
+    wd_error err = {0};
+
+    while (wp_reader_fill(&c->rd, c->fd) > 0)
+        ;
+    if (wp_reader_next(&c->rd, &line, &len) == 1 && wp_parse(line, len, &msg, &err) == 0 &&
+        cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(msg, "ok")))
+        rc = wdc__reply_result(c, msg, &result);
+    cJSON_Delete(msg);
+    return rc;
+}
+
 int wdc_connect(wdc_client *c, const char *path, int timeout_ms)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -464,6 +483,8 @@ int wdc_connect(wdc_client *c, const char *path, int timeout_ms)
     fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
     rc = wdc_call(c, "hello", "{\"version\":\"" WP_VERSION "\",\"client\":\"libweightd-client\"}", timeout_ms, NULL,
                   NULL, &c->server_info);
+    if (rc == -EPIPE || rc == -ECONNRESET)
+        rc = refusal(c, rc);
     if (rc) {
         close(c->fd);
         c->fd = -1;

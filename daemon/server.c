@@ -575,9 +575,16 @@ static void refuse(wd_server *s, int fd, uid_t uid, const char *why)
     char line[320];
     int n = snprintf(line, sizeof line, "{\"id\":null,\"ok\":false,\"error\":{\"code\":\"EBUSY\",\"message\":"
                                         "\"weightd refused the connection: %s\"}}\n", why);
-    ssize_t ignored = send(fd, line, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    char drain[4096];
+    ssize_t ignored;
 
+    /* What it sent already is read first: a close with unread bytes would
+     * reset the connection, and the client would not see why. */
+    while (recv(fd, drain, sizeof drain, MSG_DONTWAIT) > 0)
+        ;
+    ignored = send(fd, line, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
     (void)ignored;
+    shutdown(fd, SHUT_WR);
     close(fd);
     wd_log_peer(WD_LOG_warning, "refused a client (uid %d): %s", (int)uid, why);
     s->accept_refused++;
