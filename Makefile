@@ -29,7 +29,7 @@ BUILD ?= build-san
 endif
 
 CC      ?= cc
-PKGS    := libuv libcjson libsystemd
+PKGS    := libuv libcjson libsystemd libxxhash
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 CHECK_CFLAGS := $(shell pkg-config --cflags check 2>/dev/null)
@@ -99,7 +99,7 @@ LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/l
         $(BUILD)/weightd-client.pc
 UNIT := $(BUILD)/tests/unit-tests
 
-.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach
+.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach bench-integrity
 all: config $(BINS) $(LIBS)
 
 config:
@@ -182,6 +182,13 @@ $(BUILD)/vmmcost $(BUILD)/pipebw: $(BUILD)/%: bench/%.c bench/bench_cuda.h commo
 bench-load: all $(BUILD)/pipebw
 	$(Q)python3 bench/load_bench.py --build $(BUILD) --out $(BUILD)/bench
 
+# On the GPU machine: loads with checksums against loads without, and the
+# rates of verify --quick, verify and attach --verify.
+bench-integrity: all $(BUILD)/pipebw
+	$(Q)python3 bench/load_bench.py --build $(BUILD) --out $(BUILD)/bench --warm-only --no-torch --runs 5 \
+	    --variant checksums= --variant "nochecksums=--checksums off"
+	$(Q)python3 bench/verify_bench.py --build $(BUILD) --out $(BUILD)/bench
+
 # On the GPU machine: a fresh worker's attach of a 36-layer gpt-oss-shaped
 # model against safetensors and a warm load, and 8 workers at once.
 bench-attach: all
@@ -218,7 +225,7 @@ clean:
 
 help:
 	@echo "targets: all (default) test unit e2e demo bench install uninstall clean"
-	@echo "         on the GPU machine: gpu-test bench-gpu bench-load bench-attach"
+	@echo "         on the GPU machine: gpu-test bench-gpu bench-load bench-attach bench-integrity"
 	@echo "switches: PREFIX=$(PREFIX) DESTDIR= WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
 	@echo "          SANITIZE=address,undefined BUILD=dir V=1"
 

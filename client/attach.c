@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/checksum.h"
 #include "common/grow.h"
 #ifdef WD_WITH_CUDA
 #include "common/cuda_driver.h"
@@ -459,6 +460,11 @@ static int on_tensors(wdc_client *c, wdc_attachment *a, const cJSON *list)
         a->n_tensors++; /* owns its strings from here */
         if ((rc = get_u64(c, o, "bytes", &t->bytes)))
             return rc;
+        if ((v = cJSON_GetObjectItemCaseSensitive(o, "checksum"))) {
+            if (!cJSON_IsString(v) || wd_sum_parse(v->valuestring, &t->checksum))
+                return wdc__fail(c, -EPROTO, "weightd's attach: tensor \"%s\" has a malformed checksum", t->name);
+            t->has_checksum = 1;
+        }
         cJSON_ArrayForEach(v, shape)
         {
             if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > 9007199254740992.0)
@@ -923,6 +929,45 @@ int wdc_read(const wdc_attachment *a, const wdc_part *p, uint64_t offset, void *
 #else
     return -ENOTSUP;
 #endif
+}
+
+int wdc_tensor_checksum(const wdc_attachment *a, const wdc_tensor *t, uint64_t *out)
+{
+    const size_t chunk = 8u << 20;
+    wd_summer *sum = wd_summer_new();
+    char *buf = malloc(chunk);
+    uint64_t pos = 0;
+    int rc = 0, complete = 0;
+
+    if (!sum || !buf) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    wd_summer_start(sum, t->bytes);
+    /* One copy: from offset 0, each part that starts where the last ended. */
+    while (pos < t->bytes && !rc) {
+        const wdc_part *p = NULL;
+        for (size_t i = 0; i < t->n_parts && !p; i++)
+            if (t->parts[i].tensor_offset == pos && t->parts[i].bytes)
+                p = &t->parts[i];
+        if (!p)
+            break;
+        for (uint64_t off = 0; off < p->bytes && !rc; off += chunk) {
+            size_t n = p->bytes - off < chunk ? (size_t)(p->bytes - off) : chunk;
+            if (!(rc = wdc_read(a, p, off, buf, n)))
+                wd_summer_feed(sum, buf, n);
+        }
+        pos += p->bytes;
+    }
+    if (!rc) {
+        *out = wd_summer_end(sum, &complete);
+        if (!complete)
+            rc = -ENODATA;
+    }
+out:
+    wd_summer_free(sum);
+    free(buf);
+    return rc;
 }
 
 int wdc_detach(wdc_client *c, wdc_attachment *a, int timeout_ms)

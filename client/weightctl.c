@@ -20,6 +20,7 @@
 
 #include "client/weightd-client.h"
 #include "common/errors.h"
+#include "common/checksum.h"
 #include "common/size.h"
 #include "loader/checkpoint.h"
 #include "loader/moe.h"
@@ -585,10 +586,12 @@ static void on_notice(const char *event_json, void *ctx)
 }
 
 /* Every part the attachment maps, against the checkpoint's bytes, read from
- * the files here with this user's rights. Counts the tensors that differ or
- * are missing; 0 or a negative errno with err set. */
+ * the files here with this user's rights; and each tensor the attachment
+ * holds whole against the checksum the daemon computed while loading
+ * (*summed counts those). Counts the tensors that differ or are missing; 0
+ * or a negative errno with err set. */
 static int verify_attachment(const wdc_attachment *att, const char *path, bool all_devices, size_t *bad,
-                             char *first_bad, size_t len, wd_error *err)
+                             size_t *summed, char *first_bad, size_t len, wd_error *err)
 {
     wl_checkpoint ck;
     size_t chunk = 8u << 20;
@@ -648,6 +651,22 @@ static int verify_attachment(const wdc_attachment *att, const char *path, bool a
                 }
             }
         }
+        if (!differs && !rc && t->has_checksum) {
+            uint64_t sum;
+            int r2 = wdc_tensor_checksum(att, t, &sum);
+            char h1[17], h2[17];
+            if (r2 == 0) {
+                (*summed)++;
+                if (sum != t->checksum) {
+                    differs = true;
+                    if (!*bad)
+                        snprintf(first_bad, len, "tensor \"%s\": checksum %s where mapped, %s when loaded", t->name,
+                                 wd_sum_format(sum, h1), wd_sum_format(t->checksum, h2));
+                }
+            } else if (r2 != -ENODATA) {
+                rc = wd_error_set(err, r2, "hashing tensor \"%s\" where it is mapped: %s", t->name, strerror(-r2));
+            }
+        }
         if (differs && !rc) {
             if (!*bad && !ct)
                 snprintf(first_bad, len, "tensor \"%s\" is not in the checkpoint", t->name);
@@ -674,7 +693,7 @@ static int cmd_attach(ctl *c, int argc, char **argv)
     hold_state held = {0};
     wdc_attachment *att = NULL;
     cJSON *info = NULL;
-    size_t bad = 0;
+    size_t bad = 0, summed = 0;
     char first_bad[512] = "", a[32], path[4096] = "";
     int rc;
 
@@ -719,13 +738,14 @@ static int cmd_attach(ctl *c, int argc, char **argv)
     if (verify) {
         wd_error err = {0};
         double tv = now();
-        if ((rc = verify_attachment(att, path, device == NULL, &bad, first_bad, sizeof first_bad, &err))) {
+        if ((rc = verify_attachment(att, path, device == NULL, &bad, &summed, first_bad, sizeof first_bad, &err))) {
             wdc_detach(c->client, att, c->timeout_ms);
             cJSON_Delete(info);
             return report_error(c, "attach --verify", rc, wd_error_text(&err));
         }
         cJSON_AddBoolToObject(info, "match", bad == 0);
         cJSON_AddNumberToObject(info, "mismatched_tensors", (double)bad);
+        cJSON_AddNumberToObject(info, "checksums_checked", (double)summed);
         if (bad)
             cJSON_AddStringToObject(info, "first_mismatch", first_bad);
         cJSON_AddNumberToObject(info, "verify_seconds", now() - tv);
@@ -736,7 +756,8 @@ static int cmd_attach(ctl *c, int argc, char **argv)
                num(info, "handles"), num(info, "descriptors"), str(info, "handle_type"),
                size_text(num(info, "bytes"), a, sizeof a), 1000 * num(info, "seconds"));
         if (verify && !bad)
-            printf("verified: every part matches the checkpoint (%.2f s)\n", num(info, "verify_seconds"));
+            printf("verified: every part matches the checkpoint, and %zu tensors their checksums (%.2f s)\n", summed,
+                   num(info, "verify_seconds"));
         else if (verify)
             printf("DIFFERS from the checkpoint: %zu tensors; %s\n", bad, first_bad);
         fflush(stdout);
@@ -800,12 +821,23 @@ static int cmd_verify(ctl *c, int argc, char **argv)
 {
     const char *name = NULL;
     cJSON *args, *res;
-    char a[32];
+    char a[32], r[32];
+    bool quick = false;
     int rc, exit_code;
 
-    if ((rc = one_name(argc, argv, &name)))
-        return rc;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--quick") == 0)
+            quick = true;
+        else if (argv[i][0] == '-' || name)
+            return usage_error("verify: expected NAME [--quick], not \"%s\"", argv[i]);
+        else
+            name = argv[i];
+    }
+    if (!name)
+        return usage_error("verify: NAME is required");
     args = name_args(name);
+    if (quick)
+        cJSON_AddBoolToObject(args, "quick", 1);
     rc = call_with_progress(c, "verify", args, NULL, name, &res);
     cJSON_Delete(args);
     if (rc)
@@ -814,11 +846,14 @@ static int cmd_verify(ctl *c, int argc, char **argv)
     if (c->json)
         print_json(res);
     else if (exit_code == 0)
-        printf("verified %s: all %.0f tensors match the checkpoint (%s compared in %.2f s)\n", str(res, "name"),
-               num(res, "tensors"), size_text(num(res, "bytes"), a, sizeof a), num(res, "seconds"));
+        printf("verified %s: all %.0f tensors match %s (%s %s in %.2f s, %s)\n", str(res, "name"),
+               num(res, "tensors"), quick ? "their checksums" : "the checkpoint",
+               size_text(num(res, "bytes"), a, sizeof a), quick ? "on the devices hashed" : "compared",
+               num(res, "seconds"), wd_rate_format(num(res, "rate"), r, sizeof r));
     else
-        printf("%s DIFFERS from its checkpoint: %.0f of %.0f tensors differ; %s\n", str(res, "name"),
-               num(res, "mismatched_tensors"), num(res, "tensors"), str(res, "first_mismatch"));
+        printf("%s DIFFERS from %s: %.0f of %.0f tensors differ; %s\n", str(res, "name"),
+               quick ? "its checksums" : "its checkpoint", num(res, "mismatched_tensors"), num(res, "tensors"),
+               str(res, "first_mismatch"));
     cJSON_Delete(res);
     return exit_code;
 }
@@ -1164,21 +1199,69 @@ static void moe_text(const wl_moe *m, uint64_t total)
     }
 }
 
+/* Every tensor's checksum (common/checksum.h), read from its file from
+ * start to end: the figure the daemon's readers compute in pieces. */
+static int checkpoint_sums(const wl_checkpoint *ck, uint64_t *sums, wd_error *err)
+{
+    const size_t chunk = 8u << 20;
+    wd_summer *sum = wd_summer_new();
+    char *buf = malloc(chunk);
+    int rc = 0;
+
+    if (!sum || !buf)
+        rc = wd_error_set(err, -ENOMEM, "out of memory");
+    for (size_t i = 0; i < ck->n_tensors && !rc; i++) {
+        const wl_shard *sh = &ck->shards[ck->tensors[i].shard];
+        const st_tensor *t = ck->tensors[i].st;
+        uint64_t len = st_tensor_nbytes(t);
+        wd_summer_start(sum, len);
+        for (uint64_t off = 0; off < len && !rc; off += chunk) {
+            size_t n = len - off < chunk ? (size_t)(len - off) : chunk;
+            uint64_t at = sh->st.data_offset + t->begin + off;
+            if (pread(sh->fd, buf, n, (off_t)at) != (ssize_t)n)
+                rc = wd_error_set(err, -EIO, "%s: short read at byte %llu", sh->path, (unsigned long long)at);
+            else
+                wd_summer_feed(sum, buf, n);
+        }
+        sums[i] = wd_summer_end(sum, NULL);
+    }
+    wd_summer_free(sum);
+    free(buf);
+    return rc;
+}
+
 static int cmd_inspect(ctl *c, int argc, char **argv)
 {
     wl_checkpoint ck;
     wl_moe moe;
     wd_error err = {0};
-    uint64_t by_dtype[ST_DTYPE_COUNT];
+    uint64_t by_dtype[ST_DTYPE_COUNT], *sums = NULL;
     size_t n_by_dtype[ST_DTYPE_COUNT];
     double t0 = now(), secs;
-    char a[32];
+    char a[32], hex[17];
+    const char *path = NULL;
+    bool want_sums = false;
     int rc;
 
-    if (argc != 2 || argv[1][0] == '-')
-        return usage_error("inspect: expected exactly one PATH");
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--checksums") == 0)
+            want_sums = true;
+        else if (argv[i][0] == '-' || path)
+            return usage_error("inspect: expected PATH [--checksums]");
+        else
+            path = argv[i];
+    }
+    if (!path)
+        return usage_error("inspect: expected PATH [--checksums]");
+    argv[1] = (char *)path;
     if ((rc = wl_checkpoint_open(argv[1], &ck, &err)))
         return report_error(c, "inspect", rc, wd_error_text(&err));
+    if (want_sums && (!(sums = calloc(ck.n_tensors + 1, sizeof *sums)) ||
+                      (rc = checkpoint_sums(&ck, sums, &err)))) {
+        free(sums);
+        wl_checkpoint_close(&ck);
+        return report_error(c, "inspect", rc ? rc : -ENOMEM, rc ? wd_error_text(&err) : "out of memory");
+    }
     secs = now() - t0;
     if ((rc = wl_moe_analyse(&ck, &moe, &err))) {
         wl_checkpoint_close(&ck);
@@ -1210,6 +1293,11 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
             cJSON_AddNumberToObject(s, "bytes", (double)ck.shards[i].st.data_len);
             cJSON_AddItemToArray(shards, s);
         }
+        if (sums) {
+            cJSON *cs = cJSON_AddObjectToObject(o, "checksums");
+            for (size_t i = 0; i < ck.n_tensors; i++)
+                cJSON_AddStringToObject(cs, ck.tensors[i].st->name, wd_sum_format(sums[i], hex));
+        }
         print_json(o);
         cJSON_Delete(o);
     } else {
@@ -1231,7 +1319,13 @@ static int cmd_inspect(ctl *c, int argc, char **argv)
         for (size_t i = 0; i < ck.n_shards; i++)
             printf("  %s: %zu tensors, %s\n", ck.shards[i].path, ck.shards[i].st.n_tensors,
                    wd_size_format(ck.shards[i].st.data_len, a, sizeof a));
+        if (sums) {
+            printf("\nchecksums (XXH3, as weightd computes them):\n");
+            for (size_t i = 0; i < ck.n_tensors; i++)
+                printf("  %s  %s\n", wd_sum_format(sums[i], hex), ck.tensors[i].st->name);
+        }
     }
+    free(sums);
     wl_moe_free(&moe);
     wl_checkpoint_close(&ck);
     return 0;
@@ -1249,7 +1343,9 @@ static const command commands[] = {
      "--force: they are asked to detach, and waited for (10 s)"},
     {"list", cmd_list, "", "the models the daemon holds"},
     {"info", cmd_info, "NAME", "every tensor of a model: dtype, shape, and where it lives on each device"},
-    {"verify", cmd_verify, "NAME", "re-read the checkpoint and compare it byte for byte (exit 1 on a difference)"},
+    {"verify", cmd_verify, "NAME [--quick]",
+     "re-read the checkpoint and compare it byte for byte; --quick: hash every copy on the devices\n"
+     "and compare with the checksums of the load (exit 1 on a difference)"},
     {"attach", cmd_attach, "NAME [--device D] [--verify] [--hold SECONDS] [--writable]",
      "map every tensor as a worker would; count, bytes and time; --verify:\n"
      "compare what is mapped with the checkpoint's files (exit 1 on a\n"
@@ -1259,7 +1355,7 @@ static const command commands[] = {
     {"policy", cmd_policy, "[CONF]", "the allocator policy in force; with CONF, change the keys it names"},
     {"snapshot", cmd_snapshot, "", "every segment and block of every device"},
     {"shutdown", cmd_shutdown, "", "stop the daemon (every segment released)"},
-    {"inspect", cmd_inspect, "PATH", "validate and summarise a checkpoint, without a daemon"},
+    {"inspect", cmd_inspect, "PATH [--checksums]", "validate and summarise a checkpoint, without a daemon"},
 };
 
 static void usage(FILE *f)

@@ -124,6 +124,8 @@ typedef struct wdc_tensor {
     uint64_t bytes;           /* the whole tensor's */
     size_t n_parts;           /* 0 when empty; one per device holding it, or per device's rows */
     const wdc_part *parts;
+    int has_checksum;         /* the daemon computed checksum while loading (XXH3; DESIGN.md) */
+    uint64_t checksum;
 } wdc_tensor;
 
 /* A contiguous mapping: one slab of the daemon's. */
@@ -154,6 +156,10 @@ uint64_t wdc_attachment_lease(const wdc_attachment *a);
 const char *wdc_attachment_info(const wdc_attachment *a);
 /* Copies len bytes of part p, from offset, into host memory dst. */
 int wdc_read(const wdc_attachment *a, const wdc_part *p, uint64_t offset, void *dst, size_t len);
+/* The checksum of t as this process maps it (one copy, its parts in order),
+ * to compare with t->checksum: 0, -ENODATA when the attachment holds only
+ * part of t (the rest is on devices not attached), or wdc_read's errors. */
+int wdc_tensor_checksum(const wdc_attachment *a, const wdc_tensor *t, uint64_t *out);
 /* Unmaps and releases everything, then ends the lease; frees a whatever the
  * daemon answers (the connection may be gone). */
 int wdc_detach(wdc_client *c, wdc_attachment *a, int timeout_ms);

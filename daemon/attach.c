@@ -332,7 +332,7 @@ static int encode_tensors(const wd_model *m, const share_table *t, int device, w
             here |= device < 0 || m->dest[d].device == device;
         if (!here)
             continue;
-        o = wd_tensor_json(st);
+        o = wd_tensor_json(m, i);
         parts = cJSON_AddArrayToObject(o, "parts");
         cost = strlen(st->name) + 24 * st->ndim + 100;
         for (size_t k = first; k < d; k++) {

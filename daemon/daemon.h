@@ -84,6 +84,9 @@ void wd_log_set_peer_rate(unsigned per_second);
     X(slab_size, SIZE, "0", "SIZE",                                                               \
       "a model's memory on a device comes in slabs of about SIZE, each one allocation that a "    \
       "worker maps with one handle (0: a 32nd of the model's bytes there, at least 256MiB)")     \
+    X(checksums, BOOL, "on", "on|off",                                                            \
+      "an XXH3 checksum of each tensor, computed while it loads (info shows them, verify --quick " \
+      "checks the devices' copies against them)")                                                 \
     X(attach_writable, BOOL, "off", "on|off",                                                     \
       "let the daemon's own user and root attach writable (workers get read-only mappings)")
 
@@ -263,8 +266,9 @@ const wd_op *wd_op_find(const char *name);
 /* A device named by its number (a JSON number, or a string of digits) or by
  * its UUID (or a prefix only it has), as --devices and weightctl take them. */
 int wd_device_arg(wd_server *s, wd_request *r, const cJSON *v, int *out);
-/* {"name", "dtype", "shape", "bytes"}: a tensor as info and attach list it. */
-cJSON *wd_tensor_json(const st_tensor *t);
+/* {"name", "dtype", "shape", "bytes", "checksum"}: m's tensor i as info and
+ * attach list it (checksum: common/checksum.h, 16 hex digits, once loaded). */
+cJSON *wd_tensor_json(const wd_model *m, size_t i);
 
 /* ---- attach.c: serving a model's memory to workers ------------------------ */
 
@@ -320,6 +324,7 @@ struct wd_model {
     size_t n_slabs, slabs_allocated;
     size_t dests_ready;       /* dests, from the first, with their memory */
     uint64_t device_bytes;    /* what the dests hold, on all devices together */
+    uint64_t *sums;           /* each tensor's checksum, computed while it loaded (common/checksum.h) */
     double load_seconds;
     double loaded_at;         /* wall clock */
     unsigned busy;            /* verify jobs reading it */
@@ -371,7 +376,8 @@ void wd_models_tick(wd_server *s);
  * by the job), or none for the daemon to open path itself. */
 int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, const int *devices,
                   size_t n_devices, wl_placement placement, char *const *files, size_t n_files, wd_error *err);
-int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err);
+/* quick: the devices' copies against the checksums, without the files. */
+int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, bool quick, wd_error *err);
 /* The client of r went away: cancel what it started (r is the caller's to free). */
 void wd_jobs_request_gone(wd_server *s, wd_request *r);
 /* Cancel every job (the daemon is stopping). */

@@ -280,7 +280,8 @@ static int place_tensors(wd_server *s, wd_job *j)
     j->policy_pushed = true;
     if ((rc = wl_place(&m->ckpt, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, &j->err)))
         return rc;
-    if (!(m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest))) {
+    if (!(m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest)) ||
+        (s->conf->checksums && !(m->sums = calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *m->sums)))) {
         rc = wd_error_set(&j->err, -ENOMEM, "out of host memory");
         goto out;
     }
@@ -388,6 +389,7 @@ static void after_open(uv_work_t *w, int status)
         return;
     }
     j->io.mode = WL_LOAD;
+    j->io.sums = j->model->sums;
     j->io.ckpt = &j->model->ckpt;
     j->io.dest = j->model->dest;
     j->io.n_dest = j->model->n_dest;
@@ -495,6 +497,7 @@ static void after_verify(uv_work_t *w, int status)
         if (j->req) {
             cJSON *res = cJSON_CreateObject();
             cJSON_AddStringToObject(res, "name", m->name);
+            cJSON_AddBoolToObject(res, "quick", j->io.mode == WL_QUICK);
             cJSON_AddBoolToObject(res, "match", j->io.mismatched_tensors == 0);
             cJSON_AddNumberToObject(res, "tensors", (double)m->ckpt.n_tensors);
             cJSON_AddNumberToObject(res, "bytes", (double)atomic_load(&j->io.bytes_done));
@@ -502,6 +505,7 @@ static void after_verify(uv_work_t *w, int status)
             if (j->io.mismatched_tensors)
                 cJSON_AddStringToObject(res, "first_mismatch", j->io.first_mismatch);
             cJSON_AddNumberToObject(res, "seconds", seconds);
+            cJSON_AddNumberToObject(res, "rate", seconds > 0 ? (double)atomic_load(&j->io.bytes_done) / seconds : 0);
             wd_reply_ok(j->req, res);
         }
     }
@@ -534,16 +538,20 @@ static void start_next_verify(wd_server *s)
     uv_queue_work(s->loop, &next->work, verify_work, after_verify);
 }
 
-int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, wd_error *err)
+int wd_verify_start(wd_server *s, wd_request *r, wd_model *m, bool quick, wd_error *err)
 {
     wd_job *j;
 
     if (s->stopping)
         return wd_error_set(err, -ECANCELED, "weightd is stopping");
+    if (quick && !m->sums)
+        return wd_error_set(err, -EINVAL, "model \"%s\" was loaded without checksums (--checksums off): verify "
+                            "it against its files instead", m->name);
     if (!(j = job_new(s, JOB_VERIFY, JOB_QUEUED, r, err)))
         return -ENOMEM;
     j->model = m;
-    j->io.mode = WL_VERIFY;
+    j->io.mode = quick ? WL_QUICK : WL_VERIFY;
+    j->io.sums = quick ? m->sums : NULL;
     j->io.ckpt = &m->ckpt;
     j->io.dest = m->dest;
     j->io.n_dest = m->n_dest;

@@ -9,6 +9,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "common/checksum.h"
 #include "common/size.h"
 
 #define INFO_PAGE_DEFAULT 1000
@@ -256,14 +257,19 @@ static int op_unload(wd_server *s, wd_request *r)
     return wd_model_unload(s, m, r, force, (double)wait);
 }
 
+/* {"name", "quick"?}: the files against the devices byte for byte, or
+ * (quick) every copy on the devices against the checksums of the load. */
 static int op_verify(wd_server *s, wd_request *r)
 {
     wd_model *m;
+    bool quick = false;
     int rc;
 
     if ((rc = find_model(s, r, &m)))
         return rc;
-    return wd_verify_start(s, r, m, &r->err);
+    if ((rc = wp_arg_bool(r->args, "quick", &quick, &r->err)) == -EINVAL)
+        return rc;
+    return wd_verify_start(s, r, m, quick, &r->err);
 }
 
 /* ---- list / info ----------------------------------------------------------- */
@@ -331,9 +337,11 @@ static int op_list(wd_server *s, wd_request *r)
 /* Where each run of a tensor's bytes lives: one entry per device holding it
  * (two for a replicated tensor on two devices, one per device's rows for a
  * split fused expert tensor). */
-cJSON *wd_tensor_json(const st_tensor *t)
+cJSON *wd_tensor_json(const wd_model *m, size_t i)
 {
+    const st_tensor *t = m->ckpt.tensors[i].st;
     cJSON *o = cJSON_CreateObject(), *shape;
+    char sum[17];
 
     cJSON_AddStringToObject(o, "name", t->name);
     cJSON_AddStringToObject(o, "dtype", st_dtype_name(t->dtype));
@@ -341,6 +349,8 @@ cJSON *wd_tensor_json(const st_tensor *t)
     for (size_t k = 0; k < t->ndim; k++)
         cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)t->shape[k]));
     cJSON_AddNumberToObject(o, "bytes", (double)st_tensor_nbytes(t));
+    if (m->sums && m->state != WD_MODEL_LOADING)
+        cJSON_AddStringToObject(o, "checksum", wd_sum_format(m->sums[i], sum));
     return o;
 }
 
@@ -416,7 +426,7 @@ static int op_info(wd_server *s, wd_request *r)
         if (budget + cost > INFO_PAGE_BUDGET)
             break;
         budget += cost;
-        o = wd_tensor_json(t);
+        o = wd_tensor_json(m, i);
         cJSON_AddItemToObject(o, "placements", tensor_placements(m, target, parts));
         target += parts;
         cJSON_AddItemToArray(arr, o);

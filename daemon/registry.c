@@ -120,6 +120,7 @@ void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
     free(m->slabs);
     free(m->part);
     free(m->dest);
+    free(m->sums);
     free(m->devices);
     free(m->name);
     free(m->path);

@@ -11,6 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/checksum.h"
 #include "common/grow.h"
 
 #define ALIGN 4096u
@@ -56,6 +57,7 @@ typedef struct worker {
     unsigned index;
     void *buf[2];        /* staging: pinned for device backends */
     void *cmp;           /* verify: what the device holds */
+    wd_summer *sum;      /* load: the checksum block being hashed */
     uint64_t busy_devices[2]; /* devices with copies in flight from buf[k] */
     pthread_t thread;
 } worker;
@@ -66,7 +68,7 @@ struct wl_pipeline {
     uint64_t chunk;      /* bytes read at once, and each staging buffer's size: a multiple of ALIGN, so an
                           * O_DIRECT read of a chunk, aligned at both ends, fits its buffer */
     wl_direct direct;
-    bool pinned;
+    bool pinned, stage_host;
     worker *workers;
     /* the job in progress */
     wl_job *job;
@@ -75,6 +77,9 @@ struct wl_pipeline {
     size_t n_chunks;
     int *fd, *fd_direct; /* per shard */
     unsigned char *mismatched; /* verify: per tensor, already counted */
+    uint64_t *blocks;    /* load with checksums: every tensor's block hashes, ... */
+    size_t *block_base;  /* ... tensor t's from block_base[t] */
+    size_t *tensor_dests; /* quick: tensor t's dests from tensor_dests[t] */
     _Atomic size_t next;
     pthread_mutex_t err_lock;
 };
@@ -113,6 +118,7 @@ void wl_pipeline_destroy(wl_pipeline *p)
         for (int k = 0; k < 2; k++)
             buffer_free(p, p->workers[i].buf[k], p->chunk);
         free(p->workers[i].cmp);
+        wd_summer_free(p->workers[i].sum);
     }
     free(p->workers);
     pthread_mutex_destroy(&p->err_lock);
@@ -130,6 +136,7 @@ int wl_pipeline_create(wa_backend *backend, const wl_pipeline_opts *opts, wl_pip
     pthread_mutex_init(&p->err_lock, NULL);
     p->backend = backend;
     p->direct = opts->direct;
+    p->stage_host = opts->stage_host;
     /* Three threads for every four CPUs, leaving some to the loop (which
      * allocates beside the reads) and the driver, and at least two, so that
      * one reads while another waits: with 4 MiB buffers on the GPU machine
@@ -210,6 +217,18 @@ static int plan(wl_pipeline *p, const wl_job *job, wd_error *err)
             chunk *c;
             if (cend > end)
                 cend = end;
+            /* A tensor that goes on past the chunk is cut at a checksum
+             * block's boundary, so that each block is hashed whole by one
+             * reader (chunks are at least a block and a page: each cut
+             * moves on). */
+            for (size_t x = t; x < ck->n_tensors && ck->tensors[x].shard == s; x++) {
+                uint64_t tb = st->data_offset + ck->tensors[x].st->begin, te = st->data_offset + ck->tensors[x].st->end;
+                if (te <= cend)
+                    continue;
+                if (tb < cend)
+                    cend = tb + (cend - tb) / WD_SUM_BLOCK * WD_SUM_BLOCK;
+                break;
+            }
             if (WD_GROW(p->chunks, cap_chunks, p->n_chunks + 1, 64))
                 goto nomem;
             c = &p->chunks[p->n_chunks++];
@@ -332,6 +351,72 @@ static int read_chunk(worker *w, const chunk *c, void *buf, wd_error *err)
     return read_cached(p, c, buf, err);
 }
 
+/* Staged loads hash each tensor's bytes from the chunk's buffer, a step at
+ * a time right after reading it, while the step is in the CPU's cache:
+ * [lo, hi) of the buffer. Tensors are whole blocks in a chunk (plan), and
+ * a reader goes through its chunk in file order, so one block is open at a
+ * time. */
+#define SUM_STEP (512u << 10)
+
+static void sum_range(worker *w, const chunk *c, const char *buf, uint64_t lo, uint64_t hi)
+{
+    wl_pipeline *p = w->p;
+    const wl_job *job = p->job;
+
+    for (size_t j = 0; j < c->n;) {
+        const piece *pc = &p->pieces[c->first + j];
+        uint32_t t = job->dest[pc->dest].tensor;
+        uint64_t from = job->dest[pc->dest].tensor_off + pc->dest_off, to = from + pc->len;
+        uint64_t len = st_tensor_nbytes(job->ckpt->tensors[t].st), at0 = pc->at, a, b;
+        /* the tensor's bytes in this chunk: its pieces' union (a copy on
+         * each device, or its parts), contiguous in the buffer */
+        for (j++; j < c->n && job->dest[p->pieces[c->first + j].dest].tensor == t; j++) {
+            const piece *q = &p->pieces[c->first + j];
+            uint64_t qf = job->dest[q->dest].tensor_off + q->dest_off;
+            if (qf < from) {
+                at0 = q->at;
+                from = qf;
+            }
+            if (qf + q->len > to)
+                to = qf + q->len;
+        }
+        a = at0 > lo ? at0 : lo;
+        b = at0 + (to - from) < hi ? at0 + (to - from) : hi;
+        for (uint64_t x = a; x < b;) { /* x: a buffer offset; its tensor offset is from + x - at0 */
+            uint64_t off = from + (x - at0), index = off / WD_SUM_BLOCK, bend = (index + 1) * WD_SUM_BLOCK, n;
+            if (bend > len)
+                bend = len;
+            n = bend - off < b - x ? bend - off : b - x;
+            if (off % WD_SUM_BLOCK == 0 && off + n == bend) {
+                p->blocks[p->block_base[t] + index] = wd_sum_block(buf + x, (size_t)n, index);
+            } else {
+                if (off % WD_SUM_BLOCK == 0)
+                    wd_summer_block_start(w->sum, index);
+                wd_summer_block_feed(w->sum, buf + x, (size_t)n);
+                if (off + n == bend)
+                    p->blocks[p->block_base[t] + index] = wd_summer_block_end(w->sum);
+            }
+            x += n;
+        }
+    }
+}
+
+/* read_chunk in steps, each hashed as soon as it is in. */
+static int read_and_sum(worker *w, const chunk *c, char *buf, wd_error *err)
+{
+    for (uint64_t off = 0; off < c->read_len; off += SUM_STEP) {
+        chunk step = *c;
+        int rc;
+        step.read_off = c->read_off + off;
+        step.read_len = c->read_len - off < SUM_STEP ? c->read_len - off : SUM_STEP;
+        step.shard_start = c->shard_start && off == 0;
+        if ((rc = read_chunk(w, &step, buf + off, err)))
+            return rc;
+        sum_range(w, c, buf, off, off + step.read_len);
+    }
+    return 0;
+}
+
 static int wait_buffer(worker *w, int k, wd_error *err)
 {
     wa_backend *b = w->p->backend;
@@ -402,12 +487,56 @@ static bool wait_dests(wl_job *job, size_t need)
     return true;
 }
 
+/* Hashes the checksum blocks of the tensors in chunk c (each whole in it:
+ * plan cuts at block boundaries) from the host memory each piece was read
+ * into. A tensor on several devices appears in several pieces: each byte is
+ * hashed once. */
+static void sum_chunk(worker *w, const chunk *c)
+{
+    wl_pipeline *p = w->p;
+    const wl_job *job = p->job;
+    uint32_t tensor = UINT32_MAX;
+    uint64_t pos = 0, len = 0;
+
+    for (size_t j = 0; j < c->n; j++) {
+        const piece *pc = &p->pieces[c->first + j];
+        const wl_dest *d = &job->dest[pc->dest];
+        uint64_t from = d->tensor_off + pc->dest_off;
+        const char *src = (const char *)d->mem->host + d->offset + pc->dest_off;
+        if (d->tensor != tensor) {
+            tensor = d->tensor;
+            pos = from;
+            len = st_tensor_nbytes(job->ckpt->tensors[tensor].st);
+        }
+        if (from > pos || from + pc->len <= pos)
+            continue; /* a copy of bytes hashed already */
+        for (uint64_t at = pos, stop = from + pc->len; at < stop;) {
+            uint64_t index = at / WD_SUM_BLOCK, bend = (index + 1) * WD_SUM_BLOCK, n;
+            if (bend > len)
+                bend = len;
+            n = (bend < stop ? bend : stop) - at;
+            if (at % WD_SUM_BLOCK == 0 && bend <= stop) { /* the whole block here: at once */
+                p->blocks[p->block_base[tensor] + index] = wd_sum_block(src + (at - from), (size_t)n, index);
+                at += n;
+                continue;
+            }
+            if (at % WD_SUM_BLOCK == 0)
+                wd_summer_block_start(w->sum, index);
+            wd_summer_block_feed(w->sum, src + (at - from), (size_t)n);
+            at += n;
+            if (at == bend)
+                p->blocks[p->block_base[tensor] + index] = wd_summer_block_end(w->sum);
+        }
+        pos = from + pc->len;
+    }
+}
+
 static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
 {
     wl_pipeline *p = w->p;
     wl_job *job = p->job;
     const wl_checkpoint *ck = job->ckpt;
-    bool direct_to_host = job->mode == WL_LOAD;
+    bool direct_to_host = job->mode == WL_LOAD && !p->stage_host;
     uint64_t useful = 0, finished = 0;
     size_t i = 0; /* the piece being worked on, for the error */
     int rc = 0;
@@ -438,7 +567,8 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
             goto out;
         }
         buf = w->buf[*k];
-        if ((rc = wait_buffer(w, *k, err)) || (rc = read_chunk(w, c, buf, err)))
+        if ((rc = wait_buffer(w, *k, err)) ||
+            (rc = p->blocks ? read_and_sum(w, c, buf, err) : read_chunk(w, c, buf, err)))
             goto out;
         for (; i < c->n; i++) {
             const piece *pc = &p->pieces[c->first + i];
@@ -460,6 +590,8 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
         if (p->pinned)
             *k ^= 1;
     }
+    if (p->blocks && direct_to_host)
+        sum_chunk(w, c); /* staged chunks were hashed as they were read */
 out:
     if (rc) {
         if (i < c->n)
@@ -548,6 +680,158 @@ static void close_shards(wl_pipeline *p, const wl_checkpoint *ck)
     p->fd = p->fd_direct = NULL;
 }
 
+/* ---- quick: the devices' copies against the checksums ---------------------- */
+
+/* One copy of tensor t: from offset 0, each run the first dest not taken yet
+ * that starts where the last ended (a replicated tensor has one copy per
+ * device, a split one its parts on several). Feeds w->sum; how far it got. */
+static uint64_t sum_copy(worker *w, size_t first, size_t end, bool *taken, uint64_t len, int *device,
+                         wd_error *err)
+{
+    wl_pipeline *p = w->p;
+    const wl_job *job = p->job;
+    uint64_t pos = 0;
+
+    wd_summer_start(w->sum, len);
+    while (pos < len) {
+        size_t d;
+        for (d = first; d < end && (taken[d - first] || job->dest[d].tensor_off != pos || !job->dest[d].len); d++)
+            ;
+        if (d == end)
+            break;
+        taken[d - first] = true;
+        if (pos == 0)
+            *device = job->dest[d].device;
+        const wl_dest *dd = &job->dest[d];
+        for (uint64_t off = 0; off < dd->len;) {
+            size_t n = dd->len - off < p->chunk ? (size_t)(dd->len - off) : (size_t)p->chunk;
+            if (dd->mem->host) {
+                wd_summer_feed(w->sum, (const char *)dd->mem->host + dd->offset + off, n);
+            } else {
+                if ((!w->cmp && !(w->cmp = malloc(p->chunk))) ||
+                    p->backend->read(p->backend, dd->device, dd->mem, dd->offset + off, w->cmp, n, err)) {
+                    if (!err->code)
+                        wd_error_set(err, -ENOMEM, "out of host memory");
+                    return UINT64_MAX;
+                }
+                wd_summer_feed(w->sum, w->cmp, n);
+            }
+            off += n;
+        }
+        pos += dd->len;
+    }
+    return pos;
+}
+
+static void *quick_main(void *arg)
+{
+    worker *w = arg;
+    wl_pipeline *p = w->p;
+    wl_job *job = p->job;
+    const wl_checkpoint *ck = job->ckpt;
+    wd_error err = {0};
+
+    for (size_t t; !atomic_load_explicit(&job->cancel, memory_order_relaxed) &&
+                   (t = atomic_fetch_add(&p->next, 1)) < ck->n_tensors;) {
+        size_t first = p->tensor_dests[t], end = p->tensor_dests[t + 1];
+        uint64_t len = st_tensor_nbytes(ck->tensors[t].st);
+        bool taken[end - first + 1];
+        memset(taken, 0, sizeof taken);
+        for (unsigned copy = 0;; copy++) {
+            int device = -1;
+            uint64_t got = sum_copy(w, first, end, taken, len, &device, &err), sum;
+            if (got == UINT64_MAX) {
+                fail_job(p, err.code, &err);
+                return NULL;
+            }
+            if (len && got == 0 && copy > 0)
+                break; /* every copy was checked */
+            sum = wd_summer_end(w->sum, NULL);
+            if (got != len || sum != job->sums[t]) {
+                char have[17], want[17];
+                pthread_mutex_lock(&p->err_lock);
+                if (!job->mismatched_tensors && got != len)
+                    snprintf(job->first_mismatch, sizeof job->first_mismatch,
+                             "tensor \"%s\": the copy on device %d holds %llu of its %llu bytes",
+                             ck->tensors[t].st->name, device, (unsigned long long)got, (unsigned long long)len);
+                else if (!job->mismatched_tensors)
+                    snprintf(job->first_mismatch, sizeof job->first_mismatch,
+                             "tensor \"%s\": the copy on device %d has checksum %s, loaded with %s",
+                             ck->tensors[t].st->name, device, wd_sum_format(sum, have),
+                             wd_sum_format(job->sums[t], want));
+                job->mismatched_tensors++;
+                pthread_mutex_unlock(&p->err_lock);
+            }
+            atomic_fetch_add_explicit(&job->bytes_done, got, memory_order_relaxed);
+            if (!len)
+                break;
+        }
+        atomic_fetch_add_explicit(&job->tensors_done, end - first, memory_order_relaxed);
+    }
+    return NULL;
+}
+
+/* Room for every tensor's block hashes, and a hasher for each reader. */
+static int sums_begin(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
+{
+    size_t n = 0;
+
+    if (!(p->block_base = malloc((ck->n_tensors + 1) * sizeof *p->block_base)))
+        return wd_error_set(err, -ENOMEM, "out of host memory");
+    for (size_t t = 0; t < ck->n_tensors; t++) {
+        p->block_base[t] = n;
+        n += (size_t)wd_sum_blocks(st_tensor_nbytes(ck->tensors[t].st));
+    }
+    p->block_base[ck->n_tensors] = n;
+    if (!(p->blocks = calloc(n ? n : 1, sizeof *p->blocks)))
+        return wd_error_set(err, -ENOMEM, "out of host memory for %zu checksum blocks", n);
+    for (unsigned i = 0; i < p->threads; i++)
+        if (!p->workers[i].sum && !(p->workers[i].sum = wd_summer_new()))
+            return wd_error_set(err, -ENOMEM, "out of host memory");
+    return 0;
+}
+
+/* Each reader takes tensors in turn and checks every copy of each. */
+static int run_quick(wl_pipeline *p, wl_job *job)
+{
+    const wl_checkpoint *ck = job->ckpt;
+    unsigned started = 0;
+    int rc = 0;
+
+    if (!job->sums || !(p->tensor_dests = malloc((ck->n_tensors + 1) * sizeof *p->tensor_dests))) {
+        rc = wd_error_set(&job->err, job->sums ? -ENOMEM : -EINVAL,
+                          job->sums ? "out of host memory" : "no checksums to check against");
+        goto out;
+    }
+    for (size_t t = 0, d = 0; t <= ck->n_tensors; t++) {
+        p->tensor_dests[t] = d;
+        while (t < ck->n_tensors && d < job->n_dest && job->dest[d].tensor == t)
+            d++;
+    }
+    for (unsigned i = 0; i < p->threads; i++)
+        if (!p->workers[i].sum && !(p->workers[i].sum = wd_summer_new())) {
+            rc = wd_error_set(&job->err, -ENOMEM, "out of host memory");
+            goto out;
+        }
+    for (; started < p->threads; started++)
+        if (pthread_create(&p->workers[started].thread, NULL, quick_main, &p->workers[started])) {
+            rc = wd_error_set(&job->err, -EAGAIN, "cannot start a reader thread");
+            atomic_store(&job->cancel, true);
+            break;
+        }
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(p->workers[i].thread, NULL);
+    if (!rc && job->err.code)
+        rc = job->err.code;
+    if (!rc && atomic_load(&job->cancel))
+        rc = wd_error_set(&job->err, -ECANCELED, "cancelled");
+out:
+    free(p->tensor_dests);
+    p->tensor_dests = NULL;
+    p->job = NULL;
+    return rc;
+}
+
 int wl_job_run(wl_pipeline *p, wl_job *job)
 {
     const wl_checkpoint *ck = job->ckpt;
@@ -556,12 +840,16 @@ int wl_job_run(wl_pipeline *p, wl_job *job)
 
     p->job = job;
     atomic_store(&p->next, 0);
+    if (job->mode == WL_QUICK)
+        return run_quick(p, job);
     if ((rc = plan(p, job, &job->err)) || (rc = open_shards(p, ck, &job->err)))
         goto out;
     if (job->mode == WL_VERIFY && !(p->mismatched = calloc(ck->n_tensors ? ck->n_tensors : 1, 1))) {
         rc = wd_error_set(&job->err, -ENOMEM, "out of host memory");
         goto out;
     }
+    if (job->mode == WL_LOAD && job->sums && (rc = sums_begin(p, ck, &job->err)))
+        goto out;
     /* Empty dests are done before anything is read. */
     {
         uint64_t empty = 0;
@@ -581,7 +869,14 @@ int wl_job_run(wl_pipeline *p, wl_job *job)
         rc = job->err.code;
     if (!rc && atomic_load(&job->cancel))
         rc = wd_error_set(&job->err, -ECANCELED, "cancelled");
+    if (!rc && p->blocks)
+        for (size_t t = 0; t < ck->n_tensors; t++)
+            job->sums[t] = wd_sum_of_blocks(p->blocks + p->block_base[t], p->block_base[t + 1] - p->block_base[t]);
 out:
+    free(p->blocks);
+    free(p->block_base);
+    p->blocks = NULL;
+    p->block_base = NULL;
     close_shards(p, ck);
     free(p->chunks);
     free(p->pieces);

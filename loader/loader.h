@@ -37,7 +37,10 @@ typedef struct wl_dest {
     uint64_t offset;
 } wl_dest;
 
-typedef enum wl_mode { WL_LOAD, WL_VERIFY } wl_mode;
+/* WL_LOAD: files to devices; WL_VERIFY: files against devices, byte for
+ * byte; WL_QUICK: every copy on the devices against the checksums in sums,
+ * without the files. */
+typedef enum wl_mode { WL_LOAD, WL_VERIFY, WL_QUICK } wl_mode;
 typedef enum wl_direct { WL_DIRECT_OFF, WL_DIRECT_ON } wl_direct;
 
 typedef struct wl_pipeline_opts {
@@ -45,6 +48,8 @@ typedef struct wl_pipeline_opts {
     uint64_t staging;    /* bytes of staging in all (device backends); 0: 4 MiB a buffer */
     wl_direct direct;    /* O_DIRECT reads for staged loads, or the page cache */
     bool plain;          /* plain buffers, no pinned staging (verify pipelines) */
+    bool stage_host;     /* load through the buffers even where the CPU can address the device:
+                          * the path of GPU loads, for tests without a GPU */
 } wl_pipeline_opts;
 
 typedef struct wl_pipeline wl_pipeline;
@@ -69,9 +74,11 @@ typedef struct wl_job {
     _Atomic uint64_t bytes_done;
     _Atomic uint64_t tensors_done;
     atomic_bool cancel;
+    uint64_t *sums;              /* load: when set, each tensor's checksum (common/checksum.h), n_tensors;
+                                  * quick: the checksums to check against */
     /* results */
     wd_error err;
-    uint64_t mismatched_tensors; /* verify */
+    uint64_t mismatched_tensors; /* verify, quick */
     char first_mismatch[512];    /* verify: "tensor X: first difference at byte N" */
 } wl_job;
 

@@ -184,6 +184,20 @@ def run_ctl(sock, *args, json_mode=False, timeout=None, env=None, cwd=None, user
     return run_program(ctl_cmd(sock, args, json_mode), timeout=timeout, env=env, cwd=cwd, user=user)
 
 
+def client_lib_env():
+    """The environment for a Python process that uses this build's
+    libweightd-client (ctypes): the library, and in a sanitizer build the
+    runtimes first (python is not instrumented; its own leaks at exit are
+    not the library's)."""
+    env = {"WEIGHTD_CLIENT_LIB": os.path.join(BUILD, "libweightd-client.so.0")}
+    if SANITIZED:
+        runtimes = [subprocess.run(["gcc", "-print-file-name=" + lib], capture_output=True, text=True).stdout.strip()
+                    for lib in ("libasan.so", "libubsan.so")]
+        env["LD_PRELOAD"] = " ".join(runtimes)
+        env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:handle_segv=0"
+    return env
+
+
 # A Python other users can run (a pyenv one under /root is not theirs to run).
 PEER_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 

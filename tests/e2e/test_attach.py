@@ -35,15 +35,7 @@ def python_with(module):
 
 
 def worker_env():
-    env = {"WEIGHTD_CLIENT_LIB": LIB, "PYTHONUNBUFFERED": "1"}
-    if h.SANITIZED:
-        # The library is instrumented; python is not: the runtimes go first,
-        # and python's own leaks at exit are not the library's.
-        runtimes = [subprocess.run(["gcc", "-print-file-name=" + lib], capture_output=True, text=True).stdout.strip()
-                    for lib in ("libasan.so", "libubsan.so")]
-        env["LD_PRELOAD"] = " ".join(runtimes)
-        env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:handle_segv=0"
-    return env
+    return dict(h.client_lib_env(), PYTHONUNBUFFERED="1")
 
 
 def run_worker(tc, d, *args, python=None, timeout=None, expect_rc=0):

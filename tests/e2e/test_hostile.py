@@ -21,7 +21,6 @@ from . import harness as h
 sys.path.insert(0, os.path.join(h.REPO, "client", "python"))
 import weightd  # noqa: E402
 
-LIB = os.path.join(h.BUILD, "libweightd-client.so.0")
 ROOT = os.geteuid() == 0
 needs_root = unittest.skipUnless(ROOT, "needs root to act as other users")
 
@@ -179,6 +178,21 @@ print(json.dumps(out))
         self.assertIn("uid %d has 4 connections (max_clients_per_uid 4)" % READER, out[4]["error"]["message"])
         self.assertEqual(d.ctl("list").rc, 0, "another user is served")
         self.assertIn("refused a client (uid %d)" % READER, d.log())
+
+    def test_a_refused_client_hears_why(self):
+        # The refusal came, and the daemon closed, before the client's hello
+        # went: it reported "Broken pipe" instead of the reason.
+        d = self.daemon("--max-clients", "1")
+        held = [self.raw(d) for _ in range(1 + 16)]  # (root gets 16 more)
+        for _ in range(10):
+            r = d.ctl("list")
+            self.assertEqual(r.rc, 1, r)
+            self.assertIn("max_clients 1", r.err)
+            with self.assertRaises(weightd.WeightdError) as e:
+                weightd.Client(d.sock)
+            self.assertEqual(e.exception.code, "EBUSY")
+            self.assertIn("max_clients 1", str(e.exception))
+        self.assertTrue(held[0].request("list")["ok"])
 
     def test_hello_timeout(self):
         d = self.daemon("--hello-timeout", "1")
@@ -470,7 +484,7 @@ class Roles(h.E2ETestCase):
         script = ("import sys; sys.path.insert(0, sys.argv[1]); import weightd\n"
                   "with weightd.Client(sys.argv[2]) as c: print(c.load(sys.argv[3], name='py')['tensors'])")
         p = subprocess.run([h.PEER_PYTHON, "-c", script, os.path.join(h.REPO, "client", "python"), d.sock, open_ckpt],
-                           capture_output=True, text=True, timeout=h.T(60), env=dict(os.environ, WEIGHTD_CLIENT_LIB=LIB),
+                           capture_output=True, text=True, timeout=h.T(60), env=dict(os.environ, **h.client_lib_env()),
                            **as_admin)
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertEqual(sorted(m["name"] for m in d.models()), ["py", "small", "theirs"])

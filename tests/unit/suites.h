@@ -7,6 +7,7 @@
 #define WD_TEST_SUITES(X) \
     X(errors)             \
     X(size)               \
+    X(checksum)           \
     X(safetensors)        \
     X(checkpoint)         \
     X(mkckpt)             \

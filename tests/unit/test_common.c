@@ -54,6 +54,27 @@ START_TEST(error_prefix_truncates_instead_of_overflowing)
 }
 END_TEST
 
+START_TEST(utf8_check_finds_the_first_bad_byte)
+{
+    static const struct { const char *s; size_t len, bad; } cases[] = {
+        {"", 0, 0},
+        {"ascii", 5, 5},
+        {"\xc3\xa9t\xc3\xa9", 5, 5},              /* été */
+        {"ok\xff", 3, 2},                          /* a byte never in UTF-8 */
+        {"ok\xc3", 3, 2},                          /* cut: a lead byte at the end */
+        {"\xe2\x82", 2, 0},                        /* cut three-byte form */
+        {"\xe2\x82\xac", 3, 3},                    /* euro sign */
+        {"\xc0\xaf", 2, 0},                        /* overlong */
+        {"a\xed\xa0\x80", 4, 1},                   /* a surrogate */
+        {"\xf4\x90\x80\x80", 4, 0},                /* past U+10FFFF */
+        {"\xf0\x9f\x98\x80!", 5, 5},               /* four bytes, then more */
+        {"x\x80", 2, 1},                           /* a lone continuation byte */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        ck_assert_msg(wd_utf8_check(cases[i].s, cases[i].len) == cases[i].bad, "case %zu", i);
+}
+END_TEST
+
 START_TEST(text_clean_leaves_one_line_of_valid_utf8)
 {
     static const struct { const char *in, *out; } cases[] = {
@@ -156,6 +177,7 @@ Suite *errors_suite(void)
     tcase_add_test(tc, error_set_and_prefix);
     tcase_add_test(tc, error_prefix_truncates_instead_of_overflowing);
     tcase_add_test(tc, text_clean_leaves_one_line_of_valid_utf8);
+    tcase_add_test(tc, utf8_check_finds_the_first_bad_byte);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "allocator/allocator.h"
+#include "common/checksum.h"
 #include "loader/checkpoint.h"
 #include "loader/ckpt_writer.h"
 #include "loader/loader.h"
@@ -208,6 +209,71 @@ START_TEST(verify_through_staging_buffers_finds_a_changed_byte)
 }
 END_TEST
 
+/* Each tensor's checksum read from its file from start to end. */
+static void file_sums(const fixture *f, uint64_t *sums)
+{
+    wd_summer *sum = wd_summer_new();
+
+    for (size_t i = 0; i < f->ck.n_tensors; i++) {
+        const wl_shard *sh = &f->ck.shards[f->ck.tensors[i].shard];
+        const st_tensor *t = f->ck.tensors[i].st;
+        size_t len = (size_t)st_tensor_nbytes(t);
+        char *buf = malloc(len + 1);
+        ck_assert_int_eq(pread(sh->fd, buf, len, (off_t)(sh->st.data_offset + t->begin)), (ssize_t)len);
+        wd_summer_start(sum, len);
+        for (size_t at = 0; at < len; at += 4099) /* odd pieces */
+            wd_summer_feed(sum, buf + at, len - at < 4099 ? len - at : 4099);
+        sums[i] = wd_summer_end(sum, NULL);
+        free(buf);
+    }
+    wd_summer_free(sum);
+}
+
+START_TEST(checksums_while_loading_are_the_files_on_either_path)
+{
+    fixture f;
+    wl_job job;
+    uint64_t *want, *got;
+
+    setup(&f);
+    want = calloc(f.ck.n_tensors, sizeof *want);
+    got = calloc(f.ck.n_tensors, sizeof *got);
+    file_sums(&f, want);
+    for (int staged = 0; staged < 2; staged++) {
+        /* 1 MiB chunks: tensors of 3.2 MB span chunks, cut at 256 KiB blocks */
+        wl_pipeline_opts po = {.threads = 2, .staging = 4 * MiB, .stage_host = staged};
+        wl_pipeline *p;
+        wd_error e = {0};
+        ck_assert_int_eq(wl_pipeline_create(f.backend, &po, &p, &e), 0);
+        ck_assert_uint_eq(wl_pipeline_chunk(p), MiB);
+        memset(got, 0, f.ck.n_tensors * sizeof *got);
+        for (size_t i = 0; i < f.n_dest; i++)
+            memset(f.mem[i].host, 0, f.dest[i].len);
+        job_init(&job, &f, WL_LOAD, f.n_dest);
+        job.sums = got;
+        ck_assert_msg(wl_job_run(p, &job) == 0, "%s", job.err.msg);
+        check_contents(&f);
+        for (size_t i = 0; i < f.ck.n_tensors; i++)
+            ck_assert_msg(got[i] == want[i], "tensor %s, %s", f.ck.tensors[i].st->name, staged ? "staged" : "direct");
+        /* and the quick check of the copy agrees, then finds a change */
+        job_init(&job, &f, WL_QUICK, f.n_dest);
+        job.sums = got;
+        ck_assert_int_eq(wl_job_run(p, &job), 0);
+        ck_assert_uint_eq(job.mismatched_tensors, 0);
+        ((unsigned char *)f.mem[0].host)[f.dest[0].len - 1] ^= 1;
+        job_init(&job, &f, WL_QUICK, f.n_dest);
+        job.sums = got;
+        ck_assert_int_eq(wl_job_run(p, &job), 0);
+        ck_assert_uint_eq(job.mismatched_tensors, 1);
+        ck_assert_ptr_nonnull(strstr(job.first_mismatch, "has checksum"));
+        wl_pipeline_destroy(p);
+    }
+    free(want);
+    free(got);
+    teardown(&f);
+}
+END_TEST
+
 Suite *loader_suite(void)
 {
     Suite *s = suite_create("loader");
@@ -217,6 +283,7 @@ Suite *loader_suite(void)
     tcase_add_test(tc, dests_that_get_memory_while_the_job_runs);
     tcase_add_test(tc, a_cancel_ends_readers_that_wait_for_memory);
     tcase_add_test(tc, verify_through_staging_buffers_finds_a_changed_byte);
+    tcase_add_test(tc, checksums_while_loading_are_the_files_on_either_path);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -81,7 +81,11 @@ class Client:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._connect(timeout)
-            self.server_info = self.call("hello", {"version": PROTOCOL_VERSION, "client": "weightd.py"})
+            try:
+                self.server_info = self.call("hello", {"version": PROTOCOL_VERSION, "client": "weightd.py"})
+            except ConnectionError:
+                self._raise_refusal()
+                raise
         except BaseException:
             self.close()
             raise
@@ -103,6 +107,23 @@ class Client:
                                        % self.path) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
+
+    def _raise_refusal(self):
+        """A daemon that refuses a connection says why and closes at once,
+        perhaps before the hello went: raises its words, if they came."""
+        try:
+            self._sock.setblocking(False)
+            data = self._buf + self._sock.recv(65536)
+        except OSError:
+            return
+        line = data.split(b"\n", 1)[0]
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(msg, dict) and msg.get("ok") is False:
+            err = msg.get("error") or {}
+            raise WeightdError(err.get("code", "EPROTO"), err.get("message", "")) from None
 
     def __enter__(self):
         return self
@@ -348,7 +369,8 @@ class _Part(ctypes.Structure):
 class _Tensor(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_char_p), ("ndim", ctypes.c_size_t),
                 ("shape", ctypes.POINTER(ctypes.c_uint64)), ("bytes", ctypes.c_uint64),
-                ("n_parts", ctypes.c_size_t), ("parts", ctypes.POINTER(_Part))]
+                ("n_parts", ctypes.c_size_t), ("parts", ctypes.POINTER(_Part)), ("has_checksum", ctypes.c_int),
+                ("checksum", ctypes.c_uint64)]
 
 
 class _Handle(ctypes.Structure):
