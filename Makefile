@@ -99,7 +99,8 @@ LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/l
         $(BUILD)/weightd-client.pc
 UNIT := $(BUILD)/tests/unit-tests
 
-.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach bench-integrity
+.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach \
+        bench-integrity bench-conns
 all: config $(BINS) $(LIBS)
 
 config:
@@ -194,6 +195,12 @@ bench-integrity: all $(BUILD)/pipebw
 bench-attach: all
 	$(Q)python3 bench/attach_bench.py --build $(BUILD) --out $(BUILD)/bench
 
+# Anywhere: 500 connections repeating list, info, attach, detach on the host
+# backend for 20 s, alone and beside a client loading and unloading another
+# checkpoint (bench/conn_bench.py); writes bench/results/DATE-HOST-NCPUcpu-conns.{json,md}.
+bench-conns: all
+	$(Q)python3 bench/conn_bench.py --build $(BUILD) --work /tmp/wdconns --out bench/results
+
 install: all
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PCDIR) $(DESTDIR)$(UNITDIR) \
 	    $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
@@ -224,7 +231,7 @@ clean:
 	rm -rf build build-san $(BUILD)
 
 help:
-	@echo "targets: all (default) test unit e2e demo bench install uninstall clean"
+	@echo "targets: all (default) test unit e2e demo bench bench-conns install uninstall clean"
 	@echo "         on the GPU machine: gpu-test bench-gpu bench-load bench-attach bench-integrity"
 	@echo "switches: PREFIX=$(PREFIX) DESTDIR= WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
 	@echo "          SANITIZE=address,undefined BUILD=dir V=1"
