@@ -40,6 +40,7 @@ derived from the seed) throw at the socket:
   flood        hello and up to 400 pipelined requests in one write; every
                reply must come, once, in order, and be right
   verify       a few pipelined verifies of the model, read or abandoned
+  worker       `weightctl attach --hold` killed with SIGKILL at a random moment
 
 Frames that would stop the campaign are never sent: a denylist (a mirror of
 the daemon's own argument checks, with cJSON's first-key and C-string
@@ -87,6 +88,7 @@ import random
 import re
 import resource
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -139,7 +141,7 @@ DEFAULT_TUNABLES = "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_thresho
 KINDS = collections.OrderedDict([
     ("random", 8), ("mutated", 14), ("utf8", 10), ("nesting", 4), ("numbers", 8), ("types", 16),
     ("overlong", 3), ("fds", 8), ("halfline", 6), ("noread", 3), ("burst", 3), ("prehello", 5),
-    ("flood", 7), ("verify", 2),
+    ("flood", 7), ("verify", 2), ("worker", 2),
 ])
 
 
@@ -390,7 +392,7 @@ class Findings:
 
 def norm_message(msg):
     """An error message as a template: quoted parts and numbers elided."""
-    msg = re.sub(r'"[^"]*"', '"…"', msg)
+    msg = re.sub(r'"[^"]*("|$)', '"…"', msg)  # a message cut short may leave a quote open
     msg = re.sub(r"\d+", "N", msg)
     return msg[:120]
 
@@ -631,6 +633,16 @@ NUMBER_TOKENS = [
     "123456789" * 60, "1.7976931348623157e308", "1.7976931348623159e308",
     # not JSON, but cJSON may take some
     "+1", "01", "00", "1.", ".5", "-", "--1", "1e", "1e+", "NaN", "Infinity", "-Infinity", "0x10", "1_000", "1e5e5",
+]
+
+
+# Policy changes (allowed to the daemon's own user): (conf, accepted?).
+POLICY_CONFS = [
+    ("max_split_size_mb:20", True), ("roundup_power2_divisions:4", True), ("garbage_collection_threshold:0.9", True),
+    ("default", True), ("max_split_size_mb:-1", False), ("max_split_size_mb:1e400", False), ("x:y", False),
+    (",,,,", False), (":", False), ("", True), ("max_split_size_mb:99999999999999999999", False),
+    ("garbage_collection_threshold:1.5", False), ("roundup_power2_divisions:3", False),
+    ("max_split_size_mb:20,max_split_size_mb:20", True), ("max_split_size_mb", False),
 ]
 
 
@@ -1494,6 +1506,7 @@ class Peer(threading.Thread):
         n = rng.choice([20, 50, 100, 200, 400])
         reqs = [("hello", 0, frame(0, "hello", {"version": "1.0"}))]
         attaches = verifies = 0
+        policy_want = {}
         for i in range(1, n + 1):
             r = rng.random()
             if r < 0.2:
@@ -1508,12 +1521,19 @@ class Peer(threading.Thread):
                 op, a = "snapshot", {"device": rng.randrange(ctx.n_devices)}
             elif r < 0.78:
                 op, a = "policy", None
+            elif r < 0.84:
+                # other connections' leases (small ids) are not this one's
+                op, a = "detach", {"lease": rng.randrange(1, 300) if rng.random() < 0.6 else rng.randrange(1, 1 << 40)}
             elif r < 0.88:
-                op, a = "detach", {"lease": rng.randrange(1, 1 << 40)}
+                conf = rng.choice(POLICY_CONFS)
+                op, a = "policy", {"conf": conf[0]}
+                policy_want[i] = conf[1]
             elif r < 0.95:
                 op, a = "info", {"name": "nope"}
             elif r < 0.98 and attaches < 2:
                 op, a = "attach", {"name": MODEL, "device": rng.randrange(ctx.n_devices)}
+                if rng.random() < 0.3:
+                    a["writable"] = True  # refused: attach_writable is off
                 attaches += 1
             elif verifies < 1 and rng.random() < 0.3:
                 op, a = "verify", {"name": MODEL}
@@ -1535,17 +1555,25 @@ class Peer(threading.Thread):
             self.wrong("a flood's replies out of order", "first difference near %r" %
                        next(((a, b) for a, b in zip(sync_sent, sync_got) if a != b), None))
         byid = {r.get("id"): r for r in c.replies}
+        own = set(m.get("lease") for m in c.msgs if m.get("event") == "attach")
         for op, i, f in reqs:
             r = byid.get(i)
             if r is None:
                 continue
-            want_ok = not (op == "detach" or (op == "info" and b'"nope"' in f))
+            want_ok = not (op == "detach" or (op == "info" and b'"nope"' in f) or b'"writable":true' in f)
+            if op == "policy" and i in policy_want:
+                want_ok = policy_want[i]
+            if op == "detach" and r.get("ok") and (r.get("result") or {}).get("lease") in own:
+                continue  # its own lease, from an attach of this flood
             if bool(r.get("ok")) != want_ok:
-                self.wrong("flood: %s answered %s" % (op, "ok" if r.get("ok") else r.get("error", {}).get("code")),
-                           json.dumps(r)[:300])
+                self.wrong("flood: an answer of the wrong kind", "request %s\nreply %s" % (short(f, 200),
+                                                                                           json.dumps(r)[:300]),
+                           variant="%s answered %s" % (op, "ok" if r.get("ok") else r.get("error", {}).get("code")))
+                continue
+            if not r.get("ok"):
                 continue
             res = r.get("result") or {}
-            if op == "list" and [m.get("name") for m in res.get("models", [])] != [MODEL]:
+            if op == "list" and model_names(res) != [MODEL]:
                 self.wrong("flood: list does not show exactly the model", json.dumps(r)[:300])
             elif op == "attach" and res.get("tensors", 0) <= 0:
                 self.wrong("flood: attach with no tensors", json.dumps(r)[:300])
@@ -1554,6 +1582,27 @@ class Peer(threading.Thread):
             elif op == "info" and b'"nope"' not in f:
                 if res.get("tensors") != ctx.n_tensors or not isinstance(res.get("tensor_list"), list):
                     self.wrong("flood: info is wrong", json.dumps(r)[:300])
+
+    def do_worker(self, conns):
+        """A worker that dies: weightctl attach --hold, killed at a random moment."""
+        rng = self.rng
+        if not self.ctx.slots.acquire(timeout=2):
+            return
+        try:
+            dev = rng.choice([None] + list(range(self.ctx.n_devices)))
+            cmd = h.ctl_cmd(self.ctx.sock, ["attach", MODEL, "--hold", "3"] +
+                            (["--device", str(dev)] if dev is not None else []))
+            self.step(("note", -1, "run %s" % " ".join(cmd)))
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, env=h.child_env())
+            self.frames += 1
+            self.ctx.stop.wait(rng.uniform(0.0, 1.0))
+            p.kill()
+            _, err = p.communicate(timeout=30)
+            if h.sanitizer_report(err.decode(errors="replace")):
+                self.finding("crash", "sanitizer report in weightctl attach", err.decode(errors="replace")[-3000:])
+        finally:
+            self.ctx.slots.release()
 
     def do_verify(self, conns):
         rng = self.rng
@@ -1573,6 +1622,19 @@ class Peer(threading.Thread):
             for r in c.replies[1:]:
                 if r.get("ok") is not True or r["result"].get("match") is not True:
                     self.wrong("verify failed or did not match", json.dumps(r)[:300])
+
+
+def transient(m):
+    """A model that a hostile load of a path that does not exist made: listed
+    as loading until its open fails."""
+    return isinstance(m, dict) and m.get("state") == "loading" and str(m.get("path", "")).startswith(SAFE_LOAD_PREFIX)
+
+
+def model_names(list_result, strict=False):
+    models = list_result.get("models") if isinstance(list_result, dict) else None
+    if not isinstance(models, list):
+        return None
+    return [m.get("name") for m in models if strict or not transient(m)]
 
 
 def _strict_int_like(tok, where):
@@ -1693,10 +1755,10 @@ class Checker(threading.Thread):
             r = self.call(c, "list")
             self.expect_ok(r, "list")
             models = r["result"].get("models")
-            if not isinstance(models, list) or [m.get("name") for m in models] != [MODEL]:
+            if not isinstance(models, list) or model_names(r["result"]) != [MODEL]:
                 self.fail("wrong", "list does not show exactly the model", json.dumps(r)[:800])
             else:
-                m = dict(models[0])
+                m = dict([x for x in models if x.get("name") == MODEL][0])
                 if m.get("state") != "ready":
                     self.fail("wrong", "the model is not ready", json.dumps(m)[:500])
                 m.pop("leases", None)
@@ -1931,6 +1993,8 @@ def save_replay(ctx, name, steps, note):
                                     "split_fds": s[4]}) + "\n")
             elif s[0] == "close":
                 f.write(json.dumps({"op": "close", "conn": s[1], "rst": s[2]}) + "\n")
+            elif s[0] == "note":
+                f.write(json.dumps({"op": "note", "conn": s[1], "text": s[2]}) + "\n")
             else:
                 f.write(json.dumps({"op": s[0], "conn": s[1]}) + "\n")
     return path
@@ -2147,7 +2211,9 @@ def campaign(args):
                     with h.RawClient(d.sock, hello=True, timeout=ctx.reply_timeout) as c:
                         st = c.request("stats")["result"]
                         ls = c.request("leases")["result"]
-                        return st.get("connections") == 1 and not st.get("jobs") and ls.get("leases") == [], (st, ls)
+                        names = model_names(c.request("list")["result"], strict=True)
+                        return (st.get("connections") == 1 and not st.get("jobs") and ls.get("leases") == []
+                                and names == [MODEL]), (st, ls, names)
                 except (OSError, AssertionError) as e:
                     return False, str(e)
 
@@ -2161,11 +2227,12 @@ def campaign(args):
             if not ok:
                 st = detail[0] if isinstance(detail, tuple) else detail
                 ls = detail[1] if isinstance(detail, tuple) else None
-                ctx.findings.add("leak", "connections, jobs or leases left after every hostile peer left",
-                                 "stats connections=%r jobs=%r; leases=%r" %
+                names = detail[2] if isinstance(detail, tuple) else None
+                ctx.findings.add("leak", "connections, jobs, leases or models left after every hostile peer left",
+                                 "stats connections=%r jobs=%r; leases=%r; models %r" %
                                  (st.get("connections") if isinstance(st, dict) else st,
                                   st.get("jobs") if isinstance(st, dict) else None,
-                                  (ls or {}).get("leases") if isinstance(ls, dict) else ls))
+                                  (ls or {}).get("leases") if isinstance(ls, dict) else ls, names))
             fd_slack, rss_slack = args.fd_slack, args.rss_slack * MiB
             if h.SANITIZED:
                 rss_slack = args.rss_slack_san * MiB
@@ -2223,6 +2290,7 @@ def campaign(args):
     summary(ctx, args, t_start, t_end, base, end, cpu)
     print_findings(ctx, args)
     print("work dir (daemon stderr, replays): %s" % ctx.work)
+    cleanup(ctx, args)
     return 1 if ctx.findings.items or ctx.tool_errors else 0
 
 
@@ -2266,7 +2334,9 @@ def replay(args):
             for line in f:
                 s = json.loads(line)
                 c = conns.get(s["conn"])
-                if s["op"] == "connect":
+                if s["op"] == "note":
+                    print("  (%s)" % s.get("text"))
+                elif s["op"] == "connect":
                     c = conns[s["conn"]] = Echo(peer)
                     c.idx = s["conn"]
                     c.open()
@@ -2305,9 +2375,20 @@ def replay(args):
         print("daemon stopped cleanly (exit 0, no sanitizer report)")
     except AssertionError as e:
         print("daemon teardown: %s" % str(e)[:4000])
-        ctx.findings.add("crash", "teardown", str(e)[:200])
-    print_findings(ctx, args)
+        ctx.findings.add("crash", "the daemon's stop after the replay", str(e)[:3000])
+    if not ctx.findings.items:
+        print("\nno finding from the line checks and the stop (a replay does not re-check an action's "
+              "expectations, such as a missing reply: read the exchange above)")
+    else:
+        print_findings(ctx, args)
+    cleanup(ctx, args)
     return 1 if ctx.findings.items else 0
+
+
+def cleanup(ctx, args):
+    """The checkpoint goes (150 MB); the daemon's stderr and the replays stay."""
+    if not args.keep and getattr(ctx, "ckpt", None):
+        shutil.rmtree(ctx.ckpt, ignore_errors=True)
 
 
 def main():
@@ -2338,6 +2419,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--shard-size", default="50MB")
     ap.add_argument("--replay", nargs="+", help="replay files saved by a campaign")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint in the work dir")
     ap.add_argument("--variants", type=int, default=6, help="variants of a finding shown in full (default 6)")
     args = ap.parse_args()
     if args.seed is None:
