@@ -100,7 +100,7 @@ LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/l
 UNIT := $(BUILD)/tests/unit-tests
 
 .PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach \
-        bench-integrity bench-conns
+        bench-integrity bench-conns fuzz-live
 all: config $(BINS) $(LIBS)
 
 config:
@@ -273,6 +273,12 @@ $(FUZZ_OUT)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DEPS)
 # go there), seeded from tests/fuzz/corpus/NAME and tests/fuzz/regressions/NAME,
 # with tests/fuzz/NAME.dict. The full log is build/fuzz/fuzz_NAME.log; crashes
 # go to build/fuzz/artifacts/. Extra libFuzzer flags: FUZZ_FLAGS="-jobs=2 ...".
+# A live protocol fuzz campaign against a running daemon of this build,
+# with a well-behaved client checking every answer (tests/fuzz/live.py).
+LIVE_SECONDS ?= 45
+fuzz-live: all
+	$(Q)python3 tests/fuzz/live.py --build $(BUILD) --seconds $(LIVE_SECONDS)
+
 fuzz-run: fuzz
 	$(Q)for hm in $(FUZZ_HARNESSES); do \
 	    h=$${hm%%:*}; maxlen=$${hm#*:}; \

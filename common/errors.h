@@ -37,6 +37,7 @@
     X(ENOTSUP,         "not supported by this backend")                       \
     X(EADDRINUSE,      "address in use")                                      \
     X(ECONNRESET,      "connection reset by peer")                            \
+    X(EPIPE,           "the connection was closed (broken pipe)")             \
     X(ENOTCONN,        "not connected")                                       \
     X(ETIMEDOUT,       "timed out")                                           \
     X(ECONNREFUSED,    "connection refused: is weightd running?")             \

@@ -8,6 +8,7 @@
 #include "daemon/lease.h"
 
 #include <fcntl.h>
+#include <math.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -422,6 +423,11 @@ static void handle_line(wd_conn *c, const char *line, size_t len)
     args = cJSON_GetObjectItemCaseSensitive(msg, "args");
     if (id && !cJSON_IsNumber(id) && !cJSON_IsString(id) && !cJSON_IsNull(id)) {
         send_stray_error(c, NULL, -EINVAL, "\"id\" must be a number or a string");
+        goto out;
+    }
+    if (cJSON_IsNumber(id) && !(fabs(id->valuedouble) < 1e15 && id->valuedouble == floor(id->valuedouble))) {
+        /* cJSON writes numbers with 15 significant digits: others could not be echoed exactly */
+        send_stray_error(c, NULL, -EINVAL, "a numeric \"id\" is a whole number below 10^15 in size");
         goto out;
     }
     if (cJSON_IsString(id) && strlen(id->valuestring) > WP_MAX_ID_LEN) {

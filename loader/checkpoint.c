@@ -430,6 +430,11 @@ static int load_shards(wl_checkpoint *c, char **paths, int *fds, size_t n, wd_er
         if (rc < 0)
             return wd_error_set(err, rc, "%s", msg);
         s->file_size = s->st.data_offset + s->st.data_len;
+        {
+            struct stat sb;
+            if (fstat(s->fd, &sb) == 0)
+                s->mtime = sb.st_mtim;
+        }
     }
     return 0;
 }

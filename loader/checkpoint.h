@@ -18,6 +18,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "common/errors.h"
 #include "loader/safetensors.h"
@@ -29,6 +30,7 @@ typedef struct wl_shard {
     char *path;
     int fd;                   /* open from discovery to close: loads and verifies read this file */
     uint64_t file_size;
+    struct timespec mtime;    /* when its header was read: a load or verify that sees another fails */
     st_file st;
 } wl_shard;
 

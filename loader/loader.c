@@ -635,11 +635,28 @@ static void *worker_main(void *arg)
 
 /* ---- a job ------------------------------------------------------------------- */
 
+/* A shard is what it was when its header was read: its size (the data
+ * must be there) and, for a load, its modification time (a file rewritten
+ * in place, even at the same size, would mix old and new bytes). */
+static int shard_unchanged(const wl_shard *sh, const struct stat *st, bool loading, const char *when,
+                           wd_error *err)
+{
+    if ((uint64_t)st->st_size != sh->file_size)
+        return wd_error_set(err, -EIO, "%s: the file changed size %s (%llu bytes, was %llu)", sh->path, when,
+                            (unsigned long long)st->st_size, (unsigned long long)sh->file_size);
+    /* (a verify compares with the file as it is now, changed or not) */
+    if (loading && (st->st_mtim.tv_sec != sh->mtime.tv_sec || st->st_mtim.tv_nsec != sh->mtime.tv_nsec))
+        return wd_error_set(err, -EIO, "%s: the file was modified %s", sh->path, when);
+    return 0;
+}
+
 /* Each job reads through duplicates of the descriptors the checkpoint
  * opened at discovery: a path renamed or replaced since reads nothing new,
  * and a checkpoint a client opened is read with what it could read. */
 static int open_shards(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
 {
+    int rc;
+
     if (!(p->fd = malloc(ck->n_shards * sizeof *p->fd)) || !(p->fd_direct = malloc(ck->n_shards * sizeof *p->fd)))
         return wd_error_set(err, -ENOMEM, "out of host memory");
     for (size_t s = 0; s < ck->n_shards; s++)
@@ -651,9 +668,8 @@ static int open_shards(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
             return wd_error_set(err, -errno, "%s: %s", sh->path, strerror(errno));
         if (fstat(p->fd[s], &st) < 0 || !S_ISREG(st.st_mode))
             return wd_error_set(err, -EINVAL, "%s: not a regular file", sh->path);
-        if ((uint64_t)st.st_size != sh->file_size)
-            return wd_error_set(err, -EIO, "%s: the file changed size since its header was read (%llu bytes, was %llu)",
-                                sh->path, (unsigned long long)st.st_size, (unsigned long long)sh->file_size);
+        if ((rc = shard_unchanged(sh, &st, p->job->mode == WL_LOAD, "since its header was read", err)))
+            return rc;
         posix_fadvise(p->fd[s], 0, 0, POSIX_FADV_SEQUENTIAL);
         /* Staged reads only: reading straight into host segments stays
          * buffered. O_DIRECT is a new open of the same file (through
@@ -869,6 +885,14 @@ int wl_job_run(wl_pipeline *p, wl_job *job)
         rc = job->err.code;
     if (!rc && atomic_load(&job->cancel))
         rc = wd_error_set(&job->err, -ECANCELED, "cancelled");
+    for (size_t s = 0; !rc && s < ck->n_shards; s++) {
+        struct stat st;
+        if (fstat(p->fd[s], &st) < 0)
+            rc = wd_error_set(&job->err, -errno, "%s: %s", ck->shards[s].path, strerror(errno));
+        else
+            rc = shard_unchanged(&ck->shards[s], &st, job->mode == WL_LOAD,
+                                 job->mode == WL_LOAD ? "while it was loaded" : "while it was verified", &job->err);
+    }
     if (!rc && p->blocks)
         for (size_t t = 0; t < ck->n_tensors; t++)
             job->sums[t] = wd_sum_of_blocks(p->blocks + p->block_base[t], p->block_base[t + 1] - p->block_base[t]);

@@ -7,6 +7,24 @@
 #include <string.h>
 #include <unistd.h>
 
+/* Whether the JSON text holds the escape \u0000 (a NUL in a string, which
+ * C strings would cut short: "list\u0000x" would run list). A backslash
+ * counts when an even number of backslashes comes before it. */
+static bool has_nul_escape(const char *s, size_t len)
+{
+    for (size_t i = 0; i + 6 <= len; i++) {
+        size_t k = i;
+        if (s[i] != '\\' || s[i + 1] != 'u' || s[i + 2] != '0' || s[i + 3] != '0' || s[i + 4] != '0' ||
+            s[i + 5] != '0')
+            continue;
+        while (k > 0 && s[k - 1] == '\\')
+            k--;
+        if ((i - k) % 2 == 0)
+            return true;
+    }
+    return false;
+}
+
 int wp_parse(const char *line, size_t len, cJSON **out, wd_error *err)
 {
     const char *end = NULL;
@@ -19,6 +37,8 @@ int wp_parse(const char *line, size_t len, cJSON **out, wd_error *err)
      * logs and other clients' decoders. */
     if ((bad = wd_utf8_check(line, len)) < len)
         return wd_error_set(err, -EBADMSG, "message is not valid UTF-8 (byte %zu)", bad);
+    if (memchr(line, '\\', len) && has_nul_escape(line, len))
+        return wd_error_set(err, -EBADMSG, "a string holds a NUL character (\\u0000)");
     msg = cJSON_ParseWithLengthOpts(line, len, &end, 0);
     if (!msg)
         /* end, not cJSON_GetErrorPtr(): that is one global for every thread. */
@@ -141,6 +161,11 @@ int wp_arg_int(const cJSON *args, const char *key, bool required, int64_t min, i
     d = v->valuedouble;
     if (!isfinite(d) || d != floor(d))
         return wd_error_set(err, -EINVAL, "argument \"%s\" must be a whole number", key);
+    /* Past 2^53 a double no longer holds every whole number: the bounds
+     * below could not be checked exactly. */
+    if (fabs(d) > 9007199254740992.0)
+        return wd_error_set(err, -EINVAL, "argument \"%s\" must be between %lld and %lld", key, (long long)min,
+                            (long long)max);
     if (d < (double)min || d > (double)max)
         return wd_error_set(err, -EINVAL, "argument \"%s\" must be between %lld and %lld", key, (long long)min,
                             (long long)max);

@@ -27,8 +27,9 @@
 /* Descriptors carried by one message: the kernel's own limit (SCM_MAX_FD).
  * More travel in several messages, each saying which its descriptors are. */
 #define WP_MAX_FDS 253
-/* A request's "id": a number, or a string of at most this many bytes, so
- * that every reply and event fits a message whatever the id. */
+/* A request's "id": a whole number below 10^15 in size (cJSON writes 15
+ * significant digits: the reply echoes it exactly), or a string of at most
+ * this many bytes (every reply and event fits a message whatever the id). */
 #define WP_MAX_ID_LEN 128
 
 /* ---- reading: bytes and descriptors in, lines out ---------------------- */

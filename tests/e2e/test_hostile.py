@@ -324,6 +324,33 @@ class Text(h.E2ETestCase):
                 self.assertIn("not valid UTF-8", r["error"]["message"])
         self.assertTrue(c.request("list")["ok"])
 
+    def test_strings_are_whole_and_numbers_exact(self):
+        # cJSON cut strings at an escaped NUL: "list\u0000junk" ran list, a
+        # model "name\u0000x" was the model "name"; ids and arguments past
+        # 2^53 were echoed or compared rounded.
+        d = self.daemon()
+        h.load_ok(self, d, h.checkpoint("small"), "--name", "m")
+        c = self.raw(d)
+        for line in (b'{"id": 1, "op": "list\\u0000junk"}', b'{"id": 1, "op": "info", "args": {"name": "m\\u0000x"}}',
+                     b'{"id": "a\\u0000", "op": "list"}'):
+            with self.subTest(line=line):
+                c.send(line + b"\n")
+                r = c.recv()
+                h.assert_error_reply(self, r, "EBADMSG", None)
+                self.assertIn("NUL", r["error"]["message"])
+        # an escaped backslash before "u0000" is no NUL
+        c.send(b'{"id": 2, "op": "info", "args": {"name": "m\\\\u0000"}}\n')
+        h.assert_error_reply(self, c.recv(), "ENOENT", 2)
+        c.send(b'{"id": 9007199254740993, "op": "list"}\n')
+        h.assert_error_reply(self, c.recv(), "EINVAL", None)
+        for bad in (b"1e15", b"1.5", b"-1e300"):
+            c.send(b'{"id": %s, "op": "list"}\n' % bad)
+            h.assert_error_reply(self, c.recv(), "EINVAL", None)
+        r = c.request("list", id=999999999999999)
+        self.assertEqual(r["id"], 999999999999999)
+        r = c.request("detach", {"lease": 2 ** 62 + 512})
+        h.assert_error_reply(self, r, "EINVAL", check_id=False)
+
     def test_a_model_from_a_path_that_is_not_utf8(self):
         # weightctl sent the path's raw bytes; list() then failed in the
         # Python client for everyone.
