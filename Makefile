@@ -21,8 +21,13 @@ CUDA_HOME ?= /usr/local/cuda
 SANITIZE  ?=
 V         ?= 0
 
-# A sanitizer build lives in its own folder so that both can coexist.
-ifeq ($(SANITIZE),)
+RELEASE   ?= 0
+
+# A sanitizer build lives in its own folder so that both can coexist, and
+# so does a release build (RELEASE=1: no test-only fault hooks, common/fault.h).
+ifneq ($(RELEASE),0)
+BUILD ?= build-release
+else ifeq ($(SANITIZE),)
 BUILD ?= build
 else
 BUILD ?= build-san
@@ -40,6 +45,9 @@ CFLAGS  ?= $(OPT) -g
 CFLAGS  += -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
            -fPIC -MMD -MP -D_GNU_SOURCE -DWD_VERSION='"$(VERSION)"' -I. $(PKG_CFLAGS)
 LDLIBS  += $(PKG_LIBS) -lpthread -lm -ldl
+ifneq ($(RELEASE),0)
+CFLAGS  += -DWD_RELEASE
+endif
 
 ifneq ($(SANITIZE),)
 CFLAGS  += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
@@ -234,7 +242,7 @@ help:
 	@echo "targets: all (default) test unit e2e demo bench bench-conns install uninstall clean"
 	@echo "         on the GPU machine: gpu-test bench-gpu bench-load bench-attach bench-integrity"
 	@echo "switches: PREFIX=$(PREFIX) DESTDIR= WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
-	@echo "          SANITIZE=address,undefined BUILD=dir V=1"
+	@echo "          SANITIZE=address,undefined RELEASE=1 (no fault hooks; build-release) BUILD=dir V=1"
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
 

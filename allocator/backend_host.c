@@ -4,6 +4,7 @@
  * backend (one fd per allocation, passed to workers over SCM_RIGHTS), so the
  * whole daemon runs and is tested without a GPU. */
 #include "allocator/backend.h"
+#include "common/fault.h"
 
 #include <fcntl.h>
 #include <stdbool.h>
@@ -54,7 +55,7 @@ static int host_seg_alloc(wa_backend *b, int device, uint64_t size, wa_mem *out,
     void *map;
     int fd, rc;
 
-    if (size > h->capacity || h->used[device] + size > h->capacity)
+    if (size > h->capacity || h->used[device] + size > h->capacity || wd_fault(WD_FAULT_alloc))
         return -ENOMEM;
     if ((rc = segment_memfd(device, size, false, &fd, err)))
         return rc;
@@ -146,7 +147,7 @@ static int host_page_map(wa_backend *b, int device, const wa_mem *va, uint64_t o
     char *at = (char *)va->host + offset;
     int fd, rc;
 
-    if (size > h->capacity || h->used[device] + size > h->capacity)
+    if (size > h->capacity || h->used[device] + size > h->capacity || wd_fault(WD_FAULT_alloc))
         return -ENOMEM;
     if ((rc = segment_memfd(device, size, true, &fd, err)))
         return rc;

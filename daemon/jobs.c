@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/fault.h"
 #include "common/size.h"
 
 #include <systemd/sd-daemon.h>
@@ -280,8 +281,9 @@ static int place_tensors(wd_server *s, wd_job *j)
     j->policy_pushed = true;
     if ((rc = wl_place(&m->ckpt, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, &j->err)))
         return rc;
-    if (!(m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest)) ||
-        (s->conf->checksums && !(m->sums = calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *m->sums)))) {
+    if (wd_fault(WD_FAULT_alloc) || !(m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest)) ||
+        (s->conf->checksums &&
+         (wd_fault(WD_FAULT_alloc) || !(m->sums = calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *m->sums))))) {
         rc = wd_error_set(&j->err, -ENOMEM, "out of host memory");
         goto out;
     }

@@ -2,6 +2,7 @@
  * device memory and the leases of the workers attached to it; loads, unloads
  * and attaches go through here. */
 #include "daemon/daemon.h"
+#include "common/fault.h"
 #include "daemon/lease.h"
 
 #include <stdio.h>
@@ -170,7 +171,7 @@ int wd_model_plan_slabs(wd_model *m, uint64_t slab_size, wd_error *err)
     m->slabs = NULL;
     m->part = NULL;
     m->n_slabs = m->slabs_allocated = m->dests_ready = 0;
-    if (!target || !open || !(m->part = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->part))) {
+    if (!target || !open || wd_fault(WD_FAULT_alloc) || !(m->part = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->part))) {
         rc = wd_error_set(err, -ENOMEM, "out of host memory");
         goto out;
     }
@@ -223,7 +224,8 @@ int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err)
     wa_region reg;
     int rc;
 
-    if ((rc = wa_malloc(s->alloc, sl->device, sl->bytes, &sl->block, err))) {
+    if ((rc = wd_fault(WD_FAULT_alloc) ? wd_error_set(err, -ENOMEM, "out of memory (an injected fault)")
+                                       : wa_malloc(s->alloc, sl->device, sl->bytes, &sl->block, err))) {
         char size[32];
         wd_error_prefix(err, "slab %u of %zu (%s, from tensor \"%s\") on device %d", k + 1, m->n_slabs,
                         wd_size_format(sl->bytes, size, sizeof size),

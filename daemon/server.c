@@ -25,6 +25,7 @@
 
 #include <systemd/sd-daemon.h>
 
+#include "common/fault.h"
 #include "common/size.h"
 
 #define TICK_MS 200
@@ -994,6 +995,8 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
            "with %s chunks)", WD_VERSION, s->socket_path, s->backend->name, s->backend->n_devices,
            s->backend->n_devices == 1 ? "" : "s", conf->load_alloc_conf, wl_pipeline_threads(s->pipeline),
            wl_pipeline_threads(s->pipeline) == 1 ? "" : "s", wd_size_format(wl_pipeline_chunk(s->pipeline), size, sizeof size));
+    if (wd_fault_armed())
+        wd_log(WD_LOG_warning, "test fault injection armed: WEIGHTD_FAULTS=%s", wd_fault_armed());
     sd_notifyf(0, "READY=1\nSTATUS=listening on %s, no models loaded", s->socket_path);
     return 0;
 fail:

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/fault.h"
 #include "common/grow.h"
 
 #define INDEX_SUFFIX ".safetensors.index.json"
@@ -114,7 +115,7 @@ static int cmp_tensor_name(const void *a, const void *b)
 
 static void free_strv(char **v, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; v && i < n; i++)
         free(v[i]);
     free(v);
 }
@@ -615,7 +616,8 @@ int wl_checkpoint_open_files(const char *path, char *const *files, int *fds, siz
         rc = wd_error_set(err, -EINVAL, "wl_checkpoint_open_files: bad arguments");
         goto out;
     }
-    if (!(c.path = strdup(path)) || !(paths = calloc(n, sizeof *paths)) || !(shard_fds = malloc(n * sizeof *shard_fds))) {
+    if (wd_fault(WD_FAULT_alloc) || !(c.path = strdup(path)) || !(paths = calloc(n, sizeof *paths)) ||
+        !(shard_fds = malloc(n * sizeof *shard_fds))) {
         rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
         goto out;
     }

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "common/checksum.h"
+#include "common/fault.h"
 #include "common/grow.h"
 
 #define ALIGN 4096u
@@ -229,7 +230,7 @@ static int plan(wl_pipeline *p, const wl_job *job, wd_error *err)
                     cend = tb + (cend - tb) / WD_SUM_BLOCK * WD_SUM_BLOCK;
                 break;
             }
-            if (WD_GROW(p->chunks, cap_chunks, p->n_chunks + 1, 64))
+            if ((p->n_chunks == 0 && wd_fault(WD_FAULT_alloc)) || WD_GROW(p->chunks, cap_chunks, p->n_chunks + 1, 64))
                 goto nomem;
             c = &p->chunks[p->n_chunks++];
             c->shard = s;
@@ -292,7 +293,9 @@ static int read_full(int fd, void *buf, size_t len, uint64_t off, const char *pa
     size_t got = 0;
 
     while (got < len) {
-        ssize_t n = pread(fd, (char *)buf + got, len - got, (off_t)(off + got));
+        /* (test builds: an injected error, or a read of half what was asked) */
+        size_t ask = wd_fault(WD_FAULT_short_read) ? (len - got + 1) / 2 : len - got;
+        ssize_t n = wd_fault(WD_FAULT_read) ? (errno = EIO, -1) : pread(fd, (char *)buf + got, ask, (off_t)(off + got));
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
@@ -319,7 +322,8 @@ static int read_cached(wl_pipeline *p, const chunk *c, void *buf, wd_error *err)
 {
     int fd = p->fd[c->shard];
     struct iovec iov = {buf, c->read_len};
-    ssize_t n = preadv2(fd, &iov, 1, (off_t)c->read_off, RWF_NOWAIT);
+    /* with faults armed, every read goes through read_full, where they are */
+    ssize_t n = wd_fault_armed() ? 0 : preadv2(fd, &iov, 1, (off_t)c->read_off, RWF_NOWAIT);
 
     if (n == (ssize_t)c->read_len)
         return 0;
@@ -792,7 +796,7 @@ static int sums_begin(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
 {
     size_t n = 0;
 
-    if (!(p->block_base = malloc((ck->n_tensors + 1) * sizeof *p->block_base)))
+    if (wd_fault(WD_FAULT_alloc) || !(p->block_base = malloc((ck->n_tensors + 1) * sizeof *p->block_base)))
         return wd_error_set(err, -ENOMEM, "out of host memory");
     for (size_t t = 0; t < ck->n_tensors; t++) {
         p->block_base[t] = n;
