@@ -487,7 +487,7 @@ static void after_verify(uv_work_t *w, int status)
     s->jobs_running--;
     settle_cancel(j);
     if (j->rc) {
-        wd_log(j->rc == -ECANCELED ? WD_LOG_info : WD_LOG_warning, "verify of %s failed: %s", m->name,
+        wd_log_peer(j->rc == -ECANCELED ? WD_LOG_info : WD_LOG_warning, "verify of %s failed: %s", m->name,
                wd_error_text(&j->err));
         if (j->req)
             wd_reply_err(j->req, &j->err);
@@ -571,7 +571,7 @@ static void cancel_job(wd_server *s, wd_job *j, const char *why)
     if (j->state == JOB_QUEUED) {
         /* Nothing was taken yet: drop it here. */
         wd_model *m = j->model;
-        wd_log(WD_LOG_info, "%s of %s cancelled before it started", j->kind == JOB_LOAD ? "load" : "verify", m->name);
+        wd_log_peer(WD_LOG_info, "%s of %s cancelled before it started", j->kind == JOB_LOAD ? "load" : "verify", m->name);
         if (j->req)
             wd_reply_error(j->req, -ECANCELED, "cancelled before it started: %s", why);
         j->req = NULL;
@@ -596,7 +596,7 @@ void wd_jobs_request_gone(wd_server *s, wd_request *r)
         return;
     /* The caller frees r; the job ends without a reply. */
     job_detach_request(j);
-    wd_log(WD_LOG_info, "client gone: cancelling the %s of %s", j->kind == JOB_LOAD ? "load" : "verify",
+    wd_log_peer(WD_LOG_info, "client gone: cancelling the %s of %s", j->kind == JOB_LOAD ? "load" : "verify",
            j->model->name);
     cancel_job(s, j, "its client went away");
 }

@@ -56,7 +56,8 @@ int wd_lease_new(wd_server *s, wd_request *r, wd_model *m, int device, bool writ
     l->model_next = m->leases;
     m->leases = l;
     wd_conn_watch_peer(c);
-    wd_log(WD_LOG_info, "lease %llu: %s attached by pid %d (%s, uid %u)%s", (unsigned long long)l->id, m->name,
+    /* rate-limited: any reader can attach and detach in a loop */
+    wd_log_peer(WD_LOG_info, "lease %llu: %s attached by pid %d (%s, uid %u)%s", (unsigned long long)l->id, m->name,
            (int)l->pid, l->process, (unsigned)l->uid, writable ? ", writable" : "");
     (void)s;
     *out = l;
@@ -76,7 +77,7 @@ void wd_lease_end(wd_server *s, wd_lease *l, const char *why)
         ;
     if (*link)
         *link = l->model_next;
-    wd_log(WD_LOG_info, "lease %llu of %s (pid %d) ended: %s", (unsigned long long)l->id, m->name, (int)l->pid, why);
+    wd_log_peer(WD_LOG_info, "lease %llu of %s (pid %d) ended: %s", (unsigned long long)l->id, m->name, (int)l->pid, why);
     free(l);
     wd_model_released(s, m);
 }

@@ -119,6 +119,21 @@ class ChangedFiles(h.E2ETestCase):
         after = d.stats()["devices"][0]
         self.assertEqual(h.usage_of(after), h.usage_of(before), "the failed load gave everything back")
 
+    def test_a_shard_truncated_during_a_load(self):
+        ckpt = h.copy_checkpoint(h.checkpoint("big"), os.path.join(self.tmp, "big"))
+        shard = h.shard_files(ckpt)[-1]
+        d = self.daemon("--read-threads", "1")
+        before = h.usage_of(d.device(0))
+        loader = self.ctl_bg(d.sock, "load", ckpt, "--name", "big")
+        h.wait_until(lambda: any(j["phase"] == "reading" for j in d.stats()["jobs"]), h.T(30), interval=0.005,
+                     what="the load to read")
+        os.truncate(shard, os.path.getsize(shard) // 2)
+        r = loader.finish(timeout=h.T(120))
+        self.assertEqual(r.rc, 1, r)
+        self.assertRegex(r.err, "file ends at byte|changed size|was modified")
+        self.assertEqual(d.models(), [])
+        self.assertEqual(h.usage_of(d.device(0)), before)
+
     def test_a_shard_replaced_during_a_load_is_not_read(self):
         # A new file renamed over the old: the load goes on reading the file
         # it opened, and verify too.
