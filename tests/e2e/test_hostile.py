@@ -68,7 +68,12 @@ class MemoryErrors(h.E2ETestCase):
     a loop over jobs. A reply too large for a message did it: a request id of
     almost 1 MiB made every reply and event of its request too large."""
 
-    HUGE_ID = "x" * ((1 << 20) - 300)
+    @staticmethod
+    def huge_id(op, args, events):
+        """The longest id with which the request still fits a message (so
+        that the events and replies of the request, longer, do not)."""
+        line = json.dumps({"id": "", "op": op, "args": dict(args, events=True) if events else args}) + "\n"
+        return "x" * ((1 << 20) - len(line.encode()))
 
     def test_a_queued_load_whose_progress_cannot_be_sent(self):
         d = self.daemon("--read-threads", "1")
@@ -76,7 +81,8 @@ class MemoryErrors(h.E2ETestCase):
         running.send_request("load", {"path": h.checkpoint("big"), "name": "big"}, id="big", events=True)
         self.assertEqual(running.recv(timeout=h.T(30)).get("event"), "progress")
         queued = self.raw(d)
-        queued.send_request("load", {"path": h.checkpoint("small"), "name": "q"}, id=self.HUGE_ID, events=True)
+        args = {"path": "/q", "name": "q"}
+        queued.send_request("load", args, id=self.huge_id("load", args, True), events=True)
         r = queued.recv(timeout=h.T(30))
         h.assert_error_reply(self, r, "EINVAL", None)
         self.assertIn("at most 128 bytes", r["error"]["message"])
@@ -91,9 +97,10 @@ class MemoryErrors(h.E2ETestCase):
         running.send_request("load", {"path": h.checkpoint("big"), "name": "big"}, id="big")
         h.wait_until(lambda: d.stats()["jobs"], h.T(30), what="the first load")
         queued = self.raw(d)
-        queued.send_request("load", {"path": h.checkpoint("small"), "name": "q1"}, id=self.HUGE_ID)
-        queued.send_request("load", {"path": h.checkpoint("qwen"), "name": "q2"}, id="q2")
-        h.wait_until(lambda: len(d.stats()["jobs"]) == 2, h.T(30), what="the second load to queue")
+        args = {"path": "/q", "name": "q1"}
+        queued.send_request("load", args, id=self.huge_id("load", args, False))
+        queued.send_request("load", {"path": "/q", "name": "q2"}, id="q2")
+        h.wait_until(lambda: len(d.stats()["jobs"]) >= 2, h.T(30), what="the second load to queue")
         self.assertClean(d, d.stop())
 
 
