@@ -811,11 +811,32 @@ static int sums_begin(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
     return 0;
 }
 
+/* Runs fn on n of the readers and waits for them: 0, the job's error, or
+ * -ECANCELED. */
+static int run_workers(wl_pipeline *p, wl_job *job, void *(*fn)(void *), unsigned n)
+{
+    unsigned started = 0;
+    int rc = 0;
+
+    for (; started < n; started++)
+        if (pthread_create(&p->workers[started].thread, NULL, fn, &p->workers[started])) {
+            rc = wd_error_set(&job->err, -EAGAIN, "cannot start a reader thread");
+            atomic_store(&job->cancel, true);
+            break;
+        }
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(p->workers[i].thread, NULL);
+    if (!rc && job->err.code)
+        rc = job->err.code;
+    if (!rc && atomic_load(&job->cancel))
+        rc = wd_error_set(&job->err, -ECANCELED, "cancelled");
+    return rc;
+}
+
 /* Each reader takes tensors in turn and checks every copy of each. */
 static int run_quick(wl_pipeline *p, wl_job *job)
 {
     const wl_checkpoint *ck = job->ckpt;
-    unsigned started = 0;
     int rc = 0;
 
     if (!job->sums || !(p->tensor_dests = malloc((ck->n_tensors + 1) * sizeof *p->tensor_dests))) {
@@ -833,18 +854,7 @@ static int run_quick(wl_pipeline *p, wl_job *job)
             rc = wd_error_set(&job->err, -ENOMEM, "out of host memory");
             goto out;
         }
-    for (; started < p->threads; started++)
-        if (pthread_create(&p->workers[started].thread, NULL, quick_main, &p->workers[started])) {
-            rc = wd_error_set(&job->err, -EAGAIN, "cannot start a reader thread");
-            atomic_store(&job->cancel, true);
-            break;
-        }
-    for (unsigned i = 0; i < started; i++)
-        pthread_join(p->workers[i].thread, NULL);
-    if (!rc && job->err.code)
-        rc = job->err.code;
-    if (!rc && atomic_load(&job->cancel))
-        rc = wd_error_set(&job->err, -ECANCELED, "cancelled");
+    rc = run_workers(p, job, quick_main, p->threads);
 out:
     free(p->tensor_dests);
     p->tensor_dests = NULL;
@@ -855,7 +865,6 @@ out:
 int wl_job_run(wl_pipeline *p, wl_job *job)
 {
     const wl_checkpoint *ck = job->ckpt;
-    unsigned started = 0;
     int rc;
 
     p->job = job;
@@ -877,18 +886,7 @@ int wl_job_run(wl_pipeline *p, wl_job *job)
             empty += !job->dest[d].len;
         atomic_fetch_add(&job->tensors_done, empty);
     }
-    for (; started < p->threads && started < p->n_chunks; started++)
-        if (pthread_create(&p->workers[started].thread, NULL, worker_main, &p->workers[started])) {
-            rc = wd_error_set(&job->err, -EAGAIN, "cannot start a reader thread");
-            atomic_store(&job->cancel, true);
-            break;
-        }
-    for (unsigned i = 0; i < started; i++)
-        pthread_join(p->workers[i].thread, NULL);
-    if (!rc && job->err.code)
-        rc = job->err.code;
-    if (!rc && atomic_load(&job->cancel))
-        rc = wd_error_set(&job->err, -ECANCELED, "cancelled");
+    rc = run_workers(p, job, worker_main, p->n_chunks < p->threads ? (unsigned)p->n_chunks : p->threads);
     for (size_t s = 0; !rc && s < ck->n_shards; s++) {
         struct stat st;
         if (fstat(p->fd[s], &st) < 0)

@@ -16,7 +16,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import unittest
 
 from . import harness as h

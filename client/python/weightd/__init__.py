@@ -742,24 +742,6 @@ class Attachment(collections.abc.Mapping):
         self._tensors = {}
         self._map.close()
 
-    def _connect(self, timeout):
-        """Connects, waiting (up to timeout) while the daemon's listen queue
-        is full, as weightctl does, rather than failing at once."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            try:
-                self._sock.settimeout(timeout)
-                self._sock.connect(self.path)
-                return
-            except (BlockingIOError, InterruptedError):
-                # EAGAIN from a Unix socket: its backlog is full right now.
-                if deadline is not None and time.monotonic() + delay > deadline:
-                    raise TimeoutError("weightd at %s does not accept connections (its queue is full)"
-                                       % self.path) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.2)
-
     def __enter__(self):
         return self
 
