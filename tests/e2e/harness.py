@@ -129,6 +129,13 @@ def fd_count(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+def settled_fds(d):
+    """The daemon's descriptor count once the connections of earlier
+    commands have closed (only the one asking is left)."""
+    wait_until(lambda: d.stats()["connections"] == 1, T(10), what="connections to settle")
+    return fd_count(d.pid)
+
+
 def can_connect(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -269,7 +269,7 @@ class Attach(h.E2ETestCase):
         # The table in many messages (a slab per tensor, on classic segments):
         # the worker dies with some descriptors in hand and the rest queued.
         d = self.loaded("--slab-size", "1", "--load-alloc-conf", "max_split_size_mb:20", path=self.qwen)
-        base = settled_fds(d)
+        base = h.settled_fds(d)
         script = ("import socket, sys, os, signal\n"
                   "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
                   "s.sendall(b'{\"id\":1,\"op\":\"hello\",\"args\":{\"version\":\"1.0\"}}\\n"
@@ -334,7 +334,7 @@ class Attach(h.E2ETestCase):
 
     def test_300_attach_detach_cycles_leave_descriptor_counts_as_they_were(self):
         d = self.loaded()
-        base = settled_fds(d)
+        base = h.settled_fds(d)
         res = worker_json(self, d, "cycles", "m", 300, timeout=h.T(300))
         self.assertEqual(res["after"], res["before"], "the worker's descriptors")
         self.assertEqual(res["leases"], 0)
@@ -587,7 +587,7 @@ class HostilePeers(h.E2ETestCase):
         d = self.loaded("--slab-size", "4MiB", "--load-alloc-conf", "max_split_size_mb:20")
         per_attach = d.ctl_json("attach", "m").json["descriptors"]
         self.assertGreater(per_attach, 4)
-        base = settled_fds(d)
+        base = h.settled_fds(d)
         first = max([0] + [l["lease"] for l in d.ctl_json("leases").json["leases"]]) + 2
         c = RawAttach(d.sock)
         self.addCleanup(c.close)
@@ -646,13 +646,6 @@ def read_tensor(path, name):
                 f.seek(base + b)
                 return f.read(e - b)
     raise KeyError(name)
-
-
-def settled_fds(d):
-    """The daemon's descriptor count once the connections of earlier
-    commands have closed (only the one asking is left)."""
-    h.wait_until(lambda: d.stats()["connections"] == 1, h.T(10), what="connections to settle")
-    return h.fd_count(d.pid)
 
 
 def proc_name(pid):

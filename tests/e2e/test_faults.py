@@ -79,7 +79,7 @@ class Faults(h.E2ETestCase):
                 if "event" not in m:
                     break
         h.wait_until(lambda: not d.ctl_json("leases").json["leases"], h.T(10), what="the lease to end")
-        fds0, before = h.fd_count(d.pid), d.stats()["devices"]
+        fds0, before = h.settled_fds(d), d.stats()["devices"]
         script = r"""
 import json, os, signal, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
@@ -99,7 +99,7 @@ os.kill(os.getpid(), signal.SIGKILL)
                 p = subprocess.run([sys.executable, "-c", script, d.sock, str(k)], capture_output=True, timeout=h.T(30))
                 self.assertEqual(p.returncode, -signal.SIGKILL, p.stderr)
                 h.wait_until(lambda: not d.ctl_json("leases").json["leases"], h.T(10), what="the lease to end")
-                h.wait_until(lambda: h.fd_count(d.pid) == fds0, h.T(10), what="the descriptors to come back")
+                h.wait_until(lambda: h.settled_fds(d) == fds0, h.T(10), what="the descriptors to come back")
                 self.assertEqual(d.stats()["devices"][0]["reserved_bytes"], before[0]["reserved_bytes"])
         # killed while it holds its mappings, at random moments
         rng = random.Random(5)
@@ -109,7 +109,7 @@ os.kill(os.getpid(), signal.SIGKILL)
             p.proc.kill()
             p.proc.wait()
             h.wait_until(lambda: not d.ctl_json("leases").json["leases"], h.T(10), what="the lease to end")
-        h.wait_until(lambda: h.fd_count(d.pid) == fds0, h.T(10), what="the descriptors to come back")
+        h.wait_until(lambda: h.settled_fds(d) == fds0, h.T(10), what="the descriptors to come back")
         r = d.ctl_json("attach", "m", "--verify")
         self.assertEqual((r.rc, r.json["match"]), (0, True), r)
         self.assertClean(d, d.stop())
