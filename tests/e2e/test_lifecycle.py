@@ -142,9 +142,17 @@ class CleanStops(h.E2ETestCase):
         queued.send_request("load", {"path": h.checkpoint("small"), "name": "q"}, id="q", events=True)
         h.wait_until(lambda: len(d.stats()["jobs"]) == 2, h.T(30), what="the second load to queue")
         queued.sock.shutdown(socket.SHUT_RD)
-        h.wait_until(lambda: len(d.stats()["jobs"]) == 1, h.T(30), what="the queued load to go with its client")
+        def queued_gone():
+            jobs = d.stats()["jobs"]
+            if any(j["model"] == "q" for j in jobs):
+                return None
+            return {"big_still_loading": any(j["model"] == "big" for j in jobs)}
+        seen = h.wait_until(queued_gone, h.T(30), what="the queued load to go with its client")
         self.assertTrue(running.reply_to("big", timeout=h.T(120))["ok"])
-        self.assertEqual([m["name"] for m in d.models()], ["big"])
+        # (on a slow machine "big" may end first, and "q" load before a tick
+        # finds its client gone: then both are there)
+        if seen["big_still_loading"]:
+            self.assertEqual([m["name"] for m in d.models()], ["big"])
         self.assertClean(d, d.stop())
 
     def test_a_stop_with_two_queued_loads_of_a_client_that_cannot_take_replies(self):
