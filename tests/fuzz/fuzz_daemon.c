@@ -58,7 +58,8 @@
  * - every 50 inputs (env WD_FUZZ_CHECK_EVERY=N: every N; 0: never), with
  *   every model removed and the caches emptied, each device holds no byte
  *   (allocated and reserved) and the process has the descriptors it had at
- *   the start in that state;
+ *   the start in that state (the same numbers, each the same thing; those
+ *   libFuzzer opens itself later, its merge's control file, are left out);
  * - a shutdown stops the daemon completely: every libuv handle is closed
  *   within 5 s (what main() checks with uv_loop_close);
  * - ASan, UBSan and LSan.
@@ -123,7 +124,6 @@ static wd_config conf;
 static wd_server srv;
 static char sock_path[108];
 static wa_config base_policy;
-static int fd_baseline = -1;
 static unsigned long inputs;
 static unsigned long check_every = 50;
 static bool verbose; /* env WD_FUZZ_VERBOSE: every line received, on stderr */
@@ -273,37 +273,76 @@ static void write_checkpoints(void)
 
 /* ---- the loop ---------------------------------------------------------------- */
 
-static int fd_count(void)
-{
-    DIR *d = opendir("/proc/self/fd");
-    int n = 0;
+/* The process's descriptors: number and what each is (readlink). */
+typedef struct fd_entry {
+    int fd;
+    char what[128];
+} fd_entry;
 
-    if (!d)
-        return -1;
-    while (readdir(d))
-        n++;
-    closedir(d);
-    return n;
+static fd_entry fd_base[256];
+static size_t n_fd_base;
+
+static bool fd_ignored(const char *what)
+{
+    /* libFuzzer's own files (the merge's control file, fork mode's logs),
+     * opened after the baseline; and the listing's own directory. */
+    return strncmp(what, "/tmp/libFuzzerTemp", 18) == 0 || strncmp(what, "/proc/", 6) == 0;
 }
 
-/* What each open descriptor is, on stderr: for the report of a leak. */
-static void fd_list(void)
+static size_t fd_snapshot(fd_entry *out, size_t cap)
 {
     DIR *d = opendir("/proc/self/fd");
     struct dirent *e;
+    size_t n = 0;
 
     while (d && (e = readdir(d))) {
-        char path[300], target[256];
-        ssize_t n;
+        char path[300];
+        ssize_t len;
         if (e->d_name[0] == '.')
             continue;
         snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
-        n = readlink(path, target, sizeof target - 1);
-        target[n > 0 ? n : 0] = '\0';
-        fprintf(stderr, "  fd %s -> %s\n", e->d_name, target);
+        FZ_CHECK(n < cap, "more than %zu descriptors open", cap);
+        out[n].fd = atoi(e->d_name);
+        len = readlink(path, out[n].what, sizeof out[n].what - 1);
+        out[n].what[len > 0 ? len : 0] = '\0';
+        /* "socket:[123]": the kind, not the inode (a restart's listening
+         * socket is a new one at the same number). */
+        if (strncmp(out[n].what, "socket:", 7) == 0 || strncmp(out[n].what, "pipe:", 5) == 0)
+            out[n].what[strcspn(out[n].what, ":")] = '\0';
+        if (!fd_ignored(out[n].what))
+            n++;
     }
     if (d)
         closedir(d);
+    return n;
+}
+
+static bool fd_in(const fd_entry *set, size_t n, const fd_entry *e)
+{
+    for (size_t i = 0; i < n; i++)
+        if (set[i].fd == e->fd && strcmp(set[i].what, e->what) == 0)
+            return true;
+    return false;
+}
+
+/* The descriptors are those of the baseline: none more (a leak), none
+ * fewer (closed twice, or closed under someone else). */
+static void fd_check(void)
+{
+    static fd_entry now[4096];
+    size_t n = fd_snapshot(now, sizeof now / sizeof now[0]), extra = 0, missing = 0;
+
+    for (size_t i = 0; i < n; i++)
+        if (!fd_in(fd_base, n_fd_base, &now[i])) {
+            fprintf(stderr, "  fd %d -> %s: not open at the start\n", now[i].fd, now[i].what);
+            extra++;
+        }
+    for (size_t i = 0; i < n_fd_base; i++)
+        if (!fd_in(now, n, &fd_base[i])) {
+            fprintf(stderr, "  fd %d -> %s: open at the start, closed now\n", fd_base[i].fd, fd_base[i].what);
+            missing++;
+        }
+    FZ_CHECK(!extra && !missing, "with no model: %zu descriptors more than at the start, %zu fewer", extra, missing);
 }
 
 /* One turn of the loop: waits at most max_ms for the loop's descriptors
@@ -404,7 +443,6 @@ static void restore(void)
     }
     FZ_CHECK(wa_check(srv.alloc, &err) == 0, "allocator: %s", wd_error_text(&err));
     if (check_every && ++inputs % check_every == 0) {
-        int n;
         strip_models();
         for (int d = 0; d < wa_device_count(srv.alloc); d++) {
             wa_stats st;
@@ -413,10 +451,7 @@ static void restore(void)
                      "device %d holds %llu bytes allocated, %llu reserved with no model", d,
                      (unsigned long long)st.allocated_bytes.current, (unsigned long long)st.reserved_bytes.current);
         }
-        n = fd_count();
-        if (n != fd_baseline)
-            fd_list();
-        FZ_CHECK(n == fd_baseline, "%d descriptors open with no model, %d at the start", n, fd_baseline);
+        fd_check();
     }
     for (size_t i = 0; i < N_WANTED; i++) {
         wd_model *m = wd_registry_find(&srv, wanted[i].name);
@@ -462,7 +497,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         __sanitizer_symbolize_pc(__builtin_return_address(0), "%p %F %L", where, sizeof where);
     }
     strip_models();
-    fd_baseline = fd_count();
+    n_fd_base = fd_snapshot(fd_base, sizeof fd_base / sizeof fd_base[0]);
     for (size_t i = 0; i < N_WANTED; i++)
         load_wanted(&wanted[i]);
     return 0;
