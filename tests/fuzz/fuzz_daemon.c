@@ -282,11 +282,14 @@ typedef struct fd_entry {
 static fd_entry fd_base[256];
 static size_t n_fd_base;
 
+static char merge_control[4096]; /* -merge_control_file, when libFuzzer was given one */
+
 static bool fd_ignored(const char *what)
 {
     /* libFuzzer's own files (the merge's control file, fork mode's logs),
      * opened after the baseline; and the listing's own directory. */
-    return strncmp(what, "/tmp/libFuzzerTemp", 18) == 0 || strncmp(what, "/proc/", 6) == 0;
+    return strncmp(what, "/tmp/libFuzzerTemp", 18) == 0 || strncmp(what, "/proc/", 6) == 0 ||
+           (merge_control[0] && strcmp(what, merge_control) == 0);
 }
 
 static size_t fd_snapshot(fd_entry *out, size_t cap)
@@ -472,8 +475,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                     "--attach-writable", "on", NULL};
     wd_error err = {0};
     const char *every = getenv("WD_FUZZ_CHECK_EVERY");
-    (void)argc;
-    (void)argv;
+    for (int i = 1; i < *argc; i++)
+        if (strncmp((*argv)[i], "-merge_control_file=", 20) == 0 && !realpath((*argv)[i] + 20, merge_control))
+            snprintf(merge_control, sizeof merge_control, "%s", (*argv)[i] + 20);
 
     signal(SIGPIPE, SIG_IGN);
     if (every)
