@@ -11,8 +11,15 @@
  *                                     0-dim one among them)
  *   /tmp/weightd-fuzz/moe/            an index and 2 shards: per-expert and
  *                                     fused expert tensors, 9 tensors
+ *   /tmp/weightd-fuzz/big.safetensors 64 MiB and 16 bytes, a sparse file:
+ *                                     a slab this large takes the host
+ *                                     backend more than one allocation
+ *                                     step (2 ms), so its load allocates
+ *                                     beside its reads (jobs.c's
+ *                                     on_alloc_idle), and can fail there
  * and starts a wd_server (host backend, 2 devices of 256 MiB, a socket of
- * its own per process, --attach-writable on) on a uv loop that the harness
+ * its own per process, --attach-writable on, --admin-uids 65534) on a uv
+ * loop that the harness
  * runs, then loads "m" (device 0) and "moe" (devices 0 and 1,
  * expert-parallel) through wd_load_start, as a load request would.
  *
@@ -26,8 +33,11 @@
  *            bit 4     the peer reads its replies as they come (else only
  *                      once it has sent everything and shut down)
  *            bit 5     patient: the peer waits until every request is
- *                      answered before it shuts its side (250 ms at most
- *                      for the whole input)
+ *                      answered before it shuts its side (100 ms at most
+ *                      for the whole input, or 1 s while loads or
+ *                      verifies run; meanwhile the daemon's tick, 200 ms,
+ *                      comes every 5 ms, so that a forced unload's wait
+ *                      can end in that time)
  *            bit 6     the peer is a reader (the harness marks the daemon's
  *                      connection as uid 65534, role reader, right after the
  *                      accept; it is the daemon's own user otherwise, an
@@ -35,8 +45,11 @@
  *            bit 7     one line at a time: each line is written alone and
  *                      the loop runs until the daemon has read it (and, when
  *                      patient, answered it) before the next
- *   byte 1   the line (its index, modulo the number of lines) on whose
- *            first byte the descriptors travel
+ *   byte 1   bits 0-6: the line (its index, modulo the number of lines)
+ *            on whose first byte the descriptors travel; bit 7: the peer
+ *            is uid 65534, an administrator by --admin-uids (not the
+ *            daemon's own user: it may not load a path without its files,
+ *            nor attach writable), unless bit 6 of byte 0 makes it a reader
  *   the rest the bytes the peer writes: a stream of request lines.
  * The peer then shuts down its writing side, reads and checks what comes
  * until the daemon closes the connection, and closes it. The loop is run
@@ -103,6 +116,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define FZ_DIR "/tmp/weightd-fuzz"
 #define CKPT_ONE FZ_DIR "/m.safetensors"
 #define CKPT_MOE FZ_DIR "/moe"
+#define CKPT_BIG FZ_DIR "/big.safetensors"
+#define BIG_BYTES (64u << 20)
 #define MOE_INDEX CKPT_MOE "/model.safetensors.index.json"
 #define MOE_SHARD1 CKPT_MOE "/model-00001-of-00002.safetensors"
 #define MOE_SHARD2 CKPT_MOE "/model-00002-of-00002.safetensors"
@@ -113,8 +128,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define F_PATIENT 0x20
 #define F_READER 0x40
 #define F_LINES 0x80
+#define B_OTHER_UID 0x80 /* in byte 1 */
 
-#define PATIENT_SECONDS 0.25 /* in all, per input; a forced unload's wait of 0 ends at the next tick (200 ms) */
+#define PATIENT_SECONDS 0.1  /* in all, per input, while no job runs */
+#define PATIENT_MAX_SECONDS 1.0 /* with jobs running */
+#define TICK_HURRY_MS 5      /* the daemon's tick while a patient peer waits */
 #define CLOSE_SECONDS 2.0    /* the daemon closes a connection whose peer shut down */
 #define JOBS_SECONDS 3.0     /* cancelled jobs end */
 #define STOP_SECONDS 5.0     /* a stop finishes */
@@ -213,6 +231,59 @@ static void put_file(const char *path, const void *data, size_t len)
     FZ_CHECK(rename(tmp, path) == 0, "cannot rename %s", tmp);
 }
 
+/* A checkpoint of one 64 MiB U8 tensor and a small one, the data a hole. */
+static void put_big(void)
+{
+    char hdr[256], tmp[256];
+    int n = snprintf(hdr, sizeof hdr,
+                     "{\"big.weight\":{\"dtype\":\"U8\",\"shape\":[%u],\"data_offsets\":[0,%u]},"
+                     "\"big.bias\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[%u,%u]}}",
+                     BIG_BYTES, BIG_BYTES, BIG_BYTES, BIG_BYTES + 16);
+    uint8_t prefix[8 + sizeof hdr];
+    struct stat st;
+    int fd;
+
+    while (n % 8)
+        hdr[n++] = ' ';
+    for (int k = 0; k < 8; k++)
+        prefix[k] = (uint8_t)((uint64_t)n >> (8 * k));
+    memcpy(prefix + 8, hdr, (size_t)n);
+    if ((fd = open(CKPT_BIG, O_RDONLY | O_CLOEXEC)) >= 0) {
+        uint8_t old[sizeof prefix];
+        bool same = fstat(fd, &st) == 0 && st.st_size == (off_t)(8 + n + BIG_BYTES + 16) &&
+                    pread(fd, old, (size_t)(8 + n), 0) == 8 + n && memcmp(old, prefix, (size_t)(8 + n)) == 0;
+        close(fd);
+        if (same)
+            return;
+    }
+    snprintf(tmp, sizeof tmp, "%s.tmp%d", CKPT_BIG, (int)getpid());
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    FZ_CHECK(fd >= 0 && write(fd, prefix, (size_t)(8 + n)) == 8 + n &&
+                 ftruncate(fd, (off_t)(8 + n + BIG_BYTES + 16)) == 0 && close(fd) == 0,
+             "cannot write %s", tmp);
+    FZ_CHECK(rename(tmp, CKPT_BIG) == 0, "cannot rename %s", tmp);
+}
+
+/* Sockets of harness processes that are gone (an abort skips atexit). */
+static void remove_stale_sockets(void)
+{
+    DIR *d = opendir(FZ_DIR);
+    struct dirent *e;
+
+    while (d && (e = readdir(d))) {
+        int pid;
+        char path[300];
+        if (sscanf(e->d_name, "d%d.sock", &pid) != 1 || (kill(pid, 0) == -1 && errno != ESRCH))
+            continue;
+        if (kill(pid, 0) == 0)
+            continue;
+        snprintf(path, sizeof path, FZ_DIR "/%s", e->d_name);
+        unlink(path);
+    }
+    if (d)
+        closedir(d);
+}
+
 static void write_checkpoints(void)
 {
     static const tspec one[] = {
@@ -267,6 +338,8 @@ static void write_checkpoints(void)
     n += (size_t)snprintf(index + n, sizeof index - n, "}}\n");
     FZ_CHECK(n < sizeof index, "index too large");
     put_file(MOE_INDEX, index, n);
+    put_big();
+    remove_stale_sockets();
     flock(lock, LOCK_UN);
     close(lock);
 }
@@ -472,7 +545,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     char *args[] = {"weightd", "--backend", "host", "--host-devices", "2", "--host-capacity", "256MiB",
                     "--socket", sock_path, "--log-level", "error", "--read-threads", "2",
-                    "--attach-writable", "on", NULL};
+                    "--attach-writable", "on", "--admin-uids", "65534", NULL};
     wd_error err = {0};
     const char *every = getenv("WD_FUZZ_CHECK_EVERY");
     for (int i = 1; i < *argc; i++)
@@ -745,12 +818,27 @@ static void peer_write(peer *p, const uint8_t *data, size_t len, const int *fds,
     }
 }
 
-/* Runs the loop until cond (or `seconds` pass), reading when asked. */
-static void run_until(peer *p, bool reads, double seconds, bool (*cond)(uint64_t), uint64_t serial)
+/* The daemon's next tick within TICK_HURRY_MS: progress events, forced
+ * unloads whose wait is over, timeouts (a tick may come at any time). */
+static void hurry_tick(void)
+{
+    if (!srv.stopping && uv_is_active((uv_handle_t *)&srv.tick) && uv_timer_get_due_in(&srv.tick) > TICK_HURRY_MS) {
+        uint64_t repeat = uv_timer_get_repeat(&srv.tick);
+        uv_timer_set_repeat(&srv.tick, TICK_HURRY_MS);
+        uv_timer_again(&srv.tick);
+        uv_timer_set_repeat(&srv.tick, repeat);
+    }
+}
+
+/* Runs the loop until cond (or `seconds` pass), reading when asked;
+ * hurry: with the daemon's tick every TICK_HURRY_MS. */
+static void run_until(peer *p, bool reads, double seconds, bool (*cond)(uint64_t), uint64_t serial, bool hurry)
 {
     double until = wd_now() + seconds;
 
     while (!cond(serial) && wd_now() < until) {
+        if (hurry)
+            hurry_tick();
         turn(reads ? p->fd : -1, 2);
         if (reads)
             peer_read(p);
@@ -762,10 +850,15 @@ static bool conn_gone(uint64_t serial)
     return conn_of(serial) == NULL;
 }
 
+static double patience, patience_max; /* the patient peer's deadlines */
+
+/* Every request answered, or patience over (jobs running extend it). */
 static bool conn_answered(uint64_t serial)
 {
     wd_conn *c = conn_of(serial);
-    return !c || !c->pending;
+    double now = wd_now();
+
+    return !c || !c->pending || now >= patience_max || (now >= patience && !srv.jobs_running);
 }
 
 /* The daemon has read every byte sent so far (or is not reading now). */
@@ -774,8 +867,8 @@ static bool conn_drained(uint64_t serial)
     wd_conn *c = conn_of(serial);
     int unread = 0;
 
-    if (!c || c->closing || c->broken || c->wr.queued >= (1u << 20))
-        return true;
+    if (!c || c->closing || c->broken || c->wr.queued >= (1u << 20) || c->wr.queued_fds >= 256)
+        return true; /* not reading now (server.c's conn_paused) */
     return ioctl(c->fd, FIONREAD, &unread) == 0 && unread == 0;
 }
 
@@ -810,17 +903,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     bool reads, patient;
     uint64_t serial;
     wd_conn *c;
-    double until, patience = wd_now() + PATIENT_SECONDS;
+    double until;
 
     if (size < 2)
         return 0;
     flags = data[0];
-    fd_line = data[1];
+    fd_line = data[1] & 0x7f;
     stream = data + 2;
     len = size - 2;
     reads = flags & F_READS;
     patient = flags & F_PATIENT;
     next_lease_id = 1;
+    patience = wd_now() + PATIENT_SECONDS;
+    patience_max = wd_now() + PATIENT_MAX_SECONDS;
 
     /* Where the descriptors go: the first byte of line fd_line. */
     for (size_t i = 0; i < len; i++)
@@ -844,10 +939,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     FZ_CHECK(srv.conns && srv.n_conns == 1, "the daemon did not accept the connection");
     c = srv.conns;
     serial = c->serial;
-    if (flags & F_READER) {
+    if (flags & F_READER || data[1] & B_OTHER_UID) {
         c->uid = 65534;
         c->gid = 65534;
-        c->role = WD_ROLE_READER;
+        c->role = flags & F_READER ? WD_ROLE_READER : WD_ROLE_ADMIN;
     }
 
     n_fds = make_fds(flags, fds);
@@ -863,25 +958,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             size_t end = nl ? (size_t)(nl - stream) + 1 : len;
             bool here = n_fds && start == fd_at;
             peer_write(&p, stream + start, end - start, fds, here ? n_fds : 0, reads);
-            run_until(&p, reads, 0.05, conn_drained, serial);
-            if (patient && wd_now() < patience)
-                run_until(&p, reads, patience - wd_now(), conn_answered, serial);
+            run_until(&p, reads, 0.05, conn_drained, serial, false);
+            if (patient)
+                run_until(&p, reads, PATIENT_MAX_SECONDS, conn_answered, serial, true);
             start = end;
         }
     } else {
         peer_write(&p, stream, fd_at, NULL, 0, reads);
         peer_write(&p, stream + fd_at, len - fd_at, fds, n_fds, reads);
-        run_until(&p, reads, 0.05, conn_drained, serial);
-        if (patient && wd_now() < patience)
-            run_until(&p, reads, patience - wd_now(), conn_answered, serial);
+        run_until(&p, reads, 0.05, conn_drained, serial, false);
+        if (patient)
+            run_until(&p, reads, PATIENT_MAX_SECONDS, conn_answered, serial, true);
     }
     for (size_t i = 0; i < n_fds; i++)
         close(fds[i]);
 
     shutdown(p.fd, SHUT_WR);
     if (!reads) /* let it answer into a socket nobody reads, for a while */
-        run_until(&p, false, 0.005, conn_gone, serial);
-    run_until(&p, true, CLOSE_SECONDS, conn_gone, serial);
+        run_until(&p, false, 0.001, conn_gone, serial, false);
+    run_until(&p, true, CLOSE_SECONDS, conn_gone, serial, false);
     FZ_CHECK(conn_gone(serial), "the daemon kept the connection %.1f s after its peer shut down", CLOSE_SECONDS);
     /* What it sent before it closed, to the end. */
     until = wd_now() + CLOSE_SECONDS;

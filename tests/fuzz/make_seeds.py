@@ -266,7 +266,9 @@ def attach_seeds():
 # fuzz_daemon's flags (fuzz_daemon.c): descriptors (count, kind), then how the peer behaves.
 D_FDS = lambda n, kind=0: n | kind << 2
 D_READS, D_PATIENT, D_READER, D_LINES = 0x10, 0x20, 0x40, 0x80
+D_OTHER_UID = 0x80  # in the second byte
 D_ONE = "/tmp/weightd-fuzz/m.safetensors"
+D_BIG = "/tmp/weightd-fuzz/big.safetensors"
 D_MOE = "/tmp/weightd-fuzz/moe"
 D_MOE_FILES = [D_MOE + "/model.safetensors.index.json", D_MOE + "/model-00001-of-00002.safetensors",
                D_MOE + "/model-00002-of-00002.safetensors"]
@@ -404,6 +406,25 @@ def daemon_seeds():
     s.append(daemon_input(0, [("info", {"name": "moe"})] * 40 + [("attach", {"name": "moe"})] * 10))
     # descriptors on a request that takes none
     s.append(daemon_input(RP | D_FDS(2, 1), [("list", None), ("stats", None)], fd_line=1))
+    # the 64 MiB checkpoint: slabs allocated beside the reads; a device filled
+    # up, then a load whose second slab does not fit (found while it reads)
+    s.append(daemon_input(RP | D_LINES, [("load", {"path": D_BIG, "devices": [0, 1], "events": True}),
+                                         ("info", {"name": "big"}), ("verify", {"name": "big", "quick": True}),
+                                         ("attach", {"name": "big", "device": 1}), ("stats", None),
+                                         ("unload", {"name": "big", "force": True, "wait": 0}),
+                                         ("detach", {"lease": 1})]))
+    s.append(daemon_input(RP | D_LINES, [("load", {"path": D_BIG, "name": "b%d" % i, "device": 1})
+                                         for i in range(1, 4)] +
+                          [("load", {"path": D_BIG, "devices": [0, 1]}), ("stats", None)]))
+    s.append(daemon_input(D_READS, [("load", {"path": D_BIG, "events": True}), ("stats", None),
+                                    ("policy", {"conf": "max_split_size_mb:64"}), ("attach", {"name": "big"})]))
+    # an administrator by --admin-uids that is not the daemon's user
+    s.append(bytes([RP, D_OTHER_UID]) + daemon_input(0, [("load", {"path": D_ONE, "name": "o"}),
+                                                         ("attach", {"name": "m", "writable": True}),
+                                                         ("leases", None), ("snapshot", None)])[2:])
+    s.append(bytes([RP | D_FDS(1), D_OTHER_UID | 1]) +
+             daemon_input(0, [("load", {"path": D_ONE, "name": "of", "files": [D_ONE]}),
+                              ("attach", {"name": "of"}), ("leases", None)])[2:])
     return s
 
 
