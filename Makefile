@@ -259,16 +259,21 @@ FUZZ_OUT     := build/fuzz
 FUZZ_SECONDS ?= 60
 FUZZ_FLAGS   ?=
 FUZZ_CFLAGS  := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -g -O1 -std=gnu11 \
-                -D_GNU_SOURCE -Wall -Wextra -I. $(shell pkg-config --cflags libcjson 2>/dev/null)
-FUZZ_LIBS    := $(shell pkg-config --libs libcjson 2>/dev/null)
-FUZZ_SRC     := loader/safetensors.c loader/checkpoint.c common/errors.c common/size.c proto/framing.c \
-                proto/message.c client/client.c client/attach.c
+                -D_GNU_SOURCE -Wall -Wextra -I. $(shell pkg-config --cflags libcjson libxxhash 2>/dev/null)
+FUZZ_LIBS    := $(shell pkg-config --libs libcjson libxxhash 2>/dev/null)
+# client/attach.c hashes tensors (wdc_tensor_checksum): common/checksum.c, libxxhash.
+FUZZ_SRC     := loader/safetensors.c loader/checkpoint.c common/errors.c common/size.c common/checksum.c \
+                proto/framing.c proto/message.c client/client.c client/attach.c
 FUZZ_DEPS    := $(FUZZ_SRC) loader/safetensors.h loader/checkpoint.h common/errors.h common/size.h \
-                proto/proto.h client/internal.h client/weightd-client.h tests/fuzz/fuzz_check.h Makefile
+                common/checksum.h proto/proto.h client/internal.h client/weightd-client.h \
+                tests/fuzz/fuzz_check.h Makefile
 # Each harness with its -max_len: a whole-file image of a few tensors; an
 # archive of up to 8 such files; a connection's worth of requests; an attach
 # stream as a daemon sends it (the host backend's: the fuzz build has no CUDA).
-FUZZ_HARNESSES := header:4096 discovery:8192 proto:8192 attach:16384
+# fuzz_daemon: a connection's request stream (after 2 bytes of flags) to a
+# real wd_server; it runs every daemon source but main.c and lease.c (which
+# the harness includes), the allocator, the loader, proto/ and common/.
+FUZZ_HARNESSES := header:4096 discovery:8192 proto:8192 attach:16384 daemon:8192
 
 .PHONY: fuzz fuzz-run
 fuzz: $(foreach hm,$(FUZZ_HARNESSES),$(FUZZ_OUT)/fuzz_$(firstword $(subst :, ,$(hm))))
@@ -276,6 +281,28 @@ fuzz: $(foreach hm,$(FUZZ_HARNESSES),$(FUZZ_OUT)/fuzz_$(firstword $(subst :, ,$(
 $(FUZZ_OUT)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DEPS)
 	@mkdir -p $(dir $@)
 	$(call msg,FUZZCC,$@)$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $< $(FUZZ_SRC) $(FUZZ_LIBS)
+
+# The daemon's sources as objects of their own (there are many), without
+# CUDA: the host backend is what the harness runs.
+FUZZ_DAEMON_SRC := $(filter-out daemon/lease.c,$(DAEMON_SRC)) \
+                   $(filter-out $(CUDA_SRC),$(wildcard allocator/*.c)) $(LOADER_SRC) $(PROTO_SRC) \
+                   $(filter-out $(CUDA_SRC),$(wildcard common/*.c))
+FUZZ_DAEMON_SRC := $(filter-out allocator/replay.c,$(FUZZ_DAEMON_SRC))
+FUZZ_DAEMON_OBJ := $(patsubst %.c,$(FUZZ_OUT)/obj/%.o,$(FUZZ_DAEMON_SRC))
+FUZZ_DAEMON_LIBS := $(shell pkg-config --libs libuv libcjson libsystemd libxxhash 2>/dev/null) -lpthread -lm -ldl
+
+$(FUZZ_OUT)/obj/%.o: %.c Makefile
+	@mkdir -p $(dir $@)
+	$(call msg,FUZZCC,$@)$(FUZZ_CC) $(FUZZ_CFLAGS) -DWD_VERSION='"$(VERSION)"' \
+	    $(shell pkg-config --cflags libuv libsystemd 2>/dev/null) -MMD -MP -c $< -o $@
+
+$(FUZZ_OUT)/fuzz_daemon: tests/fuzz/fuzz_daemon.c $(FUZZ_DAEMON_OBJ) tests/fuzz/fuzz_check.h Makefile
+	@mkdir -p $(dir $@)
+	$(call msg,FUZZCC,$@)$(FUZZ_CC) $(FUZZ_CFLAGS) -DWD_VERSION='"$(VERSION)"' \
+	    $(shell pkg-config --cflags libuv libsystemd 2>/dev/null) -MMD -MP -o $@ $< $(FUZZ_DAEMON_OBJ) \
+	    $(FUZZ_DAEMON_LIBS)
+
+-include $(shell find $(FUZZ_OUT) -name '*.d' 2>/dev/null)
 
 # Each harness works on its own corpus in build/fuzz/corpus/NAME (new inputs
 # go there), seeded from tests/fuzz/corpus/NAME and tests/fuzz/regressions/NAME,

@@ -16,6 +16,12 @@ OUT/attach/     inputs of fuzz_attach: a byte (how many 64 KiB memfds come
                 with the stream), then an attach stream as the daemon sends it
                 on the host backend (devices, descriptors, handles, tensors,
                 the reply), whole, cut short, or with one rule broken.
+OUT/daemon/     inputs of fuzz_daemon: a flags byte and a line byte (the
+                format is in fuzz_daemon.c), then a connection's requests to a
+                real daemon holding the harness's models "m" and "moe": hello
+                first, at least one valid stream per operation, descriptors
+                for load's "files", forced unloads, a reader's refusals, and
+                wrong types for every operation's arguments.
 
 Files are named by the SHA-1 of their contents, as libFuzzer names what it
 adds, so running this again next to a merged corpus adds nothing twice.
@@ -257,6 +263,171 @@ def attach_seeds():
     return s
 
 
+# fuzz_daemon's flags (fuzz_daemon.c): descriptors (count, kind), then how the peer behaves.
+D_FDS = lambda n, kind=0: n | kind << 2
+D_READS, D_PATIENT, D_READER, D_LINES = 0x10, 0x20, 0x40, 0x80
+D_OTHER_UID = 0x80  # in the second byte
+D_ONE = "/tmp/weightd-fuzz/m.safetensors"
+D_BIG = "/tmp/weightd-fuzz/big.safetensors"
+D_MOE = "/tmp/weightd-fuzz/moe"
+D_MOE_FILES = [D_MOE + "/model.safetensors.index.json", D_MOE + "/model-00001-of-00002.safetensors",
+               D_MOE + "/model-00002-of-00002.safetensors"]
+
+
+def daemon_input(flags, requests, fd_line=0, hello=True):
+    """flags, the line the descriptors ride on, then the requests: (op, args)
+    pairs numbered from 2 after a hello (id 1), or raw lines (str/bytes)."""
+    lines = []
+    if hello:
+        lines.append(json.dumps({"id": 1, "op": "hello", "args": {"version": "1.0"}}, separators=(",", ":")))
+    for i, r in enumerate(requests):
+        if isinstance(r, tuple):
+            msg = {"id": i + 2, "op": r[0]}
+            if r[1] is not None:
+                msg["args"] = r[1]
+            lines.append(json.dumps(msg, separators=(",", ":")))
+        else:
+            lines.append(r)
+    body = b"".join((l.encode() if isinstance(l, str) else l) + b"\n" for l in lines)
+    return bytes([flags, fd_line]) + body
+
+
+def daemon_seeds():
+    RP = D_READS | D_PATIENT
+    s = []
+    # hello alone, and hello's refusals
+    s.append(daemon_input(RP, []))
+    s.append(daemon_input(RP, [("hello", {"version": "2.0"}), ("hello", {"version": "x"}), ("hello", {}),
+                               ("hello", {"version": 1}), ("hello", None)], hello=False))
+    s.append(daemon_input(RP, [("list", None), '{"id":3,"op":"hello","args":{"version":"1.9"}}', ("list", None)],
+                          hello=False))
+    # load: a path the daemon opens, then everything on the new model
+    s.append(daemon_input(RP | D_LINES, [("load", {"path": D_ONE, "name": "m2", "events": True}), ("list", None),
+                                         ("info", {"name": "m2"}), ("verify", {"name": "m2"}),
+                                         ("verify", {"name": "m2", "quick": True}), ("unload", {"name": "m2"})]))
+    s.append(daemon_input(RP, [("load", {"path": D_MOE, "name": "moe2", "devices": [1, 0],
+                                         "placement": "expert-parallel"}),
+                               ("load", {"path": D_MOE + "/model.safetensors.index.json", "device": "host-1"}),
+                               ("load", {"path": D_ONE, "device": 1})]))
+    # load with its files' descriptors
+    s.append(daemon_input(RP | D_FDS(1), [("load", {"path": D_ONE, "name": "mf", "files": [D_ONE]})], fd_line=1))
+    s.append(daemon_input(RP | D_FDS(3), [("load", {"path": D_MOE, "name": "moef", "files": D_MOE_FILES,
+                                                    "devices": [0, 1], "placement": "expert-parallel",
+                                                    "events": True}),
+                                          ("verify", {"name": "moef"})], fd_line=1))
+    s.append(daemon_input(RP | D_FDS(1, 2), [("load", {"path": D_ONE, "name": "pipe", "files": [D_ONE]})],
+                          fd_line=1))
+    s.append(daemon_input(RP | D_FDS(3, 3), [("load", {"path": D_ONE, "name": "mix", "files": [D_ONE, "/a", "/b"]})],
+                          fd_line=1))
+    s.append(daemon_input(RP | D_FDS(2, 1), [("load", {"path": D_ONE, "name": "two", "files": [D_ONE]}),
+                                             ("list", None)], fd_line=1))
+    # load's refusals
+    s.append(daemon_input(RP, [("load", {"path": "/tmp/weightd-fuzz/nope"}), ("load", {"path": "relative"}),
+                               ("load", {"path": D_ONE, "name": "m"}), ("load", {"path": D_ONE, "name": "-x"}),
+                               ("load", {"path": D_ONE, "device": 0, "devices": [0]}),
+                               ("load", {"path": D_ONE, "devices": [0, 0]}),
+                               ("load", {"path": D_ONE, "devices": [7]}), ("load", {"path": D_ONE, "devices": []}),
+                               ("load", {"path": D_ONE, "placement": "sideways"}),
+                               ("load", {"path": D_ONE, "files": "x"}), ("load", {"path": D_ONE, "files": [D_ONE]})]))
+    # a load its client leaves: cancelled
+    s.append(daemon_input(D_READS, [("load", {"path": D_MOE, "name": "gone"}), ("attach", {"name": "gone"}),
+                                    ("info", {"name": "gone"}), ("unload", {"name": "gone"}), ("stats", None)]))
+    # unload, plain and forced, with a lease held
+    s.append(daemon_input(RP, [("unload", {"name": "m"}), ("list", None), ("unload", {"name": "m"})]))
+    s.append(daemon_input(RP | D_LINES, [("attach", {"name": "m"}), ("unload", {"name": "m"}),
+                                         ("unload", {"name": "m", "force": True, "wait": 0}),
+                                         ("detach", {"lease": 1}), ("list", None)]))
+    s.append(daemon_input(RP | D_LINES, [("attach", {"name": "moe"}),
+                                         ("unload", {"name": "moe", "force": True, "wait": 1}),
+                                         ("unload", {"name": "moe"}), ("attach", {"name": "moe"}),
+                                         ("detach", {"lease": 1})]))
+    s.append(daemon_input(RP, [("attach", {"name": "m"}), ("unload", {"name": "m", "force": True, "wait": 0})]))
+    # verify, both kinds, and an unload that cancels one
+    s.append(daemon_input(RP, [("verify", {"name": "m"}), ("verify", {"name": "moe", "quick": True}),
+                               ("verify", {"name": "moe", "events": True}), ("verify", {"name": "nope"})]))
+    s.append(daemon_input(RP, [("verify", {"name": "m"}), ("verify", {"name": "m"}), ("unload", {"name": "m"})]))
+    # list and info, paged
+    s.append(daemon_input(RP, [("list", None), ("list", {"offset": 1, "limit": 1}), ("list", {"offset": 9}),
+                               ("info", {"name": "m"}), ("info", {"name": "moe", "offset": 2, "limit": 3}),
+                               ("info", {"name": "moe", "offset": 100}), ("info", {"name": "nope"})]))
+    # attach, detach, leases
+    s.append(daemon_input(RP, [("attach", {"name": "m"}), ("attach", {"name": "moe", "device": 1}),
+                               ("attach", {"name": "moe", "device": "host-0"}),
+                               ("attach", {"name": "moe", "writable": True}), ("attach", {"name": "m", "device": 1}),
+                               ("leases", None), ("list", None), ("info", {"name": "moe"}),
+                               ("detach", {"lease": 2}), ("detach", {"lease": 2}), ("detach", {"lease": 99}),
+                               ("leases", {"offset": 1})]))
+    s.append(daemon_input(D_PATIENT, [("attach", {"name": "moe"})] * 8 + [("leases", None)]))
+    # stats, policy, snapshot
+    s.append(daemon_input(RP, [("stats", None), ("stats", {"jobs_offset": 3})]))
+    s.append(daemon_input(RP, [("policy", None), ("policy", {"conf": "max_split_size_mb:64"}),
+                               ("policy", {"conf": "garbage_collection_threshold:0.5,roundup_power2_divisions:4"}),
+                               ("policy", {"conf": "expandable_segments:True"}), ("policy", {"conf": "default"}),
+                               ("policy", {"conf": "nonsense:1"}), ("stats", None)]))
+    s.append(daemon_input(RP, [("snapshot", None), ("snapshot", {"device": 1}),
+                               ("snapshot", {"device": 0, "segment": 1, "block": 1}), ("snapshot", {"device": 5})]))
+    # shutdown: the harness starts the daemon again
+    s.append(daemon_input(RP, [("shutdown", None)]))
+    s.append(daemon_input(D_READS, [("verify", {"name": "moe"}), ("load", {"path": D_ONE, "name": "late"}),
+                                    ("attach", {"name": "m"}), ("shutdown", {}), ("list", None)]))
+    # a reader: refusals, and what it may do
+    s.append(daemon_input(RP | D_READER, [("load", {"path": D_ONE, "name": "r"}), ("unload", {"name": "m"}),
+                                          ("verify", {"name": "m"}), ("policy", {"conf": "max_split_size_mb:64"}),
+                                          ("snapshot", None), ("shutdown", None),
+                                          ("attach", {"name": "m", "writable": True}), ("attach", {"name": "m"}),
+                                          ("leases", None), ("list", None), ("policy", None)]))
+    s.append(daemon_input(RP | D_READER | D_FDS(1), [("load", {"path": D_ONE, "name": "rf", "files": [D_ONE]})],
+                          fd_line=1))
+    # wrong types, op by op
+    bad = [1, "x", True, None, [], {}, -1, 1.5, 1e300]
+    for op, keys in [("load", ["path", "name", "device", "devices", "placement", "files", "events"]),
+                     ("unload", ["name", "force", "wait"]), ("verify", ["name", "quick"]),
+                     ("list", ["offset", "limit"]), ("info", ["name", "offset", "limit"]),
+                     ("attach", ["name", "device", "writable"]), ("detach", ["lease"]), ("leases", ["offset"]),
+                     ("stats", ["jobs_offset"]), ("policy", ["conf"]),
+                     ("snapshot", ["device", "segment", "block"]), ("shutdown", ["now"])]:
+        reqs = []
+        for k in keys:
+            for v in bad[:5] if k not in ("name", "path") else [1, True, [], {}, "", "\u00e9" * 3]:
+                base = {"name": "m"} if k != "name" and op in ("unload", "verify", "info", "attach") else {}
+                if op == "load" and k != "path":
+                    base = {"path": D_ONE}
+                base[k] = v
+                reqs.append((op, base))
+        s.append(daemon_input(RP, reqs))
+    # bad frames: before hello, unknown op, broken JSON, odd ids, args not an object
+    s.append(daemon_input(RP, [("list", None)] +
+                          ['{"id":2,"op":"frobnicate"}', '{"id":[1],"op":"list"}', '{"id":1e20,"op":"list"}',
+                           '{"id":"' + "i" * 200 + '","op":"list"}', '{"op":"list","args":[]}', "not json",
+                           '{"id":3,"op":"list\\u0000x"}', b'{"id":4,"op":"list","args":{"name":"\xff"}}',
+                           "", "   ", '{"id":5,"op":"hello","args":{"version":"1.0"}}', '{"id":6,"op":"list"}'],
+                          hello=False))
+    # a peer that does not read its replies
+    s.append(daemon_input(0, [("info", {"name": "moe"})] * 40 + [("attach", {"name": "moe"})] * 10))
+    # descriptors on a request that takes none
+    s.append(daemon_input(RP | D_FDS(2, 1), [("list", None), ("stats", None)], fd_line=1))
+    # the 64 MiB checkpoint: slabs allocated beside the reads; a device filled
+    # up, then a load whose second slab does not fit (found while it reads)
+    s.append(daemon_input(RP | D_LINES, [("load", {"path": D_BIG, "devices": [0, 1], "events": True}),
+                                         ("info", {"name": "big"}), ("verify", {"name": "big", "quick": True}),
+                                         ("attach", {"name": "big", "device": 1}), ("stats", None),
+                                         ("unload", {"name": "big", "force": True, "wait": 0}),
+                                         ("detach", {"lease": 1})]))
+    s.append(daemon_input(RP | D_LINES, [("load", {"path": D_BIG, "name": "b%d" % i, "device": 1})
+                                         for i in range(1, 4)] +
+                          [("load", {"path": D_BIG, "devices": [0, 1]}), ("stats", None)]))
+    s.append(daemon_input(D_READS, [("load", {"path": D_BIG, "events": True}), ("stats", None),
+                                    ("policy", {"conf": "max_split_size_mb:64"}), ("attach", {"name": "big"})]))
+    # an administrator by --admin-uids that is not the daemon's user
+    s.append(bytes([RP, D_OTHER_UID]) + daemon_input(0, [("load", {"path": D_ONE, "name": "o"}),
+                                                         ("attach", {"name": "m", "writable": True}),
+                                                         ("leases", None), ("snapshot", None)])[2:])
+    s.append(bytes([RP | D_FDS(1), D_OTHER_UID | 1]) +
+             daemon_input(0, [("load", {"path": D_ONE, "name": "of", "files": [D_ONE]}),
+                              ("attach", {"name": "of"}), ("leases", None)])[2:])
+    return s
+
+
 def write(out, kind, seeds):
     d = os.path.join(out, kind)
     os.makedirs(d, exist_ok=True)
@@ -278,6 +449,7 @@ def main():
     write(a.out, "header", header_seeds())
     write(a.out, "discovery", discovery_seeds())
     write(a.out, "attach", attach_seeds())
+    write(a.out, "daemon", daemon_seeds())
 
 
 if __name__ == "__main__":
