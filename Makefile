@@ -261,11 +261,12 @@ FUZZ_FLAGS   ?=
 FUZZ_CFLAGS  := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -g -O1 -std=gnu11 \
                 -D_GNU_SOURCE -Wall -Wextra -I. $(shell pkg-config --cflags libcjson libxxhash 2>/dev/null)
 FUZZ_LIBS    := $(shell pkg-config --libs libcjson libxxhash 2>/dev/null)
-# client/attach.c hashes tensors (wdc_tensor_checksum): common/checksum.c, libxxhash.
-FUZZ_SRC     := loader/safetensors.c loader/checkpoint.c common/errors.c common/size.c common/checksum.c \
+# client/attach.c hashes tensors (wdc_tensor_checksum): common/checksum.c, libxxhash; the
+# checkpoint code has fault hooks (common/fault.c).
+FUZZ_SRC     := loader/safetensors.c loader/checkpoint.c common/errors.c common/size.c common/checksum.c common/fault.c \
                 proto/framing.c proto/message.c client/client.c client/attach.c
 FUZZ_DEPS    := $(FUZZ_SRC) loader/safetensors.h loader/checkpoint.h common/errors.h common/size.h \
-                common/checksum.h proto/proto.h client/internal.h client/weightd-client.h \
+                common/checksum.h common/fault.h proto/proto.h client/internal.h client/weightd-client.h \
                 tests/fuzz/fuzz_check.h Makefile
 # Each harness with its -max_len: a whole-file image of a few tensors; an
 # archive of up to 8 such files; a connection's worth of requests; an attach
