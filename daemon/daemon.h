@@ -213,6 +213,8 @@ struct wd_server {
     wd_job *allocating;       /* that load, while it has tensors left to allocate */
     size_t jobs_running;      /* uv work items in flight */
     bool stopping;
+    double stop_started, stop_progress; /* a stop waits for clients to take what is queued for them */
+    size_t stop_queued;
     double started;
     int exit_code;
 };

@@ -309,6 +309,7 @@ static void on_reap(uv_idle_t *h)
         if (c->broken)
             conn_close(c, c->broken_why);
     }
+    wd_server_maybe_finish(s); /* a stop may wait for these */
 }
 
 static void conn_close(wd_conn *c, const char *why)
@@ -884,6 +885,10 @@ static void on_tick(uv_timer_t *h)
     wd_server *s = h->data;
     static double last_ping;
 
+    if (s->stopping) {
+        wd_server_maybe_finish(s); /* (it may close this timer) */
+        return;
+    }
     wd_jobs_progress(s);
     wd_models_tick(s);
     conns_tick(s);
@@ -1012,6 +1017,8 @@ void wd_server_stop(wd_server *s, const char *why)
     if (s->stopping)
         return;
     s->stopping = true;
+    s->stop_started = s->stop_progress = wd_now();
+    s->stop_queued = SIZE_MAX;
     wd_log(WD_LOG_notice, "stopping (%s)", why);
     sd_notify(0, "STOPPING=1");
     uv_poll_stop(&s->listen_poll);
@@ -1037,9 +1044,32 @@ static void on_handle_closed(uv_handle_t *h)
     (void)h;
 }
 
+/* A stop lets the clients take what is queued for them (the stop's own
+ * reply too) while they take it: it waits until 2 s pass without progress,
+ * 60 s at most, then closes what is left. */
+#define STOP_DRAIN_IDLE 2.0
+#define STOP_DRAIN_MAX 60.0
+
+static bool conns_draining(wd_server *s)
+{
+    double now = wd_now();
+    size_t queued = 0;
+
+    for (wd_conn *c = s->conns; c; c = c->next)
+        if (!c->dead && !c->broken)
+            queued += c->wr.queued;
+    if (!queued)
+        return false;
+    if (queued < s->stop_queued) {
+        s->stop_queued = queued;
+        s->stop_progress = now;
+    }
+    return now - s->stop_progress < STOP_DRAIN_IDLE && now - s->stop_started < STOP_DRAIN_MAX;
+}
+
 void wd_server_maybe_finish(wd_server *s)
 {
-    if (!s->stopping || s->jobs_running || s->jobs || !s->alloc)
+    if (!s->stopping || s->jobs_running || s->jobs || !s->alloc || conns_draining(s))
         return;
     /* Connections first: their leases end before the models go. */
     while (s->conns)

@@ -2,6 +2,8 @@
 SIGINT, SIGTERM and `weightctl shutdown` (also in the middle of a load),
 stale sockets replaced, a live daemon's socket never stolen."""
 
+import json
+import time
 import os
 import re
 import signal
@@ -116,6 +118,29 @@ class CleanStops(h.E2ETestCase):
             r = d.ctl("shutdown")
             self.assertEqual(r.rc, 0, r)
         self.stop_during_load(shutdown)
+
+    def test_a_stop_lets_a_slow_reader_take_every_reply(self):
+        # The stop closed every connection at once: a client that read its
+        # replies slowly lost the end of them, the shutdown's own reply too.
+        d = self.daemon()
+        h.load_ok(self, d, h.checkpoint("qwen-many"), "--name", "m")
+        c = self.raw(d)
+        lines = b"".join(b'{"id": %d, "op": "info", "args": {"name": "m"}}\n' % i for i in range(60))
+        c.sock.sendall(lines + b'{"id": "bye", "op": "shutdown"}\n')
+        time.sleep(1)  # the daemon queues what the socket does not take, and stops
+        replies = []
+        c.sock.settimeout(h.T(30))
+        while True:
+            chunk = c.sock.recv(1 << 16)
+            if not chunk:
+                break
+            c.buf += chunk
+            time.sleep(0.005)
+        replies = [json.loads(l) for l in c.buf.split(b"\n") if l]
+        self.assertEqual(len(replies), 61)
+        self.assertEqual(replies[-1]["id"], "bye")
+        self.assertTrue(all(r["ok"] for r in replies))
+        self.assertClean(d, d.wait())
 
     def test_shutdown_with_queued_loads(self):
         # One reader: the first load still runs when the shutdown comes.
