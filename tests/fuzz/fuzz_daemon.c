@@ -1061,9 +1061,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         peer_read(&p);
     }
     FZ_CHECK(p.eof, "no end of stream after the daemon closed the connection");
-    FZ_CHECK(p.len == 0, "the stream ends in %zu bytes of a line", p.len);
     FZ_CHECK(!srv.stopping || p.stop_reply, "the daemon stopped without sending the shutdown's reply (%zu lines came)",
              p.lines);
+    FZ_CHECK(p.len == 0, "the stream ends in %zu bytes of a line", p.len);
     close(p.fd);
 
     FZ_CHECK(srv.n_conns == 0 && !srv.conns, "%zu connections left", srv.n_conns);

@@ -426,6 +426,12 @@ def daemon_seeds():
                                ("info", {"name": "wide", "limit": 100000}), ("list", None)]))
     s.append(bytes([RP | D_LINES, D_SLOW]) + daemon_input(0, [("info", {"name": "wide"})] * 3 +
                                                         [("attach", {"name": "wide"}), ("leases", None)])[2:])
+    # more replies than the socket holds (the daemon pauses the connection,
+    # then resumes it); more lasting requests than a connection may have in
+    # flight (64). (The same replies to a peer that reads only after it has
+    # shut down its side are cut: tests/fuzz/findings/daemon/.)
+    s.append(daemon_input(D_READS, [("info", {"name": "wide"})] * 12 + [("list", None)]))
+    s.append(daemon_input(D_READS, [("verify", {"name": "m", "quick": True})] * 66 + [("stats", None)]))
     # an administrator by --admin-uids that is not the daemon's user
     s.append(bytes([RP, D_OTHER_UID]) + daemon_input(0, [("load", {"path": D_ONE, "name": "o"}),
                                                          ("attach", {"name": "m", "writable": True}),
