@@ -247,12 +247,12 @@ help:
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
 
 # ---- fuzzing (tests/fuzz/README.md) ------------------------------------------
-# libFuzzer harnesses for the safetensors parser, checkpoint discovery and
-# the protocol's reading side,
+# libFuzzer harnesses for the safetensors parser, checkpoint discovery,
+# the protocol's reading side, the worker's attach and the daemon itself,
 # built with clang from the sources themselves (not this build's gcc
 # objects). Not part of `all` or `test`, which need no clang; the committed
 # corpus is replayed by the end-to-end tests (tests/e2e/test_corpus.py).
-#   make fuzz                      build/fuzz/fuzz_header, fuzz_discovery, fuzz_proto, fuzz_attach
+#   make fuzz                      build/fuzz/fuzz_header, fuzz_discovery, fuzz_proto, fuzz_attach, fuzz_daemon
 #   make fuzz-run FUZZ_SECONDS=N   each harness for N seconds (default 60)
 FUZZ_CC      ?= clang
 FUZZ_OUT     := build/fuzz

@@ -11,17 +11,25 @@
  *                                     0-dim one among them)
  *   /tmp/weightd-fuzz/moe/            an index and 2 shards: per-expert and
  *                                     fused expert tensors, 9 tensors
- *   /tmp/weightd-fuzz/big.safetensors 64 MiB and 16 bytes, a sparse file:
+ *   /tmp/weightd-fuzz/big.safetensors 16 MiB and 16 bytes, a sparse file:
  *                                     a slab this large takes the host
  *                                     backend more than one allocation
  *                                     step (2 ms), so its load allocates
  *                                     beside its reads (jobs.c's
- *                                     on_alloc_idle), and can fail there
+ *                                     on_alloc_idle)
+ *   /tmp/weightd-fuzz/huge.safetensors 16 MiB, then 300 MiB (more than a
+ *                                     device holds): its second slab fails
+ *                                     beside the reads
+ *   /tmp/weightd-fuzz/wide.safetensors 1200 tensors of 8 bytes (4 layers
+ *                                     of 100 experts of 3): info comes in
+ *                                     pages (1000 tensors, 213 KB), and a
+ *                                     dozen of them more than a socket holds
  * and starts a wd_server (host backend, 2 devices of 256 MiB, a socket of
  * its own per process, --attach-writable on, --admin-uids 65534) on a uv
  * loop that the harness
- * runs, then loads "m" (device 0) and "moe" (devices 0 and 1,
- * expert-parallel) through wd_load_start, as a load request would.
+ * runs, then loads "m" (device 0), "moe" (devices 0 and 1,
+ * expert-parallel) and "wide" (device 1) through wd_load_start, as a load
+ * request would.
  *
  * An input is one connection:
  *   byte 0   flags
@@ -45,8 +53,11 @@
  *            bit 7     one line at a time: each line is written alone and
  *                      the loop runs until the daemon has read it (and, when
  *                      patient, answered it) before the next
- *   byte 1   bits 0-6: the line (its index, modulo the number of lines)
- *            on whose first byte the descriptors travel; bit 7: the peer
+ *   byte 1   bits 0-5: the line (its index, modulo the number of lines)
+ *            on whose first byte the descriptors travel; bit 6: a slow
+ *            reader (once it reads, at most 16 KiB a millisecond: the
+ *            daemon makes a big reply faster, so its socket stays full and
+ *            its queue grows); bit 7: the peer
  *            is uid 65534, an administrator by --admin-uids (not the
  *            daemon's own user: it may not load a path without its files,
  *            nor attach writable), unless bit 6 of byte 0 makes it a reader
@@ -64,6 +75,8 @@
  * - a reply's or an event's "id" is null or one of the ids of the input's
  *   lines; the stream ends on a whole line, and no message carries more
  *   than WP_MAX_FDS descriptors (each one received is closed);
+ * - a daemon that stopped (a shutdown: signals are not routed to it here)
+ *   has sent its reply ({"stopping": true}) before it closed;
  * - the daemon closes the connection within 2 s of the peer's shutdown;
  *   once it has, it has no connection, no lease and, within 3 s, no job; no
  *   model is left loading or unloading; the policy stack is empty;
@@ -80,7 +93,7 @@
  *
  * Between inputs the harness restores the daemon: lease numbers start at 1
  * again (this file includes daemon/lease.c to reset its counter; there is
- * no lease left by then), models other than "m" and "moe" as first loaded
+ * no lease left by then), models other than "m", "moe" and "wide" as first loaded
  * are removed, missing ones loaded again, the allocator's configuration
  * put back as it was at the start (a policy set changes it). A valid
  * shutdown is not filtered: it is run, the stop is checked to finish, and
@@ -117,7 +130,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define CKPT_ONE FZ_DIR "/m.safetensors"
 #define CKPT_MOE FZ_DIR "/moe"
 #define CKPT_BIG FZ_DIR "/big.safetensors"
-#define BIG_BYTES (64u << 20)
+#define CKPT_WIDE FZ_DIR "/wide.safetensors"
+#define CKPT_HUGE FZ_DIR "/huge.safetensors"
+#define BIG_BYTES (16u << 20)
 #define MOE_INDEX CKPT_MOE "/model.safetensors.index.json"
 #define MOE_SHARD1 CKPT_MOE "/model-00001-of-00002.safetensors"
 #define MOE_SHARD2 CKPT_MOE "/model-00002-of-00002.safetensors"
@@ -128,7 +143,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define F_PATIENT 0x20
 #define F_READER 0x40
 #define F_LINES 0x80
+#define B_SLOW 0x40      /* in byte 1 */
 #define B_OTHER_UID 0x80 /* in byte 1 */
+#define B_LINE 0x3f
+#define SLOW_READ 16384 /* bytes a millisecond */
 
 #define PATIENT_SECONDS 0.1  /* in all, per input, while no job runs */
 #define PATIENT_MAX_SECONDS 1.0 /* with jobs running */
@@ -159,6 +177,7 @@ typedef struct want_model {
 static const want_model wanted[] = {
     {"m", CKPT_ONE, {0}, 1, WL_REPLICATE},
     {"moe", CKPT_MOE, {0, 1}, 2, WL_EXPERT_PARALLEL},
+    {"wide", CKPT_WIDE, {1}, 1, WL_REPLICATE},
 };
 #define N_WANTED (sizeof wanted / sizeof wanted[0])
 
@@ -215,53 +234,60 @@ static size_t st_image(const tspec *t, size_t n, uint8_t seed, uint8_t *out, siz
 /* path holds exactly data, written under a temporary name and renamed. */
 static void put_file(const char *path, const void *data, size_t len)
 {
-    char tmp[256], old[4096];
+    char tmp[256], *old = malloc(len + 1);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     ssize_t n;
 
+    FZ_CHECK(old, "out of memory");
     if (fd >= 0) {
-        n = read(fd, old, sizeof old);
+        n = pread(fd, old, len + 1, 0);
         close(fd);
-        if (n == (ssize_t)len && memcmp(old, data, len) == 0)
+        if (n == (ssize_t)len && memcmp(old, data, len) == 0) {
+            free(old);
             return;
+        }
     }
+    free(old);
     snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid());
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     FZ_CHECK(fd >= 0 && write(fd, data, len) == (ssize_t)len && close(fd) == 0, "cannot write %s", tmp);
     FZ_CHECK(rename(tmp, path) == 0, "cannot rename %s", tmp);
 }
 
-/* A checkpoint of one 64 MiB U8 tensor and a small one, the data a hole. */
-static void put_big(void)
+/* A checkpoint of two tensors, U8 of a bytes then b bytes, the data a
+ * hole (a sparse file). */
+static void put_sparse(const char *path, uint64_t a, uint64_t b)
 {
-    char hdr[256], tmp[256];
+    char hdr[256], tmp[300];
     int n = snprintf(hdr, sizeof hdr,
-                     "{\"big.weight\":{\"dtype\":\"U8\",\"shape\":[%u],\"data_offsets\":[0,%u]},"
-                     "\"big.bias\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[%u,%u]}}",
-                     BIG_BYTES, BIG_BYTES, BIG_BYTES, BIG_BYTES + 16);
+                     "{\"w.a\":{\"dtype\":\"U8\",\"shape\":[%llu],\"data_offsets\":[0,%llu]},"
+                     "\"w.b\":{\"dtype\":\"U8\",\"shape\":[%llu],\"data_offsets\":[%llu,%llu]}}",
+                     (unsigned long long)a, (unsigned long long)a, (unsigned long long)b, (unsigned long long)a,
+                     (unsigned long long)(a + b));
     uint8_t prefix[8 + sizeof hdr];
+    off_t total;
     struct stat st;
     int fd;
 
     while (n % 8)
         hdr[n++] = ' ';
+    total = (off_t)(8 + (uint64_t)n + a + b);
     for (int k = 0; k < 8; k++)
         prefix[k] = (uint8_t)((uint64_t)n >> (8 * k));
     memcpy(prefix + 8, hdr, (size_t)n);
-    if ((fd = open(CKPT_BIG, O_RDONLY | O_CLOEXEC)) >= 0) {
+    if ((fd = open(path, O_RDONLY | O_CLOEXEC)) >= 0) {
         uint8_t old[sizeof prefix];
-        bool same = fstat(fd, &st) == 0 && st.st_size == (off_t)(8 + n + BIG_BYTES + 16) &&
-                    pread(fd, old, (size_t)(8 + n), 0) == 8 + n && memcmp(old, prefix, (size_t)(8 + n)) == 0;
+        bool same = fstat(fd, &st) == 0 && st.st_size == total && pread(fd, old, (size_t)(8 + n), 0) == 8 + n &&
+                    memcmp(old, prefix, (size_t)(8 + n)) == 0;
         close(fd);
         if (same)
             return;
     }
-    snprintf(tmp, sizeof tmp, "%s.tmp%d", CKPT_BIG, (int)getpid());
+    snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid());
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    FZ_CHECK(fd >= 0 && write(fd, prefix, (size_t)(8 + n)) == 8 + n &&
-                 ftruncate(fd, (off_t)(8 + n + BIG_BYTES + 16)) == 0 && close(fd) == 0,
+    FZ_CHECK(fd >= 0 && write(fd, prefix, (size_t)(8 + n)) == 8 + n && ftruncate(fd, total) == 0 && close(fd) == 0,
              "cannot write %s", tmp);
-    FZ_CHECK(rename(tmp, CKPT_BIG) == 0, "cannot rename %s", tmp);
+    FZ_CHECK(rename(tmp, path) == 0, "cannot rename %s", tmp);
 }
 
 /* Sockets of harness processes that are gone (an abort skips atexit). */
@@ -273,15 +299,47 @@ static void remove_stale_sockets(void)
     while (d && (e = readdir(d))) {
         int pid;
         char path[300];
-        if (sscanf(e->d_name, "d%d.sock", &pid) != 1 || (kill(pid, 0) == -1 && errno != ESRCH))
-            continue;
-        if (kill(pid, 0) == 0)
+        if (sscanf(e->d_name, "d%d.sock", &pid) != 1 || kill(pid, 0) == 0 || errno != ESRCH)
             continue;
         snprintf(path, sizeof path, FZ_DIR "/%s", e->d_name);
         unlink(path);
     }
     if (d)
         closedir(d);
+}
+
+/* 1200 tensors of 8 bytes, with expert names. */
+static void put_wide(void)
+{
+    size_t cap = 512u << 10, len = 0;
+    char *hdr = malloc(cap);
+    uint8_t *img;
+    uint64_t off = 0;
+
+    FZ_CHECK(hdr, "out of memory");
+    len += (size_t)snprintf(hdr + len, cap - len, "{");
+    for (int l = 0; l < 4; l++)
+        for (int e = 0; e < 100; e++)
+            for (int w = 1; w <= 3; w++, off += 8)
+                len += (size_t)snprintf(hdr + len, cap - len,
+                                        "%s\"model.layers.%d.mlp.experts.%d.w%d.weight\":{\"dtype\":\"BF16\","
+                                        "\"shape\":[2,2],\"data_offsets\":[%llu,%llu]}",
+                                        len > 1 ? "," : "", l, e, w, (unsigned long long)off,
+                                        (unsigned long long)off + 8);
+    len += (size_t)snprintf(hdr + len, cap - len, "}");
+    while (len % 8)
+        hdr[len++] = ' ';
+    FZ_CHECK(len < cap, "header too large");
+    img = malloc(8 + len + off);
+    FZ_CHECK(img, "out of memory");
+    for (int k = 0; k < 8; k++)
+        img[k] = (uint8_t)((uint64_t)len >> (8 * k));
+    memcpy(img + 8, hdr, len);
+    for (uint64_t i = 0; i < off; i++)
+        img[8 + len + i] = (uint8_t)(i * 17u + 5u);
+    put_file(CKPT_WIDE, img, 8 + len + off);
+    free(img);
+    free(hdr);
 }
 
 static void write_checkpoints(void)
@@ -338,7 +396,9 @@ static void write_checkpoints(void)
     n += (size_t)snprintf(index + n, sizeof index - n, "}}\n");
     FZ_CHECK(n < sizeof index, "index too large");
     put_file(MOE_INDEX, index, n);
-    put_big();
+    put_sparse(CKPT_BIG, BIG_BYTES, 16);
+    put_sparse(CKPT_HUGE, BIG_BYTES, 300u << 20);
+    put_wide();
     remove_stale_sockets();
     flock(lock, LOCK_UN);
     close(lock);
@@ -590,6 +650,9 @@ typedef struct peer {
     char **ids;              /* the input's ids, as cJSON prints them */
     size_t n_ids;
     size_t lines;            /* lines received */
+    bool slow;               /* one recvmsg of at most SLOW_READ bytes a millisecond */
+    double next_read;        /* slow: not before then */
+    bool stop_reply;         /* {"ok": true, "result": {"stopping": true}} came */
 } peer;
 
 static bool id_known(const peer *p, const cJSON *id)
@@ -625,7 +688,7 @@ static void check_line(peer *p, const char *line, size_t len)
 
     p->lines++;
     if (verbose)
-        fprintf(stderr, "< %.*s\n", (int)(len > 2000 ? 2000 : len), line);
+        fprintf(stderr, "< [%zu] %.*s\n", len + 1, (int)(len > 2000 ? 2000 : len), line);
     FZ_CHECK(len + 1 <= WP_MAX_LINE, "a line of %zu bytes", len + 1);
     FZ_CHECK(wd_utf8_check(line, len) == len, "a line that is not valid UTF-8 (at byte %zu): %.300s",
              wd_utf8_check(line, len), line);
@@ -642,6 +705,8 @@ static void check_line(peer *p, const char *line, size_t len)
             const cJSON *res = cJSON_GetObjectItemCaseSensitive(msg, "result");
             FZ_CHECK(!res || cJSON_IsObject(res) || cJSON_IsNull(res), "a result that is not an object: %.300s",
                      line);
+            if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "stopping")))
+                p->stop_reply = true;
         } else {
             const cJSON *e = cJSON_GetObjectItemCaseSensitive(msg, "error");
             const cJSON *code = cJSON_GetObjectItemCaseSensitive(e, "code");
@@ -670,6 +735,12 @@ static void peer_read(peer *p)
         struct msghdr msg = {0};
         ssize_t n;
 
+        if (p->slow) {
+            double now = wd_now();
+            if (now < p->next_read)
+                return;
+            p->next_read = now + 0.001;
+        }
         if (p->cap - p->len < 65536) {
             p->cap = p->cap ? 2 * p->cap : 131072;
             FZ_CHECK(p->cap <= 4 * (size_t)WP_MAX_LINE, "%zu bytes without a newline", p->len);
@@ -678,6 +749,8 @@ static void peer_read(peer *p)
         }
         iov.iov_base = p->buf + p->len;
         iov.iov_len = p->cap - p->len;
+        if (p->slow && iov.iov_len > SLOW_READ)
+            iov.iov_len = SLOW_READ;
         msg.msg_iov = &iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.buf;
@@ -715,6 +788,8 @@ static void peer_read(peer *p)
             p->len -= start;
             FZ_CHECK(p->len <= WP_MAX_LINE, "%zu bytes without a newline", p->len);
         }
+        if (p->slow)
+            return; /* one read a turn */
     }
 }
 
@@ -908,7 +983,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size < 2)
         return 0;
     flags = data[0];
-    fd_line = data[1] & 0x7f;
+    fd_line = data[1] & B_LINE;
+    p.slow = data[1] & B_SLOW;
     stream = data + 2;
     len = size - 2;
     reads = flags & F_READS;
@@ -985,6 +1061,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         peer_read(&p);
     }
     FZ_CHECK(p.eof, "no end of stream after the daemon closed the connection");
+    FZ_CHECK(!srv.stopping || p.stop_reply, "the daemon stopped without sending the shutdown's reply (%zu lines came)",
+             p.lines);
     FZ_CHECK(p.len == 0, "the stream ends in %zu bytes of a line", p.len);
     close(p.fd);
 

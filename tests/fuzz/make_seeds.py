@@ -18,7 +18,8 @@ OUT/attach/     inputs of fuzz_attach: a byte (how many 64 KiB memfds come
                 the reply), whole, cut short, or with one rule broken.
 OUT/daemon/     inputs of fuzz_daemon: a flags byte and a line byte (the
                 format is in fuzz_daemon.c), then a connection's requests to a
-                real daemon holding the harness's models "m" and "moe": hello
+                real daemon holding the harness's models "m", "moe" and
+                "wide": hello
                 first, at least one valid stream per operation, descriptors
                 for load's "files", forced unloads, a reader's refusals, and
                 wrong types for every operation's arguments.
@@ -267,8 +268,10 @@ def attach_seeds():
 D_FDS = lambda n, kind=0: n | kind << 2
 D_READS, D_PATIENT, D_READER, D_LINES = 0x10, 0x20, 0x40, 0x80
 D_OTHER_UID = 0x80  # in the second byte
+D_SLOW = 0x40       # in the second byte
 D_ONE = "/tmp/weightd-fuzz/m.safetensors"
 D_BIG = "/tmp/weightd-fuzz/big.safetensors"
+D_HUGE = "/tmp/weightd-fuzz/huge.safetensors"
 D_MOE = "/tmp/weightd-fuzz/moe"
 D_MOE_FILES = [D_MOE + "/model.safetensors.index.json", D_MOE + "/model-00001-of-00002.safetensors",
                D_MOE + "/model-00002-of-00002.safetensors"]
@@ -406,18 +409,29 @@ def daemon_seeds():
     s.append(daemon_input(0, [("info", {"name": "moe"})] * 40 + [("attach", {"name": "moe"})] * 10))
     # descriptors on a request that takes none
     s.append(daemon_input(RP | D_FDS(2, 1), [("list", None), ("stats", None)], fd_line=1))
-    # the 64 MiB checkpoint: slabs allocated beside the reads; a device filled
-    # up, then a load whose second slab does not fit (found while it reads)
+    # the 16 MiB checkpoint: slabs allocated beside the reads; the huge one,
+    # whose second slab (300 MiB) fails while the first one's reads run
     s.append(daemon_input(RP | D_LINES, [("load", {"path": D_BIG, "devices": [0, 1], "events": True}),
                                          ("info", {"name": "big"}), ("verify", {"name": "big", "quick": True}),
                                          ("attach", {"name": "big", "device": 1}), ("stats", None),
                                          ("unload", {"name": "big", "force": True, "wait": 0}),
                                          ("detach", {"lease": 1})]))
-    s.append(daemon_input(RP | D_LINES, [("load", {"path": D_BIG, "name": "b%d" % i, "device": 1})
-                                         for i in range(1, 4)] +
-                          [("load", {"path": D_BIG, "devices": [0, 1]}), ("stats", None)]))
+    s.append(daemon_input(RP | D_LINES, [("load", {"path": D_HUGE, "events": True}), ("stats", None),
+                                         ("load", {"path": D_BIG, "device": 1, "events": True}),
+                                         ("verify", {"name": "big"})]))
     s.append(daemon_input(D_READS, [("load", {"path": D_BIG, "events": True}), ("stats", None),
                                     ("policy", {"conf": "max_split_size_mb:64"}), ("attach", {"name": "big"})]))
+    # the wide model (1200 tensors): info's pages
+    s.append(daemon_input(RP, [("info", {"name": "wide"}), ("info", {"name": "wide", "offset": 1000}),
+                               ("info", {"name": "wide", "limit": 100000}), ("list", None)]))
+    s.append(bytes([RP | D_LINES, D_SLOW]) + daemon_input(0, [("info", {"name": "wide"})] * 3 +
+                                                        [("attach", {"name": "wide"}), ("leases", None)])[2:])
+    # more replies than the socket holds (the daemon pauses the connection,
+    # then resumes it); more lasting requests than a connection may have in
+    # flight (64). (The same replies to a peer that reads only after it has
+    # shut down its side are cut: tests/fuzz/findings/daemon/.)
+    s.append(daemon_input(D_READS, [("info", {"name": "wide"})] * 12 + [("list", None)]))
+    s.append(daemon_input(D_READS, [("verify", {"name": "m", "quick": True})] * 66 + [("stats", None)]))
     # an administrator by --admin-uids that is not the daemon's user
     s.append(bytes([RP, D_OTHER_UID]) + daemon_input(0, [("load", {"path": D_ONE, "name": "o"}),
                                                          ("attach", {"name": "m", "writable": True}),
