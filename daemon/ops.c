@@ -519,8 +519,9 @@ static int op_policy(wd_server *s, wd_request *r)
     if (rc == 0) {
         if ((rc = wd_auth_require(r, WD_ROLE_ADMIN, "setting the policy")))
             return rc;
-        if (wa_policy_depth(s->alloc))
-            return wd_error_set(&r->err, -EBUSY, "a load holds the load policy; change the policy after it");
+        if (wa_policy_depth(s->alloc) || wd_jobs_load_active(s))
+            return wd_error_set(&r->err, -EBUSY, "a load is running (it holds the load policy, or is about to); "
+                                "change the policy after it");
         if ((rc = wa_config_parse(text, wa_get_config(s->alloc), WA_CONF_OVERLAY, &next, &r->err)))
             return rc;
         if ((rc = wa_set_config(s->alloc, &next)))

@@ -559,7 +559,11 @@ static void on_conn_event(uv_poll_t *h, int status, int events)
         if (rc == -EAGAIN)
             break;
         if (rc == 0) {
-            conn_close(c, NULL);
+            /* The client sent its last: it gets what is queued for it (a
+             * client that only shut its sending side reads on), then the
+             * connection closes, and what it still waits for is cancelled. */
+            c->closing = true;
+            conn_flush(c);
             return;
         }
         if (rc == -EMSGSIZE) {

@@ -256,6 +256,25 @@ print(json.dumps(out))
 
 class Abuse(h.E2ETestCase):
 
+    def test_a_client_that_shuts_its_sending_side_gets_every_reply(self):
+        # End of the client's stream closed the connection at once: a client
+        # that sends, shuts its side (socat, nc -N) and reads got a cut line.
+        d = self.daemon()
+        h.load_ok(self, d, h.checkpoint("qwen-many"), "--name", "m")
+        c = self.raw(d)
+        c.sock.sendall(b"".join(b'{"id": %d, "op": "info", "args": {"name": "m"}}\n' % i for i in range(30)))
+        c.sock.shutdown(socket.SHUT_WR)
+        time.sleep(0.5)
+        while True:
+            chunk = c.sock.recv(1 << 16)
+            if not chunk:
+                break
+            c.buf += chunk
+        self.assertTrue(c.buf.endswith(b"\n"), "no cut line")
+        replies = [json.loads(l) for l in c.buf.split(b"\n") if l]
+        self.assertEqual([r["id"] for r in replies], list(range(30)))
+        self.assertTrue(d.running())
+
     def assert_list_answers_quickly(self, d, within=1.0):
         t0 = time.monotonic()
         with h.RawClient(d.sock, timeout=h.T(5)) as c:
