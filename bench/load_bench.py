@@ -134,13 +134,28 @@ class Daemon:
         self.log.close()
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def common_args(ap):
+    """The arguments every GPU benchmark here takes."""
     ap.add_argument("--build", default="build")
     ap.add_argument("--work", default="/tmp/wdbench")
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--runs", type=int, default=3)
+
+
+def gpt_oss_checkpoint(build, work, layers):
+    """The gpt-oss-120b-shaped checkpoint of `layers` layers in work (written
+    by weightd-mkckpt on first use): its path and its shards."""
+    ckpt = os.path.join(work, "gpt-oss-120b-%dl" % layers)
+    if not os.path.exists(os.path.join(ckpt, "model.safetensors.index.json")):
+        subprocess.run([os.path.join(build, "weightd-mkckpt"), "--preset", "gpt-oss-120b", "--layers", str(layers),
+                        "--quiet", "--out", ckpt], check=True)
+    return ckpt, sorted(glob.glob(os.path.join(ckpt, "*.safetensors")))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    common_args(ap)
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=FLAGS: a weightd configuration to measure (repeatable; default: weightd's defaults)")
     ap.add_argument("--warm-only", action="store_true", help="only warm runs (quick)")
@@ -152,11 +167,7 @@ def main():
         import torch
 
     os.makedirs(a.work, exist_ok=True)
-    ckpt = os.path.join(a.work, "gpt-oss-120b-%dl" % a.layers)
-    if not os.path.exists(os.path.join(ckpt, "model.safetensors.index.json")):
-        subprocess.run([os.path.join(a.build, "weightd-mkckpt"), "--preset", "gpt-oss-120b", "--layers",
-                        str(a.layers), "--quiet", "--out", ckpt], check=True)
-    shards = sorted(glob.glob(os.path.join(ckpt, "*.safetensors")))
+    ckpt, shards = gpt_oss_checkpoint(a.build, a.work, a.layers)
     total = int(json.loads(subprocess.run([os.path.join(a.build, "weightctl"), "--json", "inspect", ckpt],
                                           check=True, capture_output=True, text=True).stdout)["bytes"])
     pipebw = os.path.join(a.build, "pipebw")

@@ -17,28 +17,19 @@ Usage: bench/verify_bench.py --build build --work /tmp/wdbench --out DIR [--laye
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from load_bench import Daemon, gpu_name, parallel_read, summary  # noqa: E402
+from load_bench import Daemon, common_args, gpt_oss_checkpoint, gpu_name, parallel_read, summary  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--build", default="build")
-    ap.add_argument("--work", default="/tmp/wdbench")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--runs", type=int, default=3)
+    common_args(ap)
     a = ap.parse_args()
-    ckpt = os.path.join(a.work, "gpt-oss-120b-%dl" % a.layers)
-    if not os.path.exists(os.path.join(ckpt, "model.safetensors.index.json")):
-        subprocess.run([os.path.join(a.build, "weightd-mkckpt"), "--preset", "gpt-oss-120b", "--layers",
-                        str(a.layers), "--quiet", "--out", ckpt], check=True)
-    shards = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+    os.makedirs(a.work, exist_ok=True)
+    ckpt, shards = gpt_oss_checkpoint(a.build, a.work, a.layers)
     parallel_read(os.path.join(a.build, "pipebw"), shards)  # warm
     d = Daemon(a.build, a.work, [])
     res = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "checkpoint": ckpt}
