@@ -297,18 +297,23 @@ static void send_stray_error(wd_conn *c, const cJSON *id, int code, const char *
     conn_send(c, wp_reply_error(id, code, msg), NULL, 0);
 }
 
-static void on_reap(uv_idle_t *h)
+/* conn_close unlinks c and may end leases and jobs of others, but it never
+ * closes another connection (sends only mark them broken). */
+static void close_broken(wd_server *s)
 {
-    wd_server *s = h->data;
-
-    uv_idle_stop(h);
-    /* conn_close unlinks c and may end leases and jobs of others, but it
-     * never closes another connection (sends only mark them broken). */
     for (wd_conn *c = s->conns, *next; c; c = next) {
         next = c->next;
         if (c->broken)
             conn_close(c, c->broken_why);
     }
+}
+
+static void on_reap(uv_idle_t *h)
+{
+    wd_server *s = h->data;
+
+    uv_idle_stop(h);
+    close_broken(s);
     wd_server_maybe_finish(s); /* a stop may wait for these */
 }
 
@@ -606,12 +611,11 @@ static void refuse(wd_server *s, int fd, uid_t uid, const char *why)
  * close the loop has not seen yet, and broken ones, are closed first. */
 static void reap_departed(wd_server *s)
 {
+    close_broken(s);
     for (wd_conn *c = s->conns, *next; c; c = next) {
         char b;
         next = c->next;
-        if (c->broken)
-            conn_close(c, c->broken_why);
-        else if (!c->dead && recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0)
+        if (recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0)
             conn_close(c, NULL);
     }
 }

@@ -355,6 +355,32 @@ static int read_chunk(worker *w, const chunk *c, void *buf, wd_error *err)
     return read_cached(p, c, buf, err);
 }
 
+/* Hashes bytes [off, off + n) of tensor t (len bytes in all), at src, into
+ * its checksum blocks: a block whole in them at once, else fed on from
+ * where the reader left it (one block is open at a time per reader). */
+static void sum_bytes(worker *w, uint32_t t, uint64_t len, uint64_t off, const char *src, uint64_t n)
+{
+    uint64_t *blocks = w->p->blocks + w->p->block_base[t];
+
+    for (uint64_t end = off + n; off < end;) {
+        uint64_t index = off / WD_SUM_BLOCK, bend = (index + 1) * WD_SUM_BLOCK, step;
+        if (bend > len)
+            bend = len;
+        step = (bend < end ? bend : end) - off;
+        if (off % WD_SUM_BLOCK == 0 && off + step == bend) {
+            blocks[index] = wd_sum_block(src, (size_t)step, index);
+        } else {
+            if (off % WD_SUM_BLOCK == 0)
+                wd_summer_block_start(w->sum, index);
+            wd_summer_block_feed(w->sum, src, (size_t)step);
+            if (off + step == bend)
+                blocks[index] = wd_summer_block_end(w->sum);
+        }
+        off += step;
+        src += step;
+    }
+}
+
 /* Staged loads hash each tensor's bytes from the chunk's buffer, a step at
  * a time right after reading it, while the step is in the CPU's cache:
  * [lo, hi) of the buffer. Tensors are whole blocks in a chunk (plan), and
@@ -386,22 +412,8 @@ static void sum_range(worker *w, const chunk *c, const char *buf, uint64_t lo, u
         }
         a = at0 > lo ? at0 : lo;
         b = at0 + (to - from) < hi ? at0 + (to - from) : hi;
-        for (uint64_t x = a; x < b;) { /* x: a buffer offset; its tensor offset is from + x - at0 */
-            uint64_t off = from + (x - at0), index = off / WD_SUM_BLOCK, bend = (index + 1) * WD_SUM_BLOCK, n;
-            if (bend > len)
-                bend = len;
-            n = bend - off < b - x ? bend - off : b - x;
-            if (off % WD_SUM_BLOCK == 0 && off + n == bend) {
-                p->blocks[p->block_base[t] + index] = wd_sum_block(buf + x, (size_t)n, index);
-            } else {
-                if (off % WD_SUM_BLOCK == 0)
-                    wd_summer_block_start(w->sum, index);
-                wd_summer_block_feed(w->sum, buf + x, (size_t)n);
-                if (off + n == bend)
-                    p->blocks[p->block_base[t] + index] = wd_summer_block_end(w->sum);
-            }
-            x += n;
-        }
+        if (a < b) /* buffer offset a holds the tensor's byte from + (a - at0) */
+            sum_bytes(w, t, len, from + (a - at0), buf + a, b - a);
     }
 }
 
@@ -514,23 +526,7 @@ static void sum_chunk(worker *w, const chunk *c)
         }
         if (from > pos || from + pc->len <= pos)
             continue; /* a copy of bytes hashed already */
-        for (uint64_t at = pos, stop = from + pc->len; at < stop;) {
-            uint64_t index = at / WD_SUM_BLOCK, bend = (index + 1) * WD_SUM_BLOCK, n;
-            if (bend > len)
-                bend = len;
-            n = (bend < stop ? bend : stop) - at;
-            if (at % WD_SUM_BLOCK == 0 && bend <= stop) { /* the whole block here: at once */
-                p->blocks[p->block_base[tensor] + index] = wd_sum_block(src + (at - from), (size_t)n, index);
-                at += n;
-                continue;
-            }
-            if (at % WD_SUM_BLOCK == 0)
-                wd_summer_block_start(w->sum, index);
-            wd_summer_block_feed(w->sum, src + (at - from), (size_t)n);
-            at += n;
-            if (at == bend)
-                p->blocks[p->block_base[tensor] + index] = wd_summer_block_end(w->sum);
-        }
+        sum_bytes(w, tensor, len, pos, src + (pos - from), from + pc->len - pos);
         pos = from + pc->len;
     }
 }

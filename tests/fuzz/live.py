@@ -107,9 +107,9 @@ WP_MAX_LINE = 1 << 20
 WP_MAX_FDS = 253
 MODEL = "fuzzmodel"
 SAFE_LOAD_PREFIX = "/nonexistent-weightd-fuzz/"
-ERRNAMES = set("""EPERM ENOENT EIO EBADF EAGAIN ENOMEM EACCES EBUSY EEXIST ENODEV ENOTDIR EISDIR EINVAL EFBIG
-ENOSPC ERANGE ENAMETOOLONG ENOSYS EOVERFLOW EPROTO EBADMSG EMSGSIZE EPROTONOSUPPORT ENOTSUP EADDRINUSE ECONNRESET
-ENOTCONN ETIMEDOUT ECONNREFUSED ECANCELED EILSEQ""".split())
+# The protocol's error codes: the one table, common/errors.h.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "common", "errors.h")) as _f:
+    ERRNAMES = set(re.findall(r"^\s*X\((E[A-Z0-9]+),", _f.read(), re.M))
 INT32_MAX = 2 ** 31 - 1
 INT64_MAX = 2 ** 63 - 1
 
