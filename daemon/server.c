@@ -577,12 +577,10 @@ static void on_conn_event(uv_poll_t *h, int status, int events)
             conn_close(c, strerror(-rc));
             return;
         }
-        conn_handle_lines(c);
         /* Descriptors belong to the request that names them ("files"),
-         * which they arrive with: those left once no line is half read
-         * were sent with none. */
-        if (!c->dead && !conn_paused(c) && !wp_reader_buffered(&c->rd))
-            wp_reader_drop_fds(&c->rd);
+         * which they arrive with: the reader drops those a later line
+         * cannot own. */
+        conn_handle_lines(c);
     }
 }
 

@@ -31,6 +31,22 @@ void wp_reader_drop_fds(wp_reader *r)
     r->n_fds = 0;
 }
 
+/* Closes the descriptors that came before stream offset line_start. */
+static void drop_stale_fds(wp_reader *r, uint64_t line_start)
+{
+    size_t kept = 0;
+
+    for (size_t i = 0; i < r->n_fds; i++) {
+        if (r->fd_until[i] <= line_start) {
+            close(r->fds[i]);
+        } else {
+            r->fds[kept] = r->fds[i];
+            r->fd_until[kept++] = r->fd_until[i];
+        }
+    }
+    r->n_fds = kept;
+}
+
 void wp_reader_free(wp_reader *r)
 {
     wp_reader_drop_fds(r);
@@ -43,6 +59,7 @@ static int reader_room(wp_reader *r)
     if (r->consumed) {
         memmove(r->buf, r->buf + r->consumed, r->len - r->consumed);
         r->len -= r->consumed;
+        r->base += r->consumed;
         r->consumed = 0;
     }
     if (r->cap - r->len < READ_CHUNK) {
@@ -92,6 +109,7 @@ int wp_reader_fill(wp_reader *r, int sock)
         memcpy(fds, CMSG_DATA(c), count * sizeof(int));
         for (size_t i = 0; i < count; i++) {
             if (r->n_fds < sizeof r->fds / sizeof r->fds[0]) {
+                r->fd_until[r->n_fds] = r->base + r->len + (size_t)n;
                 r->fds[r->n_fds++] = fds[i];
             } else {
                 close(fds[i]);
@@ -110,6 +128,7 @@ int wp_reader_next(wp_reader *r, char **line, size_t *len)
     size_t avail = r->len - r->consumed;
     char *start, *nl;
 
+    drop_stale_fds(r, r->base + r->consumed);
     if (!avail)
         return 0; /* before the first read, buf is NULL */
     start = r->buf + r->consumed;
@@ -131,6 +150,7 @@ size_t wp_reader_take_fds(wp_reader *r, int *fds, size_t max)
 
     memcpy(fds, r->fds, n * sizeof *fds);
     memmove(r->fds, r->fds + n, (r->n_fds - n) * sizeof *fds);
+    memmove(r->fd_until, r->fd_until + n, (r->n_fds - n) * sizeof *r->fd_until);
     r->n_fds -= n;
     return n;
 }

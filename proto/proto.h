@@ -37,7 +37,12 @@
 typedef struct wp_reader {
     char *buf;
     size_t len, cap, consumed;
+    uint64_t base;            /* stream offset of buf[0] */
     int fds[WP_MAX_FDS * 2];  /* one recvmsg brings one message's at most */
+    /* Stream offset where the read that brought each descriptor ended: the
+     * message they came with starts before it, so a line that starts at or
+     * after it cannot be theirs. */
+    uint64_t fd_until[WP_MAX_FDS * 2];
     size_t n_fds;
 } wp_reader;
 
@@ -50,7 +55,8 @@ void wp_reader_free(wp_reader *r);
 int wp_reader_fill(wp_reader *r, int sock);
 /* 1 and *line (NUL-terminated, without its newline, valid until the next call)
  * when a whole line is buffered; 0 when more bytes are needed; -EMSGSIZE when
- * a line runs past WP_MAX_LINE. */
+ * a line runs past WP_MAX_LINE. Descriptors that came before the line it
+ * returns or waits for starts are closed: they were sent with earlier lines. */
 int wp_reader_next(wp_reader *r, char **line, size_t *len);
 /* Bytes received and not yet returned as lines (a line still half read). */
 static inline size_t wp_reader_buffered(const wp_reader *r)

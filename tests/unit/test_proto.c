@@ -144,6 +144,66 @@ START_TEST(a_message_carries_the_kernels_most_descriptors)
 }
 END_TEST
 
+/* A line sent in pieces, each with descriptors, after other such lines, all
+ * read at once: recvmsg glues a line's end to the next message, whose
+ * descriptors then arrive with it. Descriptors of lines already read are
+ * dropped, so a well-behaved peer never runs the reader out of room (the
+ * live campaign found EMSGSIZE here), and a line gets its own message's. */
+START_TEST(descriptors_of_earlier_lines_are_dropped)
+{
+    int sv[2], a[252], b[252], c[10], got[WP_MAX_FDS];
+    wp_writer w;
+    wp_reader r;
+    char *line;
+    size_t len;
+    struct stat st;
+    int rc;
+
+    pair(sv);
+    for (int i = 0; i < 252; i++) {
+        ck_assert_int_ge(a[i] = memfd_create("a", MFD_CLOEXEC), 0);
+        ck_assert_int_ge(b[i] = memfd_create("b", MFD_CLOEXEC), 0);
+        ck_assert_int_eq(ftruncate(b[i], 2), 0);
+    }
+    for (int i = 0; i < 10; i++)
+        ck_assert_int_ge(c[i] = memfd_create("c", MFD_CLOEXEC), 0);
+    wp_writer_init(&w);
+    wp_reader_init(&r);
+    ck_assert_int_eq(wp_writer_push(&w, "{", 1, a, 252), 0);
+    ck_assert_int_eq(wp_writer_push(&w, "\"a\":1}\n", 7, NULL, 0), 0);
+    ck_assert_int_eq(wp_writer_push(&w, "{\"b\"", 4, b, 252), 0);
+    ck_assert_int_eq(wp_writer_push(&w, ":2}\n", 4, NULL, 0), 0);
+    ck_assert_int_eq(wp_writer_push(&w, "\n", 1, c, 10), 0);
+    ck_assert_int_eq(wp_writer_flush(&w, sv[0]), 0);
+    for (int i = 0; i < 252; i++)
+        close(a[i]), close(b[i]);
+    for (int i = 0; i < 10; i++)
+        close(c[i]);
+
+    const char *want[] = {"{\"a\":1}", "{\"b\":2}", ""};
+    for (int n = 0; n < 3; n++) {
+        while ((rc = wp_reader_next(&r, &line, &len)) == 0)
+            ck_assert_int_gt(wp_reader_fill(&r, sv[1]), 0);
+        ck_assert_int_eq(rc, 1);
+        ck_assert_str_eq(line, want[n]);
+        if (n == 1) {
+            ck_assert_uint_eq(wp_reader_take_fds(&r, got, 252), 252);
+            for (int i = 0; i < 252; i++) {
+                ck_assert_int_eq(fstat(got[i], &st), 0);
+                ck_assert_int_eq(st.st_size, 2); /* b's, not a's */
+                close(got[i]);
+            }
+        }
+    }
+    ck_assert_int_eq(wp_reader_next(&r, &line, &len), 0);
+    ck_assert_uint_eq(r.n_fds, 0); /* c's went with the empty line */
+    wp_writer_free(&w);
+    wp_reader_free(&r);
+    close(sv[0]);
+    close(sv[1]);
+}
+END_TEST
+
 START_TEST(writer_queues_when_the_peer_is_slow)
 {
     int sv[2];
@@ -254,6 +314,7 @@ Suite *proto_suite(void)
     tcase_add_test(tc, a_line_over_the_limit_is_emsgsize);
     tcase_add_test(tc, descriptors_travel_with_their_message);
     tcase_add_test(tc, a_message_carries_the_kernels_most_descriptors);
+    tcase_add_test(tc, descriptors_of_earlier_lines_are_dropped);
     tcase_add_test(tc, writer_queues_when_the_peer_is_slow);
     tcase_add_test(tc, parse_accepts_objects_only);
     tcase_add_test(tc, replies_echo_ids_and_carry_error_codes);
