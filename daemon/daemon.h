@@ -197,7 +197,8 @@ struct wd_server {
     int signal_fd;            /* SIGINT and SIGTERM, blocked in every thread, read here */
     uv_poll_t signal_poll;
     uv_timer_t tick;          /* progress events and the systemd watchdog */
-    uint64_t watchdog_usec;
+    uint64_t watchdog_usec;   /* systemd's watchdog interval (0: none) */
+    double watchdog_last;     /* when it was last told we are alive */
     uint64_t next_serial;
     size_t n_conns;
     wd_conn *conns;
@@ -251,6 +252,22 @@ void wd_conn_event(wd_conn *c, cJSON *ev);
 /* Watches c's peer process: when it exits, c closes (and its leases end),
  * even if a child still holds the socket. */
 void wd_conn_watch_peer(wd_conn *c);
+
+/* ---- systemd.c: every exchange with systemd -------------------------------- */
+
+/* The listening socket systemd passed, as s->listen_fd and s->socket_path;
+ * s->listen_fd is -1 when it passed none (the daemon binds its own). */
+int wd_systemd_listen(wd_server *s, wd_error *err);
+/* READY=1 with the status, once serving; the watchdog's interval. */
+void wd_systemd_ready(wd_server *s);
+/* STATUS=: the models loaded and what runs (after each change). */
+void wd_systemd_status(wd_server *s);
+/* WATCHDOG=1 when half the interval has passed (from the tick timer). */
+void wd_systemd_watchdog(wd_server *s);
+/* RELOADING=1 before re-reading the configuration, then READY=1 after. */
+void wd_systemd_reloading(wd_server *s);
+void wd_systemd_reloaded(wd_server *s);
+void wd_systemd_stopping(wd_server *s);
 
 /* ---- ops.c: the operation table ------------------------------------------ */
 

@@ -19,7 +19,6 @@
 #include "common/fault.h"
 #include "common/size.h"
 
-#include <systemd/sd-daemon.h>
 
 /* One allocation step on the loop thread: 256 MiB of slabs or 2 ms,
  * whichever comes first (a slab is one allocation, so a step is at least
@@ -140,21 +139,6 @@ static void send_progress(wd_job *j)
         wd_request_event(j->req, progress_event(j));
 }
 
-static void set_status(wd_server *s)
-{
-    char size[32];
-    uint64_t bytes = 0;
-    size_t n = 0;
-
-    for (wd_model *m = s->models; m; m = m->next)
-        if (m->state == WD_MODEL_READY) {
-            n++;
-            bytes += m->ckpt.total_bytes;
-        }
-    sd_notifyf(0, "STATUS=%zu model%s loaded (%s)%s", n, n == 1 ? "" : "s", wd_size_format(bytes, size, sizeof size),
-               wd_jobs_load_active(s) ? ", loading" : "");
-}
-
 static void start_next_load(wd_server *s);
 
 static wd_job *job_new(wd_server *s, job_kind kind, job_state state, wd_request *r, wd_error *err)
@@ -242,7 +226,7 @@ static void finish_load(wd_job *j)
     if (j->policy_pushed)
         wa_policy_pop(s->alloc);
     job_free(s, j);
-    set_status(s);
+    wd_systemd_status(s);
     start_next_load(s);
     wd_server_maybe_finish(s);
 }
@@ -426,7 +410,7 @@ static void start_next_load(wd_server *s)
     }
     s->jobs_running++;
     uv_queue_work(s->loop, &next->work, open_work, after_open);
-    set_status(s);
+    wd_systemd_status(s);
 }
 
 int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *name, const int *devices,

@@ -23,7 +23,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <systemd/sd-daemon.h>
 
 #include "common/fault.h"
 #include "common/size.h"
@@ -819,21 +818,12 @@ static int open_listener(wd_server *s, wd_error *err)
     /* Longer than any sun_path, so that bind_socket sees (and refuses) a
      * path that does not fit instead of a silently truncated one. */
     char path[4096];
-    int n = sd_listen_fds(1);
+    int rc;
 
-    if (n > 1)
-        return wd_error_set(err, -EINVAL, "systemd passed %d sockets; weightd takes one", n);
-    if (n == 1) {
-        struct sockaddr_un addr;
-        socklen_t len = sizeof addr;
-        if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) <= 0)
-            return wd_error_set(err, -EINVAL, "the socket systemd passed is not a listening Unix stream socket");
-        s->listen_fd = SD_LISTEN_FDS_START;
+    if ((rc = wd_systemd_listen(s, err)))
+        return rc;
+    if (s->listen_fd >= 0) {
         s->own_socket = false;
-        fcntl(s->listen_fd, F_SETFL, fcntl(s->listen_fd, F_GETFL) | O_NONBLOCK);
-        fcntl(s->listen_fd, F_SETFD, FD_CLOEXEC);
-        if (getsockname(s->listen_fd, (struct sockaddr *)&addr, &len) == 0)
-            snprintf(s->socket_path, sizeof s->socket_path, "%s", addr.sun_path);
         wd_log(WD_LOG_info, "listening on %s (socket from systemd)", s->socket_path);
         return 0;
     }
@@ -889,7 +879,6 @@ static void on_signal(uv_poll_t *h, int status, int events)
 static void on_tick(uv_timer_t *h)
 {
     wd_server *s = h->data;
-    static double last_ping;
 
     if (s->stopping) {
         wd_server_maybe_finish(s); /* (it may close this timer) */
@@ -898,10 +887,7 @@ static void on_tick(uv_timer_t *h)
     wd_jobs_progress(s);
     wd_models_tick(s);
     conns_tick(s);
-    if (s->watchdog_usec && wd_now() - last_ping >= (double)s->watchdog_usec / 2e6) {
-        sd_notify(0, "WATCHDOG=1");
-        last_ping = wd_now();
-    }
+    wd_systemd_watchdog(s);
 }
 
 /* Every cuda segment keeps a descriptor (its exported handle) and attach
@@ -994,8 +980,6 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     uv_timer_init(loop, &s->tick);
     s->tick.data = s;
     uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
-    if (sd_watchdog_enabled(0, &s->watchdog_usec) <= 0)
-        s->watchdog_usec = 0;
 
     for (int i = 0; i < s->backend->n_devices; i++) {
         s->backend->describe(s->backend, i, &info);
@@ -1008,7 +992,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
            wl_pipeline_threads(s->pipeline) == 1 ? "" : "s", wd_size_format(wl_pipeline_chunk(s->pipeline), size, sizeof size));
     if (wd_fault_armed())
         wd_log(WD_LOG_warning, "test fault injection armed: WEIGHTD_FAULTS=%s", wd_fault_armed());
-    sd_notifyf(0, "READY=1\nSTATUS=listening on %s, no models loaded", s->socket_path);
+    wd_systemd_ready(s);
     return 0;
 fail:
     if (s->signal_fd >= 0)
@@ -1026,7 +1010,7 @@ void wd_server_stop(wd_server *s, const char *why)
     s->stop_started = s->stop_progress = wd_now();
     s->stop_queued = SIZE_MAX;
     wd_log(WD_LOG_notice, "stopping (%s)", why);
-    sd_notify(0, "STOPPING=1");
+    wd_systemd_stopping(s);
     uv_poll_stop(&s->listen_poll);
     uv_timer_stop(&s->accept_retry);
     if (s->own_socket)
