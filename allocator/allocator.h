@@ -147,6 +147,21 @@ void wa_block_region(const wa_block *block, wa_region *out);
  * pointers are valid until the allocator next runs. */
 size_t wa_block_backing(const wa_block *block, const wa_mem **out, size_t max);
 
+/* Memory that outlived the allocator that made it (a daemon restart), back
+ * as one allocated block: pieces are physical allocations, each a shareable
+ * handle (wa_mem.fd) and its size, that tiled a block in address order.
+ * One piece becomes a classic segment; several, an expandable segment of
+ * exactly their bytes with pages of `page` bytes (each piece whole pages).
+ * The block then lives as any other: freed, it is cached or given back by
+ * the rules in force. Takes every fd on success; on failure none. -ENOTSUP
+ * where the backend's memory cannot outlive its maker. */
+typedef struct wa_piece {
+    int fd;
+    uint64_t size;
+} wa_piece;
+int wa_adopt(wa_allocator *a, int device, const wa_piece *pieces, size_t n, uint64_t page, uint64_t requested,
+             wa_block **out, wd_error *err);
+
 /* The configuration in force, and the policy stack over it. push applies conf
  * on top of the configuration in force (OVERLAY); pop restores exactly the
  * configuration that was in force before the matching push, every key. */

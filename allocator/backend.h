@@ -81,6 +81,16 @@ struct wa_backend {
                       unsigned lane, wd_error *err);
     int (*copy_wait)(wa_backend *b, int device, unsigned lane, wd_error *err);
 
+    /* Memory that outlived the process that made it (a daemon restart: the
+     * descriptors came back from systemd's fd store): fd is a shareable
+     * handle of `size` bytes, as mem.fd was. With va NULL it becomes a
+     * classic segment of its own (as seg_alloc); else it is mapped at
+     * va + offset (as page_map). Takes fd on success (out->fd is fd); an
+     * fd that is not such memory is -EBADF; NULL where the backend's memory
+     * cannot outlive its maker (cuda-ipc, fake). */
+    int (*import)(wa_backend *b, int device, int fd, uint64_t size, const wa_mem *va, uint64_t offset, wa_mem *out,
+                  wd_error *err);
+
     /* WA_SHARE_IPC only: the WA_IPC_HANDLE_BYTES bytes a worker opens mem with. */
     void (*ipc_handle)(wa_backend *b, const wa_mem *mem, unsigned char *out);
 };

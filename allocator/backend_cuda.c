@@ -163,6 +163,51 @@ static void vmm_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem *
     vmm_unmap((cuda_backend *)b, page);
 }
 
+/* An allocation another process made and exported (an earlier daemon's,
+ * kept in systemd's fd store): imported and mapped as vmm_map maps its own.
+ * The descriptor stays what workers are given: an imported handle cannot be
+ * exported again. */
+static int vmm_import(wa_backend *b, int device, int fd, uint64_t size, const wa_mem *va, uint64_t offset,
+                      wa_mem *out, wd_error *err)
+{
+    cuda_backend *c = (cuda_backend *)b;
+    cuda_device *d = device_of(b, device);
+    const wd_cuda *cu = c->cu;
+    CUmemAccessDesc access = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = d->ordinal},
+                              .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+    CUmemGenericAllocationHandle h = 0;
+    wa_mem own = {.fd = -1};
+    CUdeviceptr at;
+    bool mapped = false;
+    int rc;
+
+    if (size % d->granularity)
+        return wd_error_set(err, -EBADF, "an allocation of %llu bytes is not whole pages of device %d",
+                            (unsigned long long)size, device);
+    if (!va) {
+        if ((rc = vmm_va_reserve(b, device, size, &own, err)))
+            return rc;
+        va = &own;
+        offset = 0;
+    }
+    at = (CUdeviceptr)(va->addr + offset);
+    CU(cu->cuMemImportFromShareableHandle(&h, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+       "cuMemImportFromShareableHandle");
+    CU(cu->cuMemMap(at, size, 0, h, 0), "cuMemMap");
+    mapped = true;
+    CU(cu->cuMemSetAccess(at, size, &access, 1), "cuMemSetAccess");
+    *out = (wa_mem){.addr = (uint64_t)at, .size = size, .fd = fd, .priv = (void *)(uintptr_t)h};
+    return 0;
+fail:
+    if (mapped)
+        cu->cuMemUnmap(at, size);
+    if (h)
+        cu->cuMemRelease(h);
+    if (own.size)
+        vmm_va_release(b, device, &own);
+    return rc;
+}
+
 /* ---- cuda-ipc: cuMemAlloc with legacy IPC handles ------------------------- */
 
 static int ipc_seg_alloc(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err)
@@ -408,6 +453,7 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
         .name = vmm ? "cuda" : "cuda-ipc",
         .share = vmm ? WA_SHARE_VMM : WA_SHARE_IPC,
         .ipc_handle = vmm ? NULL : ipc_handle,
+        .import = vmm ? vmm_import : NULL, /* cuMemAlloc memory dies with its maker */
         .seg_alloc = vmm ? vmm_seg_alloc : ipc_seg_alloc,
         .seg_free = vmm ? vmm_seg_free : ipc_seg_free,
         .write = cuda_write,

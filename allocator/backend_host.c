@@ -176,6 +176,33 @@ static void host_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem 
     page->size = 0;
 }
 
+/* A memfd that segment_memfd made (sealed against resizing) of `size`
+ * bytes, mapped at va + offset or, without va, anywhere. */
+static int host_import(wa_backend *b, int device, int fd, uint64_t size, const wa_mem *va, uint64_t offset,
+                       wa_mem *out, wd_error *err)
+{
+    host_backend *h = (host_backend *)b;
+    int seals = fcntl(fd, F_GET_SEALS);
+    struct stat st;
+    void *map;
+
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || seals < 0 || !(seals & F_SEAL_SHRINK) ||
+        !(seals & F_SEAL_GROW))
+        return wd_error_set(err, -EBADF, "descriptor %d is not a segment's sealed memfd", fd);
+    if ((uint64_t)st.st_size != size)
+        return wd_error_set(err, -EBADF, "a segment's memfd holds %lld bytes, not %llu", (long long)st.st_size,
+                            (unsigned long long)size);
+    if (h->used[device] + size > h->capacity)
+        return wd_error_set(err, -ENOMEM, "device %d cannot hold %llu bytes more", device, (unsigned long long)size);
+    map = mmap(va ? (char *)va->host + offset : NULL, size, PROT_READ | PROT_WRITE,
+               MAP_SHARED | (va ? MAP_FIXED : 0), fd, 0);
+    if (map == MAP_FAILED)
+        return wd_error_set(err, -errno, "mapping a %llu-byte segment: %s", (unsigned long long)size, strerror(errno));
+    h->used[device] += size;
+    *out = (wa_mem){.addr = (uint64_t)(uintptr_t)map, .size = size, .host = map, .fd = fd};
+    return 0;
+}
+
 static int host_describe(wa_backend *b, int device, wa_device_info *out)
 {
     host_backend *h = (host_backend *)b;
@@ -219,6 +246,7 @@ int wa_backend_host_create(int n_devices, uint64_t capacity, wa_backend **out, w
         .va_release = host_va_release,
         .page_map = host_page_map,
         .page_unmap = host_page_unmap,
+        .import = host_import,
     };
     h->capacity = capacity;
     *out = &h->base;

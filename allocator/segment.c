@@ -507,3 +507,113 @@ void wa__garbage_collect(wa_allocator *a, wa_device *d)
     }
     free(all);
 }
+
+/* ---- memory from an earlier allocator -------------------------------------- */
+
+static int adopt_import(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err)
+{
+    /* segment_create's memory function; the piece to import rides in out. */
+    return b->import(b, device, out->fd, size, NULL, 0, out, err);
+}
+
+int wa_adopt(wa_allocator *a, int device, const wa_piece *pieces, size_t n, uint64_t page, uint64_t requested,
+             wa_block **out, wd_error *err)
+{
+    wa_backend *be = a->backend;
+    wa_device *d;
+    wa_segment *seg = NULL;
+    wa_block *b = NULL;
+    uint64_t size = 0;
+    size_t done = 0;
+    int rc;
+
+    if (device < 0 || device >= a->n_devices)
+        return wd_error_set(err, -ENODEV, "no device %d", device);
+    if (!be->import)
+        return wd_error_set(err, -ENOTSUP, "the %s backend's memory cannot outlive the process that made it",
+                            be->name);
+    d = &a->dev[device];
+    for (size_t i = 0; i < n; i++) {
+        if (!pieces[i].size || (n > 1 && (!page || pieces[i].size % page)))
+            return wd_error_set(err, -EINVAL, "piece %zu of %zu: %llu bytes is not whole pages", i + 1, n,
+                                (unsigned long long)pieces[i].size);
+        size += pieces[i].size;
+    }
+    if (!n || requested > size)
+        return wd_error_set(err, -EINVAL, "%zu pieces of %llu bytes cannot hold %llu", n,
+                            (unsigned long long)size, (unsigned long long)requested);
+    if (d->limit && (uint64_t)d->stats.reserved_bytes.current + size > d->limit)
+        return wd_error_set(err, -ENOMEM, "device %d cannot hold %llu bytes more", device, (unsigned long long)size);
+    if (n == 1) {
+        wa_mem mem = {.fd = pieces[0].fd};
+        if (!(seg = calloc(1, sizeof *seg)) || !(b = calloc(1, sizeof *b))) {
+            rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
+            goto fail;
+        }
+        if ((rc = adopt_import(be, device, size, &mem, err)))
+            goto fail;
+        seg->mem = mem;
+        wa__stat_add(&d->stats.segment, 1);
+        if (size >= a->conf.max_split_size) {
+            seg->counted_oversize = true;
+            wa__stat_add(&d->stats.oversize_segments, 1);
+        }
+    } else {
+        if (!(seg = calloc(1, sizeof *seg)) || !(b = calloc(1, sizeof *b)) ||
+            !(seg->pages = calloc(size / page, sizeof *seg->pages)) ||
+            !(seg->chunk = malloc(size / page * sizeof *seg->chunk))) {
+            rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
+            goto fail;
+        }
+        if ((rc = be->va_reserve(be, device, size, &seg->mem, err)))
+            goto fail;
+        seg->expandable = seg->coalesce = true;
+        seg->page = page;
+        seg->n_pages = (size_t)(size / page);
+        for (uint64_t at = 0; done < n; at += pieces[done++].size) {
+            size_t head = (size_t)(at / page);
+            if ((rc = be->import(be, device, pieces[done].fd, pieces[done].size, &seg->mem, at, &seg->pages[head], err)))
+                goto fail;
+            for (size_t k = head; k < head + pieces[done].size / page; k++)
+                seg->chunk[k] = (uint32_t)head;
+        }
+    }
+    seg->size = size;
+    seg->device = device;
+    seg->small = size <= WA_SMALL_SIZE;
+    seg->id = a->next_segment_id++;
+    seg->head = b;
+    segment_link(d, seg);
+    *b = (wa_block){.addr = seg->mem.addr, .size = size, .seg = seg, .mapped = true, .allocated = true,
+                    .requested = requested};
+    wa__stat_add(&d->stats.reserved_bytes, size);
+    d->stats.num_device_alloc += n;
+    wa__stat_add(&d->stats.allocation, 1);
+    wa__stat_add(&d->stats.allocated_bytes, size);
+    wa__stat_add(&d->stats.active, 1);
+    wa__stat_add(&d->stats.active_bytes, size);
+    wa__stat_add(&d->stats.requested_bytes, requested);
+    b->counted_oversize = size >= a->conf.max_split_size;
+    if (b->counted_oversize)
+        wa__stat_add(&d->stats.oversize_allocations, 1);
+    *out = b;
+    return 0;
+fail:
+    /* The pieces imported so far are unmapped; their descriptors stay the caller's. */
+    if (seg && seg->expandable) {
+        uint64_t at = 0;
+        for (size_t i = 0; i < done; at += pieces[i++].size) {
+            wa_mem *pg = &seg->pages[at / page];
+            pg->fd = -1;
+            be->page_unmap(be, device, &seg->mem, pg);
+        }
+        be->va_release(be, device, &seg->mem);
+    }
+    if (seg) {
+        free(seg->pages);
+        free(seg->chunk);
+    }
+    free(seg);
+    free(b);
+    return rc;
+}

@@ -166,6 +166,99 @@ START_TEST(a_blocks_backing_is_what_a_worker_maps)
 }
 END_TEST
 
+/* A block's memory outlives its allocator and backend (systemd's fd store
+ * holds the descriptors across a restart): a new allocator adopts it, with
+ * the bytes as they were, as one allocated block it frees like any other.
+ * conf: classic segments (one piece) or expandable ones page by page. */
+static void adopt_after_restart(const char *conf, uint64_t size, size_t want_pieces)
+{
+    wa_backend *b1, *b2;
+    wa_allocator *a1, *a2;
+    wa_block *blk;
+    wa_region reg;
+    wa_piece pieces[16];
+    const wa_mem *mem[16];
+    wa_stats st;
+    wd_error err = {0};
+    size_t n;
+    char buf[6] = {0};
+    uint64_t page = 2 * MiB;
+
+    ck_assert_int_eq(wa_backend_host_create(1, 64 * MiB, &b1, &err), 0);
+    ck_assert_int_eq(wa_create(b1, conf, &a1, &err), 0);
+    ck_assert_int_eq(wa_malloc(a1, 0, size, &blk, &err), 0);
+    wa_block_region(blk, &reg);
+    ck_assert_int_eq(b1->write(b1, 0, reg.mem, reg.offset + size - 5, "bytes", 5, &err), 0);
+    n = wa_block_backing(blk, mem, 16);
+    ck_assert_uint_eq(n, want_pieces);
+    for (size_t i = 0; i < n; i++)
+        pieces[i] = (wa_piece){.fd = dup(mem[i]->fd), .size = mem[i]->size};
+    wa_destroy(a1); /* the daemon dies; the descriptors live on */
+    wa_backend_destroy(b1);
+
+    ck_assert_int_eq(wa_backend_host_create(1, 64 * MiB, &b2, &err), 0);
+    ck_assert_int_eq(wa_create(b2, conf, &a2, &err), 0);
+    ck_assert_int_eq(wa_adopt(a2, 0, pieces, n, page, size - 100, &blk, &err), 0);
+    ck_assert_int_eq(wa_check(a2, &err), 0);
+    wa_block_region(blk, &reg);
+    ck_assert_uint_eq(reg.size, size);
+    ck_assert_uint_eq(reg.requested, size - 100);
+    ck_assert_int_eq(b2->read(b2, 0, reg.mem, reg.offset + size - 5, buf, 5, &err), 0);
+    ck_assert_str_eq(buf, "bytes");
+    ck_assert_uint_eq(wa_block_backing(blk, mem, 16), n);
+    ck_assert_int_eq(wa_get_stats(a2, 0, &st), 0);
+    ck_assert_int_eq(st.reserved_bytes.current, (int64_t)size);
+    ck_assert_int_eq(st.allocated_bytes.current, (int64_t)size);
+    wa_free(a2, blk);
+    wa_empty_cache(a2, -1);
+    ck_assert_int_eq(wa_check(a2, &err), 0);
+    ck_assert_int_eq(wa_get_stats(a2, 0, &st), 0);
+    ck_assert_int_eq(st.reserved_bytes.current, 0);
+    wa_destroy(a2);
+    wa_backend_destroy(b2);
+}
+
+START_TEST(a_classic_segment_is_adopted_after_a_restart)
+{
+    adopt_after_restart("max_split_size_mb:20", 24 * MiB, 1);
+}
+END_TEST
+
+START_TEST(an_expandable_segments_pages_are_adopted_after_a_restart)
+{
+    adopt_after_restart("expandable_segments:True,expandable_page_mb:2", 8 * MiB, 4);
+}
+END_TEST
+
+/* What is not a segment's memfd, or not of the size the record says, is
+ * refused, and the caller keeps its descriptors. */
+START_TEST(adopt_refuses_what_is_not_a_segment)
+{
+    wa_backend *b;
+    wa_allocator *a;
+    wa_block *blk;
+    wd_error err = {0};
+    int plain = memfd_create("plain", MFD_CLOEXEC);
+    wa_mem mem;
+
+    ck_assert_int_eq(ftruncate(plain, 4 * MiB), 0);
+    ck_assert_int_eq(wa_backend_host_create(1, 64 * MiB, &b, &err), 0);
+    ck_assert_int_eq(wa_create(b, NULL, &a, &err), 0);
+    ck_assert_int_eq(wa_adopt(a, 0, &(wa_piece){plain, 4 * MiB}, 1, 0, 4 * MiB, &blk, &err), -EBADF);
+    ck_assert_int_eq(b->seg_alloc(b, 0, 4 * MiB, &mem, &err), 0);
+    ck_assert_int_eq(wa_adopt(a, 0, &(wa_piece){mem.fd, 2 * MiB}, 1, 0, 2 * MiB, &blk, &err), -EBADF);
+    ck_assert_int_eq(wa_adopt(a, 0, (wa_piece[]){{mem.fd, 4 * MiB}, {plain, 4 * MiB}}, 2, 2 * MiB, 8 * MiB, &blk,
+                              &err), -EBADF);
+    ck_assert_int_eq(fcntl(plain, F_GETFD), FD_CLOEXEC); /* still the caller's */
+    ck_assert_int_eq(fcntl(mem.fd, F_GETFD) >= 0, 1);
+    ck_assert_int_eq(wa_check(a, &err), 0);
+    b->seg_free(b, 0, &mem);
+    close(plain);
+    wa_destroy(a);
+    wa_backend_destroy(b);
+}
+END_TEST
+
 Suite *backend_host_suite(void)
 {
     Suite *s = suite_create("backend_host");
@@ -176,6 +269,9 @@ Suite *backend_host_suite(void)
     tcase_add_test(tc, factory_knows_its_backends);
     tcase_add_test(tc, allocator_on_host_gives_writable_blocks_inside_their_segment);
     tcase_add_test(tc, a_blocks_backing_is_what_a_worker_maps);
+    tcase_add_test(tc, a_classic_segment_is_adopted_after_a_restart);
+    tcase_add_test(tc, an_expandable_segments_pages_are_adopted_after_a_restart);
+    tcase_add_test(tc, adopt_refuses_what_is_not_a_segment);
     suite_add_tcase(s, tc);
     return s;
 }
