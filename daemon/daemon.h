@@ -142,6 +142,24 @@ int wd_auth_socket(const wd_config *c, const char *path, wd_error *err);
 
 typedef struct wd_peer wd_peer; /* one uid's connections and requests (server.c) */
 
+/* Descriptors systemd passed besides the socket (LISTEN_FDNAMES), until
+ * the restore takes them. */
+typedef struct wd_passed {
+    int *fds;
+    char **names;
+    size_t n;
+} wd_passed;
+
+/* What the daemon keeps in systemd's fd store (systemd.c). */
+typedef struct wd_fdstore {
+    bool on;                  /* under systemd, with memory that can outlive the daemon */
+    const char *off_why;      /* why not, for stats and the log */
+    uint64_t generation;      /* of the newest record */
+    char *record;             /* its FDNAME, or NULL */
+    char **names;             /* every FDNAME the store holds for us */
+    size_t n_names, cap;
+} wd_fdstore;
+
 struct wd_conn {
     wd_server *srv;
     uint64_t serial;          /* for log lines */
@@ -197,6 +215,8 @@ struct wd_server {
     int signal_fd;            /* SIGINT and SIGTERM, blocked in every thread, read here */
     uv_poll_t signal_poll;
     uv_timer_t tick;          /* progress events and the systemd watchdog */
+    wd_passed passed;
+    wd_fdstore fdstore;
     uint64_t watchdog_usec;   /* systemd's watchdog interval (0: none) */
     double watchdog_last;     /* when it was last told we are alive */
     uint64_t next_serial;
@@ -258,6 +278,17 @@ void wd_conn_watch_peer(wd_conn *c);
 /* The listening socket systemd passed, as s->listen_fd and s->socket_path;
  * s->listen_fd is -1 when it passed none (the daemon binds its own). */
 int wd_systemd_listen(wd_server *s, wd_error *err);
+/* After a model is loaded or unloaded: the fd store gets the descriptors
+ * of each model not yet there and a new record, and loses what no model
+ * needs any more. Outside systemd, nothing. */
+void wd_fdstore_sync(wd_server *s);
+/* At start, before serving: the models of the newest record that systemd
+ * passed back, each served as it was or dropped (logged); the descriptors
+ * nobody takes are closed. */
+void wd_fdstore_restore(wd_server *s);
+/* The fd store's state for stats. */
+cJSON *wd_fdstore_json(const wd_server *s);
+void wd_fdstore_free(wd_server *s);
 /* READY=1 with the status, once serving; the watchdog's interval. */
 void wd_systemd_ready(wd_server *s);
 /* STATUS=: the models loaded and what runs (after each change). */
@@ -268,6 +299,20 @@ void wd_systemd_watchdog(wd_server *s);
 void wd_systemd_reloading(wd_server *s);
 void wd_systemd_reloaded(wd_server *s);
 void wd_systemd_stopping(wd_server *s);
+
+/* ---- record.c: the registry's record, the one place of its format ------- */
+
+#define WD_RECORD_VERSION 1
+/* m's part of the record (m->record), naming its descriptors: names[] are
+ * the FDNAMEs of its slabs' pieces (wa_block_backing, slab by slab), then
+ * of its shards. Reads the shards' headers again. */
+int wd_record_model(wd_server *s, wd_model *m, char *const *names, wd_error *err);
+/* A sealed memfd of the record of every model with m->record. */
+int wd_record_write(wd_server *s, uint64_t generation, int *fd, wd_error *err);
+/* The models of record fd, from descriptors p (those used are taken):
+ * how many came back, or a negative errno when the record itself is bad
+ * (another version, truncated, corrupted, another backend or devices). */
+int wd_record_restore(wd_server *s, int fd, wd_passed *p, uint64_t *generation, wd_error *err);
 
 /* ---- ops.c: the operation table ------------------------------------------ */
 
@@ -343,6 +388,12 @@ struct wd_model {
     size_t n_slabs, slabs_allocated;
     size_t dests_ready;       /* dests, from the first, with their memory */
     uint64_t device_bytes;    /* what the dests hold, on all devices together */
+    uint64_t slab_size;       /* --slab-size when it was placed (a restart plans it again alike) */
+    char **stored;            /* FDNAMEs of its descriptors in systemd's fd store (systemd.c) */
+    size_t n_stored;
+    char *record;             /* its part of the registry's record (record.c), once stored */
+    bool unstorable;          /* its memory cannot go to the fd store (said once in the log) */
+    bool restored;            /* taken back from the fd store at start, not loaded */
     uint64_t *sums;           /* each tensor's checksum, computed while it loaded (common/checksum.h) */
     double load_seconds;
     double loaded_at;         /* wall clock */
@@ -373,9 +424,17 @@ cJSON *wd_model_devices_json(const wd_model *m);
  * bytes per device (0: a 32nd of what m holds there, at least 256 MiB),
  * each part at a 512-byte boundary; replaces an earlier plan. */
 int wd_model_plan_slabs(wd_model *m, uint64_t slab_size, wd_error *err);
+/* m's dests (placement.h: every tensor's runs on its devices) and their
+ * slabs (wd_model_plan_slabs), for a model with its checkpoint open; with
+ * checksums, room for them. The same checkpoint, placement and slab_size
+ * always give the same plan (a restart relies on it). */
+int wd_model_place(wd_model *m, uint64_t slab_size, bool checksums, wd_error *err);
 /* Allocates the next slab and gives its dests their memory; -ENOMEM & co
  * from the allocator, with err naming the slab's first tensor. */
 int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err);
+/* The next slab's memory is block (allocated, or adopted after a restart):
+ * its dests get their addresses. */
+void wd_model_slab_placed(wd_model *m, wa_block *block);
 
 /* Unload: at once when nobody holds m; else -EBUSY naming the holders, or
  * with force, a revoke event to each holder and a wait of up to `wait`

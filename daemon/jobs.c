@@ -212,8 +212,9 @@ static void finish_load(wd_job *j)
             wd_reply_ok(j->req, res);
             j->req = NULL;
         }
-        /* After the reply: the load's client need not wait for it. */
+        /* After the reply: the load's client need not wait for these. */
         wd_attach_prepare(s, m);
+        wd_fdstore_sync(s);
     } else {
         wd_log(j->rc == -ECANCELED ? WD_LOG_info : WD_LOG_warning, "load of %s failed: %s%s", m->name,
                wd_error_text(&j->err), j->policy_pushed ? "; everything it took is freed" : "");
@@ -252,34 +253,16 @@ static void verify_work(uv_work_t *w)
     wl_pipeline_destroy(p);
 }
 
-/* Every tensor's run on each device (placement.h) becomes a dest, and the
- * dests are packed into slabs; their memory comes later (allocate_step). */
+/* The dests and slabs of the model (registry.c) under the load policy;
+ * their memory comes later (allocate_step). */
 static int place_tensors(wd_server *s, wd_job *j)
 {
-    wd_model *m = j->model;
-    wl_target *targets = NULL;
     int rc;
 
     if ((rc = wa_policy_push(s->alloc, s->conf->load_alloc_conf, &j->err)))
         return rc;
     j->policy_pushed = true;
-    if ((rc = wl_place(&m->ckpt, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, &j->err)))
-        return rc;
-    if (wd_fault(WD_FAULT_alloc) || !(m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest)) ||
-        (s->conf->checksums &&
-         (wd_fault(WD_FAULT_alloc) || !(m->sums = calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *m->sums))))) {
-        rc = wd_error_set(&j->err, -ENOMEM, "out of host memory");
-        goto out;
-    }
-    for (size_t i = 0; i < m->n_dest; i++) {
-        const wl_target *t = &targets[i];
-        m->dest[i] = (wl_dest){.tensor = t->tensor, .tensor_off = t->offset, .len = t->len, .device = t->device};
-        m->device_bytes += t->len;
-    }
-    rc = wd_model_plan_slabs(m, s->conf->slab_size, &j->err);
-out:
-    free(targets);
-    return rc;
+    return wd_model_place(j->model, s->conf->slab_size, s->conf->checksums, &j->err);
 }
 
 /* Allocates the next slabs, in order, until `bytes` are given or `seconds`

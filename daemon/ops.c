@@ -470,6 +470,7 @@ static int op_stats(wd_server *s, wd_request *r)
     cJSON_AddNumberToObject(res, "models", (double)wd_registry_count(s));
     cJSON_AddNumberToObject(res, "connections", (double)s->n_conns);
     cJSON_AddItemToObject(res, "policy", policy_state(s));
+    cJSON_AddItemToObject(res, "fd_store", wd_fdstore_json(s));
     wd_jobs_describe(s, res, (size_t)jobs_offset);
     devs = cJSON_AddArrayToObject(res, "devices");
     for (int d = 0; d < wa_device_count(s->alloc); d++) {

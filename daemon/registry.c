@@ -122,6 +122,10 @@ void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
     free(m->part);
     free(m->dest);
     free(m->sums);
+    for (size_t i = 0; i < m->n_stored; i++)
+        free(m->stored[i]);
+    free(m->stored);
+    free(m->record);
     free(m->devices);
     free(m->name);
     free(m->path);
@@ -217,22 +221,39 @@ out:
     return rc;
 }
 
-int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err)
+int wd_model_place(wd_model *m, uint64_t slab_size, bool checksums, wd_error *err)
+{
+    wl_target *targets = NULL;
+    int rc;
+
+    if ((rc = wl_place(&m->ckpt, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, err)))
+        return rc;
+    if (wd_fault(WD_FAULT_alloc) || !(m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest)) ||
+        (checksums &&
+         (wd_fault(WD_FAULT_alloc) || !(m->sums = calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *m->sums))))) {
+        rc = wd_error_set(err, -ENOMEM, "out of host memory");
+        goto out;
+    }
+    for (size_t i = 0; i < m->n_dest; i++) {
+        const wl_target *t = &targets[i];
+        m->dest[i] = (wl_dest){.tensor = t->tensor, .tensor_off = t->offset, .len = t->len, .device = t->device};
+        m->device_bytes += t->len;
+    }
+    m->slab_size = slab_size;
+    rc = wd_model_plan_slabs(m, slab_size, err);
+out:
+    free(targets);
+    return rc;
+}
+
+void wd_model_slab_placed(wd_model *m, wa_block *block)
 {
     wd_slab *sl = &m->slabs[m->slabs_allocated];
     uint32_t k = (uint32_t)m->slabs_allocated;
     wa_region reg;
-    int rc;
 
-    if ((rc = wd_fault(WD_FAULT_alloc) ? wd_error_set(err, -ENOMEM, "out of memory (an injected fault)")
-                                       : wa_malloc(s->alloc, sl->device, sl->bytes, &sl->block, err))) {
-        char size[32];
-        wd_error_prefix(err, "slab %u of %zu (%s, from tensor \"%s\") on device %d", k + 1, m->n_slabs,
-                        wd_size_format(sl->bytes, size, sizeof size),
-                        m->ckpt.tensors[m->dest[sl->first_dest].tensor].st->name, sl->device);
-        return rc;
-    }
-    wa_block_region(sl->block, &reg);
+    sl->block = block;
+    wa_block_region(block, &reg);
     for (size_t i = sl->first_dest; i < sl->end_dest; i++)
         if (m->part[i].slab == k) {
             m->dest[i].mem = reg.mem;
@@ -244,9 +265,25 @@ int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err)
     while (m->dests_ready < m->n_dest &&
            (m->part[m->dests_ready].slab == WD_NO_SLAB || m->part[m->dests_ready].slab < m->slabs_allocated))
         m->dests_ready++;
-    return 0;
 }
 
+int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err)
+{
+    wd_slab *sl = &m->slabs[m->slabs_allocated];
+    wa_block *block;
+    int rc;
+
+    if ((rc = wd_fault(WD_FAULT_alloc) ? wd_error_set(err, -ENOMEM, "out of memory (an injected fault)")
+                                       : wa_malloc(s->alloc, sl->device, sl->bytes, &block, err))) {
+        char size[32];
+        wd_error_prefix(err, "slab %zu of %zu (%s, from tensor \"%s\") on device %d", m->slabs_allocated + 1,
+                        m->n_slabs, wd_size_format(sl->bytes, size, sizeof size),
+                        m->ckpt.tensors[m->dest[sl->first_dest].tensor].st->name, sl->device);
+        return rc;
+    }
+    wd_model_slab_placed(m, block);
+    return 0;
+}
 
 /* ---- unload ------------------------------------------------------------------ */
 
@@ -259,8 +296,10 @@ static void finish_unload(wd_server *s, wd_model *m, wd_request *r)
     cJSON_AddNumberToObject(res, "bytes", (double)m->ckpt.total_bytes);
     cJSON_AddNumberToObject(res, "device_bytes", (double)m->device_bytes);
     wd_log(WD_LOG_notice, "unloaded %s (%s)", m->name, wd_size_format(m->device_bytes, size, sizeof size));
-    /* A daemon that unloads a model gives its memory back to the devices. */
+    /* A daemon that unloads a model gives its memory back to the devices,
+     * and systemd's fd store lets go of it. */
     wd_registry_remove(s, m, true);
+    wd_fdstore_sync(s);
     wd_reply_ok(r, res);
 }
 

@@ -857,6 +857,7 @@ void wd_block_stop_signals(void)
 /* The pipeline, the allocator and the backend, in that order. */
 static void release_devices(wd_server *s)
 {
+    wd_fdstore_free(s);
     wl_pipeline_destroy(s->pipeline);
     s->pipeline = NULL;
     wa_destroy(s->alloc);
@@ -980,6 +981,9 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     uv_timer_init(loop, &s->tick);
     s->tick.data = s;
     uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
+    /* What an earlier daemon left in systemd's fd store is served again
+     * before the first client is: its models, without their checkpoints. */
+    wd_fdstore_restore(s);
 
     for (int i = 0; i < s->backend->n_devices; i++) {
         s->backend->describe(s->backend, i, &info);

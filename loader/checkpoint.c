@@ -732,6 +732,87 @@ out:
     return rc;
 }
 
+int wl_shard_header(const wl_shard *s, char **json, size_t *len, wd_error *err)
+{
+    size_t n = (size_t)s->st.header_len, got = 0;
+    char *buf;
+
+    if (!(buf = malloc(n + 1)))
+        return wd_error_set(err, -ENOMEM, "%s: out of memory for its header", s->path);
+    while (got < n) {
+        ssize_t r = pread(s->fd, buf + got, n - got, (off_t)(8 + got));
+        if (r <= 0) {
+            int rc = r < 0 ? -errno : -EIO;
+            free(buf);
+            return wd_error_set(err, rc, "%s: reading its header again: %s", s->path,
+                                r < 0 ? strerror(-rc) : "the file is shorter");
+        }
+        got += (size_t)r;
+    }
+    buf[n] = '\0';
+    *json = buf;
+    *len = n;
+    return 0;
+}
+
+int wl_checkpoint_reopen(const char *path, const char *index_path, const wl_saved_shard *shards, size_t n,
+                         wl_checkpoint *out, wd_error *err)
+{
+    wl_checkpoint c;
+    char msg[sizeof err->msg];
+    path_buf p1;
+    size_t taken = 0;
+    int rc = 0;
+
+    memset(&c, 0, sizeof c);
+    memset(out, 0, sizeof *out);
+    if (!(c.path = strdup(path)) || (index_path && !(c.index_path = strdup(index_path))) ||
+        !(c.shards = calloc(n ? n : 1, sizeof *c.shards))) {
+        rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
+    c.n_shards = n;
+    for (size_t i = 0; i < n; i++)
+        c.shards[i].fd = -1;
+    for (; taken < n; taken++) {
+        const wl_saved_shard *sv = &shards[taken];
+        wl_shard *sh = &c.shards[taken];
+        struct stat sb;
+        sh->fd = sv->fd;
+        if (!(sh->path = strdup(sv->path))) {
+            taken++;
+            rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+            goto out;
+        }
+        if (fstat(sh->fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (uint64_t)sb.st_size != sv->file_size ||
+            sb.st_mtim.tv_sec != sv->mtime.tv_sec || sb.st_mtim.tv_nsec != sv->mtime.tv_nsec) {
+            taken++;
+            rc = wd_error_set(err, -ESTALE, "%s changed since it was loaded (size or modification time)",
+                              spath(sv->path, p1));
+            goto out;
+        }
+        sh->file_size = sv->file_size;
+        sh->mtime = sv->mtime;
+        if (sv->header_len + 8 > sv->file_size ||
+            (rc = st_parse_header(sv->header, sv->header_len, sv->file_size - 8 - sv->header_len, &sh->st, msg,
+                                  sizeof msg)) < 0) {
+            taken++;
+            rc = wd_error_set(err, rc < 0 ? rc : -EBADMSG, "%s: its saved header: %s", spath(sv->path, p1),
+                              rc < 0 ? msg : "longer than the file");
+            goto out;
+        }
+    }
+    if ((rc = link_tensors(&c, NULL, err)) < 0)
+        goto out;
+    *out = c;
+    memset(&c, 0, sizeof c);
+out:
+    for (size_t i = taken; i < n; i++)
+        close(shards[i].fd);
+    wl_checkpoint_close(&c);
+    return rc;
+}
+
 int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err)
 {
     char **files = NULL;

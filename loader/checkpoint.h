@@ -67,6 +67,24 @@ int wl_checkpoint_files(const char *path, char ***files, size_t *n, wd_error *er
  * checkpoint as named. wl_checkpoint_open is discovery, open(2), then this. */
 int wl_checkpoint_open_files(const char *path, char *const *files, int *fds, size_t n, wl_checkpoint *out,
                              wd_error *err);
+/* A shard as a record of a loaded checkpoint keeps it (the daemon's fd
+ * store, across a restart): its open file and its header's JSON text. */
+typedef struct wl_saved_shard {
+    const char *path;
+    int fd;
+    uint64_t file_size;
+    struct timespec mtime;
+    const char *header;       /* the N bytes after the 8-byte prefix */
+    size_t header_len;
+} wl_saved_shard;
+/* The header text of shard s, read again from its descriptor (malloc'd,
+ * NUL-terminated). */
+int wl_shard_header(const wl_shard *s, char **json, size_t *len, wd_error *err);
+/* The checkpoint again from saved shards, without reading them: each fd
+ * must still be a file of the saved size and modification time (-ESTALE
+ * otherwise), each header must parse. Takes every fd (kept or closed). */
+int wl_checkpoint_reopen(const char *path, const char *index_path, const wl_saved_shard *shards, size_t n,
+                         wl_checkpoint *out, wd_error *err);
 /* Safe on a zeroed or already-closed checkpoint. */
 void wl_checkpoint_close(wl_checkpoint *c);
 /* The index a folder's checkpoint is read from when it has several. */

@@ -429,6 +429,45 @@ class Daemon:
         return r.json["models"]
 
 
+class ServiceDaemon(Daemon):
+    """weightd started as systemd starts the service: by a FakeSystemd
+    (fdstore.py), which holds its socket, takes its notify messages and its
+    fd store, and hands them to each start."""
+
+    def __init__(self, workdir, systemd, args=(), env=None, name="weightd"):
+        super().__init__(workdir, args=args, env=dict(env or {}, **systemd.env()), sock=systemd.sock_path,
+                         pass_socket=False, name=name)
+        self.systemd = systemd
+
+    def start(self, wait=True):
+        self.closed = False
+        self.expected_rc = 0
+        cmd, fds = self.systemd.command([WEIGHTD] + self.args)
+        self.cmd = cmd
+        self.mark = len(self.systemd.messages)
+        with open(self.log_path, "ab") as err, open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=fds,
+                                         env=child_env(self.env), cwd=self.dir, start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=None):
+        """Until the daemon said READY=1 (its socket is systemd's: it accepts
+        before the daemon runs)."""
+        deadline = time.monotonic() + (timeout or T(30))
+        while not self.ready_since(self.mark):
+            rc = self.proc.poll()
+            if rc is not None:
+                raise AssertionError("weightd exited %d before it was ready; stderr:\n%s" % (rc, self.log()))
+            if time.monotonic() > deadline:
+                raise AssertionError("weightd did not say READY=1 in time; stderr:\n%s" % self.log())
+            time.sleep(0.02)
+
+    def ready_since(self, n):
+        return any(m.startswith("READY=1") for m in self.systemd.messages[n:])
+
+
 def usage_of(dev):
     """The figures that a failed or cancelled load must put back."""
     return {k: dev[k]["current"] for k in ("reserved_bytes", "allocated_bytes", "active_bytes", "requested_bytes",

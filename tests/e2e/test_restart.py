@@ -1,0 +1,202 @@
+"""Weights that survive a crash or a restart: the daemon keeps each model's
+memory, its checkpoint's files and a record of its registry in systemd's fd
+store, and the next daemon serves them again without reading a checkpoint.
+systemd's part is played by fdstore.FakeSystemd (tests/systemd checks the
+same under a real systemd)."""
+
+import os
+import shutil
+import signal
+import struct
+import unittest
+
+from tests.e2e import harness as h
+from tests.e2e.fdstore import FakeSystemd
+from tests.e2e.test_attach import worker_json
+
+HOST = ["--backend", "host", "--host-devices", "2", "--host-capacity", "2GiB"]
+
+
+class Restart(h.E2ETestCase):
+    def service(self, *args):
+        self.systemd = FakeSystemd(self.tmp, os.path.join(self.tmp, "weightd.sock"))
+        self.addCleanup(self.systemd.close)
+        d = h.ServiceDaemon(self.tmp, self.systemd, HOST + list(args))
+        self.addCleanup(d.close)
+        return d.start()
+
+    def load(self, d, name, ckpt, *args):
+        r = d.ctl("load", ckpt, "--name", name, *args)
+        self.assertEqual(r.rc, 0, r)
+        self.systemd.wait_settled()
+
+    def restart(self, d, sig):
+        """The daemon dies by sig (SIGKILL: a crash; SIGTERM: systemctl
+        restart), and systemd starts it again with what the store holds."""
+        if sig == signal.SIGKILL:
+            d.kill9()
+        else:
+            self.assertEqual(d.stop(sig), 0, d.log())
+        d.start()
+        self.systemd.wait_settled()
+        return d
+
+    def test_models_survive_a_crash_and_a_restart_without_their_checkpoint(self):
+        src = h.copy_checkpoint(h.checkpoint("small"), os.path.join(self.tmp, "ckpt"))
+        qwen = h.copy_checkpoint(h.checkpoint("qwen"), os.path.join(self.tmp, "qwen"))
+        d = self.service()
+        self.load(d, "gpt", src)
+        self.load(d, "qwen", qwen, "--devices", "0,1", "--placement", "expert-parallel")
+        names = self.systemd.names()
+        self.assertEqual(sum(n.startswith("wd-rec-") for n in names), 1, names)
+        self.assertTrue(any(n.startswith("wd-mem-") for n in names), names)
+        self.assertTrue(any(n.startswith("wd-file-") for n in names), names)
+        before = {m["name"]: m for m in d.models()}
+        stats = d.stats()["fd_store"]
+        self.assertTrue(stats["enabled"], stats)
+        self.assertEqual(stats["models"], 2, stats)
+        # The checkpoints move away: a restart cannot read them by name.
+        saved = {"gpt": os.path.join(self.tmp, "saved-gpt"), "qwen": os.path.join(self.tmp, "saved-qwen")}
+        os.rename(src, saved["gpt"])
+        os.rename(qwen, saved["qwen"])
+        for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+            self.restart(d, sig)
+            self.assertIn("restored gpt from the fd store", d.log())
+            after = {m["name"]: m for m in d.models()}
+            self.assertEqual(sorted(after), ["gpt", "qwen"])
+            for name in after:
+                for key in ("state", "devices", "placement", "tensors", "bytes", "device_bytes", "path"):
+                    self.assertEqual(after[name][key], before[name][key], (name, key))
+            # every byte, against the saved copies
+            got = worker_json(self, d, "verify", "gpt", saved["gpt"])
+            self.assertEqual(got["missing"], [])
+            for dev in (0, 1):
+                got = worker_json(self, d, "verify", "qwen", saved["qwen"], "--device", dev)
+                self.assertGreater(got["tensors"], 0)
+            # and the checksums saved with them
+            r = d.ctl("verify", "gpt", "--quick")
+            self.assertEqual(r.rc, 0, r)
+            # the full verify reads the kept files, wherever they moved
+            r = d.ctl("verify", "qwen")
+            self.assertEqual(r.rc, 0, r)
+        # One record: each restart's replaces the last.
+        names = self.systemd.names()
+        self.assertEqual(sum(n.startswith("wd-rec-") for n in names), 1, names)
+
+    def test_unload_takes_a_model_out_of_the_store(self):
+        d = self.service()
+        self.load(d, "a", h.checkpoint("small"))
+        self.load(d, "b", h.checkpoint("qwen"))
+        with_both = set(self.systemd.names())
+        self.assertEqual(d.ctl("unload", "a").rc, 0)
+        self.systemd.wait_settled()
+        with_b = set(self.systemd.names())
+        self.assertLess(len(with_b), len(with_both))
+        self.assertEqual(d.ctl("unload", "b").rc, 0)
+        names = self.systemd.wait_settled()
+        self.assertEqual([n for n in names if not n.startswith("wd-rec-")], [], names)
+        self.restart(d, signal.SIGKILL)
+        self.assertEqual(d.models(), [])
+        # every byte back on the devices
+        for dev in d.stats()["devices"]:
+            self.assertEqual(dev["reserved_bytes"]["current"], 0, dev)
+
+    def test_stop_then_start_releases_the_models(self):
+        d = self.service()
+        self.load(d, "a", h.checkpoint("small"))
+        self.assertEqual(d.stop(), 0)
+        self.systemd.empty()  # systemctl stop: systemd 252 empties the store
+        d.start()
+        self.assertEqual(d.models(), [])
+
+    def test_unloading_a_restored_model_gives_every_byte_back(self):
+        d = self.service()
+        self.load(d, "a", h.checkpoint("small"))
+        self.restart(d, signal.SIGKILL)
+        self.assertEqual([m["name"] for m in d.models()], ["a"])
+        self.assertEqual(d.ctl("unload", "a").rc, 0)
+        for dev in d.stats()["devices"]:
+            self.assertEqual(dev["reserved_bytes"]["current"], 0, dev)
+        names = self.systemd.wait_settled()
+        self.assertEqual([n for n in names if not n.startswith("wd-rec-")], [], names)
+
+    def corrupt_and_restart(self, make):
+        """Replaces the stored record with make(its bytes) and restarts;
+        returns the daemon, which must serve no model."""
+        d = self.service()
+        self.load(d, "a", h.checkpoint("small"))
+        rec = next(n for n in self.systemd.names() if n.startswith("wd-rec-"))
+        with open("/proc/self/fd/%d" % self.systemd.fd_of(rec), "rb") as f:
+            data = f.read()
+        fd = os.memfd_create("weightd-registry", os.MFD_ALLOW_SEALING)
+        os.write(fd, make(data))
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        self.systemd.replace(rec, fd)
+        self.restart(d, signal.SIGKILL)
+        self.assertEqual(d.models(), [])
+        self.assertIn("fd store: record %s dropped" % rec, d.log())
+        # nothing of the dropped record stays in the store or on the devices
+        names = self.systemd.wait_settled()
+        self.assertEqual([n for n in names if not n.startswith("wd-rec-")], [], names)
+        for dev in d.stats()["devices"]:
+            self.assertEqual(dev["reserved_bytes"]["current"], 0, dev)
+        return d
+
+    def test_a_corrupted_record_is_dropped(self):
+        def flip(data):
+            b = bytearray(data)
+            b[len(b) // 2] ^= 0x20
+            return bytes(b)
+        d = self.corrupt_and_restart(flip)
+        self.assertIn("corrupted", d.log())
+
+    def test_a_truncated_record_is_dropped(self):
+        d = self.corrupt_and_restart(lambda data: data[:len(data) - 10])
+        self.assertIn("truncated", d.log())
+
+    def test_a_record_of_another_version_is_dropped(self):
+        d = self.corrupt_and_restart(lambda data: data.replace(b"weightd-registry 1 ", b"weightd-registry 9 ", 1))
+        self.assertIn("format version 9", d.log())
+
+    def test_a_checkpoint_changed_since_the_load_is_dropped(self):
+        src = h.copy_checkpoint(h.checkpoint("qwen-tiny"), os.path.join(self.tmp, "ckpt"))
+        d = self.service()
+        self.load(d, "a", src)
+        self.load(d, "b", h.checkpoint("small"))
+        d.kill9()
+        shard = h.shard_files(src)[0]
+        st = os.stat(shard)
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+        d.start()
+        self.systemd.wait_settled()
+        self.assertEqual([m["name"] for m in d.models()], ["b"])
+        self.assertIn("changed since it was loaded", d.log())
+
+    def test_a_missing_descriptor_drops_its_model(self):
+        d = self.service()
+        self.load(d, "a", h.checkpoint("small"))
+        self.load(d, "b", h.checkpoint("qwen"))
+        d.kill9()
+        # FileDescriptorStoreMax= too small, say: one of a's pieces is gone
+        victim = self.systemd.names().index(next(n for n in self.systemd.names() if n.startswith("wd-mem-")))
+        name = self.systemd.names()[victim]
+        with self.systemd.cond:
+            os.close(self.systemd.store[victim][1])
+            del self.systemd.store[victim]
+        d.start()
+        self.systemd.wait_settled()
+        self.assertEqual([m["name"] for m in d.models()], ["b"])
+        self.assertIn("did not come back", d.log())
+        self.assertNotIn(name, self.systemd.names())
+
+    def test_without_systemd_nothing_is_stored(self):
+        d = self.daemon()
+        self.assertEqual(d.ctl("load", h.checkpoint("small"), "--name", "a").rc, 0)
+        st = d.stats()["fd_store"]
+        self.assertFalse(st["enabled"])
+        self.assertEqual(st["why_not"], "not under systemd")
+
+
+if __name__ == "__main__":
+    unittest.main()
