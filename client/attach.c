@@ -65,6 +65,7 @@ typedef struct att_piece {
 
 struct wdc_attachment {
     uint64_t lease;
+    char token[33];           /* the lease's secret: takes it again after a daemon restart */
     share_kind kind;
     bool writable;
     att_device *devs;
@@ -815,6 +816,9 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
         if ((rc = get_u64(c, result, "descriptors", &n_desc)) || (rc = get_u64(c, result, "handles", &n_handles)) ||
             (rc = get_u64(c, result, "tensors", &n_tensors)) || (rc = get_u64(c, result, "lease", &a->lease)))
             goto fail;
+        const cJSON *token = cJSON_GetObjectItemCaseSensitive(result, "token");
+        if (cJSON_IsString(token) && strlen(token->valuestring) < sizeof a->token)
+            snprintf(a->token, sizeof a->token, "%s", token->valuestring);
         if (!a->devs || n_desc != a->n_descs || n_handles != a->n_handles || n_tensors != a->n_tensors) {
             rc = wdc__fail(c, -EPROTO, "weightd's attach announced %llu descriptors, %llu handles and %llu tensors "
                            "but sent %zu, %zu and %zu", (unsigned long long)n_desc, (unsigned long long)n_handles,
@@ -967,6 +971,44 @@ int wdc_tensor_checksum(const wdc_attachment *a, const wdc_tensor *t, uint64_t *
 out:
     wd_summer_free(sum);
     free(buf);
+    return rc;
+}
+
+int wdc_reattach(wdc_client *c, wdc_attachment *a, int timeout_ms)
+{
+    double deadline = now() + (timeout_ms < 0 ? 1e9 : timeout_ms / 1e3);
+    char args[96], path[sizeof c->path], *result = NULL;
+    cJSON *res;
+    uint64_t lease;
+    int rc;
+
+    if (!a->token[0])
+        return wdc__fail(c, -ENOTSUP, "the daemon gave this lease no token: it cannot be taken again");
+    /* The old connection is gone with the old daemon. (wdc_connect sets
+     * c->path: it gets a copy.) */
+    wdc__disconnect(c);
+    snprintf(path, sizeof path, "%s", c->path);
+    for (;;) {
+        int left = (int)((deadline - now()) * 1e3);
+        if (left <= 0)
+            return wdc__fail(c, -ETIMEDOUT, "weightd did not come back at %s within %d ms", c->path, timeout_ms);
+        rc = wdc_connect(c, path, left);
+        if (rc == 0)
+            break;
+        /* Not back yet: no socket, nobody listening, or one that closes on us. */
+        if (rc != -ECONNREFUSED && rc != -ECONNRESET && rc != -EPIPE && rc != -EBUSY)
+            return rc;
+        usleep(20000);
+    }
+    snprintf(args, sizeof args, "{\"token\":\"%s\"}", a->token);
+    if ((rc = wdc_call(c, "reattach", args, (int)((deadline - now()) * 1e3) + 1, NULL, NULL, &result)))
+        return rc;
+    res = cJSON_Parse(result);
+    free(result);
+    rc = get_u64(c, res, "lease", &lease);
+    cJSON_Delete(res);
+    if (!rc)
+        a->lease = lease;
     return rc;
 }
 

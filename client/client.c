@@ -40,6 +40,17 @@ wdc_client *wdc_new(void)
     return c;
 }
 
+void wdc__disconnect(wdc_client *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    wp_reader_free(&c->rd);
+    wp_writer_free(&c->wr);
+    wp_reader_init(&c->rd);
+    wp_writer_init(&c->wr);
+}
+
 void wdc_close(wdc_client *c)
 {
     if (!c)

@@ -36,5 +36,7 @@ int wdc__next_for(wdc_client *c, int64_t id, int timeout_ms, cJSON **msg, char *
 /* A reply's result (0), or its error as the call's error. */
 int wdc__reply_result(wdc_client *c, const cJSON *msg, const cJSON **result);
 int wdc__read_message(wdc_client *c, int timeout_ms, cJSON **msg, char **raw);
+/* Closes the connection and forgets what was read and queued on it. */
+void wdc__disconnect(wdc_client *c);
 
 #endif

@@ -154,6 +154,15 @@ uint64_t wdc_attachment_lease(const wdc_attachment *a);
  * time went (seconds in all; receive_seconds, within which setup_seconds for
  * the CUDA driver and contexts and import_seconds; map_seconds). */
 const char *wdc_attachment_info(const wdc_attachment *a);
+/* After the daemon went away (wdc_poll says -ECONNRESET) and its fd store
+ * kept the model (systemd: a crash, or `systemctl restart`): connects c
+ * again to its socket, trying for up to timeout_ms while the daemon comes
+ * back, and takes a's lease again with the token the attach gave. The
+ * mappings never went away: the tensors stay valid, and usable meanwhile.
+ * -ENOENT: the daemon has no such lease now (the model was not kept, or the
+ * worker came back after --lease-grace); the mappings still last until
+ * wdc_detach, but nothing holds the model. */
+int wdc_reattach(wdc_client *c, wdc_attachment *a, int timeout_ms);
 /* Copies len bytes of part p, from offset, into host memory dst. */
 int wdc_read(const wdc_attachment *a, const wdc_part *p, uint64_t offset, void *dst, size_t len);
 /* The checksum of t as this process maps it (one copy, its parts in order),

@@ -576,6 +576,9 @@ int wd_op_attach(wd_server *s, wd_request *r)
     }
     res = cJSON_CreateObject();
     cJSON_AddNumberToObject(res, "lease", (double)l->id);
+    /* Its holder's alone: with it, the client takes the lease again from
+     * the next daemon after a restart (reattach). */
+    cJSON_AddStringToObject(res, "token", l->token);
     describe_attach(s, m, l, res);
     cJSON_AddNumberToObject(res, "descriptors", (double)at->n_desc);
     cJSON_AddNumberToObject(res, "handles", (double)at->n_handles);
@@ -606,6 +609,30 @@ int wd_op_detach(wd_server *s, wd_request *r)
     /* The end may finish a forced unload (which frees the model and answers
      * its own client): the reply holds a copy of the name. */
     wd_lease_end(s, l, "detached");
+    wd_reply_ok(r, res);
+    return 0;
+}
+
+/* {"token"}: the lease an attach gave this user's worker, after a daemon
+ * restart: its mappings never went, so nothing is sent but the lease. */
+int wd_op_reattach(wd_server *s, wd_request *r)
+{
+    const char *token;
+    wd_lease *l;
+    cJSON *res;
+    int rc;
+
+    if ((rc = wp_arg_string(r->args, "token", true, &token, &r->err)))
+        return rc;
+    if ((rc = wd_lease_reattach(s, r, token, &l, &r->err)))
+        return rc;
+    res = cJSON_CreateObject();
+    cJSON_AddNumberToObject(res, "lease", (double)l->id);
+    cJSON_AddStringToObject(res, "name", l->model->name);
+    if (l->device >= 0)
+        cJSON_AddNumberToObject(res, "device", l->device);
+    else
+        cJSON_AddNullToObject(res, "device");
     wd_reply_ok(r, res);
     return 0;
 }

@@ -88,7 +88,9 @@ void wd_log_set_peer_rate(unsigned per_second);
       "an XXH3 checksum of each tensor, computed while it loads (info shows them, verify --quick " \
       "checks the devices' copies against them)")                                                 \
     X(attach_writable, BOOL, "off", "on|off",                                                     \
-      "let the daemon's own user and root attach writable (workers get read-only mappings)")
+      "let the daemon's own user and root attach writable (workers get read-only mappings)")        \
+    X(lease_grace, INT, "120", "SECONDS",                                                         \
+      "after a restart, how long a lease kept in the fd store waits for its worker to take it again")
 
 typedef struct wd_config {
 #define OPT_FIELD_STRING char *
@@ -286,6 +288,8 @@ void wd_fdstore_sync(wd_server *s);
  * passed back, each served as it was or dropped (logged); the descriptors
  * nobody takes are closed. */
 void wd_fdstore_restore(wd_server *s);
+/* A lease of a stored model into the store (add), or out of it. */
+void wd_fdstore_lease(wd_server *s, const wd_lease *l, bool add);
 /* The fd store's state for stats. */
 cJSON *wd_fdstore_json(const wd_server *s);
 void wd_fdstore_free(wd_server *s);
@@ -314,6 +318,12 @@ int wd_record_write(wd_server *s, uint64_t generation, int *fd, wd_error *err);
  * (another version, truncated, corrupted, another backend or devices). */
 int wd_record_restore(wd_server *s, int fd, wd_passed *p, uint64_t *generation, wd_error *err);
 
+/* A sealed memfd of lease l's part of the record. */
+int wd_record_lease(const wd_lease *l, int *fd, wd_error *err);
+/* The leases stored beside the record (FDNAME prefix), of models restored:
+ * each waits for its worker (lease.h). Takes what it reads. */
+void wd_record_restore_leases(wd_server *s, wd_passed *p, const char *prefix);
+
 /* ---- ops.c: the operation table ------------------------------------------ */
 
 /* A handler returns 0 when it replied or kept r to reply later, or a negative
@@ -339,6 +349,7 @@ cJSON *wd_tensor_json(const wd_model *m, size_t i);
 int wd_op_attach(wd_server *s, wd_request *r);
 int wd_op_detach(wd_server *s, wd_request *r);
 int wd_op_leases(wd_server *s, wd_request *r);
+int wd_op_reattach(wd_server *s, wd_request *r);
 /* Encodes what attach sends for every device of m, now (the load's end)
  * rather than at the first attach. */
 void wd_attach_prepare(wd_server *s, wd_model *m);

@@ -2,7 +2,9 @@
 #include "daemon/lease.h"
 
 #include <fcntl.h>
+#include <inttypes.h>
 #include <stdio.h>
+#include <sys/random.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -31,37 +33,136 @@ static void process_name(pid_t pid, char *buf, size_t len)
     wd_text_clean(buf); /* shown in JSON and logs */
 }
 
+/* 128 random bits, as hex. */
+static int new_token(char out[33], wd_error *err)
+{
+    uint64_t bits[2];
+
+    if (getrandom(bits, sizeof bits, 0) != (ssize_t)sizeof bits)
+        return wd_error_set(err, -EIO, "getrandom: %s", strerror(errno));
+    snprintf(out, 33, "%016" PRIx64 "%016" PRIx64, bits[0], bits[1]);
+    return 0;
+}
+
+static void link_model(wd_lease *l, wd_model *m)
+{
+    l->model = m;
+    l->model_next = m->leases;
+    m->leases = l;
+}
+
+static void link_conn(wd_lease *l, wd_conn *c)
+{
+    l->conn = c;
+    l->conn_next = c->leases;
+    c->leases = l;
+    l->pid = c->pid;
+    l->uid = c->uid;
+    process_name(c->pid, l->process, sizeof l->process);
+    wd_conn_watch_peer(c);
+}
+
 int wd_lease_new(wd_server *s, wd_request *r, wd_model *m, int device, bool writable, wd_lease **out,
                  wd_error *err)
 {
     wd_conn *c = r->conn;
     wd_lease *l;
+    int rc;
 
     if (wd_conn_lease_count(c) >= WD_LEASES_PER_CONN)
         return wd_error_set(err, -ENOSPC, "this connection holds %d leases already; detach some first",
                             WD_LEASES_PER_CONN);
     if (!(l = calloc(1, sizeof *l)))
         return wd_error_set(err, -ENOMEM, "out of memory");
+    if ((rc = new_token(l->token, err))) {
+        free(l);
+        return rc;
+    }
     l->id = next_lease_id++;
-    l->conn = c;
-    l->model = m;
     l->device = device;
     l->writable = writable;
-    l->pid = c->pid;
-    l->uid = c->uid;
     l->since = wd_now();
-    process_name(c->pid, l->process, sizeof l->process);
-    l->conn_next = c->leases;
-    c->leases = l;
-    l->model_next = m->leases;
-    m->leases = l;
-    wd_conn_watch_peer(c);
+    link_conn(l, c);
+    link_model(l, m);
+    wd_fdstore_lease(s, l, true);
     /* rate-limited: any reader can attach and detach in a loop */
     wd_log_peer(WD_LOG_info, "lease %llu: %s attached by pid %d (%s, uid %u)%s", (unsigned long long)l->id, m->name,
            (int)l->pid, l->process, (unsigned)l->uid, writable ? ", writable" : "");
-    (void)s;
     *out = l;
     return 0;
+}
+
+int wd_lease_restore(wd_server *s, wd_model *m, const char *token, uid_t uid, pid_t pid, const char *process,
+                     int device, bool writable, wd_error *err)
+{
+    wd_lease *l;
+
+    if (strlen(token) != 32 || strspn(token, "0123456789abcdef") != 32)
+        return wd_error_set(err, -EBADMSG, "a lease token is 32 hex digits");
+    if (!(l = calloc(1, sizeof *l)))
+        return wd_error_set(err, -ENOMEM, "out of memory");
+    memcpy(l->token, token, 33);
+    l->id = next_lease_id++;
+    l->device = device;
+    l->writable = writable;
+    l->uid = uid;
+    l->pid = pid;
+    snprintf(l->process, sizeof l->process, "%s", process);
+    wd_text_clean(l->process);
+    l->since = wd_now();
+    l->orphan_until = wd_now() + (double)s->conf->lease_grace;
+    link_model(l, m);
+    wd_log(WD_LOG_info, "lease %llu: %s, held by pid %d (%s, uid %u) before the restart, waits %lld s for it",
+           (unsigned long long)l->id, m->name, (int)pid, l->process, (unsigned)uid, (long long)s->conf->lease_grace);
+    return 0;
+}
+
+int wd_lease_reattach(wd_server *s, wd_request *r, const char *token, wd_lease **out, wd_error *err)
+{
+    wd_conn *c = r->conn;
+
+    for (wd_model *m = s->models; m; m = m->next)
+        for (wd_lease *l = m->leases; l; l = l->model_next) {
+            if (strcmp(l->token, token) != 0)
+                continue;
+            /* A token is a secret, but only its own user's worker may use it. */
+            if (l->uid != c->uid)
+                break;
+            if (l->conn)
+                return wd_error_set(err, -EBUSY, "lease %llu is held by a connection already",
+                                    (unsigned long long)l->id);
+            if (wd_conn_lease_count(c) >= WD_LEASES_PER_CONN)
+                return wd_error_set(err, -ENOSPC, "this connection holds %d leases already", WD_LEASES_PER_CONN);
+            link_conn(l, c);
+            l->orphan_until = 0;
+            wd_log_peer(WD_LOG_info, "lease %llu: %s taken again by pid %d (%s, uid %u) after the restart",
+                        (unsigned long long)l->id, m->name, (int)l->pid, l->process, (unsigned)l->uid);
+            *out = l;
+            return 0;
+        }
+    return wd_error_set(err, -ENOENT, "no lease has this token: its model was unloaded, or it waited more than "
+                        "--lease-grace for its worker after a restart, or the daemon restarted without its fd store");
+}
+
+void wd_leases_tick(wd_server *s)
+{
+    double now = wd_now();
+
+    for (wd_model *m = s->models; m; m = m->next)
+        for (wd_lease *l = m->leases, *next; l; l = next) {
+            next = l->model_next;
+            if (!l->conn && l->orphan_until && now >= l->orphan_until)
+                wd_lease_end(s, l, "its worker did not come back within --lease-grace of the restart");
+        }
+}
+
+void wd_leases_end_orphans(wd_server *s, wd_model *m, const char *why)
+{
+    for (wd_lease *l = m->leases, *next; l; l = next) {
+        next = l->model_next;
+        if (!l->conn)
+            wd_lease_end(s, l, why);
+    }
 }
 
 void wd_lease_end(wd_server *s, wd_lease *l, const char *why)
@@ -69,15 +170,21 @@ void wd_lease_end(wd_server *s, wd_lease *l, const char *why)
     wd_model *m = l->model;
     wd_lease **link;
 
-    for (link = &l->conn->leases; *link && *link != l; link = &(*link)->conn_next)
-        ;
-    if (*link)
-        *link = l->conn_next;
+    if (l->conn) {
+        for (link = &l->conn->leases; *link && *link != l; link = &(*link)->conn_next)
+            ;
+        if (*link)
+            *link = l->conn_next;
+    }
     for (link = &m->leases; *link && *link != l; link = &(*link)->model_next)
         ;
     if (*link)
         *link = l->model_next;
     wd_log_peer(WD_LOG_info, "lease %llu of %s (pid %d) ended: %s", (unsigned long long)l->id, m->name, (int)l->pid, why);
+    /* A stopping daemon's leases stay in the store: its workers take them
+     * again from the next one. */
+    if (!s->stopping)
+        wd_fdstore_lease(s, l, false);
     free(l);
     wd_model_released(s, m);
 }
@@ -120,6 +227,8 @@ cJSON *wd_lease_json(const wd_lease *l)
     else
         cJSON_AddNullToObject(o, "device");
     cJSON_AddBoolToObject(o, "writable", l->writable);
+    if (!l->conn)
+        cJSON_AddNumberToObject(o, "waits_for_worker", l->orphan_until - wd_now());
     return o;
 }
 
@@ -156,9 +265,9 @@ void wd_leases_describe(const wd_model *m, char *buf, size_t len)
 
     used = (size_t)snprintf(buf, len, "%zu worker%s:", n, n == 1 ? "" : "s");
     for (const wd_lease *l = m->leases; l && used < len; l = l->model_next)
-        used += (size_t)snprintf(buf + used, len - used, "%s pid %d (%s, uid %u, lease %llu)",
+        used += (size_t)snprintf(buf + used, len - used, "%s pid %d (%s, uid %u, lease %llu%s)",
                                  l == m->leases ? "" : ",", (int)l->pid, l->process, (unsigned)l->uid,
-                                 (unsigned long long)l->id);
+                                 (unsigned long long)l->id, l->conn ? "" : ", not back since the restart");
 }
 
 void wd_leases_revoke(wd_server *s, wd_model *m, const char *reason)
@@ -167,7 +276,10 @@ void wd_leases_revoke(wd_server *s, wd_model *m, const char *reason)
     /* wd_conn_event only queues: no connection closes, no lease ends, while
      * this walks the list. */
     for (wd_lease *l = m->leases; l; l = l->model_next) {
-        cJSON *ev = cJSON_CreateObject();
+        cJSON *ev;
+        if (!l->conn)
+            continue; /* nobody to ask: a forced unload ends them */
+        ev = cJSON_CreateObject();
         cJSON_AddStringToObject(ev, "event", "revoke");
         cJSON_AddNumberToObject(ev, "lease", (double)l->id);
         cJSON_AddStringToObject(ev, "name", m->name);

@@ -4,7 +4,13 @@
  * connection's close, or the death of the peer process (a pidfd watched by
  * the loop, for a socket that outlives its process in a child). It is also
  * listed on its model, which asks its holders before it goes (unload
- * --force sends them a "revoke" event). */
+ * --force sends them a "revoke" event).
+ *
+ * Under systemd a lease also lives in the fd store, with the model: after a
+ * daemon restart it waits --lease-grace seconds, with no connection, for
+ * its worker's client to come back with the lease's token (the op
+ * "reattach") and take it again; meanwhile unload refuses as for any
+ * holder. */
 #ifndef WD_LEASE_H
 #define WD_LEASE_H
 
@@ -30,6 +36,8 @@ struct wd_lease {
     uid_t uid;
     char process[32];         /* /proc/PID/comm when it attached */
     double since;             /* monotonic */
+    char token[33];           /* a secret the attach reply gives its client: it takes the lease again after a restart */
+    double orphan_until;      /* back from the fd store, its worker not yet: when it ends (monotonic); else 0 */
     wd_lease *conn_next;      /* the connection's leases */
     wd_lease *model_next;     /* the model's leases */
 };
@@ -37,6 +45,18 @@ struct wd_lease {
 /* A new lease of m for the client of r, linked to both. */
 int wd_lease_new(wd_server *s, wd_request *r, wd_model *m, int device, bool writable, wd_lease **out,
                  wd_error *err);
+/* A lease of m back from the fd store, held by nobody until its worker's
+ * client shows its token (wd_lease_reattach) or lease_grace passes. */
+int wd_lease_restore(wd_server *s, wd_model *m, const char *token, uid_t uid, pid_t pid, const char *process,
+                     int device, bool writable, wd_error *err);
+/* The lease with this token for the client of r, which must be of its uid:
+ * its connection holds it now. */
+int wd_lease_reattach(wd_server *s, wd_request *r, const char *token, wd_lease **out, wd_error *err);
+/* Restored leases whose worker did not come back in time end (the tick). */
+void wd_leases_tick(wd_server *s);
+/* Ends the leases of m that wait for their worker (a forced unload: they
+ * cannot be asked to detach). */
+void wd_leases_end_orphans(wd_server *s, wd_model *m, const char *why);
 /* Ends l: unlinked from its connection and its model, freed; a forced
  * unload waiting on the model may go on. why goes to the log. */
 void wd_lease_end(wd_server *s, wd_lease *l, const char *why);

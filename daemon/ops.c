@@ -626,6 +626,7 @@ static const wd_op op_table[] = {
     {"info",     op_info,      READER, false, false},
     {"attach",   wd_op_attach, READER, false, false},
     {"detach",   wd_op_detach, READER, false, false},
+    {"reattach", wd_op_reattach, READER, false, false},
     {"leases",   wd_op_leases, READER, false, false},
     {"stats",    op_stats,     READER, false, false},
     {"policy",   op_policy,    READER, false, false},

@@ -10,9 +10,13 @@
  *    "loaded_at", "sums": [hex] | null, "index_path": p | null,
  *    "shards": [{"path", "fd", "size", "mtime": [s, ns], "header"}],
  *    "slabs": [{"device", "bytes", "pieces": [{"fd", "size"}]}]}
+ * Each lease of a stored model is a small sealed memfd of its own, beside
+ * the record (attaches come and go far more often than models):
+ *   {"model", "token", "uid", "pid", "process", "device", "writable"}
  * A new daemon checks everything against what it got back and drops what
  * does not match: a model is served as it was, or not at all. */
 #include "daemon/daemon.h"
+#include "daemon/lease.h"
 
 #include <fcntl.h>
 #include <inttypes.h>
@@ -27,6 +31,8 @@
 
 #define RECORD_MAGIC "weightd-registry"
 #define RECORD_MAX (1ull << 30)
+
+static int sealed_memfd(const char *name, const char *text, size_t len, int *out, wd_error *err);
 
 /* ---- writing ------------------------------------------------------------------ */
 
@@ -115,7 +121,7 @@ int wd_record_write(wd_server *s, uint64_t generation, int *out, wd_error *err)
 {
     char head[128], num[32], *body = NULL;
     size_t len = 0, cap = 0, n;
-    int fd = -1, rc = 0;
+    int rc = 0;
     wa_device_info info;
 
 #define APPEND(text, tlen)                                                          \
@@ -162,20 +168,19 @@ int wd_record_write(wd_server *s, uint64_t generation, int *out, wd_error *err)
 #undef APPEND
     n = (size_t)snprintf(head, sizeof head, "%s %d %016" PRIx64 " %zu\n", RECORD_MAGIC, WD_RECORD_VERSION,
                          wd_sum_block(body, len, 0), len);
-    if ((fd = memfd_create("weightd-registry", MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
-        rc = wd_error_set(err, -errno, "memfd_create for the record: %s", strerror(errno));
-        goto out;
+    {
+        /* The header line before the body, in one buffer. */
+        char *all = malloc(n + len);
+        if (!all) {
+            rc = wd_error_set(err, -ENOMEM, "out of memory for the record");
+            goto out;
+        }
+        memcpy(all, head, n);
+        memcpy(all + n, body, len);
+        rc = sealed_memfd("weightd-registry", all, n + len, out, err);
+        free(all);
     }
-    if (write(fd, head, n) != (ssize_t)n || write(fd, body, len) != (ssize_t)len ||
-        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
-        rc = wd_error_set(err, errno ? -errno : -EIO, "writing the record: %s", strerror(errno ? errno : EIO));
-        goto out;
-    }
-    *out = fd;
-    fd = -1;
 out:
-    if (fd >= 0)
-        close(fd);
     free(body);
     return rc;
 }
@@ -474,4 +479,72 @@ out:
     cJSON_Delete(doc);
     free(body);
     return rc;
+}
+
+/* ---- leases -------------------------------------------------------------------- */
+
+static int sealed_memfd(const char *name, const char *text, size_t len, int *out, wd_error *err)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+
+    if (fd < 0)
+        return wd_error_set(err, -errno, "memfd_create: %s", strerror(errno));
+    if (write(fd, text, len) != (ssize_t)len ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
+        int rc = wd_error_set(err, errno ? -errno : -EIO, "writing %s: %s", name, strerror(errno ? errno : EIO));
+        close(fd);
+        return rc;
+    }
+    *out = fd;
+    return 0;
+}
+
+int wd_record_lease(const wd_lease *l, int *fd, wd_error *err)
+{
+    cJSON *o = cJSON_CreateObject();
+    char *text;
+    int rc;
+
+    cJSON_AddStringToObject(o, "model", l->model->name);
+    cJSON_AddStringToObject(o, "token", l->token);
+    cJSON_AddNumberToObject(o, "uid", (double)l->uid);
+    cJSON_AddNumberToObject(o, "pid", (double)l->pid);
+    cJSON_AddStringToObject(o, "process", l->process);
+    cJSON_AddNumberToObject(o, "device", l->device);
+    cJSON_AddBoolToObject(o, "writable", l->writable);
+    text = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (!text)
+        return wd_error_set(err, -ENOMEM, "out of memory");
+    rc = sealed_memfd("weightd-lease", text, strlen(text), fd, err);
+    free(text);
+    return rc;
+}
+
+void wd_record_restore_leases(wd_server *s, wd_passed *p, const char *prefix)
+{
+    for (size_t i = 0; i < p->n; i++) {
+        char text[2048];
+        ssize_t n;
+        cJSON *o;
+        wd_model *m;
+        wd_error err = {0};
+        int seals;
+        if (p->fds[i] < 0 || strncmp(p->names[i], prefix, strlen(prefix)) != 0)
+            continue;
+        seals = fcntl(p->fds[i], F_GET_SEALS);
+        n = pread(p->fds[i], text, sizeof text - 1, 0);
+        close(p->fds[i]);
+        p->fds[i] = -1;
+        text[n > 0 ? n : 0] = '\0';
+        o = seals >= 0 && (seals & F_SEAL_WRITE) && n > 0 ? cJSON_Parse(text) : NULL;
+        m = str(o, "model") ? wd_registry_find(s, str(o, "model")) : NULL;
+        if (!m || !str(o, "token") ||
+            wd_lease_restore(s, m, str(o, "token"), (uid_t)num(o, "uid"), (pid_t)num(o, "pid"),
+                             str(o, "process") ? str(o, "process") : "?", (int)num(o, "device"),
+                             cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "writable")), &err))
+            wd_log(WD_LOG_info, "fd store: lease %s dropped: %s", p->names[i],
+                   !o ? "not a lease record" : !m ? "its model did not come back" : wd_error_text(&err));
+        cJSON_Delete(o);
+    }
 }

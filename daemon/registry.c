@@ -309,6 +309,8 @@ int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double
 
     if (m->state == WD_MODEL_UNLOADING)
         return wd_error_set(&r->err, -EBUSY, "model \"%s\" is already being unloaded", m->name);
+    if (force)
+        wd_leases_end_orphans(s, m, "a forced unload (its worker is not back since the restart)");
     if (m->leases && !force) {
         wd_leases_describe(m, holders, sizeof holders);
         return wd_error_set(&r->err, -EBUSY, "model \"%s\" is attached by %s; detach them first, or unload --force",

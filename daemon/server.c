@@ -887,6 +887,7 @@ static void on_tick(uv_timer_t *h)
     }
     wd_jobs_progress(s);
     wd_models_tick(s);
+    wd_leases_tick(s);
     conns_tick(s);
     wd_systemd_watchdog(s);
 }
@@ -1021,9 +1022,11 @@ void wd_server_stop(wd_server *s, const char *why)
         unlink(s->socket_path);
     wd_jobs_cancel_all(s);
     /* Workers hear it first: their mappings outlive the daemon on cuda and
-     * host, not on cuda-ipc. */
+     * host, not on cuda-ipc. Under the fd store they are not told: their
+     * leases wait in it for the next daemon, which they reconnect to. */
     for (wd_model *m = s->models; m; m = m->next)
-        wd_leases_revoke(s, m, "shutdown");
+        if (!s->fdstore.on)
+            wd_leases_revoke(s, m, "shutdown");
     /* Clients get what is already queued for them, then the connection closes. */
     for (wd_conn *c = s->conns, *next; c; c = next) {
         next = c->next;

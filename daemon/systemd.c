@@ -6,6 +6,7 @@
  * after a crash or a restart, and drops them on stop. Outside systemd each
  * call does nothing. */
 #include "daemon/daemon.h"
+#include "daemon/lease.h"
 
 #include <fcntl.h>
 #include <inttypes.h>
@@ -19,6 +20,7 @@
 
 #define NAME_PREFIX "wd-"
 #define RECORD_PREFIX "wd-rec-"
+#define LEASE_PREFIX "wd-lease-"
 
 int wd_systemd_listen(wd_server *s, wd_error *err)
 {
@@ -185,13 +187,54 @@ out:
 
 static bool named(const wd_server *s, const char *name)
 {
+    bool lease = strncmp(name, LEASE_PREFIX, strlen(LEASE_PREFIX)) == 0;
+
     if (s->fdstore.record && strcmp(s->fdstore.record, name) == 0)
         return true;
-    for (const wd_model *m = s->models; m; m = m->next)
-        for (size_t i = 0; i < m->n_stored; i++)
+    for (const wd_model *m = s->models; m; m = m->next) {
+        for (size_t i = 0; !lease && i < m->n_stored; i++)
             if (strcmp(m->stored[i], name) == 0)
                 return true;
+        for (const wd_lease *l = m->leases; lease && m->record && l; l = l->model_next)
+            if (strcmp(l->token, name + strlen(LEASE_PREFIX)) == 0)
+                return true;
+    }
     return false;
+}
+
+static bool store_lease(wd_server *s, const wd_lease *l)
+{
+    wd_error err = {0};
+    char name[64];
+    int fd;
+    bool ok;
+
+    snprintf(name, sizeof name, LEASE_PREFIX "%s", l->token);
+    if (wd_record_lease(l, &fd, &err)) {
+        wd_log(WD_LOG_warning, "fd store: lease %llu: %s", (unsigned long long)l->id, wd_error_text(&err));
+        return false;
+    }
+    ok = store_fd(&s->fdstore, name, fd);
+    close(fd);
+    return ok;
+}
+
+void wd_fdstore_lease(wd_server *s, const wd_lease *l, bool add)
+{
+    wd_fdstore *st = &s->fdstore;
+    char name[64];
+
+    if (!st->on || !l->model->record)
+        return;
+    snprintf(name, sizeof name, LEASE_PREFIX "%s", l->token);
+    for (size_t i = 0; i < st->n_names; i++)
+        if (strcmp(st->names[i], name) == 0) {
+            if (!add)
+                remove_name(st, i);
+            return;
+        }
+    if (add)
+        store_lease(s, l);
 }
 
 void wd_fdstore_sync(wd_server *s)
@@ -210,7 +253,10 @@ void wd_fdstore_sync(wd_server *s)
         if (store_model(s, m, &err)) {
             wd_log(WD_LOG_warning, "fd store: %s will not outlive the daemon: %s", m->name, wd_error_text(&err));
             m->unstorable = true;
+            continue;
         }
+        for (const wd_lease *l = m->leases; l; l = l->model_next)
+            wd_fdstore_lease(s, l, true);
     }
     snprintf(name, sizeof name, RECORD_PREFIX "%" PRIu64, st->generation);
     if (wd_record_write(s, st->generation, &fd, &err) || !store_fd(st, name, fd)) {
@@ -283,6 +329,7 @@ void wd_fdstore_restore(wd_server *s)
         break; /* the older ones are what it replaced */
     }
     free(records);
+    wd_record_restore_leases(s, p, LEASE_PREFIX);
     for (size_t i = 0; i < p->n; i++) {
         if (p->fds[i] >= 0)
             close(p->fds[i]);

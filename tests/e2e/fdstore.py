@@ -34,6 +34,7 @@ class FakeSystemd:
         self.notify.bind(self.notify_path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(sock_path)
+        os.chmod(sock_path, 0o666)  # the tests' other users connect too
         self.listener.listen(4096)
         self.closed = False
         self.thread = threading.Thread(target=self._serve, daemon=True)

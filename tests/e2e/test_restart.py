@@ -4,20 +4,24 @@ store, and the next daemon serves them again without reading a checkpoint.
 systemd's part is played by fdstore.FakeSystemd (tests/systemd checks the
 same under a real systemd)."""
 
+import json
 import os
-import shutil
 import signal
-import struct
+import subprocess
+import sys
+import time
 import unittest
 
 from tests.e2e import harness as h
 from tests.e2e.fdstore import FakeSystemd
-from tests.e2e.test_attach import worker_json
+from tests.e2e.test_attach import WORKER, worker_env, worker_json
 
 HOST = ["--backend", "host", "--host-devices", "2", "--host-capacity", "2GiB"]
 
 
-class Restart(h.E2ETestCase):
+class ServiceCase(h.E2ETestCase):
+    """A daemon started by a FakeSystemd."""
+
     def service(self, *args):
         self.systemd = FakeSystemd(self.tmp, os.path.join(self.tmp, "weightd.sock"))
         self.addCleanup(self.systemd.close)
@@ -41,6 +45,8 @@ class Restart(h.E2ETestCase):
         self.systemd.wait_settled()
         return d
 
+
+class Restart(ServiceCase):
     def test_models_survive_a_crash_and_a_restart_without_their_checkpoint(self):
         src = h.copy_checkpoint(h.checkpoint("small"), os.path.join(self.tmp, "ckpt"))
         qwen = h.copy_checkpoint(h.checkpoint("qwen"), os.path.join(self.tmp, "qwen"))
@@ -196,6 +202,138 @@ class Restart(h.E2ETestCase):
         st = d.stats()["fd_store"]
         self.assertFalse(st["enabled"])
         self.assertEqual(st["why_not"], "not under systemd")
+
+
+class Rider:
+    """worker.py ride: a real worker process computing on attached tensors."""
+
+    def __init__(self, tc, d, name):
+        self.p = subprocess.Popen([sys.executable, WORKER, d.sock, "ride", name], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=h.child_env(worker_env()), start_new_session=True)
+        tc.addCleanup(self.kill)
+        line = self.p.stdout.readline()
+        if not line.startswith("READY"):
+            self.kill()
+            tc.fail("the worker did not attach: %r %s" % (line, self.p.stderr.read()))
+        self.lease = int(line.split()[1])
+
+    def status(self):
+        self.p.stdin.write("status\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def wait(self, predicate, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if predicate(st):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError("the worker never got there: %r" % st)
+            time.sleep(0.05)
+
+    def quit(self):
+        self.p.stdin.write("quit\n")
+        self.p.stdin.flush()
+        out = json.loads(self.p.stdout.readline())
+        self.p.wait(timeout=30)
+        return out
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.communicate(timeout=30)
+
+
+class RideThrough(ServiceCase):
+    """Workers keep computing through a daemon restart, and their clients
+    take their leases again from the next daemon (the lease's token)."""
+
+    def test_a_worker_keeps_computing_and_takes_its_lease_again(self):
+        d = self.service("--lease-grace", "30")
+        self.load(d, "a", h.checkpoint("small"))
+        w = Rider(self, d, "a")
+        self.systemd.wait_settled()
+        self.assertTrue(any(n.startswith("wd-lease-") for n in self.systemd.names()), self.systemd.names())
+        for n, sig in enumerate((signal.SIGKILL, signal.SIGTERM), 1):
+            if sig == signal.SIGKILL:
+                d.kill9()
+                # no daemon: the worker computes on
+                rounds = w.status()["rounds"]
+                w.wait(lambda st: st["rounds"] > rounds + 2)
+                d.start()
+            else:
+                self.assertEqual(d.stop(sig), 0, d.log())
+                d.start()
+            st = w.wait(lambda st: st["reattached"] == n)
+            self.assertIsNone(st["lost"])
+            self.assertEqual(st["bad"], 0)
+            # the daemon holds the model for it again
+            r = d.ctl("unload", "a")
+            self.assertNotEqual(r.rc, 0, r)
+            self.assertIn("attached by 1 worker", r.err + r.out)
+            leases = d.ctl_json("leases").json["leases"]
+            self.assertEqual([(l["lease"], l["pid"]) for l in leases], [(st["lease"], w.p.pid)])
+        self.assertTrue(w.quit()["closed"])
+        r = d.ctl("unload", "a")
+        self.assertEqual(r.rc, 0, r)
+
+    def test_a_lease_waits_for_its_worker_then_ends(self):
+        d = self.service("--lease-grace", "2")
+        self.load(d, "a", h.checkpoint("small"))
+        w = Rider(self, d, "a")
+        self.systemd.wait_settled()
+        os.kill(w.p.pid, signal.SIGSTOP)  # a worker too busy to come back in time
+        self.addCleanup(lambda: w.p.poll() is None and os.kill(w.p.pid, signal.SIGCONT))
+        d.kill9()
+        d.start()
+        r = d.ctl("unload", "a")
+        self.assertNotEqual(r.rc, 0, r)
+        self.assertIn("not back since the restart", r.err + r.out)
+        leases = d.ctl_json("leases").json["leases"]
+        self.assertEqual(len(leases), 1)
+        self.assertIn("waits_for_worker", leases[0])
+        h.wait_until(lambda: d.ctl("unload", "a").rc == 0, timeout=h.T(10), what="the lease's end")
+        self.assertIn("did not come back within --lease-grace", d.log())
+        os.kill(w.p.pid, signal.SIGCONT)
+        st = w.wait(lambda st: st["lost"])
+        self.assertIn("ENOENT", st["lost"])
+
+    def test_a_forced_unload_ends_a_lease_that_waits(self):
+        d = self.service("--lease-grace", "60")
+        self.load(d, "a", h.checkpoint("small"))
+        w = Rider(self, d, "a")
+        self.systemd.wait_settled()
+        os.kill(w.p.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: w.p.poll() is None and os.kill(w.p.pid, signal.SIGCONT))
+        d.kill9()
+        d.start()
+        r = d.ctl("unload", "a", "--force")
+        self.assertEqual(r.rc, 0, r)
+
+    def test_only_its_user_takes_a_lease_again(self):
+        d = self.service("--lease-grace", "30")
+        self.load(d, "a", h.checkpoint("small"))
+        c = self.raw(d)
+        reply = c.request("attach", {"name": "a"}, events=False)
+        self.assertTrue(reply["ok"], reply)
+        token = reply["result"]["token"]
+        self.assertEqual(len(token), 32)
+        # nobody else sees it
+        self.assertNotIn(token, json.dumps(d.ctl_json("leases").json))
+        self.systemd.wait_settled()
+        d.kill9()
+        d.start()
+        os.chmod(self.tmp, 0o755)
+        other = h.peer_requests(d.sock, [("reattach", {"token": token})], h.as_user(61001))
+        self.assertFalse(other[0]["ok"], other)
+        self.assertEqual(other[0]["error"]["code"], "ENOENT")
+        again = self.raw(d).request("reattach", {"token": token})
+        self.assertTrue(again["ok"], again)
+        self.assertEqual(again["result"]["name"], "a")
+        bad = self.raw(d).request("reattach", {"token": token})
+        self.assertEqual(bad["error"]["code"], "EBUSY", bad)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ framework (Debian's, for numpy and torch).
     worker.py SOCKET cycles NAME N                   N attach/close cycles; descriptor counts
     worker.py SOCKET write NAME                      a write through a read-only mapping
     worker.py SOCKET torch NAME CHECKPOINT           torch tensors: dtypes, data_ptr, a computation
+    worker.py SOCKET ride NAME                       attach and compute on the tensors through daemon restarts;
+                                                     stdin "status" prints a JSON line, "quit" detaches
 
 Each prints one JSON line with what it found (the tests assert on it), or
 fails with a traceback and exit status 1.
@@ -162,6 +164,38 @@ def cmd_torch(sock, name, ckpt):
         print(json.dumps(result))
 
 
+def cmd_ride(sock, name):
+    """A worker that keeps computing on its tensors while the daemon dies
+    and comes back: a thread sums every tensor's bytes over and over and
+    checks they never change; stdin asks how it goes."""
+    import threading
+    import zlib
+    att = weightd.Client(sock).attach(name, framework="memoryview")
+    first = {k: zlib.crc32(bytes(v)) for k, v in att.items()}
+    state = {"rounds": 0, "bad": 0, "run": True}
+
+    def compute():
+        while state["run"]:
+            for k, v in list(att.items()):
+                if zlib.crc32(bytes(v)) != first[k]:
+                    state["bad"] += 1
+            state["rounds"] += 1
+    worker = threading.Thread(target=compute, daemon=True)
+    worker.start()
+    print("READY %d" % att.lease, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "status":
+            att.process_events(0)
+            print(json.dumps({"lease": att.lease, "reattached": att.reattached, "lost": att.lost,
+                              "rounds": state["rounds"], "bad": state["bad"]}), flush=True)
+        elif line.strip() == "quit":
+            break
+    state["run"] = False
+    worker.join()
+    att.close()
+    print(json.dumps({"closed": True}), flush=True)
+
+
 def main(argv):
     sock, cmd, args = argv[1], argv[2], argv[3:]
     opts = {}
@@ -178,6 +212,8 @@ def main(argv):
         cmd_write(sock, args[0])
     elif cmd == "torch":
         cmd_torch(sock, args[0], args[1])
+    elif cmd == "ride":
+        cmd_ride(sock, args[0])
     else:
         raise SystemExit("unknown command %r" % cmd)
 

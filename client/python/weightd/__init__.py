@@ -32,7 +32,9 @@ import ctypes.util
 import errno
 import json
 import os
+import select
 import socket
+import threading
 import time
 
 __all__ = ["Client", "Attachment", "WeightdError", "default_socket", "PROTOCOL_VERSION"]
@@ -335,7 +337,8 @@ class Client:
         one), gathered from the daemon's pages."""
         return self._paged("leases", "leases")
 
-    def attach(self, name, device=None, framework="auto", writable=False, on_revoke=None, timeout=None):
+    def attach(self, name, device=None, framework="auto", writable=False, on_revoke=None, timeout=None,
+               reconnect=300.0):
         """Maps model `name` into this process and returns an Attachment: a
         read-only mapping from tensor name to a zero-copy tensor. device: a
         device number or UUID (needed when the model spans several);
@@ -343,7 +346,8 @@ class Client:
         imports). The attachment has a connection of its own, which holds the
         lease: this client stays free for other calls."""
         return Attachment(self.path, name, device=device, framework=framework, writable=writable,
-                          on_revoke=on_revoke, timeout=self.timeout if timeout is None else timeout)
+                          on_revoke=on_revoke, timeout=self.timeout if timeout is None else timeout,
+                          reconnect=reconnect)
 
     def shutdown(self, timeout=None):
         """Asks the daemon to stop and waits until it has (every segment
@@ -444,7 +448,7 @@ def _library():
                           ("wdc_attachment_handle_count", sz, [vp]),
                           ("wdc_attachment_handle", ctypes.POINTER(_Handle), [vp, sz]),
                           ("wdc_attachment_lease", u64, [vp]), ("wdc_attachment_info", cp, [vp]),
-                          ("wdc_detach", ci, [vp, vp, ci]),
+                          ("wdc_detach", ci, [vp, vp, ci]), ("wdc_reattach", ci, [vp, vp, ci]),
                           ("wdc_checkpoint_files", ci, [cp, ctypes.POINTER(vp), ctypes.POINTER(sz), cp, sz]),
                           ("wdc_free", None, [vp])):
         f = getattr(lib, fn)
@@ -520,6 +524,100 @@ class _Mapping:
             pass
 
 
+class _LeaseKeeper:
+    """The thread that reads an attachment's connection and takes its lease
+    again after a daemon restart (Attachment's docstring). It alone calls
+    the library on the attachment's client until stop()."""
+
+    def __init__(self, att, reconnect):
+        self.map = att._map
+        self.events = att._events
+        self.reconnect = reconnect
+        self.cond = threading.Condition()
+        self.wake_r, self.wake_w = os.pipe()
+        self.ready_r, self.ready_w = os.pipe()
+        os.set_blocking(self.ready_w, False)
+        self.stopping = False
+        # The attachment, weakly: the thread must not keep it (or its
+        # tensors' memory) alive.
+        import weakref
+        self.att = weakref.ref(att)
+        self.thread = threading.Thread(target=self._run, name="weightd-lease-%d" % att.lease, daemon=True)
+        self.thread.start()
+
+    def _sleep(self, seconds):
+        """False once stopping."""
+        select.select([self.wake_r], [], [], seconds)
+        return not self.stopping
+
+    def _run(self):
+        lib, client = self.map.lib, self.map.client
+        while not self.stopping:
+            fd = lib.wdc_fd(client)
+            if fd >= 0:
+                select.select([fd, self.wake_r], [], [])
+                if self.stopping:
+                    return
+                n = len(self.events)
+                rc = lib.wdc_poll(client, 0)
+                if len(self.events) != n:
+                    self._signal()
+                if rc >= 0:
+                    continue
+            if not self._take_back(lib, client):
+                return
+
+    def _take_back(self, lib, client):
+        """The daemon went away: its next one, and the lease from it."""
+        deadline = time.monotonic() + self.reconnect
+        while self._sleep(0.02) and time.monotonic() < deadline:
+            rc = lib.wdc_reattach(client, self.map.att, 1000)
+            att = self.att()
+            if att is None:
+                return False
+            if rc == 0:
+                att.lease = lib.wdc_attachment_lease(self.map.att)
+                att.reattached += 1
+                self._signal()
+                return True
+            code = lib.wdc_error_code(client).decode()
+            if code not in ("ETIMEDOUT", "ECONNREFUSED", "ECONNRESET", "EPIPE", "EBUSY"):
+                att.lost = "%s: %s" % (code, lib.wdc_error_message(client).decode(errors="replace"))
+                self._signal()
+                return False
+        att = self.att()
+        if att is not None and not self.stopping:
+            att.lost = "ETIMEDOUT: weightd did not come back within %s s" % self.reconnect
+            self._signal()
+        return False
+
+    def _signal(self):
+        with self.cond:
+            self.cond.notify_all()
+        try:
+            os.write(self.ready_w, b"!")
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout):
+        """Until an event is queued (or timeout seconds; None: forever)."""
+        with self.cond:
+            if not self.events:
+                self.cond.wait(timeout)
+        try:
+            os.read(self.ready_r, 4096) if select.select([self.ready_r], [], [], 0)[0] else None
+        except OSError:
+            pass
+
+    def stop(self):
+        self.stopping = True
+        os.write(self.wake_w, b"!")
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+        for fd in (self.wake_r, self.wake_w, self.ready_r, self.ready_w):
+            os.close(fd)
+
+
 def _framework(name, handle_type):
     if name not in ("auto", "torch", "numpy", "memoryview"):
         raise ValueError("framework %r: choose torch, numpy, memoryview or auto" % (name,))
@@ -564,12 +662,26 @@ class Attachment(collections.abc.Mapping):
     write faults in this process alone, and the daemon's copy stays as it
     was. A "revoke" event (weightctl unload --force) calls on_revoke(att,
     event), from process_events(); it may close the attachment. One thread
-    at a time, like Client."""
+    at a time, like Client.
 
-    def __init__(self, path, name, device=None, framework="auto", writable=False, on_revoke=None, timeout=30.0):
+    A thread of the attachment's own keeps its lease: it reads the daemon's
+    events, and when the daemon goes away (a crash, or `systemctl restart`:
+    its fd store keeps the model), it connects again as soon as the daemon
+    is back, for up to `reconnect` seconds, and takes the lease again with
+    its token. The tensors stay valid throughout: their memory never left
+    this process. `reattached` counts those returns; `lost` says why the
+    lease could not be taken again (the tensors are then unleased: the
+    daemon may unload the model, and they must not be used after that).
+    reconnect=0: no thread; events are read by process_events() alone."""
+
+    def __init__(self, path, name, device=None, framework="auto", writable=False, on_revoke=None, timeout=30.0,
+                 reconnect=300.0):
         self.name = name
         self.revoked = None
+        self.reattached = 0
+        self.lost = None
         self._on_revoke = on_revoke
+        self._keeper = None
         # The mapping must not keep the attachment alive (tensors keep the
         # mapping alive): the library hands its events to this list alone.
         self._events = []
@@ -595,6 +707,8 @@ class Attachment(collections.abc.Mapping):
         except BaseException:
             self._map.close()
             raise
+        if reconnect:
+            self._keeper = _LeaseKeeper(self, reconnect)
 
     # ---- building the tensors --------------------------------------------------
 
@@ -712,11 +826,13 @@ class Attachment(collections.abc.Mapping):
     # ---- events and the end ------------------------------------------------------
 
     def fileno(self):
-        """The attachment's connection, for select(): readable when the
-        daemon says something (a revoke). Call process_events(0) before
-        waiting on it: a message may already be buffered."""
+        """For select(): readable when the daemon said something (a
+        revoke). Call process_events(0) before waiting on it: a message may
+        already be buffered."""
         if not self._map.client:
             raise ValueError("the attachment is closed")
+        if self._keeper:
+            return self._keeper.ready_r
         return self._map.lib.wdc_fd(self._map.client)
 
     def process_events(self, timeout=0.0):
@@ -724,7 +840,9 @@ class Attachment(collections.abc.Mapping):
         nothing is buffered; None: until something comes) and runs
         on_revoke for each revoke of this lease; the number of events.
         on_revoke may close the attachment."""
-        if self._map.client:
+        if self._keeper:
+            self._keeper.wait(timeout)
+        elif self._map.client:
             self._map._check(self._map.lib.wdc_poll(self._map.client, -1 if timeout is None else int(timeout * 1000)))
         handled = 0
         while self._events:
@@ -740,6 +858,9 @@ class Attachment(collections.abc.Mapping):
         """Unmaps every tensor and ends the lease. The tensors must not be
         used after this."""
         self._tensors = {}
+        if self._keeper:
+            self._keeper.stop()
+            self._keeper = None
         self._map.close()
 
     def __enter__(self):
