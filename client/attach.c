@@ -1000,8 +1000,11 @@ int wdc_reattach(wdc_client *c, wdc_attachment *a, int timeout_ms)
             return rc;
         usleep(20000);
     }
+    /* The whole timeout again, not what connecting left of it: a reattach
+     * given up after it was sent would leave the lease on a connection that
+     * then closes, which ends it. */
     snprintf(args, sizeof args, "{\"token\":\"%s\"}", a->token);
-    if ((rc = wdc_call(c, "reattach", args, (int)((deadline - now()) * 1e3) + 1, NULL, NULL, &result)))
+    if ((rc = wdc_call(c, "reattach", args, timeout_ms, NULL, NULL, &result)))
         return rc;
     res = cJSON_Parse(result);
     free(result);

@@ -1071,6 +1071,10 @@ void wd_server_maybe_finish(wd_server *s)
     /* Connections first: their leases end before the models go. */
     while (s->conns)
         conn_close(s->conns, NULL);
+    /* Leases back from the fd store whose workers never came: no
+     * connection ended them. (Under the store they stay in it.) */
+    for (wd_model *m = s->models; m; m = m->next)
+        wd_leases_end_orphans(s, m, "the daemon stopped");
     while (s->models)
         wd_registry_remove(s, s->models, false);
     release_devices(s);

@@ -223,14 +223,15 @@ class Rider:
         self.p.stdin.flush()
         return json.loads(self.p.stdout.readline())
 
-    def wait(self, predicate, timeout=30):
+    def wait(self, predicate, timeout=30, d=None):
         deadline = time.monotonic() + timeout
         while True:
             st = self.status()
             if predicate(st):
                 return st
-            if time.monotonic() > deadline:
-                raise AssertionError("the worker never got there: %r" % st)
+            if time.monotonic() > deadline or st["lost"]:
+                raise AssertionError("the worker never got there: %r%s" % (st, "\nweightd:\n" + d.log()[-5000:]
+                                                                            if d else ""))
             time.sleep(0.05)
 
     def quit(self):
@@ -266,7 +267,7 @@ class RideThrough(ServiceCase):
             else:
                 self.assertEqual(d.stop(sig), 0, d.log())
                 d.start()
-            st = w.wait(lambda st: st["reattached"] == n)
+            st = w.wait(lambda st: st["reattached"] == n, d=d)
             self.assertIsNone(st["lost"])
             self.assertEqual(st["bad"], 0)
             # the daemon holds the model for it again
@@ -311,6 +312,21 @@ class RideThrough(ServiceCase):
         d.start()
         r = d.ctl("unload", "a", "--force")
         self.assertEqual(r.rc, 0, r)
+
+    def test_a_daemon_stops_with_a_lease_that_waits(self):
+        d = self.service("--lease-grace", "60")
+        self.load(d, "a", h.checkpoint("small"))
+        w = Rider(self, d, "a")
+        self.systemd.wait_settled()
+        os.kill(w.p.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: w.p.poll() is None and os.kill(w.p.pid, signal.SIGCONT))
+        d.kill9()
+        d.start()
+        self.assertEqual(len(d.ctl_json("leases").json["leases"]), 1)
+        self.assertEqual(d.stop(), 0, d.log())  # the sanitizer build sees a leak here
+        self.assertIn("lease 1 of a (pid %d) ended: the daemon stopped" % w.p.pid, d.log())
+        # still in the store, for the next daemon
+        self.assertTrue(any(n.startswith("wd-lease-") for n in self.systemd.names()))
 
     def test_only_its_user_takes_a_lease_again(self):
         d = self.service("--lease-grace", "30")
