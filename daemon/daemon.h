@@ -203,7 +203,8 @@ struct wd_server {
     size_t n_conns;
     wd_conn *conns;
     wd_peer *peers;
-    wd_auth auth;
+    wd_auth auth;             /* from conf's administrator lists; a reload replaces it */
+    const char *load_policy;  /* conf->load_alloc_conf, or WA_FALLBACK_POLICY in its place */
     uv_timer_t accept_retry;  /* accept(2) out of descriptors: listening again later */
     unsigned accept_delay_ms; /* 0 while accepting */
     unsigned long accept_refused;

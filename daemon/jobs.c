@@ -260,7 +260,7 @@ static int place_tensors(wd_server *s, wd_job *j)
     wl_target *targets = NULL;
     int rc;
 
-    if ((rc = wa_policy_push(s->alloc, s->conf->load_alloc_conf, &j->err)))
+    if ((rc = wa_policy_push(s->alloc, s->load_policy, &j->err)))
         return rc;
     j->policy_pushed = true;
     if ((rc = wl_place(&m->ckpt, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, &j->err)))

@@ -449,7 +449,7 @@ static cJSON *policy_state(wd_server *s)
     cJSON_AddStringToObject(o, "current", wa_config_format(wa_get_config(s->alloc), conf, sizeof conf));
     cJSON_AddNumberToObject(o, "depth", (double)wa_policy_depth(s->alloc));
     cJSON_AddBoolToObject(o, "load_policy_active", wd_jobs_load_active(s));
-    cJSON_AddStringToObject(o, "load", s->conf->load_alloc_conf);
+    cJSON_AddStringToObject(o, "load", s->load_policy);
     return o;
 }
 
