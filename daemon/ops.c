@@ -470,6 +470,9 @@ static int op_stats(wd_server *s, wd_request *r)
     cJSON_AddNumberToObject(res, "models", (double)wd_registry_count(s));
     cJSON_AddNumberToObject(res, "connections", (double)s->n_conns);
     cJSON_AddItemToObject(res, "policy", policy_state(s));
+    /* The values in force (a reload changes the live ones); who else is an
+     * administrator is an administrator's business. */
+    cJSON_AddItemToObject(res, "options", wd_config_json(s->conf, r->conn && r->conn->role == WD_ROLE_ADMIN));
     wd_jobs_describe(s, res, (size_t)jobs_offset);
     devs = cJSON_AddArrayToObject(res, "devices");
     for (int d = 0; d < wa_device_count(s->alloc); d++) {

@@ -836,21 +836,22 @@ static int open_listener(wd_server *s, wd_error *err)
 
 /* ---- life cycle ------------------------------------------------------------ */
 
-/* The stop signals are blocked in every thread and read from a signalfd:
- * no thread can take them, and no signal handler that a library installs
- * (the CUDA driver's, say) can take them over. */
-static void stop_signals(sigset_t *set)
+/* The daemon's signals are blocked in every thread and read from a
+ * signalfd: no thread can take them, and no signal handler that a library
+ * installs (the CUDA driver's, say) can take them over. */
+static void daemon_signals(sigset_t *set)
 {
     sigemptyset(set);
     sigaddset(set, SIGINT);
     sigaddset(set, SIGTERM);
+    sigaddset(set, SIGHUP);
 }
 
-void wd_block_stop_signals(void)
+void wd_block_signals(void)
 {
     sigset_t set;
 
-    stop_signals(&set);
+    daemon_signals(&set);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 }
 
@@ -872,8 +873,12 @@ static void on_signal(uv_poll_t *h, int status, int events)
     (void)status;
     (void)events;
 
-    while (read(s->signal_fd, &si, sizeof si) == (ssize_t)sizeof si)
-        wd_server_stop(s, si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
+    while (read(s->signal_fd, &si, sizeof si) == (ssize_t)sizeof si) {
+        if (si.ssi_signo == SIGHUP)
+            wd_server_reload(s);
+        else
+            wd_server_stop(s, si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
+    }
 }
 
 static void on_tick(uv_timer_t *h)
@@ -955,7 +960,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     }
     {
         sigset_t set;
-        stop_signals(&set);
+        daemon_signals(&set);
         if ((s->signal_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC)) < 0) {
             rc = wd_error_set(err, -errno, "signalfd: %s", strerror(errno));
             goto fail;
