@@ -74,22 +74,6 @@ static void flag_name(const opt_desc *o, char *buf, size_t len)
             *p = '-';
 }
 
-static int parse_value(wd_config *c, const opt_desc *o, const char *value, const char *source, wd_error *err);
-
-/* Sets o from value, and remembers where it came from (line: the config
- * file's, for WD_ORIGIN_FILE). */
-static int set_option(wd_config *c, const opt_desc *o, const char *value, wd_option_origin origin, unsigned line,
-                      const char *source, wd_error *err)
-{
-    int rc = parse_value(c, o, value, source, err);
-
-    if (rc == 0) {
-        c->origin[option_id(o)] = origin;
-        c->line[option_id(o)] = line;
-    }
-    return rc;
-}
-
 static int parse_value(wd_config *c, const opt_desc *o, const char *value, const char *source, wd_error *err)
 {
     void *field = (char *)c + o->offset;
@@ -141,6 +125,20 @@ static int parse_value(wd_config *c, const opt_desc *o, const char *value, const
         return 0;
     }
     return -EINVAL;
+}
+
+/* Sets o from value, and remembers where it came from (line: the config
+ * file's, for WD_ORIGIN_FILE). */
+static int set_option(wd_config *c, const opt_desc *o, const char *value, wd_option_origin origin, unsigned line,
+                      const char *source, wd_error *err)
+{
+    int rc = parse_value(c, o, value, source, err);
+
+    if (rc == 0) {
+        c->origin[option_id(o)] = origin;
+        c->line[option_id(o)] = line;
+    }
+    return rc;
 }
 
 static char *trim(char *s)
