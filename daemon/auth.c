@@ -84,9 +84,12 @@ int wd_auth_init(wd_auth *a, const wd_config *c, wd_error *err)
     int rc;
 
     memset(a, 0, sizeof *a);
-    if ((rc = resolve_list(c->admin_uids, false, &uids, &nu, err)))
+    if ((rc = resolve_list(c->admin_uids, false, &uids, &nu, err))) {
+        wd_config_error_origin(c, WD_OPT_admin_uids, err);
         return rc;
+    }
     if ((rc = resolve_list(c->admin_groups, true, &gids, &ng, err))) {
+        wd_config_error_origin(c, WD_OPT_admin_groups, err);
         free(uids);
         return rc;
     }
@@ -112,7 +115,7 @@ static bool in_groups(const wd_auth *a, gid_t g)
     return false;
 }
 
-static wd_role role_of(const wd_auth *a, const wd_conn *c)
+wd_role wd_auth_role(const wd_auth *a, const wd_conn *c)
 {
     if (c->uid == (uid_t)-1)
         return WD_ROLE_READER; /* credentials unknown */
@@ -141,9 +144,10 @@ void wd_auth_peer(const wd_auth *a, wd_conn *c)
         c->uid = cred.uid;
         c->gid = cred.gid;
     }
-    /* The supplementary groups the peer had when it connected. */
+    /* The supplementary groups the peer had when it connected, whether or
+     * not admin_groups names any now: a reload may name some later. */
     len = 0;
-    if (a->n_gids && getsockopt(c->fd, SOL_SOCKET, SO_PEERGROUPS, NULL, &len) < 0 && errno == ERANGE && len) {
+    if (getsockopt(c->fd, SOL_SOCKET, SO_PEERGROUPS, NULL, &len) < 0 && errno == ERANGE && len) {
         if ((c->groups = malloc(len)) &&
             getsockopt(c->fd, SOL_SOCKET, SO_PEERGROUPS, c->groups, &len) == 0) {
             c->n_groups = len / sizeof *c->groups;
@@ -152,7 +156,7 @@ void wd_auth_peer(const wd_auth *a, wd_conn *c)
             c->groups = NULL;
         }
     }
-    c->role = role_of(a, c);
+    c->role = wd_auth_role(a, c);
 }
 
 int wd_auth_require(wd_request *r, wd_role role, const char *what)
@@ -168,22 +172,50 @@ int wd_auth_require(wd_request *r, wd_role role, const char *what)
                         "uid %d is a %s", what, wd_role_name(role), (int)c->uid, wd_role_name(c->role));
 }
 
-int wd_auth_socket(const wd_config *c, const char *path, wd_error *err)
+/* socket_mode and socket_group, read and resolved. */
+static int socket_settings(const wd_config *c, mode_t *mode, gid_t *gid, wd_error *err)
 {
     char *end;
-    unsigned long mode = strtoul(c->socket_mode, &end, 8);
-    unsigned gid;
+    unsigned long m = strtoul(c->socket_mode, &end, 8);
+    unsigned g = (unsigned)-1;
 
-    if (!*c->socket_mode || *end || mode > 0777)
-        return wd_error_set(err, -EINVAL, "socket_mode \"%s\" is not an octal mode such as 0660", c->socket_mode);
+    if (!*c->socket_mode || *end || m > 0777) {
+        wd_error_set(err, -EINVAL, "socket_mode \"%s\" is not an octal mode such as 0660", c->socket_mode);
+        wd_config_error_origin(c, WD_OPT_socket_mode, err);
+        return -EINVAL;
+    }
+    if (c->socket_group[0] && resolve_id(c->socket_group, true, &g)) {
+        wd_error_set(err, -EINVAL, "socket_group: no group named \"%s\"", c->socket_group);
+        wd_config_error_origin(c, WD_OPT_socket_group, err);
+        return -EINVAL;
+    }
+    *mode = (mode_t)m;
+    *gid = (gid_t)g;
+    return 0;
+}
+
+int wd_auth_check_socket(const wd_config *c, wd_error *err)
+{
+    mode_t mode;
+    gid_t gid;
+
+    return socket_settings(c, &mode, &gid, err);
+}
+
+int wd_auth_socket(const wd_config *c, const char *path, wd_error *err)
+{
+    mode_t mode;
+    gid_t gid;
+    int rc;
+
+    if ((rc = socket_settings(c, &mode, &gid, err)))
+        return rc;
     if (c->socket_group[0]) {
-        if (resolve_id(c->socket_group, true, &gid))
-            return wd_error_set(err, -EINVAL, "socket_group: no group named \"%s\"", c->socket_group);
-        if (chown(path, (uid_t)-1, (gid_t)gid) < 0)
+        if (chown(path, (uid_t)-1, gid) < 0)
             return wd_error_set(err, -errno, "cannot give %s to group %s: %s", path, c->socket_group,
                                 strerror(errno));
     }
-    if (chmod(path, (mode_t)mode) < 0)
+    if (chmod(path, mode) < 0)
         return wd_error_set(err, -errno, "cannot set the mode of %s: %s", path, strerror(errno));
     return 0;
 }

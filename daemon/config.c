@@ -15,15 +15,36 @@ typedef enum opt_type { OPT_STRING, OPT_INT, OPT_SIZE, OPT_LEVEL, OPT_BOOL } opt
 typedef struct opt_desc {
     const char *name, *def, *meta, *help;
     opt_type type;
+    bool live;
     size_t offset;
 } opt_desc;
 
+#define OPT_WHEN_LIVE true
+#define OPT_WHEN_RESTART false
+
+/* In the table's order: options[id] is option id's. */
 static const opt_desc options[] = {
-#define X(name, type, def, meta, help) {#name, def, meta, help, OPT_##type, offsetof(wd_config, name)},
+#define X(name, type, def, meta, when, help) \
+    {#name, def, meta, help, OPT_##type, OPT_WHEN_##when, offsetof(wd_config, name)},
     WD_OPTION_TABLE(X)
 #undef X
 };
 #define N_OPTIONS (sizeof options / sizeof options[0])
+
+static size_t option_id(const opt_desc *o)
+{
+    return (size_t)(o - options);
+}
+
+const char *wd_option_name(wd_option_id id)
+{
+    return options[id].name;
+}
+
+bool wd_option_live(wd_option_id id)
+{
+    return options[id].live;
+}
 
 /* Integer bounds, by name; options not listed take any non-negative value. */
 static const struct {
@@ -53,7 +74,7 @@ static void flag_name(const opt_desc *o, char *buf, size_t len)
             *p = '-';
 }
 
-static int set_option(wd_config *c, const opt_desc *o, const char *value, const char *source, wd_error *err)
+static int parse_value(wd_config *c, const opt_desc *o, const char *value, const char *source, wd_error *err)
 {
     void *field = (char *)c + o->offset;
 
@@ -106,6 +127,20 @@ static int set_option(wd_config *c, const opt_desc *o, const char *value, const 
     return -EINVAL;
 }
 
+/* Sets o from value, and remembers where it came from (line: the config
+ * file's, for WD_ORIGIN_FILE). */
+static int set_option(wd_config *c, const opt_desc *o, const char *value, wd_option_origin origin, unsigned line,
+                      const char *source, wd_error *err)
+{
+    int rc = parse_value(c, o, value, source, err);
+
+    if (rc == 0) {
+        c->origin[option_id(o)] = origin;
+        c->line[option_id(o)] = line;
+    }
+    return rc;
+}
+
 static char *trim(char *s)
 {
     char *e;
@@ -154,7 +189,7 @@ static int load_file(wd_config *c, const char *path, wd_error *err)
             rc = wd_error_set(err, -EINVAL, "%s: unknown option \"%s\"", where, key);
             break;
         }
-        if ((rc = set_option(c, o, value, where, err)))
+        if ((rc = set_option(c, o, value, WD_ORIGIN_FILE, lineno, where, err)))
             break;
     }
     if (!rc && ferror(f))
@@ -170,6 +205,34 @@ static void env_name(const opt_desc *o, char *buf, size_t len)
         *p = (char)toupper((unsigned char)*p);
 }
 
+const char *wd_config_origin(const wd_config *c, wd_option_id id, char *buf, size_t len)
+{
+    switch (c->origin[id]) {
+    case WD_ORIGIN_FILE:
+        snprintf(buf, len, "%s:%u", c->config, c->line[id]);
+        break;
+    case WD_ORIGIN_ENVIRONMENT:
+        env_name(&options[id], buf, len);
+        break;
+    case WD_ORIGIN_COMMAND_LINE:
+        flag_name(&options[id], buf, len);
+        break;
+    default:
+        snprintf(buf, len, "the default");
+        break;
+    }
+    return buf;
+}
+
+int wd_config_error_origin(const wd_config *c, wd_option_id id, wd_error *err)
+{
+    char where[600];
+
+    if (c->origin[id] != WD_ORIGIN_DEFAULT)
+        wd_error_prefix(err, "%s", wd_config_origin(c, id, where, sizeof where));
+    return err->code;
+}
+
 /* Checks that span the values themselves: known names and well-formed
  * allocator configurations, so that a typo is a usage error at once. */
 static int validate(const wd_config *c, wd_error *err)
@@ -177,27 +240,34 @@ static int validate(const wd_config *c, wd_error *err)
     static const char *const backends[] = {"host", "fake", "cuda", "cuda-ipc"};
     wa_config conf;
     size_t i;
-    int rc;
 
     for (i = 0; i < sizeof backends / sizeof backends[0]; i++)
         if (strcmp(c->backend, backends[i]) == 0)
             break;
-    if (i == sizeof backends / sizeof backends[0])
-        return wd_error_set(err, -EINVAL, "unknown backend \"%s\" (host, fake, cuda or cuda-ipc)", c->backend);
-    if (c->host_capacity == 0)
-        return wd_error_set(err, -EINVAL, "host_capacity must be more than 0");
-    if (c->staging_memory && c->staging_memory < (4u << 20))
-        return wd_error_set(err, -EINVAL, "staging_memory: 0 (4MiB a buffer) or at least 4MiB");
-    if (c->devices[0] && (strcmp(c->backend, "host") == 0 || strcmp(c->backend, "fake") == 0))
-        return wd_error_set(err, -EINVAL, "--devices picks GPUs for the cuda backends; the %s backend takes "
-                            "--host-devices", c->backend);
-    if ((rc = wa_config_parse(c->alloc_conf, NULL, WA_CONF_OVERLAY, &conf, err))) {
-        wd_error_prefix(err, "alloc_conf");
-        return rc;
+    if (i == sizeof backends / sizeof backends[0]) {
+        wd_error_set(err, -EINVAL, "unknown backend \"%s\" (host, fake, cuda or cuda-ipc)", c->backend);
+        return wd_config_error_origin(c, WD_OPT_backend, err);
     }
-    if ((rc = wa_config_parse(c->load_alloc_conf, NULL, WA_CONF_OVERLAY, &conf, err))) {
+    if (c->host_capacity == 0) {
+        wd_error_set(err, -EINVAL, "host_capacity must be more than 0");
+        return wd_config_error_origin(c, WD_OPT_host_capacity, err);
+    }
+    if (c->staging_memory && c->staging_memory < (4u << 20)) {
+        wd_error_set(err, -EINVAL, "staging_memory: 0 (4MiB a buffer) or at least 4MiB");
+        return wd_config_error_origin(c, WD_OPT_staging_memory, err);
+    }
+    if (c->devices[0] && (strcmp(c->backend, "host") == 0 || strcmp(c->backend, "fake") == 0)) {
+        wd_error_set(err, -EINVAL, "--devices picks GPUs for the cuda backends; the %s backend takes "
+                     "--host-devices", c->backend);
+        return wd_config_error_origin(c, WD_OPT_devices, err);
+    }
+    if (wa_config_parse(c->alloc_conf, NULL, WA_CONF_OVERLAY, &conf, err)) {
+        wd_error_prefix(err, "alloc_conf");
+        return wd_config_error_origin(c, WD_OPT_alloc_conf, err);
+    }
+    if (wa_config_parse(c->load_alloc_conf, NULL, WA_CONF_OVERLAY, &conf, err)) {
         wd_error_prefix(err, "load_alloc_conf");
-        return rc;
+        return wd_config_error_origin(c, WD_OPT_load_alloc_conf, err);
     }
     return 0;
 }
@@ -208,7 +278,9 @@ void wd_config_usage(FILE *f)
                "The weightd daemon: loads safetensors checkpoints onto devices and serves them\n"
                "to workers over a Unix socket. Every option can also be set as WEIGHTD_NAME in\n"
                "the environment or as \"name = value\" in the --config file; the command line\n"
-               "wins over the environment, which wins over the file.\n\n");
+               "wins over the environment, which wins over the file. Options marked (live)\n"
+               "take a new value from the file on SIGHUP (systemctl reload weightd); the\n"
+               "others keep theirs until the next start.\n\n");
     for (size_t i = 0; i < N_OPTIONS; i++) {
         char flag[64], left[96];
         flag_name(&options[i], flag, sizeof flag);
@@ -216,6 +288,8 @@ void wd_config_usage(FILE *f)
         fprintf(f, "  %-28s %s", left, options[i].help);
         if (options[i].def[0])
             fprintf(f, " [%s]", options[i].def);
+        if (options[i].live)
+            fputs(" (live)", f);
         fputc('\n', f);
     }
     fprintf(f, "  %-28s %s\n  %-28s %s\n", "--help", "print this and exit", "--version", "print the version and exit");
@@ -229,6 +303,22 @@ void wd_config_free(wd_config *c)
             free(*field);
             *field = NULL;
         }
+    for (int i = 0; c->argv && i < c->argc; i++)
+        free(c->argv[i]);
+    free(c->argv);
+    c->argv = NULL;
+    c->argc = 0;
+}
+
+/* c keeps its own copy of the command line, for a reload. */
+static int copy_argv(wd_config *c, int argc, char **argv, wd_error *err)
+{
+    if (!(c->argv = calloc((size_t)argc + 1, sizeof *c->argv)))
+        return wd_error_set(err, -ENOMEM, "out of memory");
+    for (c->argc = 0; c->argc < argc; c->argc++)
+        if (!(c->argv[c->argc] = strdup(argv[c->argc])))
+            return wd_error_set(err, -ENOMEM, "out of memory");
+    return 0;
 }
 
 int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err)
@@ -238,8 +328,10 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
     int rc = 0;
 
     memset(c, 0, sizeof *c);
+    if ((rc = copy_argv(c, argc, argv, err)))
+        goto fail;
     for (size_t i = 0; i < N_OPTIONS; i++)
-        if ((rc = set_option(c, &options[i], options[i].def, "default", err)))
+        if ((rc = set_option(c, &options[i], options[i].def, WD_ORIGIN_DEFAULT, 0, "default", err)))
             goto fail;
     /* --help, --version and --config first: the file is the lowest layer. */
     for (int i = 1; i < argc; i++) {
@@ -258,19 +350,19 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
         else if (strncmp(argv[i], "--config=", 9) == 0)
             config_path = argv[i] + 9;
     }
-    if (!config_path)
-        config_path = getenv("WEIGHTD_CONFIG");
-    if (config_path && *config_path) {
-        if ((rc = set_option(c, find_option("config", 6), config_path, "--config", err)) ||
-            (rc = load_file(c, config_path, err)))
-            goto fail;
+    if (config_path) {
+        rc = set_option(c, &options[WD_OPT_config], config_path, WD_ORIGIN_COMMAND_LINE, 0, "--config", err);
+    } else if ((config_path = getenv("WEIGHTD_CONFIG")) && *config_path) {
+        rc = set_option(c, &options[WD_OPT_config], config_path, WD_ORIGIN_ENVIRONMENT, 0, "WEIGHTD_CONFIG", err);
     }
+    if (rc || (config_path && *config_path && (rc = load_file(c, config_path, err))))
+        goto fail;
     for (size_t i = 0; i < N_OPTIONS; i++) {
         const char *v;
-        if (strcmp(options[i].name, "config") == 0)
+        if (i == WD_OPT_config)
             continue;
         env_name(&options[i], name, sizeof name);
-        if ((v = getenv(name)) && *v && (rc = set_option(c, &options[i], v, name, err)))
+        if ((v = getenv(name)) && *v && (rc = set_option(c, &options[i], v, WD_ORIGIN_ENVIRONMENT, 0, name, err)))
             goto fail;
     }
     for (int i = 1; i < argc; i++) {
@@ -295,7 +387,8 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
             goto fail;
         }
         flag_name(o, name, sizeof name);
-        if (strcmp(o->name, "config") != 0 && (rc = set_option(c, o, value, name, err)))
+        if (o != &options[WD_OPT_config] &&
+            (rc = set_option(c, o, value, WD_ORIGIN_COMMAND_LINE, 0, name, err)))
             goto fail;
     }
     if ((rc = validate(c, err)))
@@ -304,4 +397,156 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
 fail:
     wd_config_free(c);
     return rc;
+}
+
+int wd_config_reload(const wd_config *running, wd_config *next, wd_error *err)
+{
+    /* The command line was read once already: it asks for no --help now. */
+    int rc = wd_config_load(next, running->argc, running->argv, stderr, err);
+
+    return rc == 1 ? wd_error_set(err, -EINVAL, "the command line asks for --help or --version") : rc;
+}
+
+/* ---- what a reload compares and moves ------------------------------------- */
+
+static bool same_value(const wd_config *a, const wd_config *b, const opt_desc *o)
+{
+    const void *x = (const char *)a + o->offset, *y = (const char *)b + o->offset;
+
+    switch (o->type) {
+    case OPT_STRING:
+        return strcmp(*(char *const *)x, *(char *const *)y) == 0;
+    case OPT_INT:
+        return *(const int64_t *)x == *(const int64_t *)y;
+    case OPT_SIZE:
+        return *(const uint64_t *)x == *(const uint64_t *)y;
+    case OPT_LEVEL:
+        return *(const wd_log_level *)x == *(const wd_log_level *)y;
+    case OPT_BOOL:
+        return *(const bool *)x == *(const bool *)y;
+    }
+    return false;
+}
+
+/* A size as exactly as it was written: 4GiB, 5G, or bytes. */
+static void format_size(uint64_t v, char *buf, size_t len)
+{
+    static const struct {
+        const char *unit;
+        uint64_t scale;
+    } units[] = {{"TiB", 1ULL << 40}, {"GiB", 1ULL << 30}, {"MiB", 1ULL << 20}, {"KiB", 1ULL << 10},
+                 {"T", 1000000000000ULL}, {"G", 1000000000ULL}, {"M", 1000000ULL}, {"K", 1000ULL}};
+
+    for (size_t i = 0; v && i < sizeof units / sizeof units[0]; i++)
+        if (v % units[i].scale == 0) {
+            snprintf(buf, len, "%llu%s", (unsigned long long)(v / units[i].scale), units[i].unit);
+            return;
+        }
+    snprintf(buf, len, "%llu", (unsigned long long)v);
+}
+
+static void format_value(const wd_config *c, const opt_desc *o, char *buf, size_t len)
+{
+    const void *field = (const char *)c + o->offset;
+
+    switch (o->type) {
+    case OPT_STRING:
+        snprintf(buf, len, "\"%s\"", *(char *const *)field);
+        break;
+    case OPT_INT:
+        snprintf(buf, len, "%lld", (long long)*(const int64_t *)field);
+        break;
+    case OPT_SIZE:
+        format_size(*(const uint64_t *)field, buf, len);
+        break;
+    case OPT_LEVEL:
+        snprintf(buf, len, "%s", wd_log_level_name(*(const wd_log_level *)field));
+        break;
+    case OPT_BOOL:
+        snprintf(buf, len, "%s", *(const bool *)field ? "on" : "off");
+        break;
+    }
+}
+
+size_t wd_config_diff(const wd_config *running, const wd_config *next, wd_option_change *changes)
+{
+    size_t n = 0;
+
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        if (same_value(running, next, &options[i]))
+            continue;
+        changes[n].id = (wd_option_id)i;
+        changes[n].live = options[i].live;
+        format_value(running, &options[i], changes[n].from, sizeof changes[n].from);
+        format_value(next, &options[i], changes[n].to, sizeof changes[n].to);
+        n++;
+    }
+    return n;
+}
+
+static size_t field_size(opt_type type)
+{
+    switch (type) {
+    case OPT_STRING:
+        return sizeof(char *);
+    case OPT_INT:
+        return sizeof(int64_t);
+    case OPT_SIZE:
+        return sizeof(uint64_t);
+    case OPT_LEVEL:
+        return sizeof(wd_log_level);
+    case OPT_BOOL:
+        return sizeof(bool);
+    }
+    return 0;
+}
+
+static void swap_bytes(void *a, void *b, size_t n)
+{
+    unsigned char tmp[sizeof(uint64_t)];
+
+    memcpy(tmp, a, n);
+    memcpy(a, b, n);
+    memcpy(b, tmp, n);
+}
+
+void wd_config_take_live(wd_config *running, wd_config *next)
+{
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        if (!options[i].live)
+            continue;
+        /* A swap: a string's pointer changes owner, and the old one is freed with next. */
+        swap_bytes((char *)running + options[i].offset, (char *)next + options[i].offset, field_size(options[i].type));
+        swap_bytes(&running->origin[i], &next->origin[i], sizeof running->origin[i]);
+        swap_bytes(&running->line[i], &next->line[i], sizeof running->line[i]);
+    }
+}
+
+cJSON *wd_config_json(const wd_config *c, bool with_admins)
+{
+    cJSON *o = cJSON_CreateObject();
+
+    for (size_t i = 0; o && i < N_OPTIONS; i++) {
+        const void *field = (const char *)c + options[i].offset;
+        if (!with_admins && (i == WD_OPT_admin_uids || i == WD_OPT_admin_groups))
+            continue;
+        switch (options[i].type) {
+        case OPT_STRING:
+            cJSON_AddStringToObject(o, options[i].name, *(char *const *)field);
+            break;
+        case OPT_INT:
+            cJSON_AddNumberToObject(o, options[i].name, (double)*(const int64_t *)field);
+            break;
+        case OPT_SIZE:
+            cJSON_AddNumberToObject(o, options[i].name, (double)*(const uint64_t *)field);
+            break;
+        case OPT_LEVEL:
+            cJSON_AddStringToObject(o, options[i].name, wd_log_level_name(*(const wd_log_level *)field));
+            break;
+        case OPT_BOOL:
+            cJSON_AddBoolToObject(o, options[i].name, *(const bool *)field);
+            break;
+        }
+    }
+    return o;
 }

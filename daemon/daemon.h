@@ -35,6 +35,7 @@ typedef enum wd_log_level {
 } wd_log_level;
 
 int wd_log_level_parse(const char *text, wd_log_level *out);
+const char *wd_log_level_name(wd_log_level level);
 void wd_log_set_level(wd_log_level level);
 void wd_log(wd_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* For what a peer can trigger at will (bad requests, refusals, drops): at
@@ -44,53 +45,90 @@ void wd_log_set_peer_rate(unsigned per_second);
 
 /* ---- config.c: the one option table -------------------------------------- */
 
-/* X(name, type, default, metavar, help). The command-line flag is --name with
- * '_' as '-', the environment variable WEIGHTD_NAME, the config-file key name. */
+/* X(name, type, default, metavar, when, help). The command-line flag is
+ * --name with '_' as '-', the environment variable WEIGHTD_NAME, the
+ * config-file key name.
+ *
+ * when: LIVE options take a new value from the config file on SIGHUP
+ * (reload.c); RESTART ones keep the value they started with until the next
+ * start. LIVE are those read afresh at each use, on the loop's thread, that
+ * no state made earlier depends on: the log's level and rate; the bounds,
+ * checked at each accept and request (what is connected or in flight
+ * already stays) and at each tick (a shorter timeout applies to every
+ * connection); the administrator lists (every connection's role is computed
+ * again); and what a load or an attach reads when it starts (slab_size and
+ * checksums: each model keeps what it was loaded with; attach_writable:
+ * mappings already given stay as they are). RESTART are
+ * what was made once at start: the socket and its mode, the devices, the
+ * readers and their staging, the allocator's configuration (weightctl
+ * policy changes it while running) and the load policy, which is checked
+ * against the backend by a push and a pop that cannot happen while a load
+ * holds it. */
 #define WD_OPTION_TABLE(X)                                                                        \
-    X(socket, STRING, "", "PATH",                                                                 \
+    X(socket, STRING, "", "PATH", RESTART,                                                        \
       "listen on PATH (default: $WEIGHTD_SOCKET, /run/weightd/weightd.sock as root, "             \
       "else $XDG_RUNTIME_DIR/weightd.sock)")                                                      \
-    X(backend, STRING, "host", "NAME", "where segments come from: host or fake (cuda, cuda-ipc where built)") \
-    X(devices, STRING, "", "LIST", "GPUs to use, by index or UUID, comma-separated (cuda backends)") \
-    X(host_devices, INT, "1", "N", "number of emulated devices (host backend)")                   \
-    X(host_capacity, SIZE, "8GiB", "SIZE", "capacity of each emulated device (host backend)")      \
-    X(device_capacity, SIZE, "0", "SIZE", "memory each GPU may hold (cuda backends; 0: what is free at start)") \
-    X(read_threads, INT, "0", "N", "threads reading checkpoints (0: 3 for every 4 CPUs, 2 to 12)")   \
-    X(staging_memory, SIZE, "0", "SIZE",                                                          \
+    X(backend, STRING, "host", "NAME", RESTART,                                                   \
+      "where segments come from: host or fake (cuda, cuda-ipc where built)")                      \
+    X(devices, STRING, "", "LIST", RESTART, "GPUs to use, by index or UUID, comma-separated (cuda backends)") \
+    X(host_devices, INT, "1", "N", RESTART, "number of emulated devices (host backend)")          \
+    X(host_capacity, SIZE, "8GiB", "SIZE", RESTART, "capacity of each emulated device (host backend)") \
+    X(device_capacity, SIZE, "0", "SIZE", RESTART,                                                \
+      "memory each GPU may hold (cuda backends; 0: what is free at start)")                       \
+    X(read_threads, INT, "0", "N", RESTART, "threads reading checkpoints (0: 3 for every 4 CPUs, 2 to 12)") \
+    X(staging_memory, SIZE, "0", "SIZE", RESTART,                                                 \
       "pinned host memory for staging GPU loads, two buffers a reader (0: 4MiB buffers)")          \
-    X(direct_io, BOOL, "off", "on|off", "O_DIRECT reads for GPU loads (off: the page cache)")       \
-    X(alloc_conf, STRING, "", "CONF", "allocator configuration in PYTORCH_CUDA_ALLOC_CONF syntax") \
-    X(load_alloc_conf, STRING, WA_WEIGHTD_POLICY, "CONF",                                          \
+    X(direct_io, BOOL, "off", "on|off", RESTART, "O_DIRECT reads for GPU loads (off: the page cache)") \
+    X(alloc_conf, STRING, "", "CONF", RESTART,                                                    \
+      "allocator configuration in PYTORCH_CUDA_ALLOC_CONF syntax (weightctl policy changes it while running)") \
+    X(load_alloc_conf, STRING, WA_WEIGHTD_POLICY, "CONF", RESTART,                                \
       "allocator policy pushed for the length of each load (weightd's; vLLM's max_split_size_mb:20 " \
       "on backends without expandable segments)")                                                 \
-    X(config, STRING, "", "FILE", "read options from FILE (key = value lines)")                   \
-    X(log_level, LEVEL, "info", "LEVEL", "error, warning, notice, info or debug")                 \
-    X(max_clients, INT, "1024", "N",                                                              \
+    X(config, STRING, "", "FILE", RESTART, "read options from FILE (key = value lines)")          \
+    X(log_level, LEVEL, "info", "LEVEL", LIVE, "error, warning, notice, info or debug")           \
+    X(max_clients, INT, "1024", "N", LIVE,                                                        \
       "most connections served at once (administrators get 16 more)")                            \
-    X(max_clients_per_uid, INT, "128", "N", "most connections of one user who is not an administrator") \
-    X(max_requests_per_client, INT, "64", "N", "most requests of one connection in flight at once") \
-    X(max_requests_per_uid, INT, "256", "N", "most requests of one user in flight at once")         \
-    X(hello_timeout, INT, "10", "SECONDS", "close a connection that has not said hello by then")   \
-    X(idle_timeout, INT, "900", "SECONDS",                                                        \
+    X(max_clients_per_uid, INT, "128", "N", LIVE, "most connections of one user who is not an administrator") \
+    X(max_requests_per_client, INT, "64", "N", LIVE, "most requests of one connection in flight at once") \
+    X(max_requests_per_uid, INT, "256", "N", LIVE, "most requests of one user in flight at once")  \
+    X(hello_timeout, INT, "10", "SECONDS", LIVE, "close a connection that has not said hello by then") \
+    X(idle_timeout, INT, "900", "SECONDS", LIVE,                                                  \
       "close a connection idle this long that holds no lease and waits for nothing (0: never)")   \
-    X(listen_backlog, INT, "4096", "N", "connections waiting to be accepted (capped by net.core.somaxconn)") \
-    X(log_rate, INT, "10", "N", "lines a second at most about clients' bad requests and refusals (0: all)") \
-    X(admin_uids, STRING, "", "LIST",                                                             \
+    X(listen_backlog, INT, "4096", "N", RESTART,                                                  \
+      "connections waiting to be accepted (capped by net.core.somaxconn)")                        \
+    X(log_rate, INT, "10", "N", LIVE, "lines a second at most about clients' bad requests and refusals (0: all)") \
+    X(admin_uids, STRING, "", "LIST", LIVE,                                                       \
       "users (names or uids, comma-separated) who may load, unload, verify, sleep, wake, set the " \
       "policy, snapshot and shut down, besides root and the daemon's own user")                   \
-    X(admin_groups, STRING, "", "LIST", "groups (names or gids) whose members are administrators too") \
-    X(socket_mode, STRING, "0660", "MODE", "permissions of the socket the daemon binds itself")   \
-    X(socket_group, STRING, "", "GROUP", "group of the socket the daemon binds itself (members may connect)") \
-    X(slab_size, SIZE, "0", "SIZE",                                                               \
+    X(admin_groups, STRING, "", "LIST", LIVE, "groups (names or gids) whose members are administrators too") \
+    X(socket_mode, STRING, "0660", "MODE", RESTART, "permissions of the socket the daemon binds itself") \
+    X(socket_group, STRING, "", "GROUP", RESTART,                                                 \
+      "group of the socket the daemon binds itself (members may connect)")                        \
+    X(slab_size, SIZE, "0", "SIZE", LIVE,                                                         \
       "a model's memory on a device comes in slabs of about SIZE, each one allocation that a "    \
       "worker maps with one handle (0: a 32nd of the model's bytes there, at least 256MiB)")     \
-    X(checksums, BOOL, "on", "on|off",                                                            \
+    X(checksums, BOOL, "on", "on|off", LIVE,                                                      \
       "an XXH3 checksum of each tensor, computed while it loads (info shows them, verify --quick " \
       "checks the devices' copies against them)")                                                 \
-    X(attach_writable, BOOL, "off", "on|off",                                                     \
+    X(attach_writable, BOOL, "off", "on|off", LIVE,                                               \
       "let the daemon's own user and root attach writable (workers get read-only mappings)")        \
-    X(lease_grace, INT, "120", "SECONDS",                                                         \
+    X(lease_grace, INT, "120", "SECONDS", RESTART,                                                \
       "after a restart, how long a lease kept in the fd store waits for its worker to take it again")
+
+typedef enum wd_option_id {
+#define X(name, type, def, meta, when, help) WD_OPT_##name,
+    WD_OPTION_TABLE(X)
+#undef X
+    WD_OPTION_COUNT
+} wd_option_id;
+
+/* Where an option's value came from, in rising precedence. */
+typedef enum wd_option_origin {
+    WD_ORIGIN_DEFAULT,
+    WD_ORIGIN_FILE,
+    WD_ORIGIN_ENVIRONMENT,
+    WD_ORIGIN_COMMAND_LINE,
+} wd_option_origin;
 
 typedef struct wd_config {
 #define OPT_FIELD_STRING char *
@@ -98,17 +136,53 @@ typedef struct wd_config {
 #define OPT_FIELD_SIZE uint64_t
 #define OPT_FIELD_LEVEL wd_log_level
 #define OPT_FIELD_BOOL bool
-#define X(name, type, def, meta, help) OPT_FIELD_##type name;
+#define X(name, type, def, meta, when, help) OPT_FIELD_##type name;
     WD_OPTION_TABLE(X)
 #undef X
+    wd_option_origin origin[WD_OPTION_COUNT];
+    unsigned line[WD_OPTION_COUNT]; /* the config file's line, for WD_ORIGIN_FILE */
+    /* The command line it was loaded from (a copy), which a reload reads again. */
+    int argc;
+    char **argv;
 } wd_config;
 
 /* Fills c from the defaults, the config file, the environment and argv, in
  * rising precedence. Returns 0, 1 when --help or --version was printed, or a
  * negative errno with err set; only after 0 does c need wd_config_free. */
 int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err);
+/* Loads next as running was loaded, from the config file as it is now: the
+ * same command line and environment still win over it. Validates every
+ * value; 0 or a negative errno with err naming the file, line and problem. */
+int wd_config_reload(const wd_config *running, wd_config *next, wd_error *err);
 void wd_config_free(wd_config *c);
 void wd_config_usage(FILE *f);
+
+const char *wd_option_name(wd_option_id id);
+/* A reload applies the option's new value (its table's `when` is LIVE). */
+bool wd_option_live(wd_option_id id);
+/* Where c's value of id came from, for messages: "FILE:LINE", "WEIGHTD_NAME",
+ * "--name" or "the default". */
+const char *wd_config_origin(const wd_config *c, wd_option_id id, char *buf, size_t len);
+/* Prefixes err's message with where c's value of id came from (unless it is
+ * the default); returns err's code. */
+int wd_config_error_origin(const wd_config *c, wd_option_id id, wd_error *err);
+
+/* One option whose value differs between two configurations. */
+typedef struct wd_option_change {
+    wd_option_id id;
+    bool live;
+    char from[192], to[192];  /* the values as the log shows them: 512, 4GiB, on, "text" */
+} wd_option_change;
+/* The options whose values differ from running to next, in table order,
+ * into changes (room for WD_OPTION_COUNT); returns how many. */
+size_t wd_config_diff(const wd_config *running, const wd_config *next, wd_option_change *changes);
+/* Moves next's values of the LIVE options into running (their old values
+ * go to next, freed with it), with their origins; the RESTART options of
+ * running stay as they are. Cannot fail: a reload checks everything first. */
+void wd_config_take_live(wd_config *running, wd_config *next);
+/* {name: value} for every option, as stats shows them (numbers, booleans,
+ * strings); the administrator lists only when with_admins. */
+cJSON *wd_config_json(const wd_config *c, bool with_admins);
 
 /* ---- auth.c: who may do what --------------------------------------------- */
 
@@ -129,16 +203,21 @@ typedef struct wd_auth {
     size_t n_gids;
 } wd_auth;
 
-/* Resolves --admin-uids and --admin-groups (names or numbers). */
+/* Resolves --admin-uids and --admin-groups (names or numbers); an error
+ * names where the word that did not resolve came from. */
 int wd_auth_init(wd_auth *a, const wd_config *c, wd_error *err);
 void wd_auth_free(wd_auth *a);
 /* Reads c's peer credentials (SO_PEERCRED, SO_PEERGROUPS) and its role. */
 void wd_auth_peer(const wd_auth *a, wd_conn *c);
+/* c's role under a, from the credentials it connected with. */
+wd_role wd_auth_role(const wd_auth *a, const wd_conn *c);
 /* 0 when r's peer has the role; else -EPERM with r->err saying the role
  * needed for `what`, and a log line. */
 int wd_auth_require(wd_request *r, wd_role role, const char *what);
 /* --socket-mode and --socket-group on a socket bound at path. */
 int wd_auth_socket(const wd_config *c, const char *path, wd_error *err);
+/* Only whether they are valid (a mode, a group that exists). */
+int wd_auth_check_socket(const wd_config *c, wd_error *err);
 
 /* ---- server.c: the loop, the socket, connections ------------------------- */
 
@@ -214,7 +293,7 @@ struct wd_server {
     int listen_fd;
     bool own_socket;          /* bound here (not passed by systemd): unlink on exit */
     uv_poll_t listen_poll;
-    int signal_fd;            /* SIGINT and SIGTERM, blocked in every thread, read here */
+    int signal_fd;            /* SIGINT, SIGTERM and SIGHUP, blocked in every thread, read here */
     uv_poll_t signal_poll;
     uv_timer_t tick;          /* progress events and the systemd watchdog */
     wd_passed passed;
@@ -225,7 +304,8 @@ struct wd_server {
     size_t n_conns;
     wd_conn *conns;
     wd_peer *peers;
-    wd_auth auth;
+    wd_auth auth;             /* from conf's administrator lists; a reload replaces it */
+    const char *load_policy;  /* conf->load_alloc_conf, or WA_FALLBACK_POLICY in its place */
     uv_timer_t accept_retry;  /* accept(2) out of descriptors: listening again later */
     unsigned accept_delay_ms; /* 0 while accepting */
     unsigned long accept_refused;
@@ -242,15 +322,24 @@ struct wd_server {
     int exit_code;
 };
 
-/* Blocks SIGINT and SIGTERM in the calling thread, and so in every thread
- * made after it: call first thing in main. */
-void wd_block_stop_signals(void);
+/* Blocks SIGINT, SIGTERM (stop) and SIGHUP (reload) in the calling thread,
+ * and so in every thread made after it: call first thing in main. */
+void wd_block_signals(void);
 int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *err);
 /* Begins an orderly stop: no new connections, jobs cancelled, then every
  * model freed and every handle closed; the loop then runs out. */
 void wd_server_stop(wd_server *s, const char *why);
 /* Called when a job ends, to finish a stop that waits for it. */
 void wd_server_maybe_finish(wd_server *s);
+
+/* ---- reload.c: the configuration at run time (SIGHUP) --------------------- */
+
+/* Reads the configuration again (the command line and environment still
+ * over the file) and, only if all of it is valid, applies the LIVE options
+ * and computes every connection's role again; logs each change, and those
+ * that wait for a restart. Tells systemd RELOADING=1, then READY=1 whatever
+ * happened. */
+void wd_server_reload(wd_server *s);
 
 /* The peer is the daemon's own user or root (SO_PEERCRED): it can read
  * whatever the daemon can, and may have writable mappings. */

@@ -259,7 +259,7 @@ static int place_tensors(wd_server *s, wd_job *j)
 {
     int rc;
 
-    if ((rc = wa_policy_push(s->alloc, s->conf->load_alloc_conf, &j->err)))
+    if ((rc = wa_policy_push(s->alloc, s->load_policy, &j->err)))
         return rc;
     j->policy_pushed = true;
     return wd_model_place(j->model, s->conf->slab_size, s->conf->checksums, &j->err);

@@ -31,6 +31,11 @@ int wd_log_level_parse(const char *text, wd_log_level *out)
     return -EINVAL;
 }
 
+const char *wd_log_level_name(wd_log_level level)
+{
+    return level_names[level];
+}
+
 void wd_log_set_level(wd_log_level level)
 {
     log_threshold = level;

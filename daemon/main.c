@@ -28,7 +28,7 @@ int main(int argc, char **argv)
     int rc;
 
     signal(SIGPIPE, SIG_IGN);
-    wd_block_stop_signals();
+    wd_block_signals();
     rc = wd_config_load(&conf, argc, argv, stdout, &err);
     if (rc == 1)
         return 0;

@@ -449,7 +449,7 @@ static cJSON *policy_state(wd_server *s)
     cJSON_AddStringToObject(o, "current", wa_config_format(wa_get_config(s->alloc), conf, sizeof conf));
     cJSON_AddNumberToObject(o, "depth", (double)wa_policy_depth(s->alloc));
     cJSON_AddBoolToObject(o, "load_policy_active", wd_jobs_load_active(s));
-    cJSON_AddStringToObject(o, "load", s->conf->load_alloc_conf);
+    cJSON_AddStringToObject(o, "load", s->load_policy);
     return o;
 }
 
@@ -471,6 +471,9 @@ static int op_stats(wd_server *s, wd_request *r)
     cJSON_AddNumberToObject(res, "connections", (double)s->n_conns);
     cJSON_AddItemToObject(res, "policy", policy_state(s));
     cJSON_AddItemToObject(res, "fd_store", wd_fdstore_json(s));
+    /* The values in force (a reload changes the live ones); who else is an
+     * administrator is an administrator's business. */
+    cJSON_AddItemToObject(res, "options", wd_config_json(s->conf, r->conn && r->conn->role == WD_ROLE_ADMIN));
     wd_jobs_describe(s, res, (size_t)jobs_offset);
     devs = cJSON_AddArrayToObject(res, "devices");
     for (int d = 0; d < wa_device_count(s->alloc); d++) {

@@ -836,21 +836,22 @@ static int open_listener(wd_server *s, wd_error *err)
 
 /* ---- life cycle ------------------------------------------------------------ */
 
-/* The stop signals are blocked in every thread and read from a signalfd:
- * no thread can take them, and no signal handler that a library installs
- * (the CUDA driver's, say) can take them over. */
-static void stop_signals(sigset_t *set)
+/* The daemon's signals are blocked in every thread and read from a
+ * signalfd: no thread can take them, and no signal handler that a library
+ * installs (the CUDA driver's, say) can take them over. */
+static void daemon_signals(sigset_t *set)
 {
     sigemptyset(set);
     sigaddset(set, SIGINT);
     sigaddset(set, SIGTERM);
+    sigaddset(set, SIGHUP);
 }
 
-void wd_block_stop_signals(void)
+void wd_block_signals(void)
 {
     sigset_t set;
 
-    stop_signals(&set);
+    daemon_signals(&set);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 }
 
@@ -873,8 +874,12 @@ static void on_signal(uv_poll_t *h, int status, int events)
     (void)status;
     (void)events;
 
-    while (read(s->signal_fd, &si, sizeof si) == (ssize_t)sizeof si)
-        wd_server_stop(s, si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
+    while (read(s->signal_fd, &si, sizeof si) == (ssize_t)sizeof si) {
+        if (si.ssi_signo == SIGHUP)
+            wd_server_reload(s);
+        else
+            wd_server_stop(s, si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
+    }
 }
 
 static void on_tick(uv_timer_t *h)
@@ -934,17 +939,15 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
         goto fail;
     /* Check the load policy now rather than at the first load. weightd's
      * own needs expandable segments; where the backend has none and nobody
-     * asked for it by name, vLLM's policy stands in. */
-    if ((rc = wa_policy_push(s->alloc, conf->load_alloc_conf, err)) == -ENOTSUP &&
-        strcmp(conf->load_alloc_conf, WA_WEIGHTD_POLICY) == 0) {
+     * asked for it by name, vLLM's policy stands in (conf keeps what was
+     * configured, which a reload compares with the file). */
+    s->load_policy = conf->load_alloc_conf;
+    if ((rc = wa_policy_push(s->alloc, s->load_policy, err)) == -ENOTSUP &&
+        strcmp(s->load_policy, WA_WEIGHTD_POLICY) == 0) {
         wd_log(WD_LOG_notice, "the %s backend has no expandable segments: load policy %s", s->backend->name,
                WA_FALLBACK_POLICY);
-        free(conf->load_alloc_conf);
-        if (!(conf->load_alloc_conf = strdup(WA_FALLBACK_POLICY))) {
-            rc = wd_error_set(err, -ENOMEM, "out of memory");
-            goto fail;
-        }
-        rc = wa_policy_push(s->alloc, conf->load_alloc_conf, err);
+        s->load_policy = WA_FALLBACK_POLICY;
+        rc = wa_policy_push(s->alloc, s->load_policy, err);
     }
     if (rc) {
         wd_error_prefix(err, "--load-alloc-conf");
@@ -959,7 +962,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     }
     {
         sigset_t set;
-        stop_signals(&set);
+        daemon_signals(&set);
         if ((s->signal_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC)) < 0) {
             rc = wd_error_set(err, -errno, "signalfd: %s", strerror(errno));
             goto fail;
@@ -993,7 +996,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
     }
     wd_log(WD_LOG_notice, "weightd %s listening on %s (backend %s, %d device%s, load policy %s, %u reader%s "
            "with %s chunks)", WD_VERSION, s->socket_path, s->backend->name, s->backend->n_devices,
-           s->backend->n_devices == 1 ? "" : "s", conf->load_alloc_conf, wl_pipeline_threads(s->pipeline),
+           s->backend->n_devices == 1 ? "" : "s", s->load_policy, wl_pipeline_threads(s->pipeline),
            wl_pipeline_threads(s->pipeline) == 1 ? "" : "s", wd_size_format(wl_pipeline_chunk(s->pipeline), size, sizeof size));
     if (wd_fault_armed())
         wd_log(WD_LOG_warning, "test fault injection armed: WEIGHTD_FAULTS=%s", wd_fault_armed());

@@ -109,6 +109,41 @@ class PythonClient(h.E2ETestCase):
         with self.assertRaises(OSError):
             weightd.Client(d.sock, timeout=2)
 
+    def test_a_refusal_that_came_before_the_hello_is_raised_not_retried(self):
+        # A connection refused and closed before the client's hello went
+        # made the client connect again, and again, for as long as the
+        # daemon refused (tests/e2e/test_reload.py's lowered
+        # max_clients_per_uid found it).
+        path = os.path.join(self.tmp, "refusing.sock")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(8)
+        refused, accepts = threading.Event(), []
+
+        def refuse():
+            conn, _ = srv.accept()
+            accepts.append(conn)
+            conn.sendall(b'{"id":null,"ok":false,"error":{"code":"EBUSY","message":'
+                         b'"weightd refused the connection: full"}}\n')
+            conn.close()
+            refused.set()
+
+        class Late(weightd.Client):
+            def _connect(self, timeout):
+                super()._connect(timeout)
+                refused.wait(10)  # the refusal is there before the hello goes
+
+        t = threading.Thread(target=refuse)
+        t.start()
+        try:
+            with self.assertRaises(weightd.WeightdError) as e:
+                Late(path, timeout=2)
+            self.assertEqual((e.exception.code, e.exception.message), ("EBUSY", "weightd refused the connection: full"))
+        finally:
+            t.join()
+            srv.close()
+        self.assertEqual(len(accepts), 1)
+
     def test_a_silent_peer_times_out(self):
         path = os.path.join(self.tmp, "silent.sock")
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

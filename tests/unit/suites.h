@@ -19,6 +19,7 @@
     X(backend_host)       \
     X(proto)              \
     X(daemon_config)      \
+    X(daemon_reload)      \
     X(registry)
 
 #define X(name) Suite *name##_suite(void);

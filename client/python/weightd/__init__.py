@@ -83,14 +83,23 @@ class Client:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._connect(timeout)
-            try:
-                self.server_info = self.call("hello", {"version": PROTOCOL_VERSION, "client": "weightd.py"})
-            except ConnectionError:
-                self._raise_refusal()
-                raise
+            self._hello()
         except BaseException:
             self.close()
             raise
+
+    def _hello(self):
+        """The first exchange of a new connection. A connection the daemon
+        has closed already is one it refused: its words are raised, and no
+        other connection is tried (that would retry for as long as the
+        daemon refuses)."""
+        self._greeted = False
+        try:
+            self.server_info = self.call("hello", {"version": PROTOCOL_VERSION, "client": "weightd.py"})
+        except ConnectionError:
+            self._raise_refusal()
+            raise
+        self._greeted = True
 
     def _connect(self, timeout):
         """Connects, waiting (up to timeout) while the daemon's listen queue
@@ -190,6 +199,8 @@ class Client:
         """A connection the daemon closed while it was idle (idle_timeout;
         calls are synchronous, so nothing of ours was in flight) is opened
         again before a request goes."""
+        if not self._greeted:
+            return  # a new connection's hello reads a refusal itself
         data, closed = b"", False
         self._sock.setblocking(False)
         try:
@@ -211,7 +222,7 @@ class Client:
         self._sock.close()
         self._buf, self._sock = b"", socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._connect(self.timeout)
-        self.server_info = self.call("hello", {"version": PROTOCOL_VERSION, "client": "weightd.py"})
+        self._hello()
 
     def take_fds(self):
         """The descriptors that came with replies so far; the caller owns them."""
