@@ -175,6 +175,7 @@ t_properties() {
         'ExecReload={ path=/bin/kill ; argv[]=/bin/kill -HUP $MAINPID ; ignore_errors=no ; start_time=[n/a] ; stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }'; do
         expect "${kv%%=*}" "$(prop weightd.service "${kv%%=*}")" "${kv#*=}" || bad=1
     done
+    expect IPAddressDeny "$(prop weightd.service IPAddressDeny)" "0.0.0.0/0 ::/0" || bad=1
     return $bad
 }
 check "systemctl show: the unit's type, watchdog, fd store and hardening" t_properties
