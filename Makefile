@@ -2,6 +2,11 @@
 
 PREFIX    ?= /usr/local
 BINDIR    ?= $(PREFIX)/bin
+SBINDIR   ?= $(PREFIX)/sbin
+# The config file is /etc/weightd/weightd.conf whatever the PREFIX: the unit
+# names it, and a system daemon's configuration lives in /etc.
+SYSCONFDIR ?= /etc
+MANDIR    ?= $(PREFIX)/share/man
 LIBDIR    ?= $(PREFIX)/lib
 INCDIR    ?= $(PREFIX)/include
 PCDIR     ?= $(LIBDIR)/pkgconfig
@@ -103,13 +108,18 @@ DAEMON_OBJ := $(call obj,$(DAEMON_SRC))
 CLIENT_OBJ := $(call obj,$(CLIENT_SRC) $(PROTO_SRC) $(COMMON_SRC) loader/checkpoint.c loader/safetensors.c)
 
 BINS := $(BUILD)/weightd $(BUILD)/weightctl $(BUILD)/weightd-replay $(BUILD)/weightd-mkckpt
+USER_BINS := $(filter-out $(BUILD)/weightd,$(BINS))
 LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/libweightd-client.a \
         $(BUILD)/weightd-client.pc
 UNIT := $(BUILD)/tests/unit-tests
 
+# What make install puts in /etc and the units: generated here, from the
+# option table (weightd --print-config) and the install paths.
+ETC := $(BUILD)/etc/weightd.conf $(BUILD)/etc/weightd.service
+
 .PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach \
-        bench-integrity bench-conns fuzz-live
-all: config $(BINS) $(LIBS)
+        bench-integrity bench-conns fuzz-live man deb test-systemd
+all: config $(BINS) $(LIBS) $(ETC)
 
 config:
 	@echo "weightd $(VERSION): $(CUDA_REPORT); build in $(BUILD)$(if $(SANITIZE), with -fsanitize=$(SANITIZE))"
@@ -146,6 +156,40 @@ PC_SED = sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCDIR@|$(INCD
 
 $(BUILD)/weightd-client.pc: client/weightd-client.pc.in Makefile
 	$(call msg,GEN,$@)$(PC_SED) $< > $@
+
+$(BUILD)/etc/weightd.conf: $(BUILD)/weightd
+	@mkdir -p $(dir $@)
+	$(call msg,GEN,$@)$(BUILD)/weightd --print-config > $@.tmp && mv $@.tmp $@
+
+# The paths in the unit are the install's: make install PREFIX=... rebuilds it.
+UNIT_SED = sed -e 's|@SBINDIR@|$(SBINDIR)|g; s|@SYSCONFDIR@|$(SYSCONFDIR)|g'
+$(BUILD)/etc/weightd.service: systemd/weightd.service.in Makefile $(BUILD)/etc/paths
+	@mkdir -p $(dir $@)
+	$(call msg,GEN,$@)$(UNIT_SED) $< > $@
+$(BUILD)/etc/paths: FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(SBINDIR) $(SYSCONFDIR)' | cmp -s - $@ || echo '$(SBINDIR) $(SYSCONFDIR)' > $@
+.PHONY: FORCE
+
+# Man pages, from each program's --help (help2man; scripts/bootstrap installs it).
+MANS := $(BUILD)/man/weightd.8 $(patsubst $(BUILD)/%,$(BUILD)/man/%.1,$(USER_BINS))
+MAN_NAME_weightd := the GPU weight-loading daemon
+MAN_NAME_weightctl := control and query the weightd daemon
+MAN_NAME_weightd-mkckpt := write a synthetic safetensors checkpoint shaped like a public model
+MAN_NAME_weightd-replay := replay an allocation trace through weightd's allocator
+man: $(MANS)
+# The version from here (weightd --version also lists the backends built);
+# packaging/man/synopsis.awk makes the usage lines a SYNOPSIS.
+HELP2MAN = $(call msg,MAN,$@)help2man -N -s $(2) -n "$(MAN_NAME_$(1))" --version-string=$(VERSION) \
+    -i packaging/man/$(1).h2m $(BUILD)/$(1) > $@.tmp \
+    || { rm -f $@.tmp; echo "help2man failed (scripts/bootstrap installs help2man)"; exit 1; }; \
+    awk -f packaging/man/synopsis.awk $@.tmp > $@ && rm $@.tmp
+$(BUILD)/man/%.1: $(BUILD)/% packaging/man/%.h2m packaging/man/synopsis.awk
+	@mkdir -p $(dir $@)
+	$(call HELP2MAN,$*,1)
+$(BUILD)/man/%.8: $(BUILD)/% packaging/man/%.h2m packaging/man/synopsis.awk
+	@mkdir -p $(dir $@)
+	$(call HELP2MAN,$*,8)
 
 $(UNIT): $(call obj,$(UNIT_SRC)) $(DAEMON_OBJ) $(CORE_OBJ) $(call obj,$(CLIENT_SRC))
 	@mkdir -p $(dir $@)
@@ -209,39 +253,62 @@ bench-attach: all
 bench-conns: all
 	$(Q)python3 bench/conn_bench.py --build $(BUILD) --work /tmp/wdconns --out bench/results
 
-install: all
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PCDIR) $(DESTDIR)$(UNITDIR) \
-	    $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
-	install -m 755 $(BINS) $(DESTDIR)$(BINDIR)/
-	install -m 755 $(BUILD)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/
+# The config file is installed once: one that is there already is the
+# administrator's and is kept.
+install: all man
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SBINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PCDIR) \
+	    $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(SYSCONFDIR)/weightd \
+	    $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man8
+	install -m 755 $(USER_BINS) $(DESTDIR)$(BINDIR)/
+	install -m 755 $(BUILD)/weightd $(DESTDIR)$(SBINDIR)/
+	install -m 644 $(BUILD)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/
 	ln -sf libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/libweightd-client.so
 	install -m 644 $(BUILD)/libweightd-client.a $(DESTDIR)$(LIBDIR)/
 	install -m 644 client/weightd-client.h $(DESTDIR)$(INCDIR)/
 	$(PC_SED) client/weightd-client.pc.in > $(DESTDIR)$(PCDIR)/weightd-client.pc
-	sed 's|@BINDIR@|$(BINDIR)|g' systemd/weightd.service.in > $(DESTDIR)$(UNITDIR)/weightd.service
-	install -m 644 systemd/weightd.socket $(DESTDIR)$(UNITDIR)/
+	install -m 644 $(BUILD)/etc/weightd.service systemd/weightd.socket $(DESTDIR)$(UNITDIR)/
 	install -m 644 systemd/weightd.sysusers $(DESTDIR)$(SYSUSERSDIR)/weightd.conf
 	install -m 644 systemd/weightd.tmpfiles $(DESTDIR)$(TMPFILESDIR)/weightd.conf
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/weightd/weightd.conf ]; then \
+	    echo "kept $(DESTDIR)$(SYSCONFDIR)/weightd/weightd.conf (the defaults are in weightd --print-config)"; \
+	else echo "install -m 644 $(BUILD)/etc/weightd.conf $(DESTDIR)$(SYSCONFDIR)/weightd/"; \
+	    install -m 644 $(BUILD)/etc/weightd.conf $(DESTDIR)$(SYSCONFDIR)/weightd/; fi
+	install -m 644 $(filter %.1,$(MANS)) $(DESTDIR)$(MANDIR)/man1/
+	install -m 644 $(filter %.8,$(MANS)) $(DESTDIR)$(MANDIR)/man8/
 	$(if $(PYDIR),install -D -m 644 client/python/weightd/__init__.py $(DESTDIR)$(PYDIR)/weightd/__init__.py)
 	$(if $(PYDIR),printf '# Written by make install: where the client library is.\nLIBDIR = "%s"\n' '$(LIBDIR)' \
 	    > $(DESTDIR)$(PYDIR)/weightd/_install.py)
 
+# The config file goes only if it is still the template.
 uninstall:
-	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(notdir $(BINS)))
+	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(notdir $(USER_BINS))) $(DESTDIR)$(SBINDIR)/weightd
 	rm -f $(DESTDIR)$(LIBDIR)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/libweightd-client.so \
 	      $(DESTDIR)$(LIBDIR)/libweightd-client.a $(DESTDIR)$(INCDIR)/weightd-client.h \
 	      $(DESTDIR)$(PCDIR)/weightd-client.pc $(DESTDIR)$(UNITDIR)/weightd.service \
 	      $(DESTDIR)$(UNITDIR)/weightd.socket $(DESTDIR)$(SYSUSERSDIR)/weightd.conf \
-	      $(DESTDIR)$(TMPFILESDIR)/weightd.conf
+	      $(DESTDIR)$(TMPFILESDIR)/weightd.conf $(addprefix $(DESTDIR)$(MANDIR)/man1/,$(notdir $(filter %.1,$(MANS)))) \
+	      $(DESTDIR)$(MANDIR)/man8/weightd.8
+	cmp -s $(BUILD)/etc/weightd.conf $(DESTDIR)$(SYSCONFDIR)/weightd/weightd.conf \
+	    && rm -f $(DESTDIR)$(SYSCONFDIR)/weightd/weightd.conf && rmdir $(DESTDIR)$(SYSCONFDIR)/weightd || true
 	$(if $(PYDIR),rm -rf $(DESTDIR)$(PYDIR)/weightd)
 
+# A Debian package of a release build with Debian's build flags:
+# build-deb/weightd_$(VERSION)_ARCH.deb (packaging/debian/mkdeb; lintian checks it).
+deb:
+	+$(Q)VERSION=$(VERSION) packaging/debian/mkdeb build-deb
+
+# weightd installed from that package and run under a real systemd 252 in a
+# container (tests/systemd/README.md); root, debootstrap and systemd-nspawn.
+test-systemd: deb
+	$(Q)tests/systemd/run build-deb/weightd_$(VERSION)_$(shell dpkg --print-architecture).deb
+
 clean:
-	rm -rf build build-san $(BUILD)
+	rm -rf build build-san build-release build-deb $(BUILD)
 
 help:
-	@echo "targets: all (default) test unit e2e demo bench bench-conns install uninstall clean"
+	@echo "targets: all (default) test unit e2e demo bench bench-conns man install uninstall deb test-systemd clean"
 	@echo "         on the GPU machine: gpu-test bench-gpu bench-load bench-attach bench-integrity"
-	@echo "switches: PREFIX=$(PREFIX) DESTDIR= WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
+	@echo "switches: PREFIX=$(PREFIX) DESTDIR= SYSCONFDIR=$(SYSCONFDIR) UNITDIR=$(UNITDIR) WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
 	@echo "          SANITIZE=address,undefined RELEASE=1 (no fault hooks; build-release) BUILD=dir V=1"
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

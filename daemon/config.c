@@ -272,6 +272,50 @@ static int validate(const wd_config *c, wd_error *err)
     return 0;
 }
 
+/* Writes text as "# " comment lines of at most 79 columns, cut at spaces. */
+static void comment_wrapped(FILE *f, const char *text)
+{
+    const size_t width = 79 - 2;
+
+    while (*text) {
+        size_t n = strlen(text), cut = n;
+        if (n > width) {
+            for (cut = width; cut > 0 && text[cut] != ' '; cut--)
+                ;
+            if (cut == 0) /* a word longer than the line: cut after it */
+                cut = strcspn(text, " ");
+        }
+        fprintf(f, "# %.*s\n", (int)cut, text);
+        text += cut;
+        while (*text == ' ')
+            text++;
+    }
+}
+
+int wd_config_template(FILE *f)
+{
+    char flag[64], env[64], text[1024];
+
+    fprintf(f, "# weightd's configuration: \"name = value\" lines; '#' starts a comment.\n"
+               "# Every option is listed at its default, commented out. WEIGHTD_NAME in the\n"
+               "# environment and --name on the command line win over this file.\n"
+               "# Written by `weightd --print-config` (weightd %s) from its option table.\n",
+            WD_VERSION);
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        const opt_desc *o = &options[i];
+        flag_name(o, flag, sizeof flag);
+        env_name(o, env, sizeof env);
+        snprintf(text, sizeof text, "%s %s (%s, %s): %s", o->name, o->meta, flag, env, o->help);
+        fputc('\n', f);
+        comment_wrapped(f, text);
+        if (strcmp(o->name, "config") == 0)
+            fprintf(f, "# (Not read from a file: --config or WEIGHTD_CONFIG names this one.)\n");
+        else
+            fprintf(f, "#%s =%s%s\n", o->name, o->def[0] ? " " : "", o->def);
+    }
+    return fflush(f) || ferror(f) ? -EIO : 0;
+}
+
 void wd_config_usage(FILE *f)
 {
     fprintf(f, "usage: weightd [OPTION...]\n\n"
@@ -292,7 +336,9 @@ void wd_config_usage(FILE *f)
             fputs(" (live)", f);
         fputc('\n', f);
     }
-    fprintf(f, "  %-28s %s\n  %-28s %s\n", "--help", "print this and exit", "--version", "print the version and exit");
+    fprintf(f, "  %-28s %s\n  %-28s %s\n  %-28s %s\n", "--print-config",
+            "print a config file with every option at its default, commented out, and exit", "--help",
+            "print this and exit", "--version", "print the version and exit");
 }
 
 void wd_config_free(wd_config *c)
@@ -338,6 +384,12 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             wd_config_usage(out);
             wd_config_free(c);
+            return 1;
+        }
+        if (strcmp(argv[i], "--print-config") == 0) {
+            wd_config_free(c);
+            if (wd_config_template(out))
+                return wd_error_set(err, -EIO, "--print-config: cannot write the template");
             return 1;
         }
         if (strcmp(argv[i], "--version") == 0) {

@@ -147,8 +147,9 @@ typedef struct wd_config {
 } wd_config;
 
 /* Fills c from the defaults, the config file, the environment and argv, in
- * rising precedence. Returns 0, 1 when --help or --version was printed, or a
- * negative errno with err set; only after 0 does c need wd_config_free. */
+ * rising precedence. Returns 0, 1 when --help, --version or --print-config
+ * was printed, or a negative errno with err set; only after 0 does c need
+ * wd_config_free. */
 int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err);
 /* Loads next as running was loaded, from the config file as it is now: the
  * same command line and environment still win over it. Validates every
@@ -156,6 +157,10 @@ int wd_config_load(wd_config *c, int argc, char **argv, FILE *out, wd_error *err
 int wd_config_reload(const wd_config *running, wd_config *next, wd_error *err);
 void wd_config_free(wd_config *c);
 void wd_config_usage(FILE *f);
+/* A config file with every option of the table at its default, commented
+ * out, each with its help (--print-config; make install puts it in
+ * /etc/weightd/weightd.conf). 0, or -EIO when f could not be written. */
+int wd_config_template(FILE *f);
 
 const char *wd_option_name(wd_option_id id);
 /* A reload applies the option's new value (its table's `when` is LIVE). */

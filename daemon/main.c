@@ -30,8 +30,8 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     wd_block_signals();
     rc = wd_config_load(&conf, argc, argv, stdout, &err);
-    if (rc == 1)
-        return 0;
+    if (rc == 1) /* --help, --version or --print-config: what was written must be there */
+        return fflush(stdout) == 0 && !ferror(stdout) ? 0 : 1;
     if (rc < 0) {
         fprintf(stderr, "weightd: %s\n", wd_error_text(&err));
         return 2;

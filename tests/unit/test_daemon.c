@@ -107,6 +107,59 @@ START_TEST(help_and_version_print_and_stop)
 }
 END_TEST
 
+/* The template (--print-config) names every option of the table, and read
+ * back as it is, or with every option uncommented, it gives the defaults. */
+START_TEST(config_template_lists_every_option_at_its_default)
+{
+    char *dir = wd_test_tmpdir(), path[512], line[4096], *text;
+    char *plain[] = {"weightd", NULL}, *argv[] = {"weightd", "--config", path, NULL};
+    size_t len;
+    FILE *f;
+    wd_config want, got;
+    wd_error err = {0};
+
+    ck_assert_int_eq(wd_config_load(&want, 1, plain, stdout, &err), 0);
+    f = open_memstream(&text, &len);
+    ck_assert_int_eq(wd_config_template(f), 0);
+    fclose(f);
+#define X(name, type, def, meta, help)                                                          \
+    snprintf(line, sizeof line, "\n#%s =%s%s\n", #name, *def ? " " : "", def);                      \
+    ck_assert_msg(strcmp(#name, "config") == 0 || strstr(text, line), "no \"%s\" in the template", line + 1); \
+    ck_assert_msg(strstr(text, "\n# " #name " " meta " ("), "option %s has no help line", #name);
+    WD_OPTION_TABLE(X)
+#undef X
+    snprintf(path, sizeof path, "%s/weightd.conf", dir);
+    for (int uncomment = 0; uncomment < 2; uncomment++) {
+        FILE *in = fmemopen(text, len, "r"), *out = fopen(path, "w");
+        ck_assert_ptr_nonnull(in);
+        ck_assert_ptr_nonnull(out);
+        while (fgets(line, sizeof line, in)) {
+            size_t k = strspn(line + 1, "abcdefghijklmnopqrstuvwxyz_");
+            bool option = line[0] == '#' && k > 0 && strncmp(line + 1 + k, " =", 2) == 0;
+            fputs(uncomment && option ? line + 1 : line, out);
+        }
+        fclose(in);
+        fclose(out);
+        ck_assert_msg(wd_config_load(&got, 3, argv, stdout, &err) == 0, "%s", err.msg);
+#define CMP_STRING(a, b) ck_assert_str_eq(a, b)
+#define CMP_INT(a, b) ck_assert_int_eq(a, b)
+#define CMP_SIZE(a, b) ck_assert_uint_eq(a, b)
+#define CMP_LEVEL(a, b) ck_assert_int_eq(a, b)
+#define CMP_BOOL(a, b) ck_assert_int_eq(a, b)
+#define X(name, type, def, meta, help)    \
+    if (strcmp(#name, "config") != 0)     \
+        CMP_##type(got.name, want.name);
+        WD_OPTION_TABLE(X)
+#undef X
+        wd_config_free(&got);
+    }
+    wd_config_free(&want);
+    free(text);
+    wd_test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 START_TEST(config_file_errors_name_file_and_line)
 {
     char *dir = wd_test_tmpdir(), path[512];
@@ -244,6 +297,7 @@ Suite *daemon_config_suite(void)
     tcase_add_test(tc, bad_options_are_errors_that_name_them);
     tcase_add_test(tc, help_and_version_print_and_stop);
     tcase_add_test(tc, config_file_errors_name_file_and_line);
+    tcase_add_test(tc, config_template_lists_every_option_at_its_default);
     suite_add_tcase(s, tc);
     return s;
 }
