@@ -288,6 +288,105 @@ t_watchdog_back() {
 }
 check "without the drop-in, WatchdogSec=30s again" t_watchdog_back
 
+# ---- Weights that survive a crash or a restart: the fd store -----------------
+
+# Every byte of m as a worker maps it, against a copy of the checkpoint.
+t_every_byte() {
+    python3 - "$1" <<'EOF'
+import json, os, struct, sys, weightd
+saved = sys.argv[1]
+want = {}
+for f in sorted(os.listdir(saved)):
+    if f.endswith(".safetensors"):
+        with open(os.path.join(saved, f), "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+            data = fh.read()
+        for name, t in header.items():
+            if name != "__metadata__":
+                b, e = t["data_offsets"]
+                want[name] = data[b:e]
+with weightd.Client() as c, c.attach("m", framework="memoryview", reconnect=0) as a:
+    assert sorted(a) == sorted(want), (len(a), len(want))
+    for name, value in a.items():
+        assert bytes(value) == want[name], name
+print(len(want), "tensors equal")
+EOF
+}
+t_store_holds() {
+    local n st
+    st=$(weightctl --json stats)
+    [[ $st == *'"fd_store":'*'"enabled":'*true* ]] || { echo "$st" | grep -A8 fd_store; return 1; }
+    n=$(prop weightd.service NFileDescriptorStore)
+    [ "$n" -gt 2 ] || { echo "NFileDescriptorStore=$n"; return 1; }
+}
+check "after the watchdog's restart m is still there, from the fd store" \
+    bash -c 'weightctl list | grep -Eq "^m +ready "'
+check "the fd store holds m's descriptors (stats, NFileDescriptorStore)" t_store_holds
+check "a copy of the checkpoint, and the checkpoint moved away" \
+    bash -c 'cp -a /srv/ckpt /srv/saved && mv /srv/ckpt /srv/away'
+t_survives() { # $1: how the daemon goes ("kill" or "restart")
+    local pid c
+    c=$(cursor)
+    pid=$(prop weightd.service MainPID)
+    if [ "$1" = kill ]; then
+        systemctl kill -s SIGKILL weightd.service
+    else
+        systemctl restart weightd.service
+    fi
+    wait_for 20 restarted "$pid" || { echo "not back: $(systemctl is-active weightd.service)"; return 1; }
+    weightctl list | grep -Eq '^m +ready ' || { weightctl list; return 1; }
+    logged "$c" 'restored m from the fd store' || { echo "no restore in the journal"; return 1; }
+    t_every_byte /srv/saved && weightctl verify m --quick >/dev/null
+}
+check "systemctl kill -s SIGKILL weightd: m comes back, every byte, its checkpoint away" t_survives kill
+check "systemctl restart weightd: m comes back, every byte, its checkpoint away" t_survives restart
+check "weightctl verify m reads the files it kept, moved away" weightctl verify m
+
+# A worker attached through a restart: it computes on, and its client takes
+# its lease again from the new daemon.
+t_worker_rides_through() {
+    local pid out rc=0 worker
+    rm -f /ci/worker.state
+    python3 - > /ci/worker.log 2>&1 <<'EOF' &
+import os, time, zlib, weightd
+a = weightd.Client().attach("m", framework="memoryview")
+first = {k: zlib.crc32(bytes(v)) for k, v in a.items()}
+while True:
+    bad = sum(zlib.crc32(bytes(v)) != first[k] for k, v in a.items())
+    a.process_events(0)
+    with open("/ci/worker.state.new", "w") as f:
+        f.write("%d %d %s\n" % (a.reattached, bad, a.lost))
+    os.rename("/ci/worker.state.new", "/ci/worker.state")
+    time.sleep(0.05)
+EOF
+    worker=$!
+    wait_for 20 test -e /ci/worker.state || { cat /ci/worker.log; kill $worker; return 1; }
+    pid=$(prop weightd.service MainPID)
+    systemctl restart weightd.service
+    wait_for 20 restarted "$pid" || { kill $worker; return 1; }
+    wait_for 20 grep -q '^1 0 None$' /ci/worker.state ||
+        { cat /ci/worker.state /ci/worker.log; kill $worker; return 1; }
+    out=$(weightctl --json unload m 2>&1) || rc=$?
+    kill $worker
+    wait $worker 2>/dev/null
+    [ $rc -ne 0 ] && [[ $out == *'"EBUSY"'* ]] || { echo "unload while the worker held m: exit $rc $out"; return 1; }
+    wait_for 10 bash -c '! weightctl --json leases | grep -q "\"model\""' || { weightctl leases; return 1; }
+}
+check "a worker computes through systemctl restart and takes its lease again (unload refuses)" \
+    t_worker_rides_through
+t_stop_start_releases() {
+    systemctl stop weightd.service && systemctl start weightd.service || return 1
+    [ -z "$(weightctl list | grep -E '^m ')" ] || { weightctl list; return 1; }
+    expect NFileDescriptorStore "$(prop weightd.service NFileDescriptorStore)" 0
+}
+check "systemctl stop then start: the models are gone, the store empty" t_stop_start_releases
+check "the checkpoint back, and m loaded again" bash -c 'mv /srv/away /srv/ckpt && weightctl load /srv/ckpt --name m'
+# The checks above started the service six times in a few seconds: more
+# than the default start limit (5 in 10 s) lets the socket start it again.
+note "systemctl reset-failed: the start limit counts afresh"
+systemctl reset-failed weightd.service weightd.socket
+
 # ---- Stopping ----------------------------------------------------------------
 
 shut_down() { weightctl shutdown && wait_for 10 state_is weightd.service inactive; }
