@@ -298,14 +298,17 @@ int wd_config_template(FILE *f)
 
     fprintf(f, "# weightd's configuration: \"name = value\" lines; '#' starts a comment.\n"
                "# Every option is listed at its default, commented out. WEIGHTD_NAME in the\n"
-               "# environment and --name on the command line win over this file.\n"
+               "# environment and --name on the command line win over this file. Options\n"
+               "# marked live take a new value on `systemctl reload weightd` (SIGHUP);\n"
+               "# the others at the next start.\n"
                "# Written by `weightd --print-config` (weightd %s) from its option table.\n",
             WD_VERSION);
     for (size_t i = 0; i < N_OPTIONS; i++) {
         const opt_desc *o = &options[i];
         flag_name(o, flag, sizeof flag);
         env_name(o, env, sizeof env);
-        snprintf(text, sizeof text, "%s %s (%s, %s): %s", o->name, o->meta, flag, env, o->help);
+        snprintf(text, sizeof text, "%s %s (%s, %s%s): %s", o->name, o->meta, flag, env, o->live ? ", live" : "",
+                 o->help);
         fputc('\n', f);
         comment_wrapped(f, text);
         if (strcmp(o->name, "config") == 0)

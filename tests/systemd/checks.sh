@@ -387,6 +387,31 @@ check "the checkpoint back, and m loaded again" bash -c 'mv /srv/away /srv/ckpt 
 note "systemctl reset-failed: the start limit counts afresh"
 systemctl reset-failed weightd.service weightd.socket
 
+# ---- Configuration at run time: systemctl reload -----------------------------
+
+t_reload() {
+    local c pid
+    c=$(cursor)
+    pid=$(prop weightd.service MainPID)
+    cp /etc/weightd/weightd.conf /ci/weightd.conf.orig
+    printf 'max_clients_per_uid = 7\nhost_capacity = 4GiB\n' >> /etc/weightd/weightd.conf
+    systemctl reload weightd.service || return 1
+    wait_for 10 logged "$c" 'reload: max_clients_per_uid 128 -> 7' || { since "$c"; return 1; }
+    logged "$c" 'host_capacity changed' || { echo "no restart-only note"; since "$c"; return 1; }
+    expect MainPID "$(prop weightd.service MainPID)" "$pid" &&
+        weightctl list | grep -Eq '^m +ready ' || return 1
+    # an invalid file keeps every value, and the daemon
+    c=$(cursor)
+    echo 'max_clients = lots' >> /etc/weightd/weightd.conf
+    systemctl reload weightd.service || return 1
+    wait_for 10 logged "$c" 'max_clients' || { since "$c"; return 1; }
+    cp /ci/weightd.conf.orig /etc/weightd/weightd.conf
+    systemctl reload weightd.service && state_is weightd.service active &&
+        expect MainPID "$(prop weightd.service MainPID)" "$pid"
+}
+check "systemctl reload: live options applied, restart-only ones noted, a bad file refused, the daemon and m kept" \
+    t_reload
+
 # ---- Stopping ----------------------------------------------------------------
 
 shut_down() { weightctl shutdown && wait_for 10 state_is weightd.service inactive; }

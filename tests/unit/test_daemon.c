@@ -122,7 +122,7 @@ START_TEST(config_template_lists_every_option_at_its_default)
     f = open_memstream(&text, &len);
     ck_assert_int_eq(wd_config_template(f), 0);
     fclose(f);
-#define X(name, type, def, meta, help)                                                          \
+#define X(name, type, def, meta, when, help)                                                          \
     snprintf(line, sizeof line, "\n#%s =%s%s\n", #name, *def ? " " : "", def);                      \
     ck_assert_msg(strcmp(#name, "config") == 0 || strstr(text, line), "no \"%s\" in the template", line + 1); \
     ck_assert_msg(strstr(text, "\n# " #name " " meta " ("), "option %s has no help line", #name);
@@ -146,7 +146,7 @@ START_TEST(config_template_lists_every_option_at_its_default)
 #define CMP_SIZE(a, b) ck_assert_uint_eq(a, b)
 #define CMP_LEVEL(a, b) ck_assert_int_eq(a, b)
 #define CMP_BOOL(a, b) ck_assert_int_eq(a, b)
-#define X(name, type, def, meta, help)    \
+#define X(name, type, def, meta, when, help)    \
     if (strcmp(#name, "config") != 0)     \
         CMP_##type(got.name, want.name);
         WD_OPTION_TABLE(X)
