@@ -281,14 +281,7 @@ class RideThrough(ServiceCase):
         self.assertEqual(r.rc, 0, r)
 
     def test_a_lease_waits_for_its_worker_then_ends(self):
-        d = self.service("--lease-grace", "2")
-        self.load(d, "a", h.checkpoint("small"))
-        w = Rider(self, d, "a")
-        self.systemd.wait_settled()
-        os.kill(w.p.pid, signal.SIGSTOP)  # a worker too busy to come back in time
-        self.addCleanup(lambda: w.p.poll() is None and os.kill(w.p.pid, signal.SIGCONT))
-        d.kill9()
-        d.start()
+        d, w = self.restart_without_the_worker(2)
         r = d.ctl("unload", "a")
         self.assertNotEqual(r.rc, 0, r)
         self.assertIn("not back since the restart", r.err + r.out)
@@ -301,8 +294,10 @@ class RideThrough(ServiceCase):
         st = w.wait(lambda st: st["lost"])
         self.assertIn("ENOENT", st["lost"])
 
-    def test_a_forced_unload_ends_a_lease_that_waits(self):
-        d = self.service("--lease-grace", "60")
+    def restart_without_the_worker(self, grace):
+        """A worker attached to a, stopped (SIGSTOP: too busy to come back),
+        and the daemon crashed and restarted: its lease waits for it."""
+        d = self.service("--lease-grace", str(grace))
         self.load(d, "a", h.checkpoint("small"))
         w = Rider(self, d, "a")
         self.systemd.wait_settled()
@@ -310,18 +305,15 @@ class RideThrough(ServiceCase):
         self.addCleanup(lambda: w.p.poll() is None and os.kill(w.p.pid, signal.SIGCONT))
         d.kill9()
         d.start()
+        return d, w
+
+    def test_a_forced_unload_ends_a_lease_that_waits(self):
+        d, w = self.restart_without_the_worker(60)
         r = d.ctl("unload", "a", "--force")
         self.assertEqual(r.rc, 0, r)
 
     def test_a_daemon_stops_with_a_lease_that_waits(self):
-        d = self.service("--lease-grace", "60")
-        self.load(d, "a", h.checkpoint("small"))
-        w = Rider(self, d, "a")
-        self.systemd.wait_settled()
-        os.kill(w.p.pid, signal.SIGSTOP)
-        self.addCleanup(lambda: w.p.poll() is None and os.kill(w.p.pid, signal.SIGCONT))
-        d.kill9()
-        d.start()
+        d, w = self.restart_without_the_worker(60)
         self.assertEqual(len(d.ctl_json("leases").json["leases"]), 1)
         self.assertEqual(d.stop(), 0, d.log())  # the sanitizer build sees a leak here
         self.assertIn("lease 1 of a (pid %d) ended: the daemon stopped" % w.p.pid, d.log())
