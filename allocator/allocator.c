@@ -146,6 +146,12 @@ static wa_block *hand_out(wa_allocator *a, wa_device *d, wa_block *b, uint64_t s
         wa__stat_sub(&d->stats.inactive_split_bytes, b->size);
         wa__stat_sub(&d->stats.inactive_split, 1);
     }
+    wa__count_handed_out(a, d, b, requested);
+    return b;
+}
+
+void wa__count_handed_out(const wa_allocator *a, wa_device *d, wa_block *b, uint64_t requested)
+{
     b->allocated = true;
     b->requested = requested;
     wa__stat_add(&d->stats.allocation, 1);
@@ -156,7 +162,6 @@ static wa_block *hand_out(wa_allocator *a, wa_device *d, wa_block *b, uint64_t s
     b->counted_oversize = b->size >= a->conf.max_split_size;
     if (b->counted_oversize)
         wa__stat_add(&d->stats.oversize_allocations, 1);
-    return b;
 }
 
 /* expandable_page_align (weightd): a block of a page or less that would

@@ -68,23 +68,32 @@ static CUmemAllocationProp vmm_prop(const cuda_device *d)
     return prop;
 }
 
-/* Physical memory of `size` bytes mapped at va: mem gets the handle (priv),
- * the exported fd, and the address. */
-static int vmm_map(cuda_backend *c, cuda_device *d, CUdeviceptr va, uint64_t size, wa_mem *mem, wd_error *err)
+/* Physical memory of `size` bytes mapped at va: made here and exported
+ * (shared < 0), or an allocation another process made and exported (an
+ * earlier daemon's, from systemd's fd store), imported; mem gets the handle
+ * (priv), the descriptor workers are given, and the address. An imported
+ * handle cannot be exported again: its descriptor stays the one shared. */
+static int vmm_map(cuda_backend *c, cuda_device *d, CUdeviceptr va, uint64_t size, int shared, wa_mem *mem,
+                   wd_error *err)
 {
     const wd_cuda *cu = c->cu;
     CUmemAllocationProp prop = vmm_prop(d);
     CUmemAccessDesc access = {.location = prop.location, .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
     CUmemGenericAllocationHandle h = 0;
     bool mapped = false;
-    int fd = -1, rc;
+    int fd = shared, rc;
 
-    CU(cu->cuMemCreate(&h, size, &prop, 0), "cuMemCreate");
+    if (shared < 0)
+        CU(cu->cuMemCreate(&h, size, &prop, 0), "cuMemCreate");
+    else
+        CU(cu->cuMemImportFromShareableHandle(&h, (void *)(uintptr_t)shared, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+           "cuMemImportFromShareableHandle");
     CU(cu->cuMemMap(va, size, 0, h, 0), "cuMemMap");
     mapped = true;
     CU(cu->cuMemSetAccess(va, size, &access, 1), "cuMemSetAccess");
-    CU(cu->cuMemExportToShareableHandle(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
-       "cuMemExportToShareableHandle");
+    if (shared < 0)
+        CU(cu->cuMemExportToShareableHandle(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+           "cuMemExportToShareableHandle");
     *mem = (wa_mem){.addr = (uint64_t)va, .size = size, .fd = fd, .priv = (void *)(uintptr_t)h};
     return 0;
 fail:
@@ -136,7 +145,7 @@ static int vmm_seg_alloc(wa_backend *b, int device, uint64_t size, wa_mem *out, 
 
     if ((rc = vmm_va_reserve(b, device, size, &va, err)))
         return rc;
-    if ((rc = vmm_map((cuda_backend *)b, device_of(b, device), (CUdeviceptr)va.addr, size, out, err)))
+    if ((rc = vmm_map((cuda_backend *)b, device_of(b, device), (CUdeviceptr)va.addr, size, -1, out, err)))
         vmm_va_release(b, device, &va);
     return rc;
 }
@@ -153,7 +162,7 @@ static void vmm_seg_free(wa_backend *b, int device, wa_mem *mem)
 static int vmm_page_map(wa_backend *b, int device, const wa_mem *va, uint64_t offset, uint64_t size, wa_mem *page,
                         wd_error *err)
 {
-    return vmm_map((cuda_backend *)b, device_of(b, device), (CUdeviceptr)(va->addr + offset), size, page, err);
+    return vmm_map((cuda_backend *)b, device_of(b, device), (CUdeviceptr)(va->addr + offset), size, -1, page, err);
 }
 
 static void vmm_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem *page)
@@ -163,22 +172,13 @@ static void vmm_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem *
     vmm_unmap((cuda_backend *)b, page);
 }
 
-/* An allocation another process made and exported (an earlier daemon's,
- * kept in systemd's fd store): imported and mapped as vmm_map maps its own.
- * The descriptor stays what workers are given: an imported handle cannot be
- * exported again. */
+/* backend.h's import: vmm_map of an allocation another process exported,
+ * at va + offset, or in an address range of its own. */
 static int vmm_import(wa_backend *b, int device, int fd, uint64_t size, const wa_mem *va, uint64_t offset,
                       wa_mem *out, wd_error *err)
 {
-    cuda_backend *c = (cuda_backend *)b;
     cuda_device *d = device_of(b, device);
-    const wd_cuda *cu = c->cu;
-    CUmemAccessDesc access = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = d->ordinal},
-                              .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
-    CUmemGenericAllocationHandle h = 0;
     wa_mem own = {.fd = -1};
-    CUdeviceptr at;
-    bool mapped = false;
     int rc;
 
     if (size % d->granularity)
@@ -190,20 +190,7 @@ static int vmm_import(wa_backend *b, int device, int fd, uint64_t size, const wa
         va = &own;
         offset = 0;
     }
-    at = (CUdeviceptr)(va->addr + offset);
-    CU(cu->cuMemImportFromShareableHandle(&h, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-       "cuMemImportFromShareableHandle");
-    CU(cu->cuMemMap(at, size, 0, h, 0), "cuMemMap");
-    mapped = true;
-    CU(cu->cuMemSetAccess(at, size, &access, 1), "cuMemSetAccess");
-    *out = (wa_mem){.addr = (uint64_t)at, .size = size, .fd = fd, .priv = (void *)(uintptr_t)h};
-    return 0;
-fail:
-    if (mapped)
-        cu->cuMemUnmap(at, size);
-    if (h)
-        cu->cuMemRelease(h);
-    if (own.size)
+    if ((rc = vmm_map((cuda_backend *)b, d, (CUdeviceptr)(va->addr + offset), size, fd, out, err)) && own.size)
         vmm_va_release(b, device, &own);
     return rc;
 }

@@ -135,6 +135,9 @@ static inline wa_pool *wa__pool_of(wa_device *d, const wa_block *b)
  * returns n's size, or 0 when they cannot merge. */
 uint64_t wa__merge(wa_device *d, wa_block *b, wa_block *n);
 
+/* b, out of its pool, is handed out: allocated, with its statistics. */
+void wa__count_handed_out(const wa_allocator *a, wa_device *d, wa_block *b, uint64_t requested);
+
 /* segment.c: taking memory from the device and giving it back */
 /* alloc_block(): a new segment of `size` bytes, as one free block, not in a pool. */
 int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_block **out, wd_error *err);

@@ -32,6 +32,18 @@ static void segment_unlink(wa_device *d, wa_segment *seg)
 
 /* ---- classic segments ------------------------------------------------------ */
 
+/* A new classic segment in the statistics: its bytes are reserved at once. */
+static void count_classic_segment(const wa_allocator *a, wa_device *d, wa_segment *seg)
+{
+    wa__stat_add(&d->stats.segment, 1);
+    wa__stat_add(&d->stats.reserved_bytes, seg->size);
+    if (seg->size >= a->conf.max_split_size) {
+        seg->counted_oversize = true;
+        wa__stat_add(&d->stats.oversize_segments, 1);
+    }
+    d->stats.num_device_alloc++;
+}
+
 typedef int (*segment_memory_fn)(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err);
 
 /* A linked segment of `size` bytes whose memory comes from get (the
@@ -75,13 +87,7 @@ int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_b
     if ((rc = segment_create(a, device, size, small, a->backend->seg_alloc, &b, err)))
         return rc;
     b->mapped = true;
-    wa__stat_add(&d->stats.segment, 1);
-    wa__stat_add(&d->stats.reserved_bytes, size);
-    if (size >= a->conf.max_split_size) {
-        b->seg->counted_oversize = true;
-        wa__stat_add(&d->stats.oversize_segments, 1);
-    }
-    d->stats.num_device_alloc++;
+    count_classic_segment(a, d, b->seg);
     *out = b;
     return 0;
 }
@@ -510,12 +516,6 @@ void wa__garbage_collect(wa_allocator *a, wa_device *d)
 
 /* ---- memory from an earlier allocator -------------------------------------- */
 
-static int adopt_import(wa_backend *b, int device, uint64_t size, wa_mem *out, wd_error *err)
-{
-    /* segment_create's memory function; the piece to import rides in out. */
-    return b->import(b, device, out->fd, size, NULL, 0, out, err);
-}
-
 int wa_adopt(wa_allocator *a, int device, const wa_piece *pieces, size_t n, uint64_t page, uint64_t requested,
              wa_block **out, wd_error *err)
 {
@@ -545,19 +545,14 @@ int wa_adopt(wa_allocator *a, int device, const wa_piece *pieces, size_t n, uint
     if (d->limit && (uint64_t)d->stats.reserved_bytes.current + size > d->limit)
         return wd_error_set(err, -ENOMEM, "device %d cannot hold %llu bytes more", device, (unsigned long long)size);
     if (n == 1) {
-        wa_mem mem = {.fd = pieces[0].fd};
+        wa_mem mem;
         if (!(seg = calloc(1, sizeof *seg)) || !(b = calloc(1, sizeof *b))) {
             rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
             goto fail;
         }
-        if ((rc = adopt_import(be, device, size, &mem, err)))
+        if ((rc = be->import(be, device, pieces[0].fd, size, NULL, 0, &mem, err)))
             goto fail;
         seg->mem = mem;
-        wa__stat_add(&d->stats.segment, 1);
-        if (size >= a->conf.max_split_size) {
-            seg->counted_oversize = true;
-            wa__stat_add(&d->stats.oversize_segments, 1);
-        }
     } else {
         if (!(seg = calloc(1, sizeof *seg)) || !(b = calloc(1, sizeof *b)) ||
             !(seg->pages = calloc(size / page, sizeof *seg->pages)) ||
@@ -567,7 +562,7 @@ int wa_adopt(wa_allocator *a, int device, const wa_piece *pieces, size_t n, uint
         }
         if ((rc = be->va_reserve(be, device, size, &seg->mem, err)))
             goto fail;
-        seg->expandable = seg->coalesce = true;
+        seg->expandable = seg->coalesce = true; /* its pages count as they are mapped */
         seg->page = page;
         seg->n_pages = (size_t)(size / page);
         for (uint64_t at = 0; done < n; at += pieces[done++].size) {
@@ -584,18 +579,14 @@ int wa_adopt(wa_allocator *a, int device, const wa_piece *pieces, size_t n, uint
     seg->id = a->next_segment_id++;
     seg->head = b;
     segment_link(d, seg);
-    *b = (wa_block){.addr = seg->mem.addr, .size = size, .seg = seg, .mapped = true, .allocated = true,
-                    .requested = requested};
-    wa__stat_add(&d->stats.reserved_bytes, size);
-    d->stats.num_device_alloc += n;
-    wa__stat_add(&d->stats.allocation, 1);
-    wa__stat_add(&d->stats.allocated_bytes, size);
-    wa__stat_add(&d->stats.active, 1);
-    wa__stat_add(&d->stats.active_bytes, size);
-    wa__stat_add(&d->stats.requested_bytes, requested);
-    b->counted_oversize = size >= a->conf.max_split_size;
-    if (b->counted_oversize)
-        wa__stat_add(&d->stats.oversize_allocations, 1);
+    *b = (wa_block){.addr = seg->mem.addr, .size = size, .seg = seg, .mapped = true};
+    if (seg->expandable) {
+        wa__stat_add(&d->stats.reserved_bytes, size);
+        d->stats.num_device_alloc += n;
+    } else {
+        count_classic_segment(a, d, seg);
+    }
+    wa__count_handed_out(a, d, b, requested);
     *out = b;
     return 0;
 fail:

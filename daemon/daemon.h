@@ -383,7 +383,7 @@ void wd_fdstore_sync(wd_server *s);
  * nobody takes are closed. */
 void wd_fdstore_restore(wd_server *s);
 /* A lease of a stored model into the store (add), or out of it. */
-void wd_fdstore_lease(wd_server *s, const wd_lease *l, bool add);
+void wd_fdstore_lease(wd_server *s, wd_lease *l, bool add);
 /* The fd store's state for stats. */
 cJSON *wd_fdstore_json(const wd_server *s);
 void wd_fdstore_free(wd_server *s);
@@ -404,7 +404,7 @@ void wd_systemd_stopping(wd_server *s);
 /* m's part of the record (m->record), naming its descriptors: names[] are
  * the FDNAMEs of its slabs' pieces (wa_block_backing, slab by slab), then
  * of its shards. Reads the shards' headers again. */
-int wd_record_model(wd_server *s, wd_model *m, char *const *names, wd_error *err);
+int wd_record_model(wd_model *m, char *const *names, wd_error *err);
 /* A sealed memfd of the record of every model with m->record. */
 int wd_record_write(wd_server *s, uint64_t generation, int *fd, wd_error *err);
 /* The models of record fd, from descriptors p (those used are taken):

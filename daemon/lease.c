@@ -111,6 +111,7 @@ int wd_lease_restore(wd_server *s, wd_model *m, const char *token, uid_t uid, pi
     wd_text_clean(l->process);
     l->since = wd_now();
     l->orphan_until = wd_now() + (double)s->conf->lease_grace;
+    l->stored = true; /* it came from there, and stays until it ends */
     link_model(l, m);
     wd_log(WD_LOG_info, "lease %llu: %s, held by pid %d (%s, uid %u) before the restart, waits %lld s for it",
            (unsigned long long)l->id, m->name, (int)pid, l->process, (unsigned)uid, (long long)s->conf->lease_grace);

@@ -38,6 +38,7 @@ struct wd_lease {
     double since;             /* monotonic */
     char token[33];           /* a secret the attach reply gives its client: it takes the lease again after a restart */
     double orphan_until;      /* back from the fd store, its worker not yet: when it ends (monotonic); else 0 */
+    bool stored;              /* in systemd's fd store (systemd.c) */
     wd_lease *conn_next;      /* the connection's leases */
     wd_lease *model_next;     /* the model's leases */
 };

@@ -57,14 +57,13 @@ static cJSON *shard_json(const wl_shard *sh, const char *fd_name, wd_error *err)
     return o;
 }
 
-int wd_record_model(wd_server *s, wd_model *m, char *const *names, wd_error *err)
+int wd_record_model(wd_model *m, char *const *names, wd_error *err)
 {
     cJSON *o = cJSON_CreateObject(), *a;
     const wa_mem *backing[64];
     size_t k = 0;
     int rc = 0;
 
-    (void)s;
     if (!o)
         return wd_error_set(err, -ENOMEM, "out of memory");
     cJSON_AddStringToObject(o, "name", m->name);
@@ -272,8 +271,46 @@ out:
     return rc;
 }
 
-/* Each slab of the plan made again must be the saved one; its memory is its
- * saved pieces, adopted by the allocator. */
+/* Slab k of the plan made again, which must be sl, the saved one: its
+ * memory is its saved pieces, adopted by the allocator. */
+static int restore_slab(wd_server *s, wd_model *m, size_t k, const cJSON *sl, wd_passed *p, wd_error *err)
+{
+    const cJSON *pieces = cJSON_GetObjectItemCaseSensitive(sl, "pieces"), *pc;
+    wa_piece got[64];
+    size_t n = 0;
+    uint64_t page = 0;
+    wa_block *block;
+    int rc = 0;
+
+    if ((int)num(sl, "device") != m->slabs[k].device || (uint64_t)num(sl, "bytes") != m->slabs[k].bytes)
+        return BAD("slab %zu: saved on device %d with %.0f bytes, planned on %d with %" PRIu64, k + 1,
+                   (int)num(sl, "device"), num(sl, "bytes"), m->slabs[k].device, m->slabs[k].bytes);
+    if (!cJSON_IsArray(pieces) || cJSON_GetArraySize(pieces) < 1 || cJSON_GetArraySize(pieces) > 64)
+        return BAD("slab %zu: no pieces", k + 1);
+    cJSON_ArrayForEach(pc, pieces) {
+        uint64_t size = (uint64_t)num(pc, "size");
+        int fd = take_fd(p, m, str(pc, "fd"));
+        if (fd < 0 || !size) {
+            if (fd >= 0)
+                close(fd);
+            BAD("slab %zu: piece %zu did not come back", k + 1, n + 1);
+            goto out;
+        }
+        got[n++] = (wa_piece){.fd = fd, .size = size};
+        page = gcd(page, size);
+    }
+    if ((rc = wa_adopt(s->alloc, m->slabs[k].device, got, n, page, m->slabs[k].bytes, &block, err))) {
+        wd_error_prefix(err, "slab %zu", k + 1);
+        goto out;
+    }
+    wd_model_slab_placed(m, block);
+    n = 0; /* the allocator has them */
+out:
+    for (size_t i = 0; i < n; i++)
+        close(got[i].fd);
+    return rc;
+}
+
 static int restore_slabs(wd_server *s, wd_model *m, const cJSON *o, wd_passed *p, wd_error *err)
 {
     const cJSON *slabs = cJSON_GetObjectItemCaseSensitive(o, "slabs"), *sl;
@@ -282,41 +319,9 @@ static int restore_slabs(wd_server *s, wd_model *m, const cJSON *o, wd_passed *p
 
     if ((size_t)cJSON_GetArraySize(slabs) != m->n_slabs)
         return BAD("%d slabs saved, %zu planned", cJSON_GetArraySize(slabs), m->n_slabs);
-    cJSON_ArrayForEach(sl, slabs) {
-        const cJSON *pieces = cJSON_GetObjectItemCaseSensitive(sl, "pieces"), *pc;
-        wa_piece pc_fds[64];
-        size_t n = 0;
-        uint64_t page = 0;
-        wa_block *block;
-        if ((int)num(sl, "device") != m->slabs[k].device || (uint64_t)num(sl, "bytes") != m->slabs[k].bytes)
-            return BAD("slab %zu: saved on device %d with %.0f bytes, planned on %d with %" PRIu64, k + 1,
-                       (int)num(sl, "device"), num(sl, "bytes"), m->slabs[k].device, m->slabs[k].bytes);
-        if (!cJSON_IsArray(pieces) || cJSON_GetArraySize(pieces) < 1 || cJSON_GetArraySize(pieces) > 64)
-            return BAD("slab %zu: no pieces", k + 1);
-        cJSON_ArrayForEach(pc, pieces) {
-            uint64_t size = (uint64_t)num(pc, "size");
-            int fd = take_fd(p, m, str(pc, "fd"));
-            if (fd < 0 || !size) {
-                if (fd >= 0)
-                    close(fd);
-                BAD("slab %zu: piece %zu did not come back", k + 1, n + 1);
-                goto fail;
-            }
-            pc_fds[n++] = (wa_piece){.fd = fd, .size = size};
-            page = gcd(page, size);
-        }
-        if ((rc = wa_adopt(s->alloc, m->slabs[k].device, pc_fds, n, page, m->slabs[k].bytes, &block, err))) {
-            wd_error_prefix(err, "slab %zu", k + 1);
-            goto fail;
-        }
-        wd_model_slab_placed(m, block);
-        k++;
-        continue;
-    fail:
-        for (size_t i = 0; i < n; i++)
-            close(pc_fds[i].fd);
-        return rc;
-    }
+    cJSON_ArrayForEach(sl, slabs)
+        if ((rc = restore_slab(s, m, k++, sl, p, err)))
+            return rc;
     return 0;
 }
 
@@ -375,7 +380,7 @@ fail:
 }
 
 /* The record's body, checked: its version, length and checksum. */
-static int read_record(int fd, char **body, size_t *len, uint64_t *generation, wd_error *err)
+static int read_record(int fd, char **body, size_t *len, wd_error *err)
 {
     struct stat st;
     char *text = NULL, *nl;
@@ -408,11 +413,6 @@ static int read_record(int fd, char **body, size_t *len, uint64_t *generation, w
         BAD("truncated or corrupted (its length or checksum does not match)");
         goto out;
     }
-    {
-        cJSON *doc = cJSON_ParseWithLength(nl + 1, blen);
-        *generation = (uint64_t)num(doc, "generation");
-        cJSON_Delete(doc);
-    }
     memmove(text, nl + 1, blen + 1);
     *body = text;
     *len = blen;
@@ -430,12 +430,13 @@ int wd_record_restore(wd_server *s, int fd, wd_passed *p, uint64_t *generation, 
     wa_device_info info;
     int rc, i = 0;
 
-    if ((rc = read_record(fd, &body, &len, generation, err)))
+    if ((rc = read_record(fd, &body, &len, err)))
         return rc;
     if (!(doc = cJSON_ParseWithLength(body, len))) {
         BAD("not JSON");
         goto out;
     }
+    *generation = (uint64_t)num(doc, "generation");
     devs = cJSON_GetObjectItemCaseSensitive(doc, "devices");
     if (!str(doc, "backend") || strcmp(str(doc, "backend"), s->backend->name) != 0) {
         BAD("made by the %s backend; this daemon runs %s", str(doc, "backend") ? str(doc, "backend") : "?",

@@ -126,8 +126,7 @@ static int model_pieces(const wd_model *m, int **fds, size_t *n, wd_error *err)
         at = reg.addr;
         for (size_t p = 0; p < k; p++) {
             if (backing[p]->addr != at || backing[p]->fd < 0)
-                return wd_error_set(err, -ENOTUNIQ, "slab %zu shares its memory with other blocks (policy %s)",
-                                    i + 1, "in force at its load");
+                return wd_error_set(err, -ENOTUNIQ, "slab %zu shares its memory with other blocks", i + 1);
             at += backing[p]->size;
         }
         if (at != reg.addr + reg.size)
@@ -170,7 +169,7 @@ static int store_model(wd_server *s, wd_model *m, wd_error *err)
             goto out;
         }
     }
-    if ((rc = wd_record_model(s, m, names, err)))
+    if ((rc = wd_record_model(m, names, err)))
         goto out;
     m->stored = names;
     m->n_stored = total;
@@ -202,39 +201,36 @@ static bool named(const wd_server *s, const char *name)
     return false;
 }
 
-static bool store_lease(wd_server *s, const wd_lease *l)
+static void lease_name(const wd_lease *l, char name[64])
 {
+    snprintf(name, 64, LEASE_PREFIX "%s", l->token);
+}
+
+void wd_fdstore_lease(wd_server *s, wd_lease *l, bool add)
+{
+    wd_fdstore *st = &s->fdstore;
     wd_error err = {0};
     char name[64];
     int fd;
-    bool ok;
 
-    snprintf(name, sizeof name, LEASE_PREFIX "%s", l->token);
+    if (!st->on || !l->model->record || add == l->stored)
+        return;
+    lease_name(l, name);
+    if (!add) {
+        for (size_t i = 0; i < st->n_names; i++)
+            if (strcmp(st->names[i], name) == 0) {
+                remove_name(st, i);
+                break;
+            }
+        l->stored = false;
+        return;
+    }
     if (wd_record_lease(l, &fd, &err)) {
         wd_log(WD_LOG_warning, "fd store: lease %llu: %s", (unsigned long long)l->id, wd_error_text(&err));
-        return false;
-    }
-    ok = store_fd(&s->fdstore, name, fd);
-    close(fd);
-    return ok;
-}
-
-void wd_fdstore_lease(wd_server *s, const wd_lease *l, bool add)
-{
-    wd_fdstore *st = &s->fdstore;
-    char name[64];
-
-    if (!st->on || !l->model->record)
         return;
-    snprintf(name, sizeof name, LEASE_PREFIX "%s", l->token);
-    for (size_t i = 0; i < st->n_names; i++)
-        if (strcmp(st->names[i], name) == 0) {
-            if (!add)
-                remove_name(st, i);
-            return;
-        }
-    if (add)
-        store_lease(s, l);
+    }
+    l->stored = store_fd(st, name, fd);
+    close(fd);
 }
 
 void wd_fdstore_sync(wd_server *s)
@@ -255,7 +251,7 @@ void wd_fdstore_sync(wd_server *s)
             m->unstorable = true;
             continue;
         }
-        for (const wd_lease *l = m->leases; l; l = l->model_next)
+        for (wd_lease *l = m->leases; l; l = l->model_next)
             wd_fdstore_lease(s, l, true);
     }
     snprintf(name, sizeof name, RECORD_PREFIX "%" PRIu64, st->generation);

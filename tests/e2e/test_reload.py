@@ -111,6 +111,8 @@ class Notifications:
                 msg = self.sock.recv(4096).decode()
             except OSError:
                 return
+            if not msg:  # close() shut the socket down
+                return
             with self.cond:
                 self.unread.append(msg)
                 self.cond.notify_all()
@@ -136,12 +138,14 @@ class Notifications:
                 self.cond.wait(left)
 
     def close(self):
+        # The reader ends before its socket closes: a descriptor closed under
+        # it could be another test's socket by the time it reads again.
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.sock.close()
         self.thread.join(timeout=5)
+        self.sock.close()
 
 
 class ReloadCase(h.E2ETestCase):

@@ -547,6 +547,7 @@ class _LeaseKeeper:
         self.cond = threading.Condition()
         self.wake_r, self.wake_w = os.pipe()
         self.ready_r, self.ready_w = os.pipe()
+        os.set_blocking(self.ready_r, False)
         os.set_blocking(self.ready_w, False)
         self.stopping = False
         # The attachment, weakly: the thread must not keep it (or its
@@ -615,9 +616,10 @@ class _LeaseKeeper:
         with self.cond:
             if not self.events:
                 self.cond.wait(timeout)
+        # What fileno() showed is taken now (ready_r is non-blocking).
         try:
-            os.read(self.ready_r, 4096) if select.select([self.ready_r], [], [], 0)[0] else None
-        except OSError:
+            os.read(self.ready_r, 4096)
+        except BlockingIOError:
             pass
 
     def stop(self):
