@@ -117,7 +117,7 @@ UNIT := $(BUILD)/tests/unit-tests
 # option table (weightd --print-config) and the install paths.
 ETC := $(BUILD)/etc/weightd.conf $(BUILD)/etc/weightd.service
 
-.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach \
+.PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach bench-sleep \
         bench-integrity bench-conns fuzz-live man deb test-systemd
 all: config $(BINS) $(LIBS) $(ETC)
 
@@ -223,7 +223,12 @@ bench-gpu: $(BUILD)/weightd-replay
 	$(Q)python3 bench/parity.py --replay $(BUILD)/weightd-replay --out $(BUILD)/bench bench/traces/*.trace
 
 # On the GPU machine: the GPU tests, and the load benchmark (bench/load_bench.py).
-gpu-test: all
+# A C worker that captures a CUDA graph over attached weights (tests/gpu/test_sleep.py).
+$(BUILD)/tests/graph_worker: tests/gpu/graph_worker.c common/cuda_driver.c common/errors.c $(BUILD)/libweightd-client.so
+	@mkdir -p $(dir $@)
+	$(call msg,LD,$@)$(CC) $(CFLAGS) -I. -o $@ $(filter %.c,$^) -L$(BUILD) -lweightd-client -Wl,-rpath,$(abspath $(BUILD)) -ldl -lpthread
+
+gpu-test: all $(if $(CUDA_CFLAGS),$(BUILD)/tests/graph_worker)
 	$(Q)WEIGHTD_BUILD=$(abspath $(BUILD)) python3 -m unittest discover -s tests/gpu -t . -v
 
 # On the GPU machine: what the driver's VMM calls cost (vmmcost), and the
@@ -231,6 +236,11 @@ gpu-test: all
 $(BUILD)/vmmcost $(BUILD)/pipebw: $(BUILD)/%: bench/%.c bench/bench_cuda.h common/cuda_driver.c common/errors.c
 	@mkdir -p $(dir $@)
 	$(call msg,LD,$@)$(CC) $(CFLAGS) -o $@ $(filter %.c,$^) -ldl -lpthread
+
+# On the GPU machine: sleep and wake of a 20 GB-plus model against the pinned
+# copy limits both ways and a warm load, and the seed's scenario on a capped GPU.
+bench-sleep: all
+	$(Q)python3 bench/sleep_bench.py --build $(BUILD) --out $(BUILD)/bench
 
 bench-load: all $(BUILD)/pipebw
 	$(Q)python3 bench/load_bench.py --build $(BUILD) --out $(BUILD)/bench
@@ -307,7 +317,7 @@ clean:
 
 help:
 	@echo "targets: all (default) test unit e2e demo bench bench-conns man install uninstall deb test-systemd clean"
-	@echo "         on the GPU machine: gpu-test bench-gpu bench-load bench-attach bench-integrity"
+	@echo "         on the GPU machine: gpu-test bench-gpu bench-load bench-attach bench-integrity bench-sleep"
 	@echo "switches: PREFIX=$(PREFIX) DESTDIR= SYSCONFDIR=$(SYSCONFDIR) UNITDIR=$(UNITDIR) WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
 	@echo "          SANITIZE=address,undefined RELEASE=1 (no fault hooks; build-release) BUILD=dir V=1"
 

@@ -41,6 +41,7 @@ typedef struct wa_device_info {
     char name[128];        /* "host device 0", "NVIDIA H200 (CUDA device 0)" */
     char uuid[48];         /* stable identity where the backend has one */
     uint64_t capacity;     /* bytes the allocator may reserve on it */
+    uint64_t free;         /* bytes free on it now: cuMemGetInfo's, or the capacity less what the backend holds */
 } wa_device_info;
 
 typedef struct wa_backend wa_backend;

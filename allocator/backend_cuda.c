@@ -331,11 +331,14 @@ fail:
 
 static int cuda_describe(wa_backend *b, int device, wa_device_info *out)
 {
-    cuda_device *d = &((cuda_backend *)b)->dev[device];
+    cuda_device *d = device_of(b, device);
+    size_t free_b = 0, total = 0;
 
     snprintf(out->name, sizeof out->name, "%s (CUDA device %d)", d->name, d->ordinal);
     snprintf(out->uuid, sizeof out->uuid, "%s", d->uuid);
     out->capacity = d->capacity;
+    /* The whole device's: other processes' memory counts too. */
+    out->free = ((cuda_backend *)b)->cu->cuMemGetInfo(&free_b, &total) == CUDA_SUCCESS ? free_b : 0;
     return 0;
 }
 

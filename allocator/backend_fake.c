@@ -161,6 +161,7 @@ static int fake_describe(wa_backend *b, int device, wa_device_info *out)
     snprintf(out->name, sizeof out->name, "fake device %d", device);
     snprintf(out->uuid, sizeof out->uuid, "fake-%d", device);
     out->capacity = f->capacity;
+    out->free = f->capacity - f->used[device];
     return 0;
 }
 

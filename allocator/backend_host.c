@@ -210,6 +210,7 @@ static int host_describe(wa_backend *b, int device, wa_device_info *out)
     snprintf(out->name, sizeof out->name, "host device %d", device);
     snprintf(out->uuid, sizeof out->uuid, "host-%d", device);
     out->capacity = h->capacity;
+    out->free = h->capacity - h->used[device];
     return 0;
 }
 

@@ -65,10 +65,13 @@ def read_limit(pipebw, shards, cold, piece_mib):
     return parallel_read(pipebw, shards, piece_mib)
 
 
-def copy_limit(torch, piece_mib, n_streams):
+def copy_limit(torch, piece_mib, n_streams, to_device=True):
+    """GB/s of copies between pinned host memory and the GPU (to_device:
+    host to device; else device to host), piece_mib at a time on n_streams."""
     size, piece = 1 << 30, piece_mib << 20
-    src = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(size, dtype=torch.uint8, device="cuda")
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(size, dtype=torch.uint8, device="cuda")
+    src, dst = (host, gpu) if to_device else (gpu, host)
     streams = [torch.cuda.Stream() for _ in range(n_streams)]
 
     def once():
@@ -82,7 +85,7 @@ def copy_limit(torch, piece_mib, n_streams):
     for _ in range(4):
         once()
     secs = time.perf_counter() - t0
-    del src, dst
+    del src, dst, host, gpu
     torch.cuda.empty_cache()
     return 4 * size / secs / 1e9
 

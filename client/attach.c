@@ -64,6 +64,10 @@ typedef struct att_piece {
 } att_piece;
 
 struct wdc_attachment {
+    wdc_client *client;       /* the connection it answers sleep and wake on; NULL once closed */
+    wdc_attachment *next;     /* the client's list */
+    int state;                /* 0 mapped, WDC_ASLEEP, or a negative errno: a wake that failed */
+    size_t woken_descs;       /* wake: descriptors received again so far */
     uint64_t lease;
     char token[33];           /* the lease's secret: takes it again after a daemon restart */
     share_kind kind;
@@ -256,6 +260,48 @@ static int on_devices(wdc_client *c, wdc_attachment *a, const cJSON *ev, const c
     return 0;
 }
 
+/* Descriptor index's fd (taken): a memfd is kept for mapping, its true
+ * size bounding what may be mapped of it whatever the message says (a
+ * mapping past a memfd's end faults when read); a cuda one is imported at
+ * once, so that the descriptor closes. */
+static int take_descriptor(wdc_client *c, wdc_attachment *a, att_desc *d, uint64_t index, int fd)
+{
+    int rc = 0;
+
+    if (a->kind == KIND_MEMFD) {
+        struct stat st;
+        d->fd = fd;
+        if (fstat(d->fd, &st) < 0 || (uint64_t)st.st_size < d->bytes)
+            return wdc__fail(c, -EPROTO, "weightd's attach: descriptor %llu is smaller than it says",
+                             (unsigned long long)index);
+        return 0;
+    }
+#ifdef WD_WITH_CUDA
+    {
+        const wd_cuda *cu = cuda(c, &rc);
+        double t0 = now();
+        CUresult r;
+        if (!cu || (rc = push(c, &a->devs[d->dev]))) {
+            close(fd);
+            return rc;
+        }
+        r = cu->cuMemImportFromShareableHandle(&d->vmm, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+        pop();
+        /* Imported or not, the descriptor has done its work. */
+        close(fd);
+        a->import_seconds += now() - t0;
+        if (r != CUDA_SUCCESS) {
+            wd_error e = {0};
+            rc = wdc__fail(c, wd_cuda_error(r, "cuMemImportFromShareableHandle", &e), "%s", e.msg);
+        }
+    }
+#else
+    close(fd);
+    rc = wdc__fail(c, -ENOTSUP, "built without CUDA");
+#endif
+    return rc;
+}
+
 static int on_descriptors(wdc_client *c, wdc_attachment *a, const cJSON *list)
 {
     size_t n = (size_t)cJSON_GetArraySize(list), i = 0;
@@ -292,38 +338,16 @@ static int on_descriptors(wdc_client *c, wdc_attachment *a, const cJSON *list)
             goto out;
         }
         d->fd = -1;
-        if (a->kind == KIND_MEMFD) {
-            /* Its true size bounds what may be mapped of it, whatever the
-             * message says: a mapping past a memfd's end faults when read. */
-            struct stat st;
-            d->fd = fds[i];
+        if (a->kind != KIND_IPC) {
+            rc = take_descriptor(c, a, d, index, fds[i]);
             fds[i++] = -1;
-            if (fstat(d->fd, &st) < 0 || (uint64_t)st.st_size < d->bytes) {
+            if (rc) {
                 a->n_descs++; /* closed with the others */
-                rc = wdc__fail(c, -EPROTO, "weightd's attach: descriptor %llu is smaller than it says",
-                               (unsigned long long)index);
                 goto out;
             }
         }
 #ifdef WD_WITH_CUDA
-        else if (a->kind == KIND_VMM) {
-            const wd_cuda *cu = cuda(c, &rc);
-            double t0 = now();
-            if (!cu || (rc = push(c, &a->devs[d->dev])))
-                goto out;
-            CUresult r = cu->cuMemImportFromShareableHandle(&d->vmm, (void *)(uintptr_t)fds[i],
-                                                            CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
-            pop();
-            /* Imported or not, the descriptor has done its work. */
-            close(fds[i]);
-            fds[i++] = -1;
-            a->import_seconds += now() - t0;
-            if (r != CUDA_SUCCESS) {
-                wd_error e = {0};
-                rc = wdc__fail(c, wd_cuda_error(r, "cuMemImportFromShareableHandle", &e), "%s", e.msg);
-                goto out;
-            }
-        } else {
+        else {
             const cJSON *hex = cJSON_GetObjectItemCaseSensitive(o, "ipc");
             const char *h = cJSON_IsString(hex) ? hex->valuestring : "";
             if (strlen(h) != 2 * sizeof d->ipc.reserved) {
@@ -508,9 +532,26 @@ static uint64_t round_up(uint64_t v, uint64_t to)
     return (v + to - 1) / to * to;
 }
 
-static int map_memfd(wdc_client *c, wdc_attachment *a, att_device *d)
+/* Device d's pieces at their handles' addresses: those of the attach,
+ * the same again at a wake. */
+static int map_pieces_memfd(wdc_client *c, wdc_attachment *a, const att_device *d)
 {
     int prot = PROT_READ | (a->writable ? PROT_WRITE : 0);
+
+    for (size_t h = 0; h < a->n_handles; h++)
+        for (size_t i = a->handle_piece[h]; a->handles[h].device == d->device && i < a->handle_piece[h + 1]; i++) {
+            att_piece *p = &a->pieces[i];
+            if (mmap((char *)a->handles[h].ptr + p->at, p->bytes, prot, MAP_SHARED | MAP_FIXED, a->descs[p->desc].fd,
+                     (off_t)p->offset) == MAP_FAILED)
+                return wdc__fail(c, -errno, "mapping %llu bytes of device %d%s: %s", (unsigned long long)p->bytes,
+                                 d->device, a->writable ? " writable" : "", strerror(errno));
+            p->mapped = true;
+        }
+    return 0;
+}
+
+static int map_memfd(wdc_client *c, wdc_attachment *a, att_device *d)
+{
     void *va;
     uint64_t at = 0;
 
@@ -525,30 +566,55 @@ static int map_memfd(wdc_client *c, wdc_attachment *a, att_device *d)
         return wdc__fail(c, -errno, "reserving %llu bytes of address space: %s", (unsigned long long)d->va_bytes,
                          strerror(errno));
     d->va = (uintptr_t)va;
-    for (size_t h = 0; h < a->n_handles; h++) {
-        if (a->handles[h].device != d->device)
-            continue;
-        a->handles[h].ptr = (char *)va + at;
-        for (size_t i = a->handle_piece[h]; i < a->handle_piece[h + 1]; i++) {
-            att_piece *p = &a->pieces[i];
-            if (mmap((char *)va + at + p->at, p->bytes, prot, MAP_SHARED | MAP_FIXED, a->descs[p->desc].fd,
-                     (off_t)p->offset) == MAP_FAILED)
-                return wdc__fail(c, -errno, "mapping %llu bytes of device %d%s: %s", (unsigned long long)p->bytes,
-                                 d->device, a->writable ? " writable" : "", strerror(errno));
-            p->mapped = true;
+    for (size_t h = 0; h < a->n_handles; h++)
+        if (a->handles[h].device == d->device) {
+            a->handles[h].ptr = (char *)va + at;
+            at += round_up(a->handles[h].bytes, HOST_PAGE);
         }
-        at += round_up(a->handles[h].bytes, HOST_PAGE);
-    }
-    return 0;
+    return map_pieces_memfd(c, a, d);
 }
 
 #ifdef WD_WITH_CUDA
+/* As map_pieces_memfd, with d's context current: each piece, then access
+ * to the whole range (or handle by handle where handles leave gaps). */
+static int map_pieces_cuda(wdc_client *c, wdc_attachment *a, const att_device *d)
+{
+    const wd_cuda *cu;
+    CUmemAccessDesc access = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = d->cuda},
+                              .flags = a->writable ? CU_MEM_ACCESS_FLAGS_PROT_READWRITE : CU_MEM_ACCESS_FLAGS_PROT_READ};
+    bool gaps = false;
+    int rc;
+
+    if (!(cu = cuda(c, &rc)))
+        return rc;
+    for (size_t h = 0; h < a->n_handles; h++) {
+        if (a->handles[h].device != d->device)
+            continue;
+        gaps |= a->handles[h].bytes % d->granularity != 0;
+        for (size_t i = a->handle_piece[h]; i < a->handle_piece[h + 1]; i++) {
+            att_piece *p = &a->pieces[i];
+            CU(c, cu->cuMemMap((CUdeviceptr)(uintptr_t)a->handles[h].ptr + p->at, p->bytes, 0, a->descs[p->desc].vmm, 0),
+               "cuMemMap");
+            p->mapped = true;
+        }
+    }
+    if (!gaps) {
+        CU(c, cu->cuMemSetAccess((CUdeviceptr)d->va, d->va_bytes, &access, 1), "cuMemSetAccess");
+    } else {
+        for (size_t h = 0; h < a->n_handles; h++)
+            if (a->handles[h].device == d->device)
+                CU(c, cu->cuMemSetAccess((CUdeviceptr)(uintptr_t)a->handles[h].ptr, a->handles[h].bytes, &access, 1),
+                   "cuMemSetAccess");
+    }
+out:
+    return rc;
+}
+
 static int map_cuda(wdc_client *c, wdc_attachment *a, att_device *d, size_t di)
 {
     const wd_cuda *cu;
     CUdeviceptr va = 0;
     uint64_t at = 0;
-    bool gaps = false;
     int rc;
 
     if (!(cu = cuda(c, &rc)) || (rc = push(c, d)))
@@ -566,45 +632,51 @@ static int map_cuda(wdc_client *c, wdc_attachment *a, att_device *d, size_t di)
         goto out;
     }
     for (size_t h = 0; h < a->n_handles; h++)
-        if (a->handles[h].device == d->device) {
+        if (a->handles[h].device == d->device)
             d->va_bytes += round_up(a->handles[h].bytes, d->granularity);
-            gaps |= a->handles[h].bytes % d->granularity != 0;
-        }
     if (!d->va_bytes)
         goto out;
     /* One range for the device's handles, side by side: one reservation
      * and one access grant instead of one per handle. */
     CU(c, cu->cuMemAddressReserve(&va, d->va_bytes, d->granularity, 0, 0), "cuMemAddressReserve");
     d->va = (uintptr_t)va;
-    for (size_t h = 0; h < a->n_handles; h++) {
-        if (a->handles[h].device != d->device)
-            continue;
-        a->handles[h].ptr = (void *)(uintptr_t)(va + at);
-        for (size_t i = a->handle_piece[h]; i < a->handle_piece[h + 1]; i++) {
-            att_piece *p = &a->pieces[i];
-            CU(c, cu->cuMemMap(va + at + p->at, p->bytes, 0, a->descs[p->desc].vmm, 0), "cuMemMap");
-            p->mapped = true;
+    for (size_t h = 0; h < a->n_handles; h++)
+        if (a->handles[h].device == d->device) {
+            a->handles[h].ptr = (void *)(uintptr_t)(va + at);
+            at += round_up(a->handles[h].bytes, d->granularity);
         }
-        at += round_up(a->handles[h].bytes, d->granularity);
-    }
-    {
-        CUmemAccessDesc access = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = d->cuda},
-                                  .flags = a->writable ? CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-                                                       : CU_MEM_ACCESS_FLAGS_PROT_READ};
-        if (!gaps) {
-            CU(c, cu->cuMemSetAccess(va, d->va_bytes, &access, 1), "cuMemSetAccess");
-        } else {
-            for (size_t h = 0; h < a->n_handles; h++)
-                if (a->handles[h].device == d->device)
-                    CU(c, cu->cuMemSetAccess((CUdeviceptr)(uintptr_t)a->handles[h].ptr, a->handles[h].bytes, &access, 1),
-                       "cuMemSetAccess");
-        }
-    }
+    rc = map_pieces_cuda(c, a, d);
 out:
     pop();
     return rc;
 }
 #endif
+
+#ifdef WD_WITH_CUDA
+/* With d's context current: its mapped pieces unmapped (their physical
+ * memory goes once nothing else holds it), the range kept. */
+static void unmap_cuda_pieces(const wd_cuda *cu, wdc_attachment *a, const att_device *d)
+{
+    for (size_t h = 0; h < a->n_handles; h++)
+        for (size_t i = a->handle_piece[h]; a->handles[h].device == d->device && i < a->handle_piece[h + 1]; i++)
+            if (a->pieces[i].mapped) {
+                cu->cuMemUnmap((CUdeviceptr)(uintptr_t)a->handles[h].ptr + a->pieces[i].at, a->pieces[i].bytes);
+                a->pieces[i].mapped = false;
+            }
+}
+#endif
+
+static void unlink_attachment(wdc_attachment *a)
+{
+    if (!a->client)
+        return;
+    for (wdc_attachment **p = &a->client->attachments; *p; p = &(*p)->next)
+        if (*p == a) {
+            *p = a->next;
+            break;
+        }
+    a->client = NULL;
+}
 
 /* Everything a has taken here, mapped or not, back. */
 static void release(wdc_attachment *a)
@@ -626,10 +698,7 @@ static void release(wdc_attachment *a)
 #ifdef WD_WITH_CUDA
         if (!cu || !d->ctx || cu->cuCtxPushCurrent(d->ctx) != CUDA_SUCCESS)
             continue;
-        for (size_t h = 0; h < a->n_handles; h++)
-            for (size_t i = a->handle_piece[h]; a->handles[h].device == d->device && i < a->handle_piece[h + 1]; i++)
-                if (a->pieces[i].mapped)
-                    cu->cuMemUnmap((CUdeviceptr)(uintptr_t)a->handles[h].ptr + a->pieces[i].at, a->pieces[i].bytes);
+        unmap_cuda_pieces(cu, a, d);
         if (d->va)
             cu->cuMemAddressFree((CUdeviceptr)d->va, d->va_bytes);
         for (size_t i = 0; i < a->n_descs; i++) {
@@ -647,6 +716,7 @@ static void release(wdc_attachment *a)
     for (size_t i = 0; i < a->n_descs; i++)
         if (a->descs[i].fd >= 0)
             close(a->descs[i].fd);
+    unlink_attachment(a);
     for (size_t i = 0; i < a->n_tensors; i++) {
         free((char *)a->tensors[i].name);
         free((char *)a->tensors[i].dtype);
@@ -666,8 +736,8 @@ static void release(wdc_attachment *a)
 }
 
 /* After mapping: what only mapping needed goes (descriptors, imported
- * handles: the mappings hold the memory now), and the table's pointers. */
-static void settle(wdc_attachment *a)
+ * handles: the mappings hold the memory now). */
+static void drop_descriptors(wdc_attachment *a)
 {
 #ifdef WD_WITH_CUDA
     const wd_cuda *cu;
@@ -689,6 +759,12 @@ static void settle(wdc_attachment *a)
             close(a->descs[i].fd);
             a->descs[i].fd = -1;
         }
+}
+
+/* After the first mapping: descriptors dropped, and the table's pointers. */
+static void settle(wdc_attachment *a)
+{
+    drop_descriptors(a);
     for (size_t i = 0; i < a->n_tensors; i++) {
         wdc_tensor *t = &a->tensors[i];
         t->shape = t->ndim ? a->dims + (uintptr_t)t->shape : NULL;
@@ -697,6 +773,164 @@ static void settle(wdc_attachment *a)
     for (size_t i = 0; i < a->n_parts; i++)
         a->parts[i].ptr = (char *)a->handles[a->parts[i].handle].ptr + a->parts[i].handle_offset;
 }
+
+/* ---- sleep and wake --------------------------------------------------------------
+ *
+ * A "sleep" event: every piece unmapped, each device's address range kept
+ * (on host, the range goes back to PROT_NONE), and "slept" sent. Touching
+ * a tensor now faults: SIGSEGV on host, an illegal address on cuda (which
+ * ends the process's CUDA context). A "wake" event brings the model's new
+ * descriptors, of the same sizes in the same order (the daemon allocates
+ * the same plan again); once all are in, each piece is mapped again where
+ * it was, so that every pointer, tensor and CUDA graph over them holds. */
+
+static wdc_attachment *attachment_of(wdc_client *c, const cJSON *msg)
+{
+    const cJSON *lease = cJSON_GetObjectItemCaseSensitive(msg, "lease");
+
+    for (wdc_attachment *a = c->attachments; a && cJSON_IsNumber(lease); a = a->next)
+        if ((double)a->lease == lease->valuedouble)
+            return a;
+    return NULL;
+}
+
+static void unmap_all(wdc_attachment *a)
+{
+#ifdef WD_WITH_CUDA
+    const wd_cuda *cu;
+    wd_error err;
+#endif
+
+    for (size_t di = 0; di < a->n_devs; di++) {
+        att_device *d = &a->devs[di];
+        if (a->kind == KIND_MEMFD) {
+            if (d->va)
+                mmap((void *)d->va, d->va_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+                     -1, 0);
+            for (size_t i = 0; i < a->n_pieces; i++)
+                a->pieces[i].mapped = false;
+            continue;
+        }
+#ifdef WD_WITH_CUDA
+        if (wd_cuda_load(&cu, &err) || cu->cuCtxPushCurrent(d->ctx) != CUDA_SUCCESS)
+            continue;
+        /* Work queued on the device may still read the mappings. */
+        cu->cuCtxSynchronize();
+        unmap_cuda_pieces(cu, a, d);
+        pop();
+#endif
+    }
+}
+
+static void on_sleep(wdc_client *c, wdc_attachment *a)
+{
+    char args[64];
+    int64_t id;
+    cJSON *o;
+
+    if (a->state != 0 || a->kind == KIND_IPC)
+        return; /* (the daemon does not ask cuda-ipc holders) */
+    unmap_all(a);
+    a->state = WDC_ASLEEP;
+    a->woken_descs = 0;
+    snprintf(args, sizeof args, "{\"lease\":%llu}", (unsigned long long)a->lease);
+    /* Its reply is not waited for: readers drop replies nobody waits for. */
+    if ((o = cJSON_Parse(args)))
+        wdc__send_request(c, "slept", o, 1000, &id);
+}
+
+/* Mapped again, where everything was. */
+static int remap(wdc_client *c, wdc_attachment *a)
+{
+    int rc = 0;
+
+    for (size_t di = 0; di < a->n_devs && !rc; di++) {
+#ifdef WD_WITH_CUDA
+        if (a->kind == KIND_VMM) {
+            if (!(rc = push(c, &a->devs[di]))) {
+                rc = map_pieces_cuda(c, a, &a->devs[di]);
+                pop();
+            }
+            continue;
+        }
+#endif
+        rc = map_pieces_memfd(c, a, &a->devs[di]);
+    }
+    return rc;
+}
+
+static void on_wake(wdc_client *c, wdc_attachment *a, const cJSON *msg)
+{
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(msg, "descriptors"), *o;
+    size_t n = (size_t)cJSON_GetArraySize(list), got = 0, i = 0;
+    uint64_t total = 0;
+    int fds[WP_MAX_FDS], rc = 0;
+
+    if (n <= WP_MAX_FDS)
+        got = wp_reader_take_fds(&c->rd, fds, n);
+    if (a->state != WDC_ASLEEP) {
+        rc = -EPROTO; /* not ours to map (or already broken): dropped */
+        goto out;
+    }
+    if (got != n || get_u64(c, msg, "descriptors_total", &total) || total != a->n_descs) {
+        rc = wdc__fail(c, -EPROTO, "weightd's wake: descriptors do not match the attach's");
+        goto out;
+    }
+    cJSON_ArrayForEach(o, list)
+    {
+        uint64_t index, dev, bytes;
+        att_desc *d;
+        if ((rc = get_u64(c, o, "descriptor", &index)) || (rc = get_u64(c, o, "device", &dev)) ||
+            (rc = get_u64(c, o, "bytes", &bytes)))
+            goto out;
+        if (index != a->woken_descs || index >= a->n_descs || (d = &a->descs[index])->bytes != bytes ||
+            a->devs[d->dev].device != (int)dev) {
+            rc = wdc__fail(c, -EPROTO, "weightd's wake: descriptor %llu is not the one of the attach",
+                           (unsigned long long)index);
+            goto out;
+        }
+        rc = take_descriptor(c, a, d, index, fds[i]);
+        fds[i++] = -1;
+        if (rc)
+            goto out;
+        a->woken_descs++;
+    }
+    if (a->woken_descs == a->n_descs) {
+        if ((rc = remap(c, a)))
+            goto out;
+        drop_descriptors(a);
+        a->state = 0;
+    }
+out:
+    for (; i < got; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    if (rc && a->state == WDC_ASLEEP) {
+        unmap_all(a); /* the tensors are not to be used: nothing half-mapped */
+        a->state = rc;
+    }
+}
+
+void wdc__lease_event(wdc_client *c, const cJSON *msg)
+{
+    const cJSON *ev = cJSON_GetObjectItemCaseSensitive(msg, "event");
+    wdc_attachment *a;
+
+    if (!cJSON_IsString(ev) || !(a = attachment_of(c, msg)))
+        return;
+    if (strcmp(ev->valuestring, "sleep") == 0)
+        on_sleep(c, a);
+    else if (strcmp(ev->valuestring, "wake") == 0)
+        on_wake(c, a, msg);
+}
+
+void wdc__forget_attachments(wdc_client *c)
+{
+    while (c->attachments)
+        unlink_attachment(c->attachments);
+}
+
+int wdc_attachment_state(const wdc_attachment *a) { return a->state; }
 
 static int by_name(const void *x, const void *y, void *ctx)
 {
@@ -862,6 +1096,9 @@ int wdc_attach(wdc_client *c, const char *name, const char *device, unsigned fla
         msg = NULL;
         goto fail;
     }
+    a->client = c;
+    a->next = c->attachments;
+    c->attachments = a;
     *out = a;
     return 0;
 fail:

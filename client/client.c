@@ -55,6 +55,7 @@ void wdc_close(wdc_client *c)
 {
     if (!c)
         return;
+    wdc__forget_attachments(c);
     if (c->fd >= 0)
         close(c->fd);
     wp_reader_free(&c->rd);
@@ -208,8 +209,10 @@ int wdc__next_for(wdc_client *c, int64_t id, int timeout_ms, cJSON **msg, char *
         if (cJSON_GetObjectItemCaseSensitive(*msg, "event")) {
             if (cJSON_IsNumber(mid) && mid->valuedouble == (double)id)
                 return 0;
-            if (!mid || cJSON_IsNull(mid))
+            if (!mid || cJSON_IsNull(mid)) {
+                wdc__lease_event(c, *msg);
                 queue_notice(c, *raw);
+            }
             cJSON_Delete(*msg);
             continue;
         }
@@ -430,8 +433,10 @@ int wdc_poll(wdc_client *c, int timeout_ms)
             break;
         }
         mid = cJSON_GetObjectItemCaseSensitive(msg, "id");
-        if (cJSON_GetObjectItemCaseSensitive(msg, "event") && (!mid || cJSON_IsNull(mid)))
+        if (cJSON_GetObjectItemCaseSensitive(msg, "event") && (!mid || cJSON_IsNull(mid))) {
+            wdc__lease_event(c, msg);
             queue_notice(c, line);
+        }
         cJSON_Delete(msg);
     }
     /* Reading is over: the handler may use the client (not close it). */

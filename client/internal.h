@@ -23,6 +23,7 @@ struct wdc_client {
     char **notices;           /* those read and not yet handed to on_notice (wdc_poll does) */
     size_t n_notices, cap_notices;
     int64_t waited_us;        /* time blocked in poll(), for attach's figures */
+    wdc_attachment *attachments; /* its live attachments, which answer sleep and wake themselves */
 };
 
 /* Sets the last error (its code's name and the message) and returns code. */
@@ -36,6 +37,12 @@ int wdc__next_for(wdc_client *c, int64_t id, int timeout_ms, cJSON **msg, char *
 /* A reply's result (0), or its error as the call's error. */
 int wdc__reply_result(wdc_client *c, const cJSON *msg, const cJSON **result);
 int wdc__read_message(wdc_client *c, int timeout_ms, cJSON **msg, char **raw);
+/* An event that names no request, just read (its descriptors still in the
+ * reader): sleep and wake of one of c's attachments are handled here,
+ * before the notice handler hears of them. */
+void wdc__lease_event(wdc_client *c, const cJSON *msg);
+/* c is closing: its attachments stay mapped, but answer nothing more. */
+void wdc__forget_attachments(wdc_client *c);
 /* Closes the connection and forgets what was read and queued on it. */
 void wdc__disconnect(wdc_client *c);
 

@@ -527,7 +527,7 @@ static int one_name(int argc, char **argv, const char **name)
 static int cmd_unload(ctl *c, int argc, char **argv)
 {
     const char *name = NULL, *v;
-    bool force = false;
+    bool force = false, keep_cached = false;
     double wait = -1;
     cJSON *args, *res;
     char a[32];
@@ -536,11 +536,14 @@ static int cmd_unload(ctl *c, int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--force") == 0) {
             force = true;
+        } else if (strcmp(argv[i], "--keep-cached") == 0) {
+            keep_cached = true;
         } else if ((v = flag_value(argc, argv, &i, "--wait"))) {
             if (!parse_seconds(v, 3600, &wait))
                 return usage_error("--wait: \"%s\" is not a number of seconds (0 to 3600)", v);
         } else if (argv[i][0] == '-' || name) {
-            return usage_error("unload: expected NAME [--force [--wait SECONDS]], not \"%s\"", argv[i]);
+            return usage_error("unload: expected NAME [--force [--wait SECONDS]] [--keep-cached], not \"%s\"",
+                               argv[i]);
         } else {
             name = argv[i];
         }
@@ -550,6 +553,8 @@ static int cmd_unload(ctl *c, int argc, char **argv)
     args = name_args(name);
     if (force)
         cJSON_AddBoolToObject(args, "force", 1);
+    if (keep_cached)
+        cJSON_AddBoolToObject(args, "keep_cached", 1);
     if (wait >= 0)
         cJSON_AddNumberToObject(args, "wait", ceil(wait));
     /* A forced unload waits for the holders: give the reply that long too. */
@@ -561,7 +566,81 @@ static int cmd_unload(ctl *c, int argc, char **argv)
     if (c->json)
         print_json(res);
     else
-        printf("unloaded %s (%s freed)\n", str(res, "name"), size_text(num(res, "device_bytes"), a, sizeof a));
+        printf("unloaded %s (%s freed%s)\n", str(res, "name"), size_text(num(res, "device_bytes"), a, sizeof a),
+               keep_cached ? ", segments kept in the allocator's cache" : "");
+    cJSON_Delete(res);
+    return 0;
+}
+
+/* ---- sleep and wake ------------------------------------------------------------------ */
+
+static void print_moved(const cJSON *res, const char *what)
+{
+    char a[32], b0[32], b1[32], f0[32], f1[32], r[32];
+
+    printf("%s %s: %s in %.2f s (%s); device free %s -> %s, reserved %s -> %s\n", what, str(res, "name"),
+           size_text(num(res, "device_bytes"), a, sizeof a), num(res, "seconds"),
+           wd_rate_format(num(res, "rate"), r, sizeof r), size_text(num(res, "free_bytes_before"), f0, sizeof f0),
+           size_text(num(res, "free_bytes_after"), f1, sizeof f1),
+           size_text(num(res, "reserved_bytes_before"), b0, sizeof b0),
+           size_text(num(res, "reserved_bytes_after"), b1, sizeof b1));
+}
+
+static int cmd_sleep(ctl *c, int argc, char **argv)
+{
+    const char *name = NULL, *mode = NULL;
+    bool force = false;
+    cJSON *args, *res;
+    int rc;
+
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--offload") == 0 || strcmp(argv[i], "--discard") == 0) {
+            if (mode)
+                return usage_error("sleep: --offload and --discard exclude each other");
+            mode = argv[i] + 2;
+        } else if (strcmp(argv[i], "--force") == 0) {
+            force = true;
+        } else if (argv[i][0] == '-' || name) {
+            return usage_error("sleep: expected NAME [--offload|--discard] [--force], not \"%s\"", argv[i]);
+        } else {
+            name = argv[i];
+        }
+    }
+    if (!name)
+        return usage_error("sleep: NAME is required");
+    args = name_args(name);
+    cJSON_AddStringToObject(args, "mode", mode ? mode : "offload");
+    if (force)
+        cJSON_AddBoolToObject(args, "force", 1);
+    rc = call(c, "sleep", args, -1, NULL, NULL, &res);
+    cJSON_Delete(args);
+    if (rc)
+        return report_error(c, "sleep", rc, last_error(c));
+    if (c->json)
+        print_json(res);
+    else
+        print_moved(res, strcmp(str(res, "sleeps_in"), "host") == 0 ? "offloaded" : "discarded");
+    cJSON_Delete(res);
+    return 0;
+}
+
+static int cmd_wake(ctl *c, int argc, char **argv)
+{
+    const char *name = NULL;
+    cJSON *args, *res;
+    int rc;
+
+    if ((rc = one_name(argc, argv, &name)))
+        return rc;
+    args = name_args(name);
+    rc = call(c, "wake", args, -1, NULL, NULL, &res);
+    cJSON_Delete(args);
+    if (rc)
+        return report_error(c, "wake", rc, last_error(c));
+    if (c->json)
+        print_json(res);
+    else
+        print_moved(res, strcmp(str(res, "from"), "host") == 0 ? "woke from host memory" : "woke from the checkpoint");
     cJSON_Delete(res);
     return 0;
 }
@@ -945,13 +1024,19 @@ static int cmd_list(ctl *c, int argc, char **argv)
         if (!cJSON_GetArraySize(models))
             puts("no models loaded");
         else
-            printf("%-24s %-10s %-8s %8s %12s %8s %6s  %s\n", "NAME", "STATE", "DEVICES", "TENSORS", "SIZE",
+            printf("%-24s %-12s %-8s %8s %12s %8s %6s  %s\n", "NAME", "STATE", "DEVICES", "TENSORS", "SIZE",
                    "LOAD(s)", "LEASES", "PATH");
-        cJSON_ArrayForEach(m, models)
-            printf("%-24s %-10s %-8s %8.0f %12s %8.2f %6d  %s\n", str(m, "name"), str(m, "state"),
+        cJSON_ArrayForEach(m, models) {
+            /* asleep:host (offloaded) or asleep:ckpt (discarded) */
+            char state[32];
+            const char *where = str(m, "sleeps_in");
+            snprintf(state, sizeof state, "%s%s%s", str(m, "state"), *where ? ":" : "",
+                     strcmp(where, "checkpoint") == 0 ? "ckpt" : where);
+            printf("%-24s %-12s %-8s %8.0f %12s %8.2f %6d  %s\n", str(m, "name"), state,
                    devices_text(cJSON_GetObjectItemCaseSensitive(m, "devices"), devs, sizeof devs), num(m, "tensors"),
                    size_text(num(m, "bytes"), a, sizeof a), num(m, "load_seconds"),
                    cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(m, "leases")), str(m, "path"));
+        }
     }
     cJSON_Delete(res);
     return 0;
@@ -1338,9 +1423,16 @@ static const command commands[] = {
      "load a checkpoint (file, folder or index) onto devices, with progress;\n"
      "P: replicate (default) or expert-parallel (each layer's experts split\n"
      "across the devices); FILE: {\"devices\": [0, 1], \"placement\": P}"},
-    {"unload", cmd_unload, "NAME [--force [--wait SECONDS]]",
-     "free a model's memory; refused while workers are attached, unless\n"
-     "--force: they are asked to detach, and waited for (10 s)"},
+    {"unload", cmd_unload, "NAME [--force [--wait SECONDS]] [--keep-cached]",
+     "free a model's memory, every segment back to the devices (--keep-cached:\n"
+     "left in the allocator's cache); refused while workers are attached,\n"
+     "unless --force: they are asked to detach, and waited for (10 s)"},
+    {"sleep", cmd_sleep, "NAME [--offload|--discard] [--force]",
+     "give every byte of a model back to its devices: --offload (default)\n"
+     "keeps a copy in host memory, --discard reads the checkpoint again at\n"
+     "wake; attached workers unmap it and keep their addresses (--force:\n"
+     "those that do not answer in time lose their lease)"},
+    {"wake", cmd_wake, "NAME", "bring a sleeping model back, at the same addresses in its workers"},
     {"list", cmd_list, "", "the models the daemon holds"},
     {"info", cmd_info, "NAME", "every tensor of a model: dtype, shape, and where it lives on each device"},
     {"verify", cmd_verify, "NAME [--quick]",

@@ -163,6 +163,23 @@ const char *wdc_attachment_info(const wdc_attachment *a);
  * worker came back after --lease-grace); the mappings still last until
  * wdc_detach, but nothing holds the model. */
 int wdc_reattach(wdc_client *c, wdc_attachment *a, int timeout_ms);
+/* Sleep and wake (weightctl sleep): the daemon asks its holders to unmap a
+ * model it puts to sleep, and sends the new memory when it wakes. This
+ * library answers for the attachment by itself, whenever it reads the
+ * events (wdc_poll, or any call on c): it unmaps every piece but keeps the
+ * address ranges, says so, and at the wake maps the new memory at the same
+ * addresses, so that every pointer (and a CUDA graph captured over them)
+ * is valid again. A worker that must sleep promptly polls c (wdc_fd); one
+ * that does not answer within the daemon's sleep_timeout keeps the model
+ * awake (or loses its lease to sleep --force). The notice handler hears
+ * both events after they are handled. While asleep, the tensors must not
+ * be touched: on host a read faults (SIGSEGV), on cuda it is an illegal
+ * address, which ends the process's CUDA context. cuda-ipc mappings cannot
+ * keep their addresses: the daemon does not put a model they hold to
+ * sleep. State: 0 mapped, WDC_ASLEEP, or a negative errno when a wake could
+ * not map the new memory (the tensors stay unmapped; detach). */
+#define WDC_ASLEEP 1
+int wdc_attachment_state(const wdc_attachment *a);
 /* Copies len bytes of part p, from offset, into host memory dst. */
 int wdc_read(const wdc_attachment *a, const wdc_part *p, uint64_t offset, void *dst, size_t len);
 /* The checksum of t as this process maps it (one copy, its parts in order),

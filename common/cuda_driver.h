@@ -20,9 +20,10 @@
     X(cuMemCreate) X(cuMemRelease) X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemMap) X(cuMemUnmap) \
     X(cuMemSetAccess) X(cuMemExportToShareableHandle) X(cuMemAlloc) X(cuMemFree) X(cuIpcGetMemHandle)   \
     X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemHostRegister) X(cuMemHostUnregister) X(cuStreamCreate)    \
-    X(cuStreamDestroy) X(cuStreamSynchronize) X(cuMemcpyHtoDAsync) X(cuMemcpyHtoD) X(cuMemcpyDtoH)     \
+    X(cuStreamDestroy) X(cuStreamSynchronize) X(cuCtxSynchronize) X(cuMemcpyHtoDAsync) X(cuMemcpyHtoD) X(cuMemcpyDtoH)     \
     X(cuCtxPushCurrent) X(cuCtxPopCurrent) X(cuMemImportFromShareableHandle) X(cuIpcOpenMemHandle)      \
-    X(cuIpcCloseMemHandle)
+    X(cuIpcCloseMemHandle) X(cuMemcpyDtoDAsync) X(cuStreamBeginCapture) X(cuStreamEndCapture)            \
+    X(cuGraphInstantiateWithFlags) X(cuGraphLaunch) X(cuGraphDestroy) X(cuGraphExecDestroy) X(cuMemsetD8)
 
 typedef struct wd_cuda {
 #define X(f) __typeof__(f) *f;

@@ -42,7 +42,8 @@
     X(ETIMEDOUT,       "timed out")                                           \
     X(ECONNREFUSED,    "connection refused: is weightd running?")             \
     X(ECANCELED,       "cancelled")                                           \
-    X(EILSEQ,          "invalid byte sequence")
+    X(EILSEQ,          "invalid byte sequence")                               \
+    X(ESTALE,          "the checkpoint changed since it was loaded")
 
 typedef struct wd_error {
     int code;          /* negative errno, 0 when nothing failed */

@@ -425,14 +425,12 @@ static int share_fd(wd_server *s, int fd, bool writable, wd_error *err)
     return ro;
 }
 
-/* {"event": "attach", "id", "lease", LIST: [page]} as one line. */
-static char *page_line(wd_request *r, const wd_lease *l, const attach_page *pg, size_t *len)
+/* head (consumed) with LIST: [page] as one line. */
+static char *page_line(cJSON *head, const attach_page *pg, size_t *len)
 {
-    cJSON *head = wp_event_new(r->id, "attach");
     char *text, *line = NULL;
     size_t n;
 
-    cJSON_AddNumberToObject(head, "lease", (double)l->id);
     if ((text = cJSON_PrintUnformatted(head)) && (n = strlen(text)) &&
         (line = malloc(n + strlen(pg->list) + pg->len + 8))) {
         /* the header without its closing brace, then the list */
@@ -464,13 +462,57 @@ static int send_table(wd_server *s, wd_request *r, const wd_lease *l, const wd_a
                 rc = fds[n_fds];
                 break;
             }
-        if (!rc && !(line = page_line(r, l, pg, &len)))
-            rc = wd_error_set(err, -ENOMEM, "out of memory");
+        if (!rc) {
+            cJSON *head = wp_event_new(r->id, "attach");
+            cJSON_AddNumberToObject(head, "lease", (double)l->id);
+            if (!(line = page_line(head, pg, &len)))
+                rc = wd_error_set(err, -ENOMEM, "out of memory");
+        }
         if (!rc) {
             (*messages)++;
             if (!wd_request_send(r, line, len, fds, n_fds)) /* duplicates them */
                 rc = -ECONNRESET;
         }
+        for (size_t k = 0; k < n_fds; k++)
+            if (fds[k] != at->fds[pg->first_desc + k])
+                close(fds[k]);
+    }
+    return rc;
+}
+
+int wd_attach_send_wake(wd_server *s, wd_lease *l, wd_error *err)
+{
+    wd_attach_table *at;
+    int rc;
+
+    if (!l->conn)
+        return 0;
+    if ((rc = attach_table(s, l->model, l->device, &at, err)))
+        return rc;
+    for (size_t i = 0; i < at->n_pages && !rc; i++) {
+        const attach_page *pg = &at->pages[i];
+        int fds[WP_MAX_FDS];
+        size_t n_fds = 0, len = 0;
+        char *line;
+        cJSON *head;
+        if (strcmp(pg->list, "descriptors") != 0)
+            continue;
+        for (; s->backend->share != WA_SHARE_IPC && n_fds < pg->n_desc; n_fds++)
+            if ((fds[n_fds] = share_fd(s, at->fds[pg->first_desc + n_fds], l->writable, err)) < 0) {
+                rc = fds[n_fds];
+                break;
+            }
+        head = cJSON_CreateObject();
+        cJSON_AddStringToObject(head, "event", "wake");
+        cJSON_AddNumberToObject(head, "lease", (double)l->id);
+        cJSON_AddStringToObject(head, "name", l->model->name);
+        cJSON_AddNumberToObject(head, "descriptors_total", (double)at->n_desc);
+        if (!rc && !(line = page_line(head, pg, &len)))
+            rc = wd_error_set(err, -ENOMEM, "out of memory");
+        else if (!rc)
+            wd_conn_send(l->conn, line, len, fds, n_fds); /* a client gone ends its lease on its own */
+        else
+            cJSON_Delete(head);
         for (size_t k = 0; k < n_fds; k++)
             if (fds[k] != at->fds[pg->first_desc + k])
                 close(fds[k]);

@@ -23,6 +23,7 @@ typedef struct wd_request wd_request;
 typedef struct wd_model wd_model;
 typedef struct wd_job wd_job;
 typedef struct wd_lease wd_lease;
+typedef struct wd_sleep wd_sleep;
 typedef struct wd_attach_table wd_attach_table;
 
 /* ---- log.c --------------------------------------------------------------- */
@@ -113,7 +114,9 @@ void wd_log_set_peer_rate(unsigned per_second);
     X(attach_writable, BOOL, "off", "on|off", LIVE,                                               \
       "let the daemon's own user and root attach writable (workers get read-only mappings)")        \
     X(lease_grace, INT, "120", "SECONDS", RESTART,                                                \
-      "after a restart, how long a lease kept in the fd store waits for its worker to take it again")
+      "after a restart, how long a lease kept in the fd store waits for its worker to take it again") \
+    X(sleep_timeout, INT, "10", "SECONDS", LIVE,                                                  \
+      "how long sleep waits for attached workers to unmap a model before it gives up, naming them")
 
 typedef enum wd_option_id {
 #define X(name, type, def, meta, when, help) WD_OPT_##name,
@@ -365,6 +368,9 @@ bool wd_request_send(wd_request *r, char *line, size_t len, const int *fds, size
 /* Sends an event that belongs to no request (revoke) to c, unless c is
  * closing. Like every send it never closes c under the caller. Consumes ev. */
 void wd_conn_event(wd_conn *c, cJSON *ev);
+/* An event line (consumed) with descriptors (duplicated) that belongs to
+ * no request; false when c is going. */
+bool wd_conn_send(wd_conn *c, char *line, size_t len, const int *fds, size_t n);
 /* Watches c's peer process: when it exits, c closes (and its leases end),
  * even if a child still holds the socket. */
 void wd_conn_watch_peer(wd_conn *c);
@@ -382,6 +388,10 @@ void wd_fdstore_sync(wd_server *s);
  * passed back, each served as it was or dropped (logged); the descriptors
  * nobody takes are closed. */
 void wd_fdstore_restore(wd_server *s);
+/* m's memory is going (sleep): the store lets go of its descriptors and
+ * leases, and the record no longer has it (the next sync after it wakes
+ * stores it again). */
+void wd_fdstore_drop(wd_server *s, wd_model *m);
 /* A lease of a stored model into the store (add), or out of it. */
 void wd_fdstore_lease(wd_server *s, wd_lease *l, bool add);
 /* The fd store's state for stats. */
@@ -447,14 +457,39 @@ int wd_op_reattach(wd_server *s, wd_request *r);
 /* Encodes what attach sends for every device of m, now (the load's end)
  * rather than at the first attach. */
 void wd_attach_prepare(wd_server *s, wd_model *m);
+/* The "wake" events of lease l: its model's descriptors now, for the
+ * holder's client to map where it kept the addresses (sleep.c). */
+int wd_attach_send_wake(wd_server *s, wd_lease *l, wd_error *err);
 /* Drops m's encoded attach tables (the model goes, or its memory moves). */
 void wd_attach_forget(wd_model *m);
+
+/* ---- sleep.c: a model's device memory given back and taken again --------- */
+
+int wd_op_sleep(wd_server *s, wd_request *r);
+int wd_op_wake(wd_server *s, wd_request *r);
+/* A holder's client unmapped the model for its sleep. */
+int wd_op_slept(wd_server *s, wd_request *r);
+/* Where m sleeps ("host" or "checkpoint"), or NULL when it does not. */
+const char *wd_sleep_where(const wd_model *m);
+/* A holder of m answered, detached or went: a sleep may go on. */
+void wd_sleep_released(wd_server *s, wd_model *m);
+/* Sleeps whose holders did not answer in time give up (from the tick). */
+void wd_sleep_tick(wd_server *s);
+/* The client of r went away: a sleep or wake goes on unanswered. */
+void wd_sleep_request_gone(wd_server *s, wd_request *r);
+/* m's sleep state and host copy (unload, or m goes). */
+void wd_sleep_free(wd_model *m);
 
 /* ---- registry.c: the models, each one owner of its state and memory ----- */
 
 /* loading -> ready -> (unloading: a forced unload waits for its holders) ->
- * gone; a failed load or an unload that ends its wait goes the same ways. */
-#define WD_MODEL_STATES(X) X(LOADING, "loading") X(READY, "ready") X(UNLOADING, "unloading")
+ * gone; a failed load or an unload that ends its wait goes the same ways.
+ * ready -> sleeping (holders unmap, the copy goes to host memory) -> asleep
+ * (nothing on the devices) -> waking -> ready (sleep.c); a sleep or a wake
+ * that fails goes back to where it came from. */
+#define WD_MODEL_STATES(X)                                                                        \
+    X(LOADING, "loading") X(READY, "ready") X(SLEEPING, "sleeping") X(ASLEEP, "asleep")            \
+    X(WAKING, "waking") X(UNLOADING, "unloading")
 typedef enum wd_model_state {
 #define X(id, name) WD_MODEL_##id,
     WD_MODEL_STATES(X)
@@ -507,6 +542,9 @@ struct wd_model {
     wd_attach_table *attach_tables; /* what attach sends, encoded once per device asked for (attach.c) */
     wd_request *unload;       /* UNLOADING: the forced unload waiting for its holders */
     double unload_deadline;   /* monotonic: when that wait gives up */
+    bool unload_keep_cached;  /* that unload leaves the segments in the allocator's cache */
+    wd_model_state unload_from; /* the state it goes back to when that wait gives up */
+    wd_sleep *sleep;          /* SLEEPING, ASLEEP, WAKING: where it sleeps, and who waits (sleep.c) */
     wd_model *next;
 };
 
@@ -545,7 +583,7 @@ void wd_model_slab_placed(wd_model *m, wa_block *block);
  * with force, a revoke event to each holder and a wait of up to `wait`
  * seconds for them to detach (r is answered when it ends). 0 when r was
  * answered or kept, else a negative errno with r->err set. */
-int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double wait);
+int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double wait, bool keep_cached);
 /* A lease or a verify of m ended: an unload waiting for it may go on. */
 void wd_model_released(wd_server *s, wd_model *m);
 /* The client of r went away: a forced unload it waits for stops waiting. */
@@ -569,6 +607,19 @@ void wd_jobs_cancel_all(wd_server *s);
 void wd_jobs_cancel_verifies(wd_server *s, wd_model *m, const char *why);
 /* Progress events for the running load (from the tick timer). */
 void wd_jobs_progress(wd_server *s);
+/* Sleep and wake move a model's bytes with the daemon's pipeline, in turn
+ * with loads; done is called on the loop with how it went (ECANCELED when
+ * the daemon stops first). An offload copies m's devices into image's
+ * files (writable memfds of the shards' sizes); a refill allocates m's
+ * slabs again under the load policy and reads src into them (the image, or
+ * m's checkpoint), its checksums compared with the load's; a refill that
+ * fails frees every slab it took. */
+typedef void (*wd_move_done)(wd_server *s, wd_model *m, int rc, const wd_error *err);
+int wd_offload_start(wd_server *s, wd_model *m, const wl_checkpoint *image, wd_move_done done, wd_error *err);
+int wd_refill_start(wd_server *s, wd_model *m, const wl_checkpoint *src, wd_move_done done, wd_error *err);
+/* Frees every slab of m and gives the segments under them back to the
+ * devices, not to the allocator's cache. */
+void wd_model_free_memory(wd_server *s, wd_model *m);
 /* The load policy's state for stats: whether a load holds it now. */
 bool wd_jobs_load_active(const wd_server *s);
 /* Adds the jobs' state to a stats reply: a page from offset ("jobs",

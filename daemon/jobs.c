@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/checksum.h"
 #include "common/fault.h"
 #include "common/size.h"
 
@@ -29,7 +30,9 @@
 #define ALLOC_STEP_BYTES (256ull << 20)
 #define ALLOC_STEP_SECONDS 0.002
 
-typedef enum job_kind { JOB_LOAD, JOB_VERIFY } job_kind;
+/* Loads, sleeps (offloads) and wakes (refills) take the daemon's pipeline
+ * in turn, in the order asked; verifies have pipelines of their own. */
+typedef enum job_kind { JOB_LOAD, JOB_VERIFY, JOB_OFFLOAD, JOB_REFILL } job_kind;
 typedef enum job_state { JOB_QUEUED, JOB_RUNNING } job_state;
 
 struct wd_job {
@@ -51,6 +54,9 @@ struct wd_job {
     wd_error alloc_err;
     double t0;
     double t_opened, t_allocated; /* load: when the headers were read, the last tensor allocated */
+    const wl_checkpoint *src; /* offload: the files written; refill: the files read */
+    uint64_t *sums;           /* refill: the checksums of what it read, to compare with the load's */
+    wd_move_done done;        /* offload, refill: told on the loop how it ended */
     wd_job *prev, *next;
 };
 
@@ -104,10 +110,18 @@ static void job_free(wd_server *s, wd_job *j)
     free(j);
 }
 
+static const char *kind_name(const wd_job *j)
+{
+    static const char *const names[] = {"load", "verify", "sleep", "wake"};
+    return names[j->kind];
+}
+
 static const char *phase_name(const wd_job *j)
 {
     if (j->kind == JOB_VERIFY)
         return "verifying";
+    if (j->kind == JOB_OFFLOAD || j->kind == JOB_REFILL)
+        return j->state == JOB_QUEUED ? "queued" : j->kind == JOB_OFFLOAD ? "offloading" : "refilling";
     if (j->state == JOB_QUEUED)
         return "queued";
     return j->io.ckpt ? "reading" : "opening";
@@ -310,6 +324,8 @@ static void on_alloc_idle(uv_idle_t *h)
         allocation_done(s);
 }
 
+static void finish_refill(wd_job *j);
+
 static void after_read(uv_work_t *w, int status)
 {
     wd_job *j = w->data;
@@ -323,7 +339,10 @@ static void after_read(uv_work_t *w, int status)
         j->rc = j->alloc_rc;
         j->err = j->alloc_err;
     }
-    finish_load(j);
+    if (j->kind == JOB_REFILL)
+        finish_refill(j);
+    else
+        finish_load(j);
 }
 
 static void open_work(uv_work_t *w)
@@ -370,12 +389,15 @@ static void after_open(uv_work_t *w, int status)
     }
 }
 
+static void start_offload(wd_server *s, wd_job *j);
+static void start_refill(wd_server *s, wd_job *j);
+
 static void start_next_load(wd_server *s)
 {
     wd_job *next = NULL;
 
     for (wd_job *j = s->jobs; j; j = j->next) {
-        if (j->kind != JOB_LOAD)
+        if (j->kind == JOB_VERIFY)
             continue;
         if (j->state == JOB_RUNNING)
             return;
@@ -386,6 +408,14 @@ static void start_next_load(wd_server *s)
         return;
     next->state = JOB_RUNNING;
     next->t0 = wd_now();
+    if (next->kind == JOB_OFFLOAD) {
+        start_offload(s, next);
+        return;
+    }
+    if (next->kind == JOB_REFILL) {
+        start_refill(s, next);
+        return;
+    }
     {
         char devs[128];
         wd_log(WD_LOG_info, "loading %s from %s onto device %s", next->model->name, next->model->path,
@@ -437,6 +467,150 @@ int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *nam
     job_link(s, j);
     start_next_load(s);
     return 0;
+}
+
+/* ---- sleep and wake: a model's bytes moved off its devices and back ------- */
+
+static void end_move(wd_job *j)
+{
+    wd_server *s = j->srv;
+    wd_model *m = j->model;
+    wd_move_done done = j->done;
+    int rc = j->rc;
+    wd_error err = j->err;
+
+    free(j->sums);
+    job_free(s, j);
+    done(s, m, rc, &err);
+    wd_systemd_status(s);
+    start_next_load(s);
+    wd_server_maybe_finish(s);
+}
+
+static void offload_work(uv_work_t *w)
+{
+    wd_job *j = w->data;
+
+    run_io(j, j->srv->pipeline);
+}
+
+static void after_offload(uv_work_t *w, int status)
+{
+    wd_job *j = w->data;
+    (void)status;
+
+    j->srv->jobs_running--;
+    settle_cancel(j);
+    end_move(j);
+}
+
+static void start_offload(wd_server *s, wd_job *j)
+{
+    wd_model *m = j->model;
+
+    j->io.mode = WL_OFFLOAD;
+    j->io.ckpt = j->src;
+    j->io.dest = m->dest;
+    j->io.n_dest = m->n_dest;
+    atomic_store(&j->io.dests_ready, m->n_dest);
+    s->jobs_running++;
+    uv_queue_work(s->loop, &j->work, offload_work, after_offload);
+}
+
+/* Every slab of m freed, and the segments under them given back. */
+void wd_model_free_memory(wd_server *s, wd_model *m)
+{
+    for (size_t k = 0; k < m->n_slabs; k++)
+        if (m->slabs[k].block) {
+            wa_free(s->alloc, m->slabs[k].block);
+            m->slabs[k].block = NULL;
+        }
+    for (size_t i = 0; i < m->n_dest; i++)
+        m->dest[i].mem = NULL;
+    m->slabs_allocated = m->dests_ready = 0;
+    for (size_t i = 0; i < m->n_devices; i++)
+        wa_empty_cache(s->alloc, m->devices[i]);
+}
+
+/* Under the load policy, as a load: the slabs again (the same plan, so the
+ * same sizes in the same order), allocated beside the reads. */
+static void start_refill(wd_server *s, wd_job *j)
+{
+    wd_model *m = j->model;
+
+    if ((j->rc = wa_policy_push(s->alloc, s->load_policy, &j->err)))
+        goto fail;
+    j->policy_pushed = true;
+    wd_model_free_memory(s, m);
+    if ((j->rc = allocate_step(s, j, ALLOC_STEP_BYTES, ALLOC_STEP_SECONDS, &j->err)))
+        goto fail;
+    if (m->sums && !(j->sums = calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *j->sums))) {
+        j->rc = wd_error_set(&j->err, -ENOMEM, "out of host memory");
+        goto fail;
+    }
+    j->io.mode = WL_LOAD;
+    j->io.sums = j->sums;
+    j->io.ckpt = j->src;
+    j->io.dest = m->dest;
+    j->io.n_dest = m->n_dest;
+    s->jobs_running++;
+    uv_queue_work(s->loop, &j->work, read_work, after_read);
+    if (m->slabs_allocated < m->n_slabs) {
+        s->allocating = j;
+        uv_idle_start(&s->alloc_idle, on_alloc_idle);
+    }
+    return;
+fail:
+    finish_refill(j);
+}
+
+static void finish_refill(wd_job *j)
+{
+    wd_server *s = j->srv;
+    wd_model *m = j->model;
+
+    settle_cancel(j);
+    /* What came back is what was loaded, tensor by tensor. */
+    for (size_t t = 0; j->rc == 0 && j->sums && t < m->ckpt.n_tensors; t++)
+        if (j->sums[t] != m->sums[t]) {
+            char have[17], want[17];
+            j->rc = wd_error_set(&j->err, -EIO, "tensor \"%s\" came back with checksum %s, loaded with %s",
+                                 m->ckpt.tensors[t].st->name, wd_sum_format(j->sums[t], have),
+                                 wd_sum_format(m->sums[t], want));
+        }
+    if (j->rc)
+        wd_model_free_memory(s, m);
+    if (j->policy_pushed)
+        wa_policy_pop(s->alloc);
+    j->policy_pushed = false;
+    end_move(j);
+}
+
+static int move_start(wd_server *s, job_kind kind, wd_model *m, const wl_checkpoint *src, wd_move_done done,
+                      wd_error *err)
+{
+    wd_job *j;
+
+    if (s->stopping)
+        return wd_error_set(err, -ECANCELED, "weightd is stopping");
+    if (!(j = job_new(s, kind, JOB_QUEUED, NULL, err)))
+        return -ENOMEM;
+    j->model = m;
+    j->src = src;
+    j->done = done;
+    job_link(s, j);
+    start_next_load(s);
+    return 0;
+}
+
+int wd_offload_start(wd_server *s, wd_model *m, const wl_checkpoint *image, wd_move_done done, wd_error *err)
+{
+    return move_start(s, JOB_OFFLOAD, m, image, done, err);
+}
+
+int wd_refill_start(wd_server *s, wd_model *m, const wl_checkpoint *src, wd_move_done done, wd_error *err)
+{
+    return move_start(s, JOB_REFILL, m, src, done, err);
 }
 
 /* ---- verify ---------------------------------------------------------------- */
@@ -538,7 +712,12 @@ static void cancel_job(wd_server *s, wd_job *j, const char *why)
     if (j->state == JOB_QUEUED) {
         /* Nothing was taken yet: drop it here. */
         wd_model *m = j->model;
-        wd_log_peer(WD_LOG_info, "%s of %s cancelled before it started", j->kind == JOB_LOAD ? "load" : "verify", m->name);
+        wd_log_peer(WD_LOG_info, "%s of %s cancelled before it started", kind_name(j), m->name);
+        if (j->kind == JOB_OFFLOAD || j->kind == JOB_REFILL) {
+            j->rc = wd_error_set(&j->err, -ECANCELED, "cancelled before it started: %s", why);
+            end_move(j);
+            return;
+        }
         if (j->req)
             wd_reply_error(j->req, -ECANCELED, "cancelled before it started: %s", why);
         j->req = NULL;
@@ -563,8 +742,7 @@ void wd_jobs_request_gone(wd_server *s, wd_request *r)
         return;
     /* The caller frees r; the job ends without a reply. */
     job_detach_request(j);
-    wd_log_peer(WD_LOG_info, "client gone: cancelling the %s of %s", j->kind == JOB_LOAD ? "load" : "verify",
-           j->model->name);
+    wd_log_peer(WD_LOG_info, "client gone: cancelling the %s of %s", kind_name(j), j->model->name);
     cancel_job(s, j, "its client went away");
 }
 
@@ -596,7 +774,7 @@ void wd_jobs_progress(wd_server *s)
 bool wd_jobs_load_active(const wd_server *s)
 {
     for (const wd_job *j = s->jobs; j; j = j->next)
-        if (j->kind == JOB_LOAD && j->state == JOB_RUNNING)
+        if ((j->kind == JOB_LOAD || j->kind == JOB_REFILL) && j->state == JOB_RUNNING)
             return true;
     return false;
 }
@@ -611,7 +789,7 @@ void wd_jobs_describe(const wd_server *s, cJSON *out, size_t offset)
         if (i < offset || i >= offset + JOBS_PAGE)
             continue;
         cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "kind", j->kind == JOB_LOAD ? "load" : "verify");
+        cJSON_AddStringToObject(o, "kind", kind_name(j));
         cJSON_AddStringToObject(o, "model", j->model->name);
         cJSON_AddStringToObject(o, "phase", phase_name(j));
         cJSON_AddNumberToObject(o, "bytes_done", (double)atomic_load(&j->io.bytes_done));

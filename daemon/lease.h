@@ -39,6 +39,7 @@ struct wd_lease {
     char token[33];           /* a secret the attach reply gives its client: it takes the lease again after a restart */
     double orphan_until;      /* back from the fd store, its worker not yet: when it ends (monotonic); else 0 */
     bool stored;              /* in systemd's fd store (systemd.c) */
+    bool unmapped;            /* its holder unmapped the model for a sleep ("slept") and waits for "wake" */
     wd_lease *conn_next;      /* the connection's leases */
     wd_lease *model_next;     /* the model's leases */
 };

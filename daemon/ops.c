@@ -19,19 +19,31 @@ static size_t op_count(void);
 static const wd_op *op_at(size_t i);
 
 /* The model r names, once it has finished loading. */
-static int find_model(wd_server *s, wd_request *r, wd_model **out)
+/* The model named in r's args, in the state READY (or also ASLEEP, for
+ * operations an asleep model takes). */
+static int find_model_in(wd_server *s, wd_request *r, bool asleep_too, wd_model **out)
 {
     const char *name;
+    wd_model_state st;
     int rc;
 
     if ((rc = wp_arg_string(r->args, "name", true, &name, &r->err)))
         return rc;
     if (!(*out = wd_registry_find(s, name)))
         return wd_error_set(&r->err, -ENOENT, "no model named \"%s\" is loaded", name);
-    if ((*out)->state != WD_MODEL_READY)
+    st = (*out)->state;
+    if (st != WD_MODEL_READY && !(asleep_too && st == WD_MODEL_ASLEEP))
         return wd_error_set(&r->err, -EBUSY, "model \"%s\" is %s", name,
-                            (*out)->state == WD_MODEL_LOADING ? "still loading" : "being unloaded");
+                            st == WD_MODEL_LOADING ? "still loading"
+                            : st == WD_MODEL_UNLOADING ? "being unloaded"
+                            : st == WD_MODEL_ASLEEP ? "asleep (weightctl wake it first)"
+                                                    : wd_model_state_name(st));
     return 0;
+}
+
+static int find_model(wd_server *s, wd_request *r, wd_model **out)
+{
+    return find_model_in(s, r, false, out);
 }
 
 /* ---- hello ----------------------------------------------------------------- */
@@ -245,16 +257,17 @@ out:
 static int op_unload(wd_server *s, wd_request *r)
 {
     wd_model *m;
-    bool force = false;
+    bool force = false, keep_cached = false;
     int64_t wait = 10;
     int rc;
 
-    if ((rc = find_model(s, r, &m)))
+    if ((rc = find_model_in(s, r, true, &m)))
         return rc;
-    if ((rc = wp_arg_bool(r->args, "force", &force, &r->err)) == -EINVAL ||
+    if ((rc = wp_arg_bool(r->args, "keep_cached", &keep_cached, &r->err)) == -EINVAL ||
+        (rc = wp_arg_bool(r->args, "force", &force, &r->err)) == -EINVAL ||
         (rc = wp_arg_int(r->args, "wait", false, 0, 3600, &wait, &r->err)) == -EINVAL)
         return rc;
-    return wd_model_unload(s, m, r, force, (double)wait);
+    return wd_model_unload(s, m, r, force, (double)wait, keep_cached);
 }
 
 /* {"name", "quick"?}: the files against the devices byte for byte, or
@@ -285,6 +298,8 @@ static cJSON *model_summary(const wd_model *m, const wd_conn *viewer)
     cJSON_AddStringToObject(o, "name", m->name);
     cJSON_AddStringToObject(o, "path", m->path);
     cJSON_AddStringToObject(o, "state", wd_model_state_name(m->state));
+    if (wd_sleep_where(m)) /* "host": offloaded; "checkpoint": discarded, read again at wake */
+        cJSON_AddStringToObject(o, "sleeps_in", wd_sleep_where(m));
     cJSON_AddItemToObject(o, "devices", wd_model_devices_json(m));
     cJSON_AddStringToObject(o, "placement", wl_placement_name(m->placement));
     cJSON_AddNumberToObject(o, "tensors", (double)m->ckpt.n_tensors);
@@ -486,6 +501,7 @@ static int op_stats(wd_server *s, wd_request *r)
         cJSON_AddStringToObject(o, "name", info.name);
         cJSON_AddStringToObject(o, "uuid", info.uuid);
         cJSON_AddNumberToObject(o, "capacity", (double)st.capacity);
+        cJSON_AddNumberToObject(o, "free_bytes", (double)info.free);
 #define X(name, what)                                                            \
         {                                                                        \
             cJSON *v = cJSON_AddObjectToObject(o, #name);                        \
@@ -634,6 +650,9 @@ static const wd_op op_table[] = {
     {"stats",    op_stats,     READER, false, false},
     {"policy",   op_policy,    READER, false, false},
     {"snapshot", op_snapshot,  ADMIN,  false, false},
+    {"sleep",    wd_op_sleep,  ADMIN,  false, true},
+    {"wake",     wd_op_wake,   ADMIN,  false, true},
+    {"slept",    wd_op_slept,  READER, false, false},
     {"shutdown", op_shutdown,  ADMIN,  false, false},
 };
 #undef READER

@@ -117,6 +117,7 @@ void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
     for (size_t i = 0; give_back && i < m->n_devices; i++)
         wa_empty_cache(s->alloc, m->devices[i]);
     wd_attach_forget(m);
+    wd_sleep_free(m);
     wl_checkpoint_close(&m->ckpt);
     free(m->slabs);
     free(m->part);
@@ -287,7 +288,7 @@ int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err)
 
 /* ---- unload ------------------------------------------------------------------ */
 
-static void finish_unload(wd_server *s, wd_model *m, wd_request *r)
+static void finish_unload(wd_server *s, wd_model *m, wd_request *r, bool keep_cached)
 {
     cJSON *res = cJSON_CreateObject();
     char size[32];
@@ -296,19 +297,24 @@ static void finish_unload(wd_server *s, wd_model *m, wd_request *r)
     cJSON_AddNumberToObject(res, "bytes", (double)m->ckpt.total_bytes);
     cJSON_AddNumberToObject(res, "device_bytes", (double)m->device_bytes);
     wd_log(WD_LOG_notice, "unloaded %s (%s)", m->name, wd_size_format(m->device_bytes, size, sizeof size));
-    /* A daemon that unloads a model gives its memory back to the devices,
-     * and systemd's fd store lets go of it. */
-    wd_registry_remove(s, m, true);
+    /* A daemon that unloads a model gives its memory back to the devices
+     * (unless asked to keep the segments cached for the next load), and
+     * systemd's fd store lets go of it. */
+    cJSON_AddBoolToObject(res, "kept_cached", keep_cached);
+    wd_registry_remove(s, m, !keep_cached);
     wd_fdstore_sync(s);
     wd_reply_ok(r, res);
 }
 
-int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double wait)
+int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double wait, bool keep_cached)
 {
     char holders[512];
 
     if (m->state == WD_MODEL_UNLOADING)
         return wd_error_set(&r->err, -EBUSY, "model \"%s\" is already being unloaded", m->name);
+    if (m->state == WD_MODEL_SLEEPING || m->state == WD_MODEL_WAKING)
+        return wd_error_set(&r->err, -EBUSY, "model \"%s\" is %s; unload it once that is over", m->name,
+                            wd_model_state_name(m->state));
     if (force)
         wd_leases_end_orphans(s, m, "a forced unload (its worker is not back since the restart)");
     if (m->leases && !force) {
@@ -322,15 +328,17 @@ int wd_model_unload(wd_server *s, wd_model *m, wd_request *r, bool force, double
     if (m->busy)
         wd_jobs_cancel_verifies(s, m, "the model is being unloaded");
     if (!m->leases && !m->busy) {
-        finish_unload(s, m, r);
+        finish_unload(s, m, r, keep_cached);
         return 0;
     }
     if (m->leases) {
         wd_leases_describe(m, holders, sizeof holders);
         wd_log(WD_LOG_notice, "unloading %s: asking %s to detach (%.0f s at most)", m->name, holders, wait);
     }
+    m->unload_from = m->state;
     m->state = WD_MODEL_UNLOADING;
     m->unload = r;
+    m->unload_keep_cached = keep_cached;
     m->unload_deadline = wd_now() + wait;
     wd_leases_revoke(s, m, "unload");
     return 0;
@@ -340,10 +348,11 @@ void wd_model_released(wd_server *s, wd_model *m)
 {
     wd_request *r = m->unload;
 
+    wd_sleep_released(s, m);
     if (m->state != WD_MODEL_UNLOADING || m->leases || m->busy || !r)
         return;
     m->unload = NULL;
-    finish_unload(s, m, r);
+    finish_unload(s, m, r, m->unload_keep_cached);
 }
 
 void wd_models_request_gone(wd_server *s, wd_request *r)
@@ -352,7 +361,7 @@ void wd_models_request_gone(wd_server *s, wd_request *r)
         if (m->unload == r) {
             wd_log(WD_LOG_info, "the forced unload of %s stopped waiting: its client went away", m->name);
             m->unload = NULL;
-            m->state = WD_MODEL_READY;
+            m->state = m->unload_from; /* ready or asleep, as before */
         }
 }
 
@@ -366,7 +375,7 @@ void wd_models_tick(wd_server *s)
         if (m->state != WD_MODEL_UNLOADING || now < m->unload_deadline)
             continue;
         m->unload = NULL;
-        m->state = WD_MODEL_READY;
+        m->state = m->unload_from; /* ready or asleep, as before */
         wd_leases_describe(m, holders, sizeof holders);
         wd_log(WD_LOG_warning, "unload of %s gave up: still attached by %s", m->name, holders);
         wd_reply_error(r, -EBUSY, "model \"%s\" is still attached by %s after they were asked to detach", m->name,

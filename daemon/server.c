@@ -281,6 +281,16 @@ bool wd_request_send(wd_request *r, char *line, size_t len, const int *fds, size
     return c && !c->dead && !c->broken;
 }
 
+bool wd_conn_send(wd_conn *c, char *line, size_t len, const int *fds, size_t n)
+{
+    if (c->closing) {
+        free(line);
+        return false;
+    }
+    conn_send_line(c, line, len, fds, n);
+    return !c->dead && !c->broken;
+}
+
 void wd_conn_event(wd_conn *c, cJSON *ev)
 {
     if (c->closing) {
@@ -335,6 +345,7 @@ static void conn_close(wd_conn *c, const char *why)
         wd_request *r = c->pending;
         wd_jobs_request_gone(s, r);
         wd_models_request_gone(s, r);
+        wd_sleep_request_gone(s, r);
         request_free(r);
     }
     wd_leases_conn_gone(s, c, why ? why : "the connection closed");
@@ -892,6 +903,7 @@ static void on_tick(uv_timer_t *h)
     }
     wd_jobs_progress(s);
     wd_models_tick(s);
+    wd_sleep_tick(s);
     wd_leases_tick(s);
     conns_tick(s);
     wd_systemd_watchdog(s);

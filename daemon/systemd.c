@@ -271,6 +271,22 @@ void wd_fdstore_sync(wd_server *s)
             remove_name(st, i);
 }
 
+void wd_fdstore_drop(wd_server *s, wd_model *m)
+{
+    if (!m->record && !m->n_stored)
+        return;
+    for (size_t i = 0; i < m->n_stored; i++)
+        free(m->stored[i]);
+    free(m->stored);
+    m->stored = NULL;
+    m->n_stored = 0;
+    free(m->record);
+    m->record = NULL;
+    for (wd_lease *l = m->leases; l; l = l->model_next)
+        l->stored = false;
+    wd_fdstore_sync(s); /* a record without m, and its descriptors out */
+}
+
 /* Newest first: "wd-rec-G" by G. */
 static int by_generation(const void *a, const void *b)
 {

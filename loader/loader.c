@@ -312,6 +312,20 @@ static int read_full(int fd, void *buf, size_t len, uint64_t off, const char *pa
     return 0;
 }
 
+static int pwrite_full(int fd, const void *buf, uint64_t len, uint64_t off, const char *path, wd_error *err)
+{
+    for (uint64_t done = 0; done < len;) {
+        ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return wd_error_set(err, n < 0 ? -errno : -EIO, "%s: write at byte %llu: %s", path,
+                                (unsigned long long)(off + done), n < 0 ? strerror(errno) : "nothing written");
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
 /* Through the page cache. A read that would wait for the disk (RWF_NOWAIT
  * says so) first asks the kernel for the chunk READAHEAD bytes on, and the
  * shard's first chunk for all of the READAHEAD bytes after it: a cold load
@@ -531,6 +545,55 @@ static void sum_chunk(worker *w, const chunk *c)
     }
 }
 
+/* Offload: one copy of the bytes the chunk's pieces hold, from the devices
+ * to the chunk's place in its file: a replicated tensor's first copy, a
+ * split one's parts in turn (as sum_chunk walks them). Memory the CPU
+ * addresses is written from where it is; device memory is copied into the
+ * staging buffer first, at the chunk's layout, and written in one go. */
+static int offload_chunk(worker *w, const chunk *c, wd_error *err)
+{
+    wl_pipeline *p = w->p;
+    const wl_job *job = p->job;
+    const char *path = job->ckpt->shards[c->shard].path;
+    uint32_t tensor = UINT32_MAX;
+    uint64_t pos = 0, lo = UINT64_MAX, hi = 0;
+    char *buf = NULL;
+    int rc;
+
+    for (size_t j = 0; j < c->n; j++) {
+        const piece *pc = &p->pieces[c->first + j];
+        const wl_dest *d = &job->dest[pc->dest];
+        uint64_t from = d->tensor_off + pc->dest_off, skip, len;
+        if (d->tensor != tensor) {
+            tensor = d->tensor;
+            pos = from;
+        }
+        if (from > pos || from + pc->len <= pos)
+            continue; /* a copy of bytes written already */
+        skip = pos - from;
+        len = pc->len - skip;
+        pos = from + pc->len;
+        if (d->mem->host && !p->stage_host) {
+            if (pwrite_full(p->fd[c->shard], (const char *)d->mem->host + d->offset + pc->dest_off + skip, len,
+                            c->read_off + pc->at + skip, path, err))
+                return err->code;
+            continue;
+        }
+        if (!buf && !(buf = w->buf[0]) && !(buf = w->buf[0] = buffer_alloc(p, p->chunk, err)))
+            return err->code ? err->code : -ENOMEM;
+        if ((rc = p->backend->read(p->backend, d->device, d->mem, d->offset + pc->dest_off + skip,
+                                   buf + pc->at + skip, len, err))) {
+            wd_error_prefix(err, "tensor \"%s\"", job->ckpt->tensors[tensor].st->name);
+            return rc;
+        }
+        if (pc->at + skip < lo)
+            lo = pc->at + skip;
+        if (pc->at + skip + len > hi)
+            hi = pc->at + skip + len;
+    }
+    return lo < hi ? pwrite_full(p->fd[c->shard], buf + lo, hi - lo, c->read_off + lo, path, err) : 0;
+}
+
 static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
 {
     wl_pipeline *p = w->p;
@@ -545,6 +608,16 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
      * Cancelled while waiting: the worker's loop stops at its next look. */
     if (c->n && !wait_dests(job, p->pieces[c->first + c->n - 1].dest + 1))
         return 0;
+    if (job->mode == WL_OFFLOAD) {
+        if ((rc = offload_chunk(w, c, err)))
+            return rc;
+        for (size_t j = 0; j < c->n; j++) {
+            const piece *pc = &p->pieces[c->first + j];
+            useful += pc->len;
+            finished += pc->dest_off + pc->len == job->dest[pc->dest].len;
+        }
+        goto out;
+    }
     for (size_t j = 0; j < c->n; j++) {
         const piece *pc = &p->pieces[c->first + j];
         direct_to_host &= job->dest[pc->dest].mem->host != NULL;

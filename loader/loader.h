@@ -39,8 +39,10 @@ typedef struct wl_dest {
 
 /* WL_LOAD: files to devices; WL_VERIFY: files against devices, byte for
  * byte; WL_QUICK: every copy on the devices against the checksums in sums,
- * without the files. */
-typedef enum wl_mode { WL_LOAD, WL_VERIFY, WL_QUICK } wl_mode;
+ * without the files; WL_OFFLOAD: devices to files, the reverse of a load
+ * (a model put to sleep: its shards' files are writable memfds of their
+ * sizes, and a tensor on several devices is written once). */
+typedef enum wl_mode { WL_LOAD, WL_VERIFY, WL_QUICK, WL_OFFLOAD } wl_mode;
 typedef enum wl_direct { WL_DIRECT_OFF, WL_DIRECT_ON } wl_direct;
 
 typedef struct wl_pipeline_opts {

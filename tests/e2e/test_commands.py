@@ -151,7 +151,7 @@ class ModelCommands(h.E2ETestCase):
         self.assertJsonError(d.ctl_json("unload", "small"), "ENOENT")
         o = d.ctl_json("unload", "qwen").json
         size = h.checkpoint_bytes(self.qwen)
-        self.assertEqual(o, {"name": "qwen", "bytes": size, "device_bytes": size})
+        self.assertEqual(o, {"name": "qwen", "bytes": size, "device_bytes": size, "kept_cached": False})
         self.assertEqual(d.device(0)["reserved_bytes"]["current"], 0)
         # loading again after an unload works
         h.load_ok(self, d, self.small)

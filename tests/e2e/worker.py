@@ -11,6 +11,9 @@ framework (Debian's, for numpy and torch).
     worker.py SOCKET torch NAME CHECKPOINT           torch tensors: dtypes, data_ptr, a computation
     worker.py SOCKET ride NAME                       attach and compute on the tensors through daemon restarts;
                                                      stdin "status" prints a JSON line, "quit" detaches
+    worker.py SOCKET sleeper NAME                    attach and stay through sleeps and wakes of the model;
+                                                     stdin "status" prints its state, addresses and (awake)
+                                                     its tensors' CRCs, "quit" detaches
 
 Each prints one JSON line with what it found (the tests assert on it), or
 fails with a traceback and exit status 1.
@@ -196,6 +199,33 @@ def cmd_ride(sock, name):
     print(json.dumps({"closed": True}), flush=True)
 
 
+def cmd_sleeper(sock, name):
+    """A worker whose model the daemon puts to sleep and wakes: what it
+    maps, where, and what the bytes are, on request. Its keeper thread
+    answers the daemon's sleep and wake."""
+    import zlib
+    att = weightd.Client(sock).attach(name, framework="memoryview")
+    lib = att._map.lib
+
+    def handles():
+        return [lib.wdc_attachment_handle(att._map.att, i).contents.ptr
+                for i in range(lib.wdc_attachment_handle_count(att._map.att))]
+
+    def crcs():
+        return {k: zlib.crc32(bytes(v)) for k, v in att.items()}
+    print("READY %d" % att.lease, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "status":
+            att.process_events(0)
+            asleep = att.asleep
+            print(json.dumps({"asleep": asleep, "wake_error": att.wake_error, "handles": handles(),
+                              "crcs": None if asleep else crcs()}), flush=True)
+        elif line.strip() == "quit":
+            break
+    att.close()
+    print(json.dumps({"closed": True}), flush=True)
+
+
 def main(argv):
     sock, cmd, args = argv[1], argv[2], argv[3:]
     opts = {}
@@ -214,6 +244,8 @@ def main(argv):
         cmd_torch(sock, args[0], args[1])
     elif cmd == "ride":
         cmd_ride(sock, args[0])
+    elif cmd == "sleeper":
+        cmd_sleeper(sock, args[0])
     else:
         raise SystemExit("unknown command %r" % cmd)
 

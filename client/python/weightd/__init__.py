@@ -291,8 +291,28 @@ class Client:
             for fd in fds:
                 os.close(fd)
 
-    def unload(self, name):
-        return self.call("unload", {"name": name})
+    def unload(self, name, force=False, wait=None, keep_cached=False):
+        """Frees a model; every segment goes back to the devices unless
+        keep_cached. force: its holders are asked to detach and waited for."""
+        args = {"name": name}
+        if force:
+            args["force"] = True
+        if wait is not None:
+            args["wait"] = int(wait)
+        if keep_cached:
+            args["keep_cached"] = True
+        return self.call("unload", args, timeout=None if wait is None else self.timeout + wait)
+
+    def sleep(self, name, mode="offload", force=False):
+        """Gives every byte of a model back to its devices: "offload" keeps
+        a copy in the daemon's host memory, "discard" reads the checkpoint
+        again at wake. Attached workers unmap and keep their addresses."""
+        return self.call("sleep", {"name": name, "mode": mode, "force": bool(force)},
+                         timeout=max(self.timeout or 0, 3600))
+
+    def wake(self, name):
+        """Brings a sleeping model back, at the same addresses in its workers."""
+        return self.call("wake", {"name": name}, timeout=max(self.timeout or 0, 3600))
 
     def _paged(self, op, key, args=None):
         """Every entry of a listing the daemon sends a page at a time."""
@@ -459,6 +479,7 @@ def _library():
                           ("wdc_attachment_handle_count", sz, [vp]),
                           ("wdc_attachment_handle", ctypes.POINTER(_Handle), [vp, sz]),
                           ("wdc_attachment_lease", u64, [vp]), ("wdc_attachment_info", cp, [vp]),
+                          ("wdc_attachment_state", ci, [vp]),
                           ("wdc_detach", ci, [vp, vp, ci]), ("wdc_reattach", ci, [vp, vp, ci]),
                           ("wdc_checkpoint_files", ci, [cp, ctypes.POINTER(vp), ctypes.POINTER(sz), cp, sz]),
                           ("wdc_free", None, [vp])):
@@ -685,7 +706,19 @@ class Attachment(collections.abc.Mapping):
     this process. `reattached` counts those returns; `lost` says why the
     lease could not be taken again (the tensors are then unleased: the
     daemon may unload the model, and they must not be used after that).
-    reconnect=0: no thread; events are read by process_events() alone."""
+    reconnect=0: no thread; events are read by process_events() alone.
+
+    Sleep and wake (weightctl sleep, wake): when the daemon puts the model
+    to sleep, the library unmaps every tensor's memory but keeps its
+    addresses, and tells the daemon; at the wake it maps the new memory at
+    the same addresses. The tensors (their data_ptr(), and CUDA graphs
+    captured over them) are then valid again, unchanged. While `asleep`
+    they must not be touched: on the CPU a read faults (SIGSEGV), on a GPU
+    it is an illegal address that ends this process's CUDA context. The
+    keeper thread answers at once; with reconnect=0, call process_events()
+    often enough to answer within the daemon's sleep_timeout. `wake_error`
+    says why a wake could not map the new memory (the tensors then stay
+    unmapped: close the attachment)."""
 
     def __init__(self, path, name, device=None, framework="auto", writable=False, on_revoke=None, timeout=30.0,
                  reconnect=300.0):
@@ -837,6 +870,17 @@ class Attachment(collections.abc.Mapping):
         return [dict(p) for p in self._parts[name]]
 
     # ---- events and the end ------------------------------------------------------
+
+    @property
+    def asleep(self):
+        """True while the daemon has the model asleep: the tensors are unmapped."""
+        return bool(self._map.att) and self._map.lib.wdc_attachment_state(self._map.att) == 1
+
+    @property
+    def wake_error(self):
+        """None, or the error code of a wake that could not map the new memory."""
+        state = self._map.lib.wdc_attachment_state(self._map.att) if self._map.att else 0
+        return errno.errorcode.get(-state, "EIO") if state < 0 else None
 
     def fileno(self):
         """For select(): readable when the daemon said something (a
