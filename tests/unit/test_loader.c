@@ -1,12 +1,14 @@
 /* loader.c, the read pipeline, on the host backend: loads whose dests get
  * their memory while the job runs (as the daemon allocates beside the
- * reads), a cancel while readers wait for memory, and verifies through
- * staging buffers (the page-cache read path). */
+ * reads), a cancel while readers wait for memory, verifies through
+ * staging buffers (the page-cache read path), and a sleep's offload. */
 #include "tests/unit/suites.h"
 
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "allocator/allocator.h"
@@ -274,6 +276,66 @@ START_TEST(checksums_while_loading_are_the_files_on_either_path)
 }
 END_TEST
 
+/* A sleep's offload: the devices' bytes into memfds the size of the
+ * shards, each where its file has it; and a load back from them. */
+START_TEST(offload_writes_each_tensor_where_its_file_has_it_on_either_path)
+{
+    fixture f;
+    wl_job job;
+    wl_checkpoint image;
+
+    setup(&f);
+    for (int staged = 0; staged < 2; staged++) {
+        wl_pipeline_opts po = {.threads = 2, .staging = 4 * MiB, .stage_host = staged};
+        wl_pipeline *p;
+        wd_error e = {0};
+        ck_assert_int_eq(wl_pipeline_create(f.backend, &po, &p, &e), 0);
+        job_init(&job, &f, WL_LOAD, f.n_dest);
+        ck_assert_int_eq(wl_job_run(p, &job), 0);
+        image = f.ck;
+        image.shards = calloc(f.ck.n_shards, sizeof *image.shards);
+        for (size_t i = 0; i < f.ck.n_shards; i++) {
+            image.shards[i] = f.ck.shards[i];
+            image.shards[i].fd = memfd_create("offload-test", MFD_CLOEXEC);
+            ck_assert_int_eq(ftruncate(image.shards[i].fd, (off_t)image.shards[i].file_size), 0);
+        }
+        job_init(&job, &f, WL_OFFLOAD, f.n_dest);
+        job.ckpt = &image;
+        ck_assert_msg(wl_job_run(p, &job) == 0, "%s", job.err.msg);
+        ck_assert_uint_eq(bytes_done(&job), f.total);
+        ck_assert_uint_eq(tensors_done(&job), f.n_dest);
+        for (size_t t = 0; t < f.ck.n_tensors; t++) {
+            const wl_shard *sh = &image.shards[f.ck.tensors[t].shard];
+            const st_tensor *x = f.ck.tensors[t].st;
+            size_t len = (size_t)st_tensor_nbytes(x);
+            unsigned char *want = malloc(len + 1), *have = malloc(len + 1);
+            wl_ckpt_fill(SEED, x->name, 0, want, len);
+            ck_assert_int_eq(pread(sh->fd, have, len, (off_t)(sh->st.data_offset + x->begin)), (ssize_t)len);
+            ck_assert_msg(memcmp(want, have, len) == 0, "tensor %s, %s", x->name, staged ? "staged" : "direct");
+            free(want);
+            free(have);
+        }
+        /* and back: a load from the memfds, mtime and all as they are now */
+        for (size_t i = 0; i < f.n_dest; i++)
+            memset(f.mem[i].host, 0, f.dest[i].len);
+        for (size_t i = 0; i < f.ck.n_shards; i++) {
+            struct stat st;
+            ck_assert_int_eq(fstat(image.shards[i].fd, &st), 0);
+            image.shards[i].mtime = st.st_mtim;
+        }
+        job_init(&job, &f, WL_LOAD, f.n_dest);
+        job.ckpt = &image;
+        ck_assert_msg(wl_job_run(p, &job) == 0, "%s", job.err.msg);
+        check_contents(&f);
+        for (size_t i = 0; i < f.ck.n_shards; i++)
+            close(image.shards[i].fd);
+        free(image.shards);
+        wl_pipeline_destroy(p);
+    }
+    teardown(&f);
+}
+END_TEST
+
 Suite *loader_suite(void)
 {
     Suite *s = suite_create("loader");
@@ -284,6 +346,7 @@ Suite *loader_suite(void)
     tcase_add_test(tc, a_cancel_ends_readers_that_wait_for_memory);
     tcase_add_test(tc, verify_through_staging_buffers_finds_a_changed_byte);
     tcase_add_test(tc, checksums_while_loading_are_the_files_on_either_path);
+    tcase_add_test(tc, offload_writes_each_tensor_where_its_file_has_it_on_either_path);
     suite_add_tcase(s, tc);
     return s;
 }
