@@ -650,6 +650,7 @@ static int cmd_wake(ctl *c, int argc, char **argv)
 typedef struct hold_state {
     bool revoked;
     char reason[64];
+    unsigned sleeps, wakes;   /* the library unmapped and mapped again by itself */
 } hold_state;
 
 static void on_notice(const char *event_json, void *ctx)
@@ -660,6 +661,10 @@ static void on_notice(const char *event_json, void *ctx)
     if (ev && strcmp(str(ev, "event"), "revoke") == 0) {
         h->revoked = true;
         snprintf(h->reason, sizeof h->reason, "%s", str(ev, "reason"));
+    } else if (ev && strcmp(str(ev, "event"), "sleep") == 0) {
+        h->sleeps++;
+    } else if (ev && strcmp(str(ev, "event"), "wake") == 0) {
+        h->wakes++;
     }
     cJSON_Delete(ev);
 }
@@ -850,6 +855,28 @@ static int cmd_attach(ctl *c, int argc, char **argv)
     }
     if (held.revoked)
         cJSON_AddStringToObject(info, "revoked", held.reason);
+    cJSON_AddNumberToObject(info, "sleeps", held.sleeps);
+    cJSON_AddNumberToObject(info, "wakes", held.wakes);
+    /* The daemon put the model to sleep and woke it meanwhile: the same
+     * addresses hold the same bytes again (unless a wake failed). */
+    if (held.sleeps && !c->json) {
+        int st = wdc_attachment_state(att);
+        printf("the model slept %u time%s and woke %u: %s\n", held.sleeps, held.sleeps == 1 ? "" : "s",
+               held.wakes, st == 0 ? "mapped again at the same addresses" : st == WDC_ASLEEP ? "still asleep"
+                                                                           : "a wake could not map it");
+    }
+    if (held.sleeps && verify && wdc_attachment_state(att) == 0) {
+        wd_error err = {0};
+        size_t bad2 = 0, summed2 = 0;
+        if (verify_attachment(att, path, device == NULL, &bad2, &summed2, first_bad, sizeof first_bad, &err) == 0) {
+            bad += bad2;
+            cJSON_AddBoolToObject(info, "match_after_wake", bad2 == 0);
+            if (!c->json && bad2)
+                printf("after the wake: DIFFERS from the checkpoint: %zu tensors; %s\n", bad2, first_bad);
+            else if (!c->json)
+                printf("after the wake: every part matches the checkpoint again\n");
+        }
+    }
     rc = wdc_detach(c->client, att, c->timeout_ms);
     if (c->json)
         print_json(info);
