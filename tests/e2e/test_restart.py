@@ -343,6 +343,28 @@ class RideThrough(ServiceCase):
         bad = self.raw(d).request("reattach", {"token": token})
         self.assertEqual(bad["error"]["code"], "EBUSY", bad)
 
+    def test_a_reattach_past_the_lease_bound_is_refused(self):
+        d = self.service("--lease-grace", "30")
+        self.load(d, "a", h.checkpoint("small"))
+        tokens = []
+        for _ in range(2):
+            reply = self.raw(d).request("attach", {"name": "a"})
+            self.assertTrue(reply["ok"], reply)
+            tokens.append(reply["result"]["token"])
+        self.systemd.wait_settled()
+        d.kill9()
+        d.args += ["--max-leases-per-client", "1"]
+        d.start()
+        c = self.raw(d)
+        self.assertTrue(c.request("reattach", {"token": tokens[0]})["ok"])
+        bad = c.request("reattach", {"token": tokens[1]})
+        h.assert_error_reply(self, bad, "ENOSPC", check_id=False)
+        self.assertIn("this connection holds 1 lease (max_leases_per_client 1)", bad["error"]["message"])
+        # the refused lease still waits for its worker: another connection takes it
+        again = self.raw(d).request("reattach", {"token": tokens[1]})
+        self.assertTrue(again["ok"], again)
+        self.assertEqual(len(d.ctl_json("leases").json["leases"]), 2)
+
 
 if __name__ == "__main__":
     unittest.main()
