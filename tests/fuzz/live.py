@@ -41,6 +41,9 @@ derived from the seed) throw at the socket:
                reply must come, once, in order, and be right
   verify       a few pipelined verifies of the model, read or abandoned
   worker       `weightctl attach --hold` killed with SIGKILL at a random moment
+  reattach     an attach's lease token in another connection's reattach: EBUSY
+               while its connection holds it, ENOENT altered or once that
+               connection closed (no fd store here); never shown by leases
 
 Frames that would stop the campaign are never sent: a denylist (a mirror of
 the daemon's own argument checks, with cJSON's first-key and C-string
@@ -120,19 +123,22 @@ FIELDS = {
     "load": {"path": ("string", True), "name": ("string", False), "device": ("device", False),
              "devices": ("devices", False), "placement": ("placement", False)},
     "unload": {"name": ("string", True), "force": ("bool", False), "wait": ("int", False, 0, 3600)},
-    "verify": {"name": ("string", True)},
-    "list": {},
+    "verify": {"name": ("string", True), "quick": ("bool", False)},
+    "list": {"offset": ("int", False, 0, INT32_MAX), "limit": ("int", False, 1, 1000)},
     "info": {"name": ("string", True), "offset": ("int", False, 0, INT32_MAX), "limit": ("int", False, 1, 100000)},
     "attach": {"name": ("string", True), "device": ("device", False), "writable": ("bool", False)},
     "detach": {"lease": ("int", True, 1, INT64_MAX // 2)},
+    "reattach": {"token": ("string", True)},
     "leases": {"offset": ("int", False, 0, INT32_MAX)},
-    "stats": {},
+    "stats": {"jobs_offset": ("int", False, 0, INT32_MAX)},
     "policy": {"conf": ("string", False)},
     "snapshot": {"device": ("int", False, 0, INT32_MAX), "segment": ("int", False, 0, INT32_MAX),
                  "block": ("int", False, 0, INT32_MAX)},
     "shutdown": {},
 }
 DANGEROUS_OPS = ("shutdown", "unload", "load")
+# What a reader is refused (daemon/ops.c's table; policy set besides, checked by op_policy).
+ADMIN_OPS = ("load", "unload", "verify", "snapshot", "shutdown")
 # A fixed mmap threshold: glibc's dynamic one grows after the first 1 MiB
 # buffers are freed, and it then keeps tens of MiB of freed heap that would
 # read as a leak in VmRSS. With it fixed, freed big buffers go back at once.
@@ -141,7 +147,7 @@ DEFAULT_TUNABLES = "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_thresho
 KINDS = collections.OrderedDict([
     ("random", 8), ("mutated", 14), ("utf8", 10), ("nesting", 4), ("numbers", 8), ("types", 16),
     ("overlong", 3), ("fds", 8), ("halfline", 6), ("noread", 3), ("burst", 3), ("prehello", 5),
-    ("flood", 7), ("verify", 2), ("worker", 2),
+    ("flood", 7), ("verify", 2), ("worker", 2), ("reattach", 2),
 ])
 
 
@@ -695,6 +701,7 @@ def valid_frames(rng, ctx, id):
                                        "block": rng.randrange(0, 3)}),
         lambda: frame(id, "policy"),
         lambda: frame(id, "detach", {"lease": rng.randrange(1, 1000)}),
+        lambda: frame(id, "reattach", {"token": "%032x" % rng.getrandbits(128)}),
         lambda: frame(id, "verify", {"name": "nope"}),
         lambda: frame(id, "attach", {"name": "nope"}),
         lambda: frame(id, "nosuchop", {"x": 1}),
@@ -1282,6 +1289,7 @@ class Peer(threading.Thread):
             "info": {"name": MODEL, "offset": 0, "limit": 2},
             "attach": {"name": MODEL, "device": 0, "writable": False},
             "detach": {"lease": 1},
+            "reattach": {"token": "0" * 32},
             "leases": {"offset": 0},
             "policy": {},
             "snapshot": {"device": 0, "segment": 0, "block": 0},
@@ -1670,6 +1678,62 @@ class Peer(threading.Thread):
                     self.wrong("verify failed or did not match", json.dumps(r)[:300])
 
 
+    def ask(self, c, op, args, what):
+        """One request on c; its reply, or None (a finding when none came)."""
+        n = len(c.replies)
+        rid = "%s-%d-%d" % (op, self.action, n)
+        if not c.send(frame(rid, op, args)) or not self.expect_reply(c, n + 1, what):
+            return None
+        return c.replies[n]
+
+    def do_reattach(self, conns):
+        rng = self.rng
+        a = self.conn()
+        if not a or not self.hello(a):
+            return
+        r = self.ask(a, "attach", {"name": MODEL}, "an attach")
+        if r is None:
+            return
+        res = r.get("result") or {}
+        token, lease = res.get("token"), res.get("lease")
+        if r.get("ok") is not True or not isinstance(token, str) or not re.fullmatch(r"[0-9a-f]{32}", token):
+            self.wrong("an attach without a lease token", json.dumps(r)[:300])
+            return
+        b = self.conn()
+        if not b or not self.hello(b):
+            return
+        other = token[:-1] + ("1" if token[-1] == "0" else "0")
+        altered = [token.upper(), token[:-1], token + "0", other, " " + token]
+        for t, code in [(token, "EBUSY")] + [(t, "ENOENT") for t in rng.sample(altered, rng.randint(1, 3))]:
+            r = self.ask(b, "reattach", {"token": t}, "a reattach")
+            if r is None:
+                return
+            got = "ok" if r.get("ok") else (r.get("error") or {}).get("code")
+            if got != code and not (code == "ENOENT" and t.upper() == token.upper() and got == "EBUSY"):
+                self.wrong("reattach: a wrong answer", json.dumps(r)[:300],
+                           variant="%s token answered %s, not %s" % ("its" if t == token else "an altered", got, code))
+        r = self.ask(b, "leases", None, "leases")
+        if r is not None and token in json.dumps(r):
+            self.wrong("leases shows a lease's token", json.dumps(r)[:300])
+        a.close()
+        # The lease ends when the daemon sees the close: EBUSY until then.
+        deadline = time.monotonic() + self.ctx.reply_timeout
+        while True:
+            r = self.ask(b, "reattach", {"token": token}, "a reattach")
+            if r is None:
+                return
+            code = "ok" if r.get("ok") else (r.get("error") or {}).get("code")
+            if code != "EBUSY":
+                break
+            if time.monotonic() > deadline:
+                self.finding("leak", "a lease outlives its connection", "lease %r: %s" % (lease, json.dumps(r)[:300]))
+                return
+            self.ctx.stop.wait(0.05)
+        if code != "ENOENT":
+            self.wrong("reattach: a lease taken again after its connection closed", json.dumps(r)[:300],
+                       variant=code)
+
+
 def transient(m):
     """A model that a hostile load of a path that does not exist made: listed
     as loading until its open fails."""
@@ -2012,6 +2076,9 @@ def setup(args, ctx):
     with h.RawClient(d.sock, hello=False) as c:
         hello = c.hello()
         ctx.ops = hello["result"]["ops"]
+        if set(ctx.ops) != set(FIELDS):
+            raise SystemExit("setup: the daemon's operations %s are not FIELDS' %s: every op is fuzzed with "
+                             "its fields" % (sorted(ctx.ops), sorted(FIELDS)))
         st = c.request("stats")["result"]
         ctx.uuids = [dv["uuid"] for dv in st["devices"]]
     ctx.n_devices = args.devices
