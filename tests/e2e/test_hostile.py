@@ -156,6 +156,34 @@ class Stalls(h.E2ETestCase):
                 self.assertTrue(c.reply_to(i, timeout=h.T(120))["ok"])
         self.assertTrue(b.request("verify", {"name": "big"}, id="b2", timeout=h.T(120))["ok"])
 
+    @needs_root
+    def test_another_user_is_served_while_one_is_at_its_request_bound(self):
+        # Forced unloads that wait for a holder who does not detach: requests
+        # in flight for as long as the test needs.
+        d = self.daemon("--max-requests-per-uid", "2", "--admin-uids", str(ADMIN))
+        open_to_all(self, d)
+        for name in ("h1", "h2", "free"):
+            h.load_ok(self, d, h.checkpoint("small"), "--name", name)
+        holder, root = self.raw(d), self.raw(d)
+        for name in ("h1", "h2"):
+            self.assertTrue(holder.request("attach", {"name": name})["ok"])
+            root.send_request("unload", {"name": name, "force": True, "wait": 600}, id=name)
+        h.wait_until(lambda: d.log().count(": asking ") == 2, h.T(10),
+                     what="both unloads to wait for the holder")
+        r = self.raw(d).request("verify", {"name": "free"}, id="mine")
+        h.assert_error_reply(self, r, "EAGAIN", "mine")
+        self.assertIn("max_requests_per_uid 2", r["error"]["message"])
+        theirs = h.peer_requests(d.sock, [("verify", {"name": "free"}), ("unload", {"name": "free"})],
+                                 h.as_user(ADMIN), timeout=h.T(60))
+        self.assertTrue(theirs[0]["ok"] and theirs[0]["result"]["match"], theirs)
+        self.assertTrue(theirs[1]["ok"], theirs)
+        r = self.raw(d).request("verify", {"name": "h1"}, id="still")
+        h.assert_error_reply(self, r, "EAGAIN", "still")  # root was at its bound all along
+        holder.close()
+        done = [root.recv(timeout=h.T(30)) for _ in range(2)]
+        self.assertEqual(sorted((m["id"], m["ok"]) for m in done), [("h1", True), ("h2", True)], done)
+        self.assertEqual(d.models(), [])
+
 
 class Connections(h.E2ETestCase):
 
