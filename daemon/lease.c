@@ -77,8 +77,9 @@ static int lease_room(wd_server *s, const wd_conn *c, const char *op, wd_error *
         rc = wd_error_set(err, -ENOSPC, "this connection holds %zu lease%s (max_leases_per_client %lld); "
                           "detach one first", mine, mine == 1 ? "" : "s", (long long)s->conf->max_leases_per_client);
     else if (c->role != WD_ROLE_ADMIN && (int64_t)c->peer->leases >= s->conf->max_leases_per_uid)
-        rc = wd_error_set(err, -ENOSPC, "uid %u holds %zu leases (max_leases_per_uid %lld); detach one first",
-                          (unsigned)c->uid, c->peer->leases, (long long)s->conf->max_leases_per_uid);
+        rc = wd_error_set(err, -ENOSPC, "uid %u holds %zu lease%s (max_leases_per_uid %lld); detach one first",
+                          (unsigned)c->uid, c->peer->leases, c->peer->leases == 1 ? "" : "s",
+                          (long long)s->conf->max_leases_per_uid);
     if (rc)
         wd_log_peer(WD_LOG_info, "client %llu (uid %u): refused %s: %s", (unsigned long long)c->serial,
                     (unsigned)c->uid, op, wd_error_text(err));
