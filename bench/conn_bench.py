@@ -21,7 +21,8 @@ reply, then detaches; it maps nothing. Replies to list and info are checked
 
 Connections are opened all at once (a burst), before the timed part.
 connect() is non-blocking: a refusal because the listen backlog is full
-(EAGAIN; weightd listens with a backlog of 128) is counted, and the
+(EAGAIN; the backlog is the daemon's listen_backlog, read from its stats,
+capped by net.core.somaxconn) is counted, and the
 connection tries again every 10 ms for up to --connect-timeout seconds; a
 connection that never gets in, or that is refused with EBUSY (max_clients),
 is reported as a connect failure, apart from the requests' errors.
@@ -686,8 +687,8 @@ def problems(r, a):
         out.append("%d of %d connections never got in (EBUSY %d, other %s)" % (
             c["connections"] - c["connected"], c["connections"], c["ebusy"], c["other"] or "none"))
     if c["backlog_refusals_eagain"]:
-        out.append("connect() refused %d times with EAGAIN (the listen backlog of 128 was full); "
-                   "each connection tried again until it got in" % c["backlog_refusals_eagain"])
+        out.append("connect() refused %d times with EAGAIN (the listen backlog of %d was full); "
+                   "each connection tried again until it got in" % (c["backlog_refusals_eagain"], a.backlog))
     for op, o in r["ops"].items():
         if o["errors"]:
             out.append("%s: %d errors %s" % (op, o["errors"], o["error_codes"]))
@@ -747,8 +748,9 @@ def markdown(res):
          "list, info, attach (the stream read, its descriptors counted and closed), detach; %g s per scenario" % (
              res["settings"]["conns"], res["settings"]["procs"], res["settings"]["seconds"]),
          "- **Daemon:** `weightd %s` (its defaults otherwise: log level info, so two log lines a lease; "
-         "listen backlog 128, somaxconn %d)" % (" ".join(res["settings"]["daemon_flags"]),
-                                                res["settings"]["somaxconn"]),
+         "listen_backlog %d, from its stats, which the kernel caps at somaxconn %d)" % (
+             " ".join(res["settings"]["daemon_flags"]), res["settings"]["listen_backlog"],
+             res["settings"]["somaxconn"]),
          "- **Raw data:** `%s` (every figure, the /proc samples every 100 ms, the daemon's log lines of warnings "
          "and closes)" % res["json_name"], "",
          "A closed loop: each connection has one request in flight and sends the next as soon as the reply is "
@@ -875,6 +877,10 @@ def main():
     sampler = Sampler(d.p.pid)
     sampler.start()
     try:
+        # the backlog in force: the daemon's option, which the kernel caps by somaxconn
+        somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+        backlog = int(d.run("stats")["options"]["listen_backlog"])
+        a.backlog = min(backlog, somaxconn)
         d.run("load", ckpts[0], "--name", MODEL)
         info = d.run("info", MODEL)
         probe = d.run("attach", MODEL)
@@ -902,7 +908,7 @@ def main():
         "command": " ".join([os.path.basename(sys.executable), "bench/conn_bench.py"] + sys.argv[1:]),
         "settings": {"conns": a.conns, "procs": a.procs, "seconds": a.seconds, "timeout": a.timeout,
                      "connect_timeout": a.connect_timeout, "daemon_flags": flags + ["--socket", d.sock],
-                     "listen_backlog": 128, "somaxconn": int(open("/proc/sys/net/core/somaxconn").read())},
+                     "listen_backlog": backlog, "somaxconn": somaxconn},
         "checkpoint": {"mkckpt": mk, "tensors": info["tensors"], "bytes": info["bytes"],
                        "slabs": len(info["slab_list"]), "descriptors": probe.get("descriptors"),
                        "attach_messages": probe.get("messages")},

@@ -92,6 +92,9 @@ void wd_log_set_peer_rate(unsigned per_second);
     X(max_clients_per_uid, INT, "128", "N", LIVE, "most connections of one user who is not an administrator") \
     X(max_requests_per_client, INT, "64", "N", LIVE, "most requests of one connection in flight at once") \
     X(max_requests_per_uid, INT, "256", "N", LIVE, "most requests of one user in flight at once")  \
+    X(max_leases_per_client, INT, "64", "N", LIVE, "most leases (attached models) one connection holds") \
+    X(max_leases_per_uid, INT, "1024", "N", LIVE,                                                 \
+      "most leases the connections of one user who is not an administrator hold together")        \
     X(hello_timeout, INT, "10", "SECONDS", LIVE, "close a connection that has not said hello by then") \
     X(idle_timeout, INT, "900", "SECONDS", LIVE,                                                  \
       "close a connection idle this long that holds no lease and waits for nothing (0: never)")   \
@@ -229,7 +232,14 @@ int wd_auth_check_socket(const wd_config *c, wd_error *err);
 
 /* ---- server.c: the loop, the socket, connections ------------------------- */
 
-typedef struct wd_peer wd_peer; /* one uid's connections and requests (server.c) */
+/* One uid's connections, requests in flight and leases, for the per-uid
+ * bounds: made at its first connection, freed with its last (server.c). */
+typedef struct wd_peer wd_peer;
+struct wd_peer {
+    uid_t uid;
+    size_t conns, requests, leases;
+    wd_peer *next;
+};
 
 /* Descriptors systemd passed besides the socket (LISTEN_FDNAMES), until
  * the restore takes them. */

@@ -56,10 +56,34 @@ static void link_conn(wd_lease *l, wd_conn *c)
     l->conn = c;
     l->conn_next = c->leases;
     c->leases = l;
+    c->peer->leases++;
     l->pid = c->pid;
     l->uid = c->uid;
     process_name(c->pid, l->process, sizeof l->process);
     wd_conn_watch_peer(c);
+}
+
+/* 0 when c may hold one lease more; else -ENOSPC naming the bound. Each
+ * lease holds a model in memory and, under systemd, an entry of the fd store
+ * (FileDescriptorStoreMax= is shared by all): a worker needs one per model or
+ * device, not thousands. Administrators have no per-uid bound, as for
+ * max_clients_per_uid. */
+static int lease_room(wd_server *s, const wd_conn *c, const char *op, wd_error *err)
+{
+    size_t mine = wd_conn_lease_count(c);
+    int rc = 0;
+
+    if ((int64_t)mine >= s->conf->max_leases_per_client)
+        rc = wd_error_set(err, -ENOSPC, "this connection holds %zu lease%s (max_leases_per_client %lld); "
+                          "detach one first", mine, mine == 1 ? "" : "s", (long long)s->conf->max_leases_per_client);
+    else if (c->role != WD_ROLE_ADMIN && (int64_t)c->peer->leases >= s->conf->max_leases_per_uid)
+        rc = wd_error_set(err, -ENOSPC, "uid %u holds %zu lease%s (max_leases_per_uid %lld); detach one first",
+                          (unsigned)c->uid, c->peer->leases, c->peer->leases == 1 ? "" : "s",
+                          (long long)s->conf->max_leases_per_uid);
+    if (rc)
+        wd_log_peer(WD_LOG_info, "client %llu (uid %u): refused %s: %s", (unsigned long long)c->serial,
+                    (unsigned)c->uid, op, wd_error_text(err));
+    return rc;
 }
 
 int wd_lease_new(wd_server *s, wd_request *r, wd_model *m, int device, bool writable, wd_lease **out,
@@ -69,9 +93,8 @@ int wd_lease_new(wd_server *s, wd_request *r, wd_model *m, int device, bool writ
     wd_lease *l;
     int rc;
 
-    if (wd_conn_lease_count(c) >= WD_LEASES_PER_CONN)
-        return wd_error_set(err, -ENOSPC, "this connection holds %d leases already; detach some first",
-                            WD_LEASES_PER_CONN);
+    if ((rc = lease_room(s, c, "attach", err)))
+        return rc;
     if (!(l = calloc(1, sizeof *l)))
         return wd_error_set(err, -ENOMEM, "out of memory");
     if ((rc = new_token(l->token, err))) {
@@ -121,6 +144,7 @@ int wd_lease_restore(wd_server *s, wd_model *m, const char *token, uid_t uid, pi
 int wd_lease_reattach(wd_server *s, wd_request *r, const char *token, wd_lease **out, wd_error *err)
 {
     wd_conn *c = r->conn;
+    int rc;
 
     for (wd_model *m = s->models; m; m = m->next)
         for (wd_lease *l = m->leases; l; l = l->model_next) {
@@ -132,8 +156,8 @@ int wd_lease_reattach(wd_server *s, wd_request *r, const char *token, wd_lease *
             if (l->conn)
                 return wd_error_set(err, -EBUSY, "lease %llu is held by a connection already",
                                     (unsigned long long)l->id);
-            if (wd_conn_lease_count(c) >= WD_LEASES_PER_CONN)
-                return wd_error_set(err, -ENOSPC, "this connection holds %d leases already", WD_LEASES_PER_CONN);
+            if ((rc = lease_room(s, c, "reattach", err)))
+                return rc;
             link_conn(l, c);
             l->orphan_until = 0;
             wd_log_peer(WD_LOG_info, "lease %llu: %s taken again by pid %d (%s, uid %u) after the restart",
@@ -176,6 +200,7 @@ void wd_lease_end(wd_server *s, wd_lease *l, const char *why)
             ;
         if (*link)
             *link = l->conn_next;
+        l->conn->peer->leases--;
     }
     for (link = &m->leases; *link && *link != l; link = &(*link)->model_next)
         ;

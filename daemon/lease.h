@@ -22,10 +22,6 @@
 
 #include "daemon/daemon.h"
 
-/* At most this many leases on one connection: a worker needs one per model
- * (or per device of one), not thousands. */
-#define WD_LEASES_PER_CONN 64
-
 struct wd_lease {
     uint64_t id;              /* unique for the daemon's life */
     wd_conn *conn;

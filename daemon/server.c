@@ -48,12 +48,6 @@ double wd_wall(void)
 
 /* ---- peers: what each uid holds, for the per-uid bounds -------------------- */
 
-struct wd_peer {
-    uid_t uid;
-    size_t conns, requests;
-    wd_peer *next;
-};
-
 static wd_peer *peer_get(wd_server *s, uid_t uid)
 {
     wd_peer *p;
@@ -71,7 +65,7 @@ static wd_peer *peer_get(wd_server *s, uid_t uid)
 
 static void peer_put(wd_server *s, wd_peer *p)
 {
-    if (p->conns || p->requests)
+    if (p->conns || p->requests || p->leases)
         return;
     for (wd_peer **pp = &s->peers; *pp; pp = &(*pp)->next)
         if (*pp == p) {

@@ -234,6 +234,40 @@ def peer_requests(sock, requests, user, timeout=None):
     return json.loads(p.stdout)[1:]
 
 
+_PEER_STEPS_SCRIPT = r"""
+import json, socket, sys
+conns, out = {}, []
+def reply(f, i):
+    while True:  # events (an attach's table) come first
+        line = f.readline()
+        m = json.loads(line) if line else None
+        if m is None or ("event" not in m and m.get("id") in (i, None)):
+            return m
+for n, (c, op, args) in enumerate(json.loads(sys.argv[3])):
+    if c not in conns:
+        s = socket.socket(socket.AF_UNIX); s.settimeout(float(sys.argv[2])); s.connect(sys.argv[1])
+        conns[c] = s.makefile("rwb")
+        conns[c].write(b'{"id": "hello", "op": "hello", "args": {"version": "1.0"}}\n'); conns[c].flush()
+        reply(conns[c], "hello")
+    conns[c].write((json.dumps({"id": n, "op": op, "args": args}) + "\n").encode()); conns[c].flush()
+    out.append(reply(conns[c], n))
+print(json.dumps(out))
+"""
+
+
+def peer_steps(sock, steps, user, timeout=None):
+    """Runs [(conn, op, args), ...] in order as user (as_user), each on the
+    raw connection named conn (opened, with its hello, at its first step;
+    all stay open to the end: leases held by one are held by the next
+    steps); returns the replies (None: closed). Descriptors that come
+    with replies are dropped."""
+    p = subprocess.run([PEER_PYTHON, "-c", _PEER_STEPS_SCRIPT, sock, str(timeout or T(30)), json.dumps(list(steps))],
+                       capture_output=True, text=True, timeout=T(120), **user)
+    if p.returncode != 0:
+        raise AssertionError("peer as %r failed: %s" % (user, p.stderr))
+    return json.loads(p.stdout)
+
+
 class CtlProcess:
     """A weightctl running in the background (concurrent loads and the like)."""
 

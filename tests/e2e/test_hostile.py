@@ -156,6 +156,34 @@ class Stalls(h.E2ETestCase):
                 self.assertTrue(c.reply_to(i, timeout=h.T(120))["ok"])
         self.assertTrue(b.request("verify", {"name": "big"}, id="b2", timeout=h.T(120))["ok"])
 
+    @needs_root
+    def test_another_user_is_served_while_one_is_at_its_request_bound(self):
+        # Forced unloads that wait for a holder who does not detach: requests
+        # in flight for as long as the test needs.
+        d = self.daemon("--max-requests-per-uid", "2", "--admin-uids", str(ADMIN))
+        open_to_all(self, d)
+        for name in ("h1", "h2", "free"):
+            h.load_ok(self, d, h.checkpoint("small"), "--name", name)
+        holder, root = self.raw(d), self.raw(d)
+        for name in ("h1", "h2"):
+            self.assertTrue(holder.request("attach", {"name": name})["ok"])
+            root.send_request("unload", {"name": name, "force": True, "wait": 600}, id=name)
+        h.wait_until(lambda: d.log().count(": asking ") == 2, h.T(10),
+                     what="both unloads to wait for the holder")
+        r = self.raw(d).request("verify", {"name": "free"}, id="mine")
+        h.assert_error_reply(self, r, "EAGAIN", "mine")
+        self.assertIn("max_requests_per_uid 2", r["error"]["message"])
+        theirs = h.peer_requests(d.sock, [("verify", {"name": "free"}), ("unload", {"name": "free"})],
+                                 h.as_user(ADMIN), timeout=h.T(60))
+        self.assertTrue(theirs[0]["ok"] and theirs[0]["result"]["match"], theirs)
+        self.assertTrue(theirs[1]["ok"], theirs)
+        r = self.raw(d).request("verify", {"name": "h1"}, id="still")
+        h.assert_error_reply(self, r, "EAGAIN", "still")  # root was at its bound all along
+        holder.close()
+        done = [root.recv(timeout=h.T(30)) for _ in range(2)]
+        self.assertEqual(sorted((m["id"], m["ok"]) for m in done), [("h1", True), ("h2", True)], done)
+        self.assertEqual(d.models(), [])
+
 
 class Connections(h.E2ETestCase):
 
@@ -262,6 +290,45 @@ print(json.dumps(out))
         h.wait_until(lambda: d.ctl("list").rc == 0, h.T(20), what="clients to be served again")
         self.assertIn("accepting connections again", d.log())
         self.assertClean(d, d.stop())
+
+
+@needs_root
+class Leases(h.E2ETestCase):
+
+    def test_a_user_at_its_lease_bounds(self):
+        # Leases were bounded by 64 a connection, fixed in code, and not per
+        # user: 128 connections of one reader held 8192, half of the fd store.
+        d = self.daemon("--max-leases-per-client", "2", "--max-leases-per-uid", "3")
+        open_to_all(self, d)
+        h.load_ok(self, d, h.checkpoint("small"), "--name", "a")
+        attach = ("attach", {"name": "a"})
+        r = h.peer_steps(d.sock, [("c1",) + attach] * 3 + [("c2",) + attach, ("c2", "leases", {})], h.as_user(READER))
+        self.assertEqual([m["ok"] for m in r], [True, True, False, True, True], r)
+        h.assert_error_reply(self, r[2], "ENOSPC", 2)
+        self.assertIn("this connection holds 2 leases (max_leases_per_client 2)", r[2]["error"]["message"])
+        self.assertEqual(len(r[4]["result"]["leases"]), 3, "the refusal took none")
+        self.assertIn("(uid %d): refused attach: this connection holds 2 leases" % READER, d.log())
+
+        def readers_leases():
+            return [l for l in d.ctl_json("leases").json["leases"] if l["uid"] == READER]
+        h.wait_until(lambda: not readers_leases(), h.T(10), what="the leases to end with their connections")
+        # Three workers of the user hold its three leases: a fourth is refused...
+        holders = [self.ctl_bg(d.sock, "attach", "a", "--hold", "60", user=h.as_user(READER)) for _ in range(3)]
+        h.wait_until(lambda: len(readers_leases()) == 3, h.T(30), what="three leases")
+        r = h.peer_steps(d.sock, [("c",) + attach, ("c", "list", {})], h.as_user(READER))
+        h.assert_error_reply(self, r[0], "ENOSPC", 0)
+        self.assertIn("uid %d holds 3 leases (max_leases_per_uid 3)" % READER, r[0]["error"]["message"])
+        self.assertTrue(r[1]["ok"], "its connection is still served")
+        # ...while another user attaches, and an administrator (no per-uid bound)
+        r = h.peer_steps(d.sock, [("c",) + attach], h.as_user(OTHER))
+        self.assertTrue(r[0]["ok"], r)
+        self.assertTrue(self.raw(d).request("attach", {"name": "a"})["ok"])
+        # one worker goes: the user attaches again
+        holders[0].kill()
+        h.wait_until(lambda: len(readers_leases()) == 2, h.T(10), what="a lease to end")
+        r = h.peer_steps(d.sock, [("c",) + attach], h.as_user(READER))
+        self.assertTrue(r[0]["ok"], r)
+        self.assertEqual(len(readers_leases()), 2, "and its lease ends with its connection")
 
 
 def tiny_checkpoint(path):

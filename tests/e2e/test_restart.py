@@ -196,6 +196,48 @@ class Restart(ServiceCase):
         self.assertIn("did not come back", d.log())
         self.assertNotIn(name, self.systemd.names())
 
+    def test_a_crash_during_a_load_keeps_what_was_stored_before(self):
+        # A load reads (one reader: the big checkpoint takes a while) when the
+        # daemon is killed: the next one serves the model stored before it,
+        # intact, and nothing of the load, in its registry or in the store.
+        saved = h.copy_checkpoint(h.checkpoint("small"), os.path.join(self.tmp, "saved"))
+        d = self.service("--read-threads", "1")
+        self.load(d, "first", h.checkpoint("small"))
+        before = d.models()
+        stored = sorted(n for n in self.systemd.names() if not n.startswith("wd-rec-"))
+
+        def bytes_of():  # not "segment": a restored expandable segment counts 1 where the load's counted 0
+            return [{k: v for k, v in h.usage_of(dev).items() if k != "segment"} for dev in d.stats()["devices"]]
+        usage = bytes_of()
+        loader = self.ctl_bg(d.sock, "load", h.checkpoint("big"), "--name", "second-model")
+        h.wait_until(lambda: any(j["phase"] == "reading" for j in d.stats()["jobs"]), h.T(30), interval=0.005,
+                     what="the second load to read")
+        self.assertIn("second-model", [m["name"] for m in d.models()], "it was registered, loading")
+        d.kill9()
+        self.assertEqual(loader.finish(timeout=h.T(30)).rc, 1)
+        for n in range(2):  # and again from what this restart stored
+            d.start()
+            self.systemd.wait_settled()
+            self.assertEqual(d.models(), before, "the first model as it was, and nothing of the second")
+            self.assertEqual(bytes_of(), usage, "no byte of the second")
+            names = self.systemd.names()
+            self.assertEqual(sorted(x for x in names if not x.startswith("wd-rec-")), stored, names)
+            rec, = [x for x in names if x.startswith("wd-rec-")]
+            with open("/proc/self/fd/%d" % self.systemd.fd_of(rec), "rb") as f:
+                record = f.read()
+            self.assertIn(b"first", record)
+            self.assertNotIn(b"second-model", record)
+            self.assertNotIn(h.checkpoint("big").encode(), record)
+            r = d.ctl("verify", "first")
+            self.assertEqual(r.rc, 0, r)
+            self.assertIs(d.ctl_json("verify", "first", "--quick").json["match"], True)
+            self.assertEqual(worker_json(self, d, "verify", "first", saved)["missing"], [])
+            if n == 0:
+                d.kill9()
+        # and the daemon loads it now
+        self.load(d, "second-model", h.checkpoint("big"))
+        self.assertIs(d.ctl_json("verify", "second-model", "--quick").json["match"], True)
+
     def test_without_systemd_nothing_is_stored(self):
         d = self.daemon()
         self.assertEqual(d.ctl("load", h.checkpoint("small"), "--name", "a").rc, 0)
@@ -342,6 +384,28 @@ class RideThrough(ServiceCase):
         self.assertEqual(again["result"]["name"], "a")
         bad = self.raw(d).request("reattach", {"token": token})
         self.assertEqual(bad["error"]["code"], "EBUSY", bad)
+
+    def test_a_reattach_past_the_lease_bound_is_refused(self):
+        d = self.service("--lease-grace", "30")
+        self.load(d, "a", h.checkpoint("small"))
+        tokens = []
+        for _ in range(2):
+            reply = self.raw(d).request("attach", {"name": "a"})
+            self.assertTrue(reply["ok"], reply)
+            tokens.append(reply["result"]["token"])
+        self.systemd.wait_settled()
+        d.kill9()
+        d.args += ["--max-leases-per-client", "1"]
+        d.start()
+        c = self.raw(d)
+        self.assertTrue(c.request("reattach", {"token": tokens[0]})["ok"])
+        bad = c.request("reattach", {"token": tokens[1]})
+        h.assert_error_reply(self, bad, "ENOSPC", check_id=False)
+        self.assertIn("this connection holds 1 lease (max_leases_per_client 1)", bad["error"]["message"])
+        # the refused lease still waits for its worker: another connection takes it
+        again = self.raw(d).request("reattach", {"token": tokens[1]})
+        self.assertTrue(again["ok"], again)
+        self.assertEqual(len(d.ctl_json("leases").json["leases"]), 2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 /* fuzz_daemon: libFuzzer harness for the daemon itself: every operation of
- * its table (hello, load, unload, verify, list, info, attach, detach, leases,
- * stats, policy get and set, snapshot, shutdown) through the files of
+ * its table (hello, load, unload, verify, list, info, attach, detach, reattach,
+ * leases, stats, policy get and set, snapshot, shutdown) through the files of
  * daemon/, on a real wd_server with the host backend, driven over its real
  * socket.
  *
@@ -53,8 +53,13 @@
  *            bit 7     one line at a time: each line is written alone and
  *                      the loop runs until the daemon has read it (and, when
  *                      patient, answered it) before the next
- *   byte 1   bits 0-5: the line (its index, modulo the number of lines)
- *            on whose first byte the descriptors travel; bit 6: a slow
+ *   byte 1   bits 0-4: the line (its index, modulo the number of lines)
+ *            on whose first byte the descriptors travel; bit 5: a lease
+ *            of "m" waits for its worker, as after a restart (restored
+ *            with the token FZ_TOKEN, for the daemon's own uid, before the
+ *            connection; ended after it if nobody took it): the input's
+ *            reattach may take it, and no line may show its token unless
+ *            the input holds it; bit 6: a slow
  *            reader (once it reads, at most 16 KiB a millisecond: the
  *            daemon makes a big reply faster, so its socket stays full and
  *            its queue grows); bit 7: the peer
@@ -90,6 +95,10 @@
  *   within 5 s (what main() checks with uv_loop_close);
  * - ASan, UBSan and LSan.
  * WD_FUZZ_VERBOSE=1 prints every line the daemon sends (for triage).
+ *
+ * The harness runs the daemon with --max-leases-per-client 8 and
+ * --max-leases-per-uid 6, so that an input reaches both bounds (a reader
+ * the second, an administrator has none).
  *
  * Between inputs the harness restores the daemon: lease numbers start at 1
  * again (this file includes daemon/lease.c to reset its counter; there is
@@ -145,7 +154,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define F_LINES 0x80
 #define B_SLOW 0x40      /* in byte 1 */
 #define B_OTHER_UID 0x80 /* in byte 1 */
-#define B_LINE 0x3f
+#define B_ORPHAN 0x20    /* in byte 1 */
+#define B_LINE 0x1f
+#define FZ_TOKEN "0123456789abcdef0123456789abcdef"
 #define SLOW_READ 16384 /* bytes a millisecond */
 
 #define PATIENT_SECONDS 0.1  /* in all, per input, while no job runs */
@@ -605,7 +616,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     char *args[] = {"weightd", "--backend", "host", "--host-devices", "2", "--host-capacity", "256MiB",
                     "--socket", sock_path, "--log-level", "error", "--read-threads", "2",
-                    "--attach-writable", "on", "--admin-uids", "65534", NULL};
+                    "--attach-writable", "on", "--admin-uids", "65534", "--max-leases-per-client", "8",
+                    "--max-leases-per-uid", "6", NULL};
     wd_error err = {0};
     const char *every = getenv("WD_FUZZ_CHECK_EVERY");
     for (int i = 1; i < *argc; i++)
@@ -653,6 +665,7 @@ typedef struct peer {
     bool slow;               /* one recvmsg of at most SLOW_READ bytes a millisecond */
     double next_read;        /* slow: not before then */
     bool stop_reply;         /* {"ok": true, "result": {"stopping": true}} came */
+    bool secret;             /* no line may hold FZ_TOKEN: the input never spells it */
 } peer;
 
 static bool id_known(const peer *p, const cJSON *id)
@@ -694,6 +707,8 @@ static void check_line(peer *p, const char *line, size_t len)
              wd_utf8_check(line, len), line);
     msg = cJSON_ParseWithLength(line, len);
     FZ_CHECK(cJSON_IsObject(msg), "a line that is not a JSON object: %.300s", line);
+    FZ_CHECK(!p->secret || !memmem(line, len, FZ_TOKEN, strlen(FZ_TOKEN)),
+             "a line shows the token of a lease that waits for its worker: %.300s", line);
     id = cJSON_GetObjectItemCaseSensitive(msg, "id");
     ok = cJSON_GetObjectItemCaseSensitive(msg, "ok");
     ev = cJSON_GetObjectItemCaseSensitive(msg, "event");
@@ -990,6 +1005,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     reads = flags & F_READS;
     patient = flags & F_PATIENT;
     next_lease_id = 1;
+    if (data[1] & B_ORPHAN) {
+        wd_model *m = wd_registry_find(&srv, "m");
+        wd_error err = {0};
+        FZ_CHECK(m && wd_lease_restore(&srv, m, FZ_TOKEN, geteuid(), getpid(), "fuzz-worker", -1, false, &err) == 0,
+                 "cannot restore a lease: %s", wd_error_text(&err));
+        /* Only a JSON u-escape spells hex digits the input does not hold. */
+        p.secret = !memmem(stream, len, FZ_TOKEN, strlen(FZ_TOKEN)) && !memmem(stream, len, "\\u", 2);
+    }
     patience = wd_now() + PATIENT_SECONDS;
     patience_max = wd_now() + PATIENT_MAX_SECONDS;
 
@@ -1067,8 +1090,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     close(p.fd);
 
     FZ_CHECK(srv.n_conns == 0 && !srv.conns, "%zu connections left", srv.n_conns);
-    for (wd_model *m = srv.models; m; m = m->next)
-        FZ_CHECK(!m->leases, "model %s holds a lease after its connection closed", m->name);
+    for (wd_model *m = srv.models; m; m = m->next) {
+        for (const wd_lease *l = m->leases; l; l = l->model_next)
+            FZ_CHECK(!l->conn && strcmp(l->token, FZ_TOKEN) == 0, "model %s holds a lease after its connection closed",
+                     m->name);
+        wd_leases_end_orphans(&srv, m, "the input ended"); /* the one planted, not taken */
+    }
     FZ_CHECK(run_jobs(JOBS_SECONDS), "jobs still there %.0f s after their connection closed", JOBS_SECONDS);
 
     for (size_t i = 0; i < p.n_ids; i++)

@@ -41,6 +41,18 @@ derived from the seed) throw at the socket:
                reply must come, once, in order, and be right
   verify       a few pipelined verifies of the model, read or abandoned
   worker       `weightctl attach --hold` killed with SIGKILL at a random moment
+  reattach     an attach's lease token in another connection's reattach: EBUSY
+               while its connection holds it, ENOENT altered or once that
+               connection closed (no fd store here); never shown by leases
+
+Run as root, some peers (--reader-peers, default a third) are another user,
+uid 61001 (--reader-uid): a reader. A helper process of that uid makes their
+connections and hands each over (SCM_RIGHTS), so that the daemon's
+SO_PEERCRED sees the reader; their workers run as that uid too. A reader's
+frames pass no denylist (every administrator's op is refused it), its
+wrong-type frames of administrators' ops and valid ones (shutdown, unload
+and load included) must be refused with EPERM, and so must its floods'
+verifies, snapshots and policy changes.
 
 Frames that would stop the campaign are never sent: a denylist (a mirror of
 the daemon's own argument checks, with cJSON's first-key and C-string
@@ -120,19 +132,22 @@ FIELDS = {
     "load": {"path": ("string", True), "name": ("string", False), "device": ("device", False),
              "devices": ("devices", False), "placement": ("placement", False)},
     "unload": {"name": ("string", True), "force": ("bool", False), "wait": ("int", False, 0, 3600)},
-    "verify": {"name": ("string", True)},
-    "list": {},
+    "verify": {"name": ("string", True), "quick": ("bool", False)},
+    "list": {"offset": ("int", False, 0, INT32_MAX), "limit": ("int", False, 1, 1000)},
     "info": {"name": ("string", True), "offset": ("int", False, 0, INT32_MAX), "limit": ("int", False, 1, 100000)},
     "attach": {"name": ("string", True), "device": ("device", False), "writable": ("bool", False)},
     "detach": {"lease": ("int", True, 1, INT64_MAX // 2)},
+    "reattach": {"token": ("string", True)},
     "leases": {"offset": ("int", False, 0, INT32_MAX)},
-    "stats": {},
+    "stats": {"jobs_offset": ("int", False, 0, INT32_MAX)},
     "policy": {"conf": ("string", False)},
     "snapshot": {"device": ("int", False, 0, INT32_MAX), "segment": ("int", False, 0, INT32_MAX),
                  "block": ("int", False, 0, INT32_MAX)},
     "shutdown": {},
 }
 DANGEROUS_OPS = ("shutdown", "unload", "load")
+# What a reader is refused (daemon/ops.c's table; policy set besides, checked by op_policy).
+ADMIN_OPS = ("load", "unload", "verify", "snapshot", "shutdown")
 # A fixed mmap threshold: glibc's dynamic one grows after the first 1 MiB
 # buffers are freed, and it then keeps tens of MiB of freed heap that would
 # read as a leak in VmRSS. With it fixed, freed big buffers go back at once.
@@ -141,7 +156,7 @@ DEFAULT_TUNABLES = "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_thresho
 KINDS = collections.OrderedDict([
     ("random", 8), ("mutated", 14), ("utf8", 10), ("nesting", 4), ("numbers", 8), ("types", 16),
     ("overlong", 3), ("fds", 8), ("halfline", 6), ("noread", 3), ("burst", 3), ("prehello", 5),
-    ("flood", 7), ("verify", 2), ("worker", 2),
+    ("flood", 7), ("verify", 2), ("worker", 2), ("reattach", 2),
 ])
 
 
@@ -347,9 +362,11 @@ class Mirror:
 DANGER_WORDS = (b"shutdown", b"unload", b"load")
 
 
-def guard_line(mirror, line):
-    """None when the daemon may be sent line (bytes, no newline), else why not."""
-    if len(line) + 1 > WP_MAX_LINE:
+def guard_line(mirror, line, reader=False):
+    """None when the daemon may be sent line (bytes, no newline), else why not.
+    Anything goes from a reader: every op that could stop the campaign needs
+    the administrator's role."""
+    if reader or len(line) + 1 > WP_MAX_LINE:
         return None  # never parsed: refused with EMSGSIZE and the connection closes
     if has_nul_escape(line) or b"\0" in line:
         return None  # refused by wp_parse, whatever it says
@@ -441,6 +458,60 @@ class Stopped(Exception):
     pass
 
 
+class ReaderConnector:
+    """Connections made by a helper process of another uid and passed back:
+    the daemon sees that uid (SO_PEERCRED is taken at connect). The helper
+    lives to the end of the campaign: the daemon watches the process of a
+    connection that holds a lease, and closes it when that process exits."""
+
+    SCRIPT = r"""
+import socket, sys
+ctl = socket.socket(fileno=int(sys.argv[2]))
+while ctl.recv(1):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(float(sys.argv[3]))  # a Unix connect waits for room in the backlog
+    try:
+        s.connect(sys.argv[1])
+        socket.send_fds(ctl, [b"K"], [s.fileno()])
+    except OSError as e:
+        ctl.sendall(b"E")
+    s.close()
+"""
+
+    def __init__(self, sock_path, uid, timeout=2.0):
+        self.uid = uid
+        self.lock = threading.Lock()
+        self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.proc = subprocess.Popen([h.PEER_PYTHON, "-c", self.SCRIPT, sock_path, str(theirs.fileno()), str(timeout)],
+                                     pass_fds=[theirs.fileno()], user=uid, group=uid, extra_groups=[],
+                                     stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.connections = 0
+
+    def connect(self):
+        """A connected socket of the reader, or None."""
+        with self.lock:
+            try:
+                self.ctl.sendall(b"c")
+                msg, fds, _, _ = socket.recv_fds(self.ctl, 1, 1)
+            except OSError:
+                return None
+            if msg != b"K" or not fds:
+                for fd in fds:
+                    os.close(fd)
+                return None
+            self.connections += 1
+            return socket.socket(fileno=fds[0])
+
+    def close(self):
+        self.ctl.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class Conn:
     """A non-blocking connection that checks every line it gets. Sends pump:
     they read while they write, so that a peer never deadlocks against a
@@ -460,24 +531,32 @@ class Conn:
         peer.conn_serial += 1
         self.held = False
         self.fds_received = 0
+        self.as_reader = peer.reader
 
     def open(self, timeout=2.0):
         if not self.ctx.slots.acquire(timeout=timeout):
             self.peer.count("slot-wait-timeouts")
             return False
         self.held = True
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)  # a Unix connect waits for room in the backlog
-        try:
-            s.connect(self.ctx.sock)
-        except OSError:
-            s.close()
-            self._release()
-            self.peer.count("connect-failures")
-            return False
+        if self.as_reader:
+            s = self.ctx.reader.connect()
+            if s is None:
+                self._release()
+                self.peer.count("connect-failures")
+                return False
+        else:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)  # a Unix connect waits for room in the backlog
+            try:
+                s.connect(self.ctx.sock)
+            except OSError:
+                s.close()
+                self._release()
+                self.peer.count("connect-failures")
+                return False
         s.setblocking(False)
         self.sock = s
-        self.peer.step(("connect", self.idx))
+        self.peer.step(("connect", self.idx, self.as_reader))
         self.peer.count("connections")
         return True
 
@@ -581,7 +660,7 @@ class Conn:
             return False
         lines = (self.partial + data).split(b"\n")
         for line in lines[:-1]:
-            why = guard_line(self.ctx.mirror, line)
+            why = guard_line(self.ctx.mirror, line, self.as_reader)
             if why:
                 self.peer.count("denied: " + why.split(" of ")[0])
                 self.peer.denied(line, why)
@@ -695,6 +774,7 @@ def valid_frames(rng, ctx, id):
                                        "block": rng.randrange(0, 3)}),
         lambda: frame(id, "policy"),
         lambda: frame(id, "detach", {"lease": rng.randrange(1, 1000)}),
+        lambda: frame(id, "reattach", {"token": "%032x" % rng.getrandbits(128)}),
         lambda: frame(id, "verify", {"name": "nope"}),
         lambda: frame(id, "attach", {"name": "nope"}),
         lambda: frame(id, "nosuchop", {"x": 1}),
@@ -802,6 +882,7 @@ class Peer(threading.Thread):
         self.index = index
         self.rng = random.Random("%d:peer%d" % (ctx.seed, index))
         self.kinds = kinds
+        self.reader = index in getattr(ctx, "reader_peers", ())  # another uid's connections
         self.conn_serial = 0
         self.steps = []
         self.history = collections.deque(maxlen=4)
@@ -1217,7 +1298,10 @@ class Peer(threading.Thread):
                     return
                 continue  # denied
             sent.append((op, field, label, rid, codes, line))
-            self.ctx.type_coverage.add((op, field))
+            if field == "(a reader)":
+                self.count("reader: administrators' requests sent")
+            else:
+                self.ctx.type_coverage.add((op, field))
         if not self.expect_reply(c, 1 + len(sent), "wrong-type frames"):
             return
         for (op, field, label, rid, codes, line), r in zip(sent, c.replies[1:]):
@@ -1254,6 +1338,8 @@ class Peer(threading.Thread):
                     args[field] = value
                     if op == "load" and field == "device":
                         args.pop("devices", None)
+                    if self.reader and op in ADMIN_OPS:
+                        codes = {"EPERM"}  # the role is checked before the arguments
                     cases.append((op, field, label, args, codes, None))
             # the envelope
             for label, value in [("true", True), ("false", False), ("[]", []), ("{}", {}), ("[1]", [1]),
@@ -1269,7 +1355,15 @@ class Peer(threading.Thread):
         # a bad value must not slip through for lack of the required field's check
         for op in ops:
             if any(s[1] for s in FIELDS.get(op, {}).values()) and op != "hello":
-                cases.append((op, "(required missing)", "{}", {}, {"EINVAL"}, None))
+                cases.append((op, "(required missing)", "{}", {}, {"EPERM" if self.reader and op in ADMIN_OPS
+                                                                   else "EINVAL"}, None))
+        if self.reader:
+            # what an administrator would run, the campaign's end included
+            for op, args in [("shutdown", {}), ("unload", {"name": MODEL}), ("unload", {"name": MODEL, "force": True}),
+                             ("load", {"path": self.ctx.ckpt, "name": "by-a-reader"}), ("verify", {"name": MODEL}),
+                             ("verify", {"name": MODEL, "quick": True}), ("snapshot", {}),
+                             ("policy", {"conf": "max_split_size_mb:20"}), ("policy", {"conf": "default"})]:
+                cases.append((op, "(a reader)", "valid", args, {"EPERM"}, None))
         return cases
 
     def base_args(self, op, field):
@@ -1282,6 +1376,7 @@ class Peer(threading.Thread):
             "info": {"name": MODEL, "offset": 0, "limit": 2},
             "attach": {"name": MODEL, "device": 0, "writable": False},
             "detach": {"lease": 1},
+            "reattach": {"token": "0" * 32},
             "leases": {"offset": 0},
             "policy": {},
             "snapshot": {"device": 0, "segment": 0, "block": 0},
@@ -1609,8 +1704,15 @@ class Peer(threading.Thread):
             want_ok = not (op == "detach" or (op == "info" and b'"nope"' in f) or b'"writable":true' in f)
             if op == "policy" and i in policy_want:
                 want_ok = policy_want[i]
+            refused = self.reader and (op in ADMIN_OPS or (op == "policy" and i in policy_want))
+            if refused:
+                want_ok = False
             if op == "detach" and r.get("ok") and (r.get("result") or {}).get("lease") in own:
                 continue  # its own lease, from an attach of this flood
+            if refused and not r.get("ok") and (r.get("error") or {}).get("code") != "EPERM":
+                self.wrong("flood: a reader's request for an administrator not refused with EPERM",
+                           "request %s\nreply %s" % (short(f, 200), json.dumps(r)[:300]), variant=op)
+                continue
             if bool(r.get("ok")) != want_ok:
                 self.wrong("flood: an answer of the wrong kind", "request %s\nreply %s" % (short(f, 200),
                                                                                            json.dumps(r)[:300]),
@@ -1639,8 +1741,12 @@ class Peer(threading.Thread):
             cmd = h.ctl_cmd(self.ctx.sock, ["attach", MODEL, "--hold", "3"] +
                             (["--device", str(dev)] if dev is not None else []))
             self.step(("note", -1, "run %s" % " ".join(cmd)))
+            who = {}
+            if self.reader:
+                uid = self.ctx.reader.uid
+                who = dict(user=uid, group=uid, extra_groups=[])
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, env=h.child_env())
+                                 stderr=subprocess.PIPE, env=h.child_env(), **who)
             self.frames += 1
             self.ctx.stop.wait(rng.uniform(0.0, 1.0))
             p.kill()
@@ -1666,8 +1772,67 @@ class Peer(threading.Thread):
             return
         if self.expect_reply(c, 1 + k, "%d pipelined verifies" % k, timeout=self.ctx.reply_timeout * 3):
             for r in c.replies[1:]:
-                if r.get("ok") is not True or r["result"].get("match") is not True:
+                if self.reader:
+                    if r.get("ok") is not False or r["error"].get("code") != "EPERM":
+                        self.wrong("a reader's verify not refused with EPERM", json.dumps(r)[:300])
+                elif r.get("ok") is not True or r["result"].get("match") is not True:
                     self.wrong("verify failed or did not match", json.dumps(r)[:300])
+
+
+    def ask(self, c, op, args, what):
+        """One request on c; its reply, or None (a finding when none came)."""
+        n = len(c.replies)
+        rid = "%s-%d-%d" % (op, self.action, n)
+        if not c.send(frame(rid, op, args)) or not self.expect_reply(c, n + 1, what):
+            return None
+        return c.replies[n]
+
+    def do_reattach(self, conns):
+        rng = self.rng
+        a = self.conn()
+        if not a or not self.hello(a):
+            return
+        r = self.ask(a, "attach", {"name": MODEL}, "an attach")
+        if r is None:
+            return
+        res = r.get("result") or {}
+        token, lease = res.get("token"), res.get("lease")
+        if r.get("ok") is not True or not isinstance(token, str) or not re.fullmatch(r"[0-9a-f]{32}", token):
+            self.wrong("an attach without a lease token", json.dumps(r)[:300])
+            return
+        b = self.conn()
+        if not b or not self.hello(b):
+            return
+        other = token[:-1] + ("1" if token[-1] == "0" else "0")
+        altered = [token.upper(), token[:-1], token + "0", other, " " + token]
+        for t, code in [(token, "EBUSY")] + [(t, "ENOENT") for t in rng.sample(altered, rng.randint(1, 3))]:
+            r = self.ask(b, "reattach", {"token": t}, "a reattach")
+            if r is None:
+                return
+            got = "ok" if r.get("ok") else (r.get("error") or {}).get("code")
+            if got != code and not (code == "ENOENT" and t.upper() == token.upper() and got == "EBUSY"):
+                self.wrong("reattach: a wrong answer", json.dumps(r)[:300],
+                           variant="%s token answered %s, not %s" % ("its" if t == token else "an altered", got, code))
+        r = self.ask(b, "leases", None, "leases")
+        if r is not None and token in json.dumps(r):
+            self.wrong("leases shows a lease's token", json.dumps(r)[:300])
+        a.close()
+        # The lease ends when the daemon sees the close: EBUSY until then.
+        deadline = time.monotonic() + self.ctx.reply_timeout
+        while True:
+            r = self.ask(b, "reattach", {"token": token}, "a reattach")
+            if r is None:
+                return
+            code = "ok" if r.get("ok") else (r.get("error") or {}).get("code")
+            if code != "EBUSY":
+                break
+            if time.monotonic() > deadline:
+                self.finding("leak", "a lease outlives its connection", "lease %r: %s" % (lease, json.dumps(r)[:300]))
+                return
+            self.ctx.stop.wait(0.05)
+        if code != "ENOENT":
+            self.wrong("reattach: a lease taken again after its connection closed", json.dumps(r)[:300],
+                       variant=code)
 
 
 def transient(m):
@@ -2012,6 +2177,9 @@ def setup(args, ctx):
     with h.RawClient(d.sock, hello=False) as c:
         hello = c.hello()
         ctx.ops = hello["result"]["ops"]
+        if set(ctx.ops) != set(FIELDS):
+            raise SystemExit("setup: the daemon's operations %s are not FIELDS' %s: every op is fuzzed with "
+                             "its fields" % (sorted(ctx.ops), sorted(FIELDS)))
         st = c.request("stats")["result"]
         ctx.uuids = [dv["uuid"] for dv in st["devices"]]
     ctx.n_devices = args.devices
@@ -2043,6 +2211,8 @@ def save_replay(ctx, name, steps, note):
                 f.write(json.dumps({"op": "close", "conn": s[1], "rst": s[2]}) + "\n")
             elif s[0] == "note":
                 f.write(json.dumps({"op": "note", "conn": s[1], "text": s[2]}) + "\n")
+            elif s[0] == "connect":
+                f.write(json.dumps({"op": "connect", "conn": s[1], "reader": s[2]}) + "\n")
             else:
                 f.write(json.dumps({"op": s[0], "conn": s[1]}) + "\n")
     return path
@@ -2063,6 +2233,9 @@ def summary(ctx, args, t_start, t_end, base, end, cpu):
     print("hostile peers: %d; actions %d; frames %d; bytes %s; descriptors sent %d; lines checked %d" %
           (len(ctx.peers), sum(ctx.kind_counts.values()), tot_frames, mib(tot_bytes),
            sum(p.fds_sent for p in ctx.peers), ctx.lines_checked))
+    if ctx.reader:
+        print("readers (uid %d): peers %s, %d connections" % (ctx.reader.uid, ", ".join(map(str, sorted(
+            ctx.reader_peers))), ctx.reader.connections))
     print("  %-10s %8s %10s %12s" % ("kind", "actions", "frames", "bytes"))
     for k in KINDS:
         if ctx.kind_counts[k] or ctx.kind_frames[k]:
@@ -2140,7 +2313,9 @@ def print_findings(ctx, args):
         return
     print("reproduce the campaign: %s %s --build %s --seconds %d --seed %d --peers %d%s" %
           (sys.executable, os.path.relpath(__file__), args.build, args.seconds, ctx.seed, args.peers,
-           (" --kinds " + args.kinds) if args.kinds else ""))
+           ((" --kinds " + args.kinds) if args.kinds else "") +
+           ((" --reader-peers %d" % args.reader_peers) if args.reader_peers >= 0 else "") +
+           ((" --reader-uid %d" % args.reader_uid) if args.reader_uid != 61001 else "")))
     print("(each peer's frames are the same for a seed; their timing is not)")
 
 
@@ -2171,6 +2346,8 @@ def campaign(args):
     ctx.peak_rss = ctx.peak_fds = 0
     ctx.save_replay = lambda name, steps, note: save_replay(ctx, name, steps, note)
     ctx.recent_actions = lambda: recent_actions(ctx)
+    ctx.reader = None
+    ctx.reader_peers = set()
     kinds = args.kinds.split(",") if args.kinds else list(KINDS)
     for k in kinds:
         if k not in KINDS:
@@ -2202,6 +2379,17 @@ def campaign(args):
         print("baseline: %d fds, VmRSS %s (RssAnon %s, RssShmem %s)" % (base["fds"], mib(base["VmRSS"]),
                                                                       mib(base.get("RssAnon", 0)),
                                                                       mib(base.get("RssShmem", 0))), flush=True)
+        n_readers = args.peers // 3 if args.reader_peers < 0 else min(args.reader_peers, args.peers)
+        if n_readers and os.geteuid() == 0:
+            # the socket and its folder open to the other user
+            os.chmod(ctx.work, 0o755)
+            os.chmod(ctx.sock, 0o666)
+            ctx.reader = ReaderConnector(ctx.sock, args.reader_uid)
+            ctx.reader_peers = set(range(args.peers - n_readers, args.peers))
+            print("readers: peers %s connect as uid %d" % (", ".join(map(str, sorted(ctx.reader_peers))),
+                                                           args.reader_uid), flush=True)
+        elif n_readers:
+            print("readers: none (not root: every peer is the daemon's own user, an administrator)", flush=True)
         ctx.peers = [Peer(ctx, i, kinds) for i in range(args.peers)]
         t_start = time.monotonic()
         for p in ctx.peers:
@@ -2342,6 +2530,8 @@ def campaign(args):
         if d.running():
             d._kill()
             d.closed = True
+        if ctx.reader:
+            ctx.reader.close()
     t = os.times()
     cpu = {"daemon": getattr(ctx, "cpu_daemon", proc_cpu(d.pid) - cpu0), "self": t.user + t.system,
            "children": t.children_user + t.children_system}
@@ -2366,6 +2556,7 @@ def replay(args):
     ctx.lines_checked = 0
     ctx.type_coverage = set()
     ctx.denied_examples = {}
+    ctx.reader = None
     setup(args, ctx)
     d = ctx.daemon
     peer = Peer(ctx, 0, list(KINDS))
@@ -2397,8 +2588,15 @@ def replay(args):
                 elif s["op"] == "connect":
                     c = conns[s["conn"]] = Echo(peer)
                     c.idx = s["conn"]
+                    if s.get("reader") and ctx.reader is None and os.geteuid() == 0:
+                        os.chmod(ctx.work, 0o755)
+                        os.chmod(ctx.sock, 0o666)
+                        ctx.reader = ReaderConnector(ctx.sock, args.reader_uid)
+                    c.as_reader = bool(s.get("reader") and ctx.reader)
                     c.open()
-                    print("  -> conn %d: connect" % c.idx)
+                    print("  -> conn %d: connect%s" % (c.idx, " as uid %d" % args.reader_uid if c.as_reader else
+                                                       " (a reader's, as root: run as root to replay it)"
+                                                       if s.get("reader") else ""))
                 elif c is None or c.sock is None:
                     continue
                 elif s["op"] == "send":
@@ -2439,6 +2637,8 @@ def replay(args):
               "expectations, such as a missing reply: read the exchange above)")
     else:
         print_findings(ctx, args)
+    if ctx.reader:
+        ctx.reader.close()
     cleanup(ctx, args)
     return 1 if ctx.findings.items else 0
 
@@ -2681,6 +2881,9 @@ def main():
     ap.add_argument("--peers", type=int, default=6, help="hostile peer threads (default 6)")
     ap.add_argument("--max-conns", type=int, default=32, help="most hostile connections open at once (default 32)")
     ap.add_argument("--kinds", default="", help="comma-separated kinds to run (default all)")
+    ap.add_argument("--reader-peers", type=int, default=-1,
+                    help="peers that connect as another user, a reader, when run as root (default: a third)")
+    ap.add_argument("--reader-uid", type=int, default=61001, help="that user (default 61001)")
     ap.add_argument("--pause", type=float, default=0.03, help="seconds between a peer's actions (CPU; default 0.03)")
     ap.add_argument("--reply-timeout", type=float, default=15.0, help="seconds to wait for an answer (x2.5 sanitized)")
     ap.add_argument("--slow", type=float, default=3.0, help="a checker request slower than this is a finding "

@@ -21,8 +21,10 @@ OUT/daemon/     inputs of fuzz_daemon: a flags byte and a line byte (the
                 real daemon holding the harness's models "m", "moe" and
                 "wide": hello
                 first, at least one valid stream per operation, descriptors
-                for load's "files", forced unloads, a reader's refusals, and
-                wrong types for every operation's arguments.
+                for load's "files", forced unloads, a reader's refusals, the
+                lease bounds, reattach of a lease that waits for its worker
+                (byte 1's bit 5), and wrong types for every operation's
+                arguments.
 
 Files are named by the SHA-1 of their contents, as libFuzzer names what it
 adds, so running this again next to a merged corpus adds nothing twice.
@@ -269,6 +271,8 @@ D_FDS = lambda n, kind=0: n | kind << 2
 D_READS, D_PATIENT, D_READER, D_LINES = 0x10, 0x20, 0x40, 0x80
 D_OTHER_UID = 0x80  # in the second byte
 D_SLOW = 0x40       # in the second byte
+D_ORPHAN = 0x20     # in the second byte: a lease of "m" waits for its worker, token D_TOKEN
+D_TOKEN = "0123456789abcdef0123456789abcdef"  # fuzz_daemon.c's FZ_TOKEN
 D_ONE = "/tmp/weightd-fuzz/m.safetensors"
 D_BIG = "/tmp/weightd-fuzz/big.safetensors"
 D_HUGE = "/tmp/weightd-fuzz/huge.safetensors"
@@ -361,6 +365,27 @@ def daemon_seeds():
                                ("detach", {"lease": 2}), ("detach", {"lease": 2}), ("detach", {"lease": 99}),
                                ("leases", {"offset": 1})]))
     s.append(daemon_input(D_PATIENT, [("attach", {"name": "moe"})] * 8 + [("leases", None)]))
+    # the lease bounds of the harness: 8 a connection, 6 a user (a reader's)
+    s.append(daemon_input(RP, [("attach", {"name": "m"})] * 9 + [("detach", {"lease": 3}), ("attach", {"name": "m"}),
+                                                                   ("leases", None)]))
+    s.append(daemon_input(RP | D_READER, [("attach", {"name": "moe", "device": 0})] * 7 + [("leases", None)]))
+    # reattach: a lease that waits for its worker after a restart, taken by
+    # its token; by another user; past the bound; never taken
+    orphan = lambda flags, reqs: bytes([flags, D_ORPHAN]) + daemon_input(0, reqs)[2:]
+    s.append(orphan(RP, [("leases", None), ("reattach", {"token": D_TOKEN}), ("leases", None), ("info", {"name": "m"}),
+                         ("reattach", {"token": D_TOKEN}), ("unload", {"name": "m"}), ("detach", {"lease": 1}),
+                         ("reattach", {"token": D_TOKEN}), ("list", None)]))
+    s.append(orphan(RP, [("unload", {"name": "m"}), ("leases", None),
+                         ("unload", {"name": "m", "force": True, "wait": 0}), ("reattach", {"token": D_TOKEN})]))
+    s.append(orphan(RP | D_READER, [("reattach", {"token": D_TOKEN}), ("leases", None), ("list", None)]))
+    s.append(orphan(RP, [("attach", {"name": "moe"})] * 8 + [("reattach", {"token": D_TOKEN}), ("detach", {"lease": 2}),
+                                                             ("reattach", {"token": D_TOKEN}), ("leases", None)]))
+    s.append(orphan(RP | D_LINES, [("reattach", {"token": D_TOKEN}), ("unload", {"name": "m", "force": True}),
+                                   ("list", None)]))
+    s.append(orphan(RP, [("reattach", {"token": D_TOKEN}), ("shutdown", None)]))
+    s.append(orphan(RP, [("shutdown", None)]))
+    s.append(orphan(RP, [("reattach", {"token": t}) for t in ("", D_TOKEN[:31], D_TOKEN + "0", D_TOKEN.upper(),
+                                                              "g" * 32, D_TOKEN[:16] + "\u0000" + D_TOKEN[16:])]))
     # stats, policy, snapshot
     s.append(daemon_input(RP, [("stats", None), ("stats", {"jobs_offset": 3})]))
     s.append(daemon_input(RP, [("policy", None), ("policy", {"conf": "max_split_size_mb:64"}),
@@ -386,12 +411,13 @@ def daemon_seeds():
     for op, keys in [("load", ["path", "name", "device", "devices", "placement", "files", "events"]),
                      ("unload", ["name", "force", "wait"]), ("verify", ["name", "quick"]),
                      ("list", ["offset", "limit"]), ("info", ["name", "offset", "limit"]),
-                     ("attach", ["name", "device", "writable"]), ("detach", ["lease"]), ("leases", ["offset"]),
+                     ("attach", ["name", "device", "writable"]), ("detach", ["lease"]), ("reattach", ["token"]),
+                     ("leases", ["offset"]),
                      ("stats", ["jobs_offset"]), ("policy", ["conf"]),
                      ("snapshot", ["device", "segment", "block"]), ("shutdown", ["now"])]:
         reqs = []
         for k in keys:
-            for v in bad[:5] if k not in ("name", "path") else [1, True, [], {}, "", "\u00e9" * 3]:
+            for v in bad[:5] if k not in ("name", "path", "token") else [1, True, [], {}, "", "\u00e9" * 3]:
                 base = {"name": "m"} if k != "name" and op in ("unload", "verify", "info", "attach") else {}
                 if op == "load" and k != "path":
                     base = {"path": D_ONE}

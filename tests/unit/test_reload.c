@@ -21,7 +21,8 @@ static void write_file(const char *path, const char *text)
 START_TEST(the_table_says_which_options_are_live)
 {
     static const char *const live[] = {"log_level", "log_rate", "max_clients", "max_clients_per_uid",
-                                       "max_requests_per_client", "max_requests_per_uid", "hello_timeout",
+                                       "max_requests_per_client", "max_requests_per_uid", "max_leases_per_client",
+                                       "max_leases_per_uid", "hello_timeout",
                                        "idle_timeout", "admin_uids", "admin_groups", "slab_size", "checksums",
                                        "attach_writable", "sleep_timeout"};
     size_t n_live = 0;
