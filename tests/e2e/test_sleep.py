@@ -11,7 +11,10 @@ import sys
 import time
 
 from . import harness as h
-from .test_attach import WORKER, start_worker, wait_ready, worker_env
+from .test_attach import WORKER, wait_ready, worker_env
+
+sys.path.insert(0, os.path.join(h.REPO, "client", "python"))
+import weightd  # noqa: E402
 
 MIB = 1 << 20
 
@@ -222,6 +225,23 @@ class SeedScenario(SleepCase):
         self.assertClean(d, d.stop())
 
 
+class PythonClient(SleepCase):
+
+    def test_sleep_wake_and_unload_through_the_python_client(self):
+        d = self.daemon("--load-alloc-conf", "max_split_size_mb:20")
+        with weightd.Client(d.sock) as c:
+            c.load(h.checkpoint("small"), name="s")
+            res = c.sleep("s", mode="discard")
+            self.assertEqual((res["state"], res["sleeps_in"]), ("asleep", "checkpoint"))
+            with self.assertRaises(weightd.WeightdError) as e:
+                c.sleep("s")
+            self.assertEqual(e.exception.code, "EBUSY")
+            self.assertEqual(c.wake("s")["state"], "ready")
+            self.assertTrue(c.verify("s")["match"])
+            self.assertTrue(c.unload("s", keep_cached=True)["kept_cached"])
+            self.assertGreater(c.stats()["devices"][0]["reserved_bytes"]["current"], 0)
+
+
 class Unload(SleepCase):
 
     def test_unload_gives_the_segments_back_unless_asked_to_keep_them(self):
@@ -272,6 +292,20 @@ class Workers(SleepCase):
             self.assertEqual((st["handles"], st["crcs"]), (awake["handles"], awake["crcs"]))
         leases = d.ctl_json("leases").json["leases"]
         self.assertEqual([l["lease"] for l in leases], [w.lease])
+
+    def test_weightctl_attach_holds_through_a_sleep_and_verifies_after_the_wake(self):
+        """libweightd-client answering by itself, in a C program."""
+        d = self.daemon()
+        self.loaded(d, "medium", "m")
+        holder = self.ctl_bg(d.sock, "attach", "m", "--verify", "--hold", "8")
+        h.wait_until(lambda: d.ctl_json("leases").json["leases"], h.T(20), what="the holder's lease")
+        self.sleep(d, "m")
+        self.assertEqual(reserved(d), 0)
+        self.wake(d, "m")
+        r = holder.finish(timeout=h.T(60))
+        self.assertEqual(r.rc, 0, r)
+        self.assertIn("the model slept 1 time and woke 1: mapped again at the same addresses", r.out)
+        self.assertIn("after the wake: every part matches the checkpoint again", r.out)
 
     def test_two_workers_and_a_detach_while_asleep(self):
         d = self.daemon()

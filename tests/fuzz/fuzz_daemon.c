@@ -582,10 +582,12 @@ static void restore(void)
         FZ_CHECK(wa_set_config(srv.alloc, &base_policy) == 0, "cannot restore the allocator configuration");
     for (wd_model *m = srv.models, *next; m; m = next) {
         next = m->next;
-        FZ_CHECK(m->state == WD_MODEL_READY, "model %s left %s", m->name, wd_model_state_name(m->state));
+        /* (asleep is where a sleep ends: the model is loaded again) */
+        FZ_CHECK(m->state == WD_MODEL_READY || m->state == WD_MODEL_ASLEEP, "model %s left %s", m->name,
+                 wd_model_state_name(m->state));
         FZ_CHECK(!m->leases, "model %s holds a lease with no connection", m->name);
         FZ_CHECK(!m->unload && !m->busy, "model %s still has an unload or a verify", m->name);
-        if (!is_wanted(m))
+        if (!is_wanted(m) || m->state == WD_MODEL_ASLEEP)
             wd_registry_remove(&srv, m, true);
     }
     FZ_CHECK(wa_check(srv.alloc, &err) == 0, "allocator: %s", wd_error_text(&err));

@@ -131,7 +131,11 @@ FIELDS = {
     "hello": {"version": ("string", True)},
     "load": {"path": ("string", True), "name": ("string", False), "device": ("device", False),
              "devices": ("devices", False), "placement": ("placement", False)},
-    "unload": {"name": ("string", True), "force": ("bool", False), "wait": ("int", False, 0, 3600)},
+    "unload": {"name": ("string", True), "force": ("bool", False), "wait": ("int", False, 0, 3600),
+               "keep_cached": ("bool", False)},
+    "sleep": {"name": ("string", True), "mode": ("string", False), "force": ("bool", False)},
+    "wake": {"name": ("string", True)},
+    "slept": {"lease": ("int", True, 1, INT64_MAX // 2)},
     "verify": {"name": ("string", True), "quick": ("bool", False)},
     "list": {"offset": ("int", False, 0, INT32_MAX), "limit": ("int", False, 1, 1000)},
     "info": {"name": ("string", True), "offset": ("int", False, 0, INT32_MAX), "limit": ("int", False, 1, 100000)},
@@ -145,9 +149,9 @@ FIELDS = {
                  "block": ("int", False, 0, INT32_MAX)},
     "shutdown": {},
 }
-DANGEROUS_OPS = ("shutdown", "unload", "load")
+DANGEROUS_OPS = ("shutdown", "unload", "load", "sleep")
 # What a reader is refused (daemon/ops.c's table; policy set besides, checked by op_policy).
-ADMIN_OPS = ("load", "unload", "verify", "snapshot", "shutdown")
+ADMIN_OPS = ("load", "unload", "verify", "snapshot", "shutdown", "sleep", "wake")
 # A fixed mmap threshold: glibc's dynamic one grows after the first 1 MiB
 # buffers are freed, and it then keeps tens of MiB of freed heap that would
 # read as a leak in VmRSS. With it fixed, freed big buffers go back at once.
@@ -326,9 +330,17 @@ class Mirror:
             name = args.get("name")
             if not isinstance(name, str) or _cstr(name) != MODEL:
                 return None
-            if not _bool_ok(args, "force") or not _int_ok(args, "wait", 0, 3600):
+            if not _bool_ok(args, "force") or not _int_ok(args, "wait", 0, 3600) or not _bool_ok(args, "keep_cached"):
                 return None
             return "unload of the model"
+        if op == "sleep":
+            # the model asleep, the checking client's attaches would be refused
+            name, mode = args.get("name"), args.get("mode", "offload")
+            if not isinstance(name, str) or _cstr(name) != MODEL or not _bool_ok(args, "force"):
+                return None
+            if not isinstance(mode, str) or _cstr(mode) not in ("offload", "discard"):
+                return None
+            return "sleep of the model"
         # load
         path = args.get("path")
         if not isinstance(path, str):

@@ -353,6 +353,19 @@ def daemon_seeds():
     s.append(daemon_input(RP, [("verify", {"name": "m"}), ("verify", {"name": "moe", "quick": True}),
                                ("verify", {"name": "moe", "events": True}), ("verify", {"name": "nope"})]))
     s.append(daemon_input(RP, [("verify", {"name": "m"}), ("verify", {"name": "m"}), ("unload", {"name": "m"})]))
+    # sleep and wake: alone, with the connection's own lease (it answers with
+    # slept, or does not and the sleep waits), discard, wrong states and arguments
+    s.append(daemon_input(RP, [("sleep", {"name": "m"}), ("list", None), ("wake", {"name": "m"}),
+                               ("verify", {"name": "m", "quick": True}), ("sleep", {"name": "moe", "mode": "discard"}),
+                               ("sleep", {"name": "moe"}), ("wake", {"name": "moe"}), ("wake", {"name": "moe"})]))
+    s.append(daemon_input(RP | D_LINES, [("attach", {"name": "m"}), ("sleep", {"name": "m"}), ("slept", {"lease": 1}),
+                                         ("list", None), ("wake", {"name": "m"}), ("detach", {"lease": 1})]))
+    s.append(daemon_input(RP, [("attach", {"name": "moe"}), ("sleep", {"name": "moe", "force": True}),
+                               ("slept", {"lease": 7}), ("unload", {"name": "moe", "keep_cached": True})]))
+    s.append(daemon_input(RP, [("sleep", {"name": "m", "mode": "elsewhere"}), ("sleep", {"name": "nope"}),
+                               ("wake", {"name": "m"}), ("slept", {"lease": 1}), ("sleep", {"name": "m"}),
+                               ("attach", {"name": "m"}), ("info", {"name": "m"}), ("unload", {"name": "m"})]))
+    s.append(daemon_input(RP | D_READER, [("sleep", {"name": "m"}), ("wake", {"name": "m"}), ("slept", {"lease": 1})]))
     # list and info, paged
     s.append(daemon_input(RP, [("list", None), ("list", {"offset": 1, "limit": 1}), ("list", {"offset": 9}),
                                ("info", {"name": "m"}), ("info", {"name": "moe", "offset": 2, "limit": 3}),
