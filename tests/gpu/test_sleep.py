@@ -111,7 +111,7 @@ class GpuSleep(h.E2ETestCase):
         self.assertEqual(d.ctl("verify", "m", "--quick").rc, 0)
 
     def test_a_torch_workers_cuda_graph_replays_after_sleep_and_wake(self):
-        self.check_graph_worker(lambda d: ["/usr/bin/python3", os.path.join(HERE, "sleep_worker.py"), d.sock, "m",
+        self.check_graph_worker(lambda d: [sys.executable, os.path.join(HERE, "sleep_worker.py"), d.sock, "m",
                                            TENSOR], "status", lambda st: st["asleep"])
 
     def test_a_c_workers_cuda_graph_replays_after_sleep_and_wake(self):
