@@ -487,8 +487,9 @@ void wd_sleep_released(wd_server *s, wd_model *m);
 void wd_sleep_tick(wd_server *s);
 /* The client of r went away: a sleep or wake goes on unanswered. */
 void wd_sleep_request_gone(wd_server *s, wd_request *r);
-/* m's sleep state and host copy (unload, or m goes). */
-void wd_sleep_free(wd_model *m);
+/* m's sleep state and host copy (unload, or m goes; the host memory is
+ * given back on a thread of the pool). */
+void wd_sleep_free(wd_server *s, wd_model *m);
 
 /* ---- registry.c: the models, each one owner of its state and memory ----- */
 

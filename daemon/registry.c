@@ -117,7 +117,7 @@ void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
     for (size_t i = 0; give_back && i < m->n_devices; i++)
         wa_empty_cache(s->alloc, m->devices[i]);
     wd_attach_forget(m);
-    wd_sleep_free(m);
+    wd_sleep_free(s, m);
     wl_checkpoint_close(&m->ckpt);
     free(m->slabs);
     free(m->part);

@@ -64,6 +64,8 @@ const char *wd_sleep_where(const wd_model *m)
 static void image_free(wl_checkpoint *im)
 {
     for (size_t i = 0; im->shards && i < im->n_shards; i++) {
+        if (im->shards[i].host)
+            munmap(im->shards[i].host, im->shards[i].file_size);
         if (im->shards[i].fd >= 0)
             close(im->shards[i].fd);
         free(im->shards[i].path);
@@ -72,13 +74,47 @@ static void image_free(wl_checkpoint *im)
     memset(im, 0, sizeof *im);
 }
 
-void wd_sleep_free(wd_model *m)
+/* Giving back tens of gigabytes of host memory takes a while (unmapping,
+ * then freeing every page): off the loop, on a thread of its pool. */
+typedef struct image_release {
+    uv_work_t work;
+    wl_checkpoint image;
+} image_release;
+
+static void release_work(uv_work_t *w)
+{
+    image_free(&((image_release *)w->data)->image);
+}
+
+static void release_done(uv_work_t *w, int status)
+{
+    (void)status;
+    free(w->data);
+}
+
+static void image_release_later(wd_server *s, wl_checkpoint *im)
+{
+    image_release *r;
+
+    if (!im->shards)
+        return;
+    if (s->stopping || !(r = calloc(1, sizeof *r))) {
+        image_free(im);
+        return;
+    }
+    r->image = *im;
+    r->work.data = r;
+    memset(im, 0, sizeof *im);
+    uv_queue_work(s->loop, &r->work, release_work, release_done);
+}
+
+void wd_sleep_free(wd_server *s, wd_model *m)
 {
     wd_sleep *sl = m->sleep;
 
     if (!sl)
         return;
-    image_free(&sl->image);
+    image_release_later(s, &sl->image);
     for (size_t i = 0; sl->headers && i < m->ckpt.n_shards; i++)
         free(sl->headers[i]);
     free(sl->headers);
@@ -155,7 +191,7 @@ static void sleep_undone(wd_server *s, wd_model *m, const wd_error *err)
     wd_log(WD_LOG_warning, "sleep of %s failed: %s", m->name, wd_error_text(err));
     reply_err(sl, err);
     m->state = WD_MODEL_READY;
-    wd_sleep_free(m);
+    wd_sleep_free(s, m);
     wake_holders(s, m);
     wd_model_released(s, m);
 }
@@ -182,12 +218,14 @@ static void offloaded(wd_server *s, wd_model *m, int rc, const wd_error *err)
 {
     wd_sleep *sl = m->sleep;
 
-    /* The memfds are the model's bytes from now on: sealed, and their
+    /* The memfds are the model's bytes from now on: read-only here, their
+     * size sealed (a shrink would fault the mapping), and their
      * modification times are what a wake checks, as for files. */
     for (size_t i = 0; rc == 0 && i < sl->image.n_shards; i++) {
         wl_shard *sh = &sl->image.shards[i];
         struct stat st;
-        fcntl(sh->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL);
+        mprotect(sh->host, sh->file_size, PROT_READ);
+        fcntl(sh->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
         if (fstat(sh->fd, &st) == 0)
             sh->mtime = st.st_mtim;
     }
@@ -222,7 +260,9 @@ static int image_make(wd_model *m, wl_checkpoint *im, wd_error *err)
         }
         sprintf(sh->path, "%s (in host memory)", ck->shards[i].path);
         if ((sh->fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0 ||
-            ftruncate(sh->fd, (off_t)sh->file_size) < 0) {
+            ftruncate(sh->fd, (off_t)sh->file_size) < 0 ||
+            (sh->host = mmap(NULL, sh->file_size, PROT_READ | PROT_WRITE, MAP_SHARED, sh->fd, 0)) == MAP_FAILED) {
+            sh->host = NULL;
             rc = wd_error_set(err, -errno, "a memfd for %s: %s", ck->shards[i].path, strerror(errno));
             break;
         }
@@ -444,7 +484,7 @@ static void woken(wd_server *s, wd_model *m, int rc, const wd_error *err)
         wd_reply_ok(sl->req, res);
     }
     sl->req = NULL;
-    wd_sleep_free(m);
+    wd_sleep_free(s, m);
     wd_attach_prepare(s, m);
     wake_holders(s, m);
     wd_fdstore_sync(s);

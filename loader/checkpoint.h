@@ -32,6 +32,11 @@ typedef struct wl_shard {
     uint64_t file_size;
     struct timespec mtime;    /* when its header was read: a load or verify that sees another fails */
     st_file st;
+    /* NULL, or the whole file mapped (a sleeping model's memfd): jobs read
+     * and write its bytes there rather than with pread and pwrite, which
+     * on a memfd go a 4 KiB page at a time and, writing, one thread at a
+     * time (the inode's lock) */
+    void *host;
 } wl_shard;
 
 typedef struct wl_tensor {

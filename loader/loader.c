@@ -351,6 +351,31 @@ static int read_cached(wl_pipeline *p, const chunk *c, void *buf, wd_error *err)
                      p->job->ckpt->shards[c->shard].path, false, err);
 }
 
+/* Bytes [off, off + len) of shard s into dst: from its mapping if it has
+ * one, else read. */
+static int read_at(wl_pipeline *p, uint32_t s, void *dst, uint64_t len, uint64_t off, wd_error *err)
+{
+    const wl_shard *sh = &p->job->ckpt->shards[s];
+
+    if (sh->host) {
+        memcpy(dst, (const char *)sh->host + off, len);
+        return 0;
+    }
+    return read_full(p->fd[s], dst, len, off, sh->path, false, err);
+}
+
+/* ... and written there from src. */
+static int write_at(wl_pipeline *p, uint32_t s, const void *src, uint64_t len, uint64_t off, wd_error *err)
+{
+    const wl_shard *sh = &p->job->ckpt->shards[s];
+
+    if (sh->host) {
+        memcpy((char *)sh->host + off, src, len);
+        return 0;
+    }
+    return pwrite_full(p->fd[s], src, len, off, sh->path, err);
+}
+
 /* Reads a chunk into buf: through the page cache, or with O_DIRECT in whole
  * aligned blocks when asked for. */
 static int read_chunk(worker *w, const chunk *c, void *buf, wd_error *err)
@@ -358,6 +383,9 @@ static int read_chunk(worker *w, const chunk *c, void *buf, wd_error *err)
     wl_pipeline *p = w->p;
     const char *path = p->job->ckpt->shards[c->shard].path;
     int dfd = p->fd_direct[c->shard];
+
+    if (p->job->ckpt->shards[c->shard].host)
+        return read_at(p, c->shard, buf, c->read_len, c->read_off, err);
 
     if (dfd >= 0) {
         /* The length rounds up to whole blocks; the file may end sooner. */
@@ -554,7 +582,6 @@ static int offload_chunk(worker *w, const chunk *c, wd_error *err)
 {
     wl_pipeline *p = w->p;
     const wl_job *job = p->job;
-    const char *path = job->ckpt->shards[c->shard].path;
     uint32_t tensor = UINT32_MAX;
     uint64_t pos = 0, lo = UINT64_MAX, hi = 0;
     char *buf = NULL;
@@ -574,8 +601,8 @@ static int offload_chunk(worker *w, const chunk *c, wd_error *err)
         len = pc->len - skip;
         pos = from + pc->len;
         if (d->mem->host && !p->stage_host) {
-            if (pwrite_full(p->fd[c->shard], (const char *)d->mem->host + d->offset + pc->dest_off + skip, len,
-                            c->read_off + pc->at + skip, path, err))
+            if (write_at(p, c->shard, (const char *)d->mem->host + d->offset + pc->dest_off + skip, len,
+                         c->read_off + pc->at + skip, err))
                 return err->code;
             continue;
         }
@@ -591,7 +618,7 @@ static int offload_chunk(worker *w, const chunk *c, wd_error *err)
         if (pc->at + skip + len > hi)
             hi = pc->at + skip + len;
     }
-    return lo < hi ? pwrite_full(p->fd[c->shard], buf + lo, hi - lo, c->read_off + lo, path, err) : 0;
+    return lo < hi ? write_at(p, c->shard, buf + lo, hi - lo, c->read_off + lo, err) : 0;
 }
 
 static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
@@ -629,8 +656,8 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
         for (; i < c->n; i++) {
             const piece *pc = &p->pieces[c->first + i];
             const wl_dest *d = &job->dest[pc->dest];
-            if ((rc = read_full(p->fd[c->shard], (char *)d->mem->host + d->offset + pc->dest_off, pc->len,
-                                c->read_off + pc->at, ck->shards[c->shard].path, false, err)))
+            if ((rc = read_at(p, c->shard, (char *)d->mem->host + d->offset + pc->dest_off, pc->len,
+                              c->read_off + pc->at, err)))
                 goto out;
         }
     } else {

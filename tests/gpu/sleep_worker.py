@@ -32,8 +32,13 @@ def main(sock, model, name):
     graph.replay()
     torch.cuda.synchronize()
     first = out.clone()
-    print(json.dumps({"ready": True, "ptr": w.data_ptr(), "dtype": str(w.dtype), "shape": list(w.shape)}),
-          flush=True)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    deterministic = bool(torch.equal(out, first))
+    raw = int(w.view(torch.int16).sum(dtype=torch.int64))
+    print(json.dumps({"ready": True, "ptr": w.data_ptr(), "dtype": str(w.dtype), "shape": list(w.shape),
+                      "deterministic": deterministic, "raw": raw}), flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "status":
@@ -42,7 +47,11 @@ def main(sock, model, name):
             out.zero_()
             graph.replay()
             torch.cuda.synchronize()
-            print(json.dumps({"same": bool(torch.equal(out, first)), "ptr": w.data_ptr()}), flush=True)
+            eager = (w.float() * 2 + 1).sum(dim=0)
+            print(json.dumps({"same": bool(torch.equal(out, first)), "ptr": w.data_ptr(),
+                              "raw": int(w.view(torch.int16).sum(dtype=torch.int64)),
+                              "eager_same": bool(torch.equal(eager, first)),
+                              "max_diff": float((out - first).abs().max())}), flush=True)
         elif cmd == "quit":
             break
     del graph, w

@@ -107,7 +107,7 @@ class GpuSleep(h.E2ETestCase):
         h.wait_until(lambda: not asleep_of(w.ask(status)), h.T(20),
                      what="the worker to map the model again")
         r = w.ask("replay")
-        self.assertTrue(r["same"], r)
+        self.assertTrue(r["same"], (r, w.first))
         self.assertEqual(d.ctl("verify", "m", "--quick").rc, 0)
 
     def test_a_torch_workers_cuda_graph_replays_after_sleep_and_wake(self):
