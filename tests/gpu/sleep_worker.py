@@ -23,12 +23,14 @@ def main(sock, model, name):
     att = weightd.Client(sock).attach(model, device=0, framework="torch")
     w = att[name]
     stream = torch.cuda.Stream()
-    out = torch.zeros(w.shape[-1], dtype=torch.float32, device=w.device)
+    # Integer arithmetic on the raw bits: the checkpoint's bytes are random,
+    # and as bf16 many are NaN (which equals nothing, not even itself).
+    out = torch.zeros(w.shape[-1], dtype=torch.int64, device=w.device)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         # kernels that read every byte of the tensor where it is mapped now
-        out.copy_((w.float() * 2 + 1).sum(dim=0))
+        out.copy_((w.view(torch.int16).to(torch.int64) * 3 + 1).sum(dim=0))
     graph.replay()
     torch.cuda.synchronize()
     first = out.clone()
@@ -47,11 +49,8 @@ def main(sock, model, name):
             out.zero_()
             graph.replay()
             torch.cuda.synchronize()
-            eager = (w.float() * 2 + 1).sum(dim=0)
             print(json.dumps({"same": bool(torch.equal(out, first)), "ptr": w.data_ptr(),
-                              "raw": int(w.view(torch.int16).sum(dtype=torch.int64)),
-                              "eager_same": bool(torch.equal(eager, first)),
-                              "max_diff": float((out - first).abs().max())}), flush=True)
+                              "raw": int(w.view(torch.int16).sum(dtype=torch.int64))}), flush=True)
         elif cmd == "quit":
             break
     del graph, w
