@@ -32,10 +32,9 @@ typedef struct wl_shard {
     uint64_t file_size;
     struct timespec mtime;    /* when its header was read: a load or verify that sees another fails */
     st_file st;
-    /* NULL, or the whole file mapped (a sleeping model's memfd): jobs read
-     * and write its bytes there rather than with pread and pwrite, which
-     * on a memfd go a 4 KiB page at a time and, writing, one thread at a
-     * time (the inode's lock) */
+    /* NULL, or the file's bytes in memory of the caller's (a sleeping
+     * model's host copy), file_size of them: jobs read and write there,
+     * and fd is not used */
     void *host;
 } wl_shard;
 

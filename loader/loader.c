@@ -764,6 +764,8 @@ static int open_shards(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
     for (size_t s = 0; s < ck->n_shards; s++) {
         const wl_shard *sh = &ck->shards[s];
         struct stat st;
+        if (sh->host)
+            continue; /* the daemon's own memory, read and written where it is */
         if ((p->fd[s] = fcntl(sh->fd, F_DUPFD_CLOEXEC, 3)) < 0)
             return wd_error_set(err, -errno, "%s: %s", sh->path, strerror(errno));
         if (fstat(p->fd[s], &st) < 0 || !S_ISREG(st.st_mode))
@@ -985,6 +987,8 @@ int wl_job_run(wl_pipeline *p, wl_job *job)
     rc = run_workers(p, job, worker_main, p->n_chunks < p->threads ? (unsigned)p->n_chunks : p->threads);
     for (size_t s = 0; !rc && s < ck->n_shards; s++) {
         struct stat st;
+        if (ck->shards[s].host)
+            continue;
         if (fstat(p->fd[s], &st) < 0)
             rc = wd_error_set(&job->err, -errno, "%s: %s", ck->shards[s].path, strerror(errno));
         else

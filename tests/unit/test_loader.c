@@ -277,7 +277,8 @@ START_TEST(checksums_while_loading_are_the_files_on_either_path)
 END_TEST
 
 /* A sleep's offload: the devices' bytes into memfds the size of the
- * shards, each where its file has it; and a load back from them. */
+ * shards, each where its file has it, written with pwrite or into their
+ * mappings (wl_shard.host); and a load back from them. */
 START_TEST(offload_writes_each_tensor_where_its_file_has_it_on_either_path)
 {
     fixture f;
@@ -285,7 +286,8 @@ START_TEST(offload_writes_each_tensor_where_its_file_has_it_on_either_path)
     wl_checkpoint image;
 
     setup(&f);
-    for (int staged = 0; staged < 2; staged++) {
+    for (int run = 0; run < 4; run++) {
+        int staged = run & 1, mapped = run >> 1;
         wl_pipeline_opts po = {.threads = 2, .staging = 4 * MiB, .stage_host = staged};
         wl_pipeline *p;
         wd_error e = {0};
@@ -298,6 +300,11 @@ START_TEST(offload_writes_each_tensor_where_its_file_has_it_on_either_path)
             image.shards[i] = f.ck.shards[i];
             image.shards[i].fd = memfd_create("offload-test", MFD_CLOEXEC);
             ck_assert_int_eq(ftruncate(image.shards[i].fd, (off_t)image.shards[i].file_size), 0);
+            if (mapped) {
+                image.shards[i].host = mmap(NULL, image.shards[i].file_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+                                            image.shards[i].fd, 0);
+                ck_assert_ptr_ne(image.shards[i].host, MAP_FAILED);
+            }
         }
         job_init(&job, &f, WL_OFFLOAD, f.n_dest);
         job.ckpt = &image;
@@ -327,8 +334,11 @@ START_TEST(offload_writes_each_tensor_where_its_file_has_it_on_either_path)
         job.ckpt = &image;
         ck_assert_msg(wl_job_run(p, &job) == 0, "%s", job.err.msg);
         check_contents(&f);
-        for (size_t i = 0; i < f.ck.n_shards; i++)
+        for (size_t i = 0; i < f.ck.n_shards; i++) {
+            if (mapped)
+                munmap(image.shards[i].host, image.shards[i].file_size);
             close(image.shards[i].fd);
+        }
         free(image.shards);
         wl_pipeline_destroy(p);
     }
