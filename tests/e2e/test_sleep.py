@@ -27,6 +27,16 @@ def free_bytes(d, device=0):
     return d.device(device)["free_bytes"]
 
 
+def fd_links(d):
+    out = []
+    for f in sorted(os.listdir("/proc/%d/fd" % d.pid), key=int):
+        try:
+            out.append(os.readlink("/proc/%d/fd/%s" % (d.pid, f)))
+        except OSError:
+            pass
+    return out
+
+
 class Sleeper:
     """worker.py sleeper: a worker process attached through the Python client."""
 
@@ -126,6 +136,7 @@ class Sleep(SleepCase):
         d = self.daemon()
         self.loaded(d, "small", "s")
         fds = h.settled_fds(d)
+        links = fd_links(d)
         loaded = reserved(d)
         for mode in ("offload", "discard") * 3:
             self.sleep(d, "s", "--" + mode)
@@ -133,7 +144,8 @@ class Sleep(SleepCase):
         self.assertEqual(reserved(d), loaded)
         # (the host copies go on a thread of the pool: their memfds close soon after)
         h.settled_fds(d)
-        h.wait_until(lambda: h.fd_count(d.pid) == fds, h.T(10), what="the daemon's descriptors to return")
+        h.wait_until(lambda: h.fd_count(d.pid) == fds, h.T(10),
+                     what="the daemon's descriptors to return (%r then, %r now)" % (links, fd_links(d)))
         self.verified(d, "s")
 
     def test_a_discarded_model_wakes_only_from_unchanged_files(self):
