@@ -586,12 +586,30 @@ static void print_moved(const cJSON *res, const char *what)
            size_text(num(res, "reserved_bytes_after"), b1, sizeof b1));
 }
 
+/* sleep or wake with args (consumed), and what it moved. */
+static int move(ctl *c, const char *op, cJSON *args)
+{
+    cJSON *res;
+    int rc = call(c, op, args, -1, NULL, NULL, &res);
+
+    cJSON_Delete(args);
+    if (rc)
+        return report_error(c, op, rc, last_error(c));
+    if (c->json)
+        print_json(res);
+    else if (strcmp(op, "sleep") == 0)
+        print_moved(res, strcmp(str(res, "sleeps_in"), "host") == 0 ? "offloaded" : "discarded");
+    else
+        print_moved(res, strcmp(str(res, "from"), "host") == 0 ? "woke from host memory" : "woke from the checkpoint");
+    cJSON_Delete(res);
+    return 0;
+}
+
 static int cmd_sleep(ctl *c, int argc, char **argv)
 {
     const char *name = NULL, *mode = NULL;
     bool force = false;
-    cJSON *args, *res;
-    int rc;
+    cJSON *args;
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--offload") == 0 || strcmp(argv[i], "--discard") == 0) {
@@ -612,37 +630,17 @@ static int cmd_sleep(ctl *c, int argc, char **argv)
     cJSON_AddStringToObject(args, "mode", mode ? mode : "offload");
     if (force)
         cJSON_AddBoolToObject(args, "force", 1);
-    rc = call(c, "sleep", args, -1, NULL, NULL, &res);
-    cJSON_Delete(args);
-    if (rc)
-        return report_error(c, "sleep", rc, last_error(c));
-    if (c->json)
-        print_json(res);
-    else
-        print_moved(res, strcmp(str(res, "sleeps_in"), "host") == 0 ? "offloaded" : "discarded");
-    cJSON_Delete(res);
-    return 0;
+    return move(c, "sleep", args);
 }
 
 static int cmd_wake(ctl *c, int argc, char **argv)
 {
     const char *name = NULL;
-    cJSON *args, *res;
     int rc;
 
     if ((rc = one_name(argc, argv, &name)))
         return rc;
-    args = name_args(name);
-    rc = call(c, "wake", args, -1, NULL, NULL, &res);
-    cJSON_Delete(args);
-    if (rc)
-        return report_error(c, "wake", rc, last_error(c));
-    if (c->json)
-        print_json(res);
-    else
-        print_moved(res, strcmp(str(res, "from"), "host") == 0 ? "woke from host memory" : "woke from the checkpoint");
-    cJSON_Delete(res);
-    return 0;
+    return move(c, "wake", name_args(name));
 }
 
 /* ---- attach: map a model as a worker would ---------------------------------------- */

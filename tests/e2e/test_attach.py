@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import unittest
 
 from . import harness as h
@@ -63,6 +64,52 @@ def start_worker(tc, d, *args):
         p.communicate(timeout=30)
     tc.addCleanup(reap)
     return p
+
+
+class StdinWorker:
+    """worker.py COMMAND NAME (ride, sleeper): a worker process that prints
+    READY LEASE once attached, then answers each line on its stdin with one
+    JSON line."""
+
+    def __init__(self, tc, d, command, name):
+        self.p = subprocess.Popen([sys.executable, WORKER, d.sock, command, name], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=h.child_env(worker_env()), start_new_session=True)
+        tc.addCleanup(self.kill)
+        line = self.p.stdout.readline()
+        if not line.startswith("READY"):
+            self.kill()
+            tc.fail("the worker did not attach: %r %s" % (line, self.p.stderr.read()))
+        self.lease = int(line.split()[1])
+
+    def ask(self, line):
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def status(self):
+        return self.ask("status")
+
+    def wait(self, predicate, timeout=30, stop=None, context=""):
+        """The first status for which predicate holds (or stop gives up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if predicate(st):
+                return st
+            if time.monotonic() > deadline or (stop and stop(st)):
+                raise AssertionError("the worker never got there: %r%s" % (st, context))
+            time.sleep(0.05)
+
+    def quit(self):
+        out = self.ask("quit")
+        self.p.wait(timeout=30)
+        return out
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.communicate(timeout=30)
 
 
 def wait_ready(tc, p):

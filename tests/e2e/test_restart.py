@@ -7,14 +7,11 @@ same under a real systemd)."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import unittest
 
 from tests.e2e import harness as h
 from tests.e2e.fdstore import FakeSystemd
-from tests.e2e.test_attach import WORKER, worker_env, worker_json
+from tests.e2e.test_attach import StdinWorker, worker_json
 
 HOST = ["--backend", "host", "--host-devices", "2", "--host-capacity", "2GiB"]
 
@@ -246,47 +243,15 @@ class Restart(ServiceCase):
         self.assertEqual(st["why_not"], "not under systemd")
 
 
-class Rider:
+class Rider(StdinWorker):
     """worker.py ride: a real worker process computing on attached tensors."""
 
     def __init__(self, tc, d, name):
-        self.p = subprocess.Popen([sys.executable, WORKER, d.sock, "ride", name], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=h.child_env(worker_env()), start_new_session=True)
-        tc.addCleanup(self.kill)
-        line = self.p.stdout.readline()
-        if not line.startswith("READY"):
-            self.kill()
-            tc.fail("the worker did not attach: %r %s" % (line, self.p.stderr.read()))
-        self.lease = int(line.split()[1])
-
-    def status(self):
-        self.p.stdin.write("status\n")
-        self.p.stdin.flush()
-        return json.loads(self.p.stdout.readline())
+        super().__init__(tc, d, "ride", name)
 
     def wait(self, predicate, timeout=30, d=None):
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status()
-            if predicate(st):
-                return st
-            if time.monotonic() > deadline or st["lost"]:
-                raise AssertionError("the worker never got there: %r%s" % (st, "\nweightd:\n" + d.log()[-5000:]
-                                                                            if d else ""))
-            time.sleep(0.05)
-
-    def quit(self):
-        self.p.stdin.write("quit\n")
-        self.p.stdin.flush()
-        out = json.loads(self.p.stdout.readline())
-        self.p.wait(timeout=30)
-        return out
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.communicate(timeout=30)
+        return super().wait(predicate, timeout, stop=lambda st: st["lost"],
+                            context="\nweightd:\n" + d.log()[-5000:] if d else "")
 
 
 class RideThrough(ServiceCase):

@@ -4,14 +4,12 @@ devices (stats and the backend's free figure), a wake brings identical
 contents (verify), a discarded model wakes only from unchanged files, and a
 worker keeps its tensors at the same addresses across a sleep and a wake."""
 
-import json
 import os
-import subprocess
 import sys
 import time
 
 from . import harness as h
-from .test_attach import WORKER, wait_ready, worker_env
+from .test_attach import StdinWorker
 
 sys.path.insert(0, os.path.join(h.REPO, "client", "python"))
 import weightd  # noqa: E402
@@ -37,38 +35,14 @@ def fd_links(d):
     return out
 
 
-class Sleeper:
+class Sleeper(StdinWorker):
     """worker.py sleeper: a worker process attached through the Python client."""
 
     def __init__(self, tc, d, name):
-        self.p = subprocess.Popen([sys.executable, WORKER, d.sock, "sleeper", name], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=h.child_env(worker_env()), start_new_session=True)
-        tc.addCleanup(self.close)
-        self.lease = wait_ready(tc, self.p)
-
-    def status(self):
-        self.p.stdin.write("status\n")
-        self.p.stdin.flush()
-        return json.loads(self.p.stdout.readline())
+        super().__init__(tc, d, "sleeper", name)
 
     def wait_state(self, asleep, timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status()
-            if st["asleep"] == asleep or time.monotonic() > deadline:
-                return st
-            time.sleep(0.05)
-
-    def close(self):
-        if self.p.poll() is None:
-            try:
-                self.p.stdin.write("quit\n")
-                self.p.stdin.flush()
-                self.p.wait(timeout=h.T(20))
-            except (OSError, subprocess.TimeoutExpired):
-                self.p.kill()
-        self.p.communicate(timeout=h.T(20))
+        return self.wait(lambda st: st["asleep"] == asleep, timeout)
 
 
 class SleepCase(h.E2ETestCase):
@@ -327,7 +301,7 @@ class Workers(SleepCase):
         w1, w2 = Sleeper(self, d, "s"), Sleeper(self, d, "s")
         first = w1.status()
         self.sleep(d, "s")
-        w2.close()  # detaches while the model sleeps
+        w2.quit()  # detaches while the model sleeps
         self.wake(d, "s")
         st = w1.wait_state(False, h.T(10))
         self.assertEqual(st["crcs"], first["crcs"])
