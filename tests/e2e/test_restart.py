@@ -230,6 +230,11 @@ class Restart(ServiceCase):
             self.assertIs(d.ctl_json("verify", "first", "--quick").json["match"], True)
             self.assertEqual(worker_json(self, d, "verify", "first", saved)["missing"], [])
             if n == 0:
+                # The worker's lease ends once the daemon sees it gone, and
+                # leaves the store after: a kill before that would rightly
+                # bring it back, waiting for its worker.
+                h.wait_until(lambda: not d.ctl_json("leases").json["leases"], h.T(10), what="the worker's lease to end")
+                self.systemd.wait_settled()
                 d.kill9()
         # and the daemon loads it now
         self.load(d, "second-model", h.checkpoint("big"))
