@@ -41,6 +41,11 @@ def reserved(d):
     return device(d)["reserved_bytes"]["current"]
 
 
+def say(*what):
+    """A figure as soon as it is measured (a run cut short still tells)."""
+    print(*what, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
@@ -59,6 +64,7 @@ def main():
     torch.zeros(1, device="cuda")
     out["copy_h2d"] = summary([copy_limit(torch, 16, 4, True) for _ in range(a.runs)])
     out["copy_d2h"] = summary([copy_limit(torch, 16, 4, False) for _ in range(a.runs)])
+    say("copy limits GB/s: h2d", out["copy_h2d"]["runs"], "d2h", out["copy_d2h"]["runs"])
     torch.cuda.empty_cache()
 
     d = Daemon(a.build, a.work, [])
@@ -74,6 +80,7 @@ def main():
             res = d.run("load", ckpt, "--name", "m")
             warm.append(res["seconds"])
         out["warm_load"] = summary(warm)
+        say("warm load s:", warm)
         out["model_bytes"] = res["device_bytes"]
         held = reserved(d)
         out["reserved_loaded"] = held
@@ -88,6 +95,7 @@ def main():
                 w = d.run("wake", "m")
                 wakes.append(w["seconds"])
                 awake.append(free(d))
+                say(mode, "sleep s:", s["seconds"], "wake s:", w["seconds"], "free asleep:", asleep[-1])
             out[mode] = {"sleep": summary(sleeps), "wake": summary(wakes), "free_asleep": summary(asleep),
                          "free_awake": summary(awake), "returned": min(asleep) - out["free"]["loaded"]}
         t0 = time.monotonic()
