@@ -116,9 +116,10 @@ class Sleep(SleepCase):
             self.sleep(d, "s", "--" + mode)
             self.wake(d, "s")
         self.assertEqual(reserved(d), loaded)
-        # (the host copies go on a thread of the pool: their memfds close soon after)
+        # (the host copies go on a thread of the pool: their memfds close soon
+        # after; and the baseline may still count the connection that asked)
         h.settled_fds(d)
-        h.wait_until(lambda: h.fd_count(d.pid) == fds, h.T(10),
+        h.wait_until(lambda: h.fd_count(d.pid) <= fds, h.T(10),
                      what="the daemon's descriptors to return (%r then, %r now)" % (links, fd_links(d)))
         self.verified(d, "s")
 
