@@ -621,13 +621,12 @@ void wd_jobs_progress(wd_server *s);
 /* Sleep and wake move a model's bytes with the daemon's pipeline, in turn
  * with loads; done is called on the loop with how it went (ECANCELED when
  * the daemon stops first). An offload copies m's devices into image's
- * files (memfds of the shards' sizes, mapped: wl_shard.host), then pins
- * them where the backend stages its copies; a refill allocates m's
+ * files (writable memfds of the shards' sizes); a refill allocates m's
  * slabs again under the load policy and reads src into them (the image, or
  * m's checkpoint), its checksums compared with the load's; a refill that
  * fails frees every slab it took. */
 typedef void (*wd_move_done)(wd_server *s, wd_model *m, int rc, const wd_error *err);
-int wd_offload_start(wd_server *s, wd_model *m, wl_checkpoint *image, wd_move_done done, wd_error *err);
+int wd_offload_start(wd_server *s, wd_model *m, const wl_checkpoint *image, wd_move_done done, wd_error *err);
 int wd_refill_start(wd_server *s, wd_model *m, const wl_checkpoint *src, wd_move_done done, wd_error *err);
 /* Frees every slab of m and gives the segments under them back to the
  * devices, not to the allocator's cache. */

@@ -55,8 +55,6 @@ struct wd_job {
     double t0;
     double t_opened, t_allocated; /* load: when the headers were read, the last tensor allocated */
     const wl_checkpoint *src; /* offload: the files written; refill: the files read */
-    wl_checkpoint *pin;       /* offload: src, its shards pinned once written */
-    wd_error pin_err;
     uint64_t *sums;           /* refill: the checksums of what it read, to compare with the load's */
     wd_move_done done;        /* offload, refill: told on the loop how it ended */
     wd_job *prev, *next;
@@ -489,23 +487,11 @@ static void end_move(wd_job *j)
     wd_server_maybe_finish(s);
 }
 
-/* Copies the devices into the host copy; then pins it, shard by shard,
- * where the backend stages its copies: a wake then copies it straight to
- * the devices (on the H200, 44.7 GB/s through staging buffers, 86 % of the
- * copy rate, against ... pinned). The pinning takes its time here, on the
- * pool's thread (the driver pins at 14 to 21 GB/s, one call at a time). */
 static void offload_work(uv_work_t *w)
 {
     wd_job *j = w->data;
-    wa_backend *b = j->srv->backend;
 
     run_io(j, j->srv->pipeline);
-    for (size_t i = 0; j->rc == 0 && b->host_register && i < j->pin->n_shards; i++) {
-        wl_shard *sh = &j->pin->shards[i];
-        if (!sh->host || b->host_register(b, sh->host, sh->file_size, &j->pin_err))
-            break;
-        sh->host_pinned = true;
-    }
 }
 
 static void after_offload(uv_work_t *w, int status)
@@ -515,9 +501,6 @@ static void after_offload(uv_work_t *w, int status)
 
     j->srv->jobs_running--;
     settle_cancel(j);
-    if (j->pin_err.code)
-        wd_log(WD_LOG_info, "%s: its host copy is not pinned (%s): a wake copies it through the staging buffers",
-               j->model->name, wd_error_text(&j->pin_err));
     end_move(j);
 }
 
@@ -603,8 +586,8 @@ static void finish_refill(wd_job *j)
     end_move(j);
 }
 
-static int move_start(wd_server *s, job_kind kind, wd_model *m, const wl_checkpoint *src, wl_checkpoint *pin,
-                      wd_move_done done, wd_error *err)
+static int move_start(wd_server *s, job_kind kind, wd_model *m, const wl_checkpoint *src, wd_move_done done,
+                      wd_error *err)
 {
     wd_job *j;
 
@@ -614,21 +597,20 @@ static int move_start(wd_server *s, job_kind kind, wd_model *m, const wl_checkpo
         return -ENOMEM;
     j->model = m;
     j->src = src;
-    j->pin = pin;
     j->done = done;
     job_link(s, j);
     start_next_load(s);
     return 0;
 }
 
-int wd_offload_start(wd_server *s, wd_model *m, wl_checkpoint *image, wd_move_done done, wd_error *err)
+int wd_offload_start(wd_server *s, wd_model *m, const wl_checkpoint *image, wd_move_done done, wd_error *err)
 {
-    return move_start(s, JOB_OFFLOAD, m, image, image, done, err);
+    return move_start(s, JOB_OFFLOAD, m, image, done, err);
 }
 
 int wd_refill_start(wd_server *s, wd_model *m, const wl_checkpoint *src, wd_move_done done, wd_error *err)
 {
-    return move_start(s, JOB_REFILL, m, src, NULL, done, err);
+    return move_start(s, JOB_REFILL, m, src, done, err);
 }
 
 /* ---- verify ---------------------------------------------------------------- */
