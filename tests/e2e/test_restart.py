@@ -235,7 +235,7 @@ class Restart(ServiceCase):
                 # The worker's lease ends once the daemon sees it gone, and
                 # leaves the store after: a kill before that would rightly
                 # bring it back, waiting for its worker. Under the sanitizer
-                # build such a lease came back after this wait too, in 2 CI
+                # build such a lease came back after this wait too, in 3 CI
                 # runs of 5 (cause not found yet: see the closing note of
                 # 2026-12-03); what this test is about is the second model.
                 h.wait_until(lambda: not d.ctl_json("leases").json["leases"], h.T(10), what="the worker's lease to end")
