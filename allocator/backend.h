@@ -41,7 +41,6 @@ typedef struct wa_device_info {
     char name[128];        /* "host device 0", "NVIDIA H200 (CUDA device 0)" */
     char uuid[48];         /* stable identity where the backend has one */
     uint64_t capacity;     /* bytes the allocator may reserve on it */
-    uint64_t free;         /* bytes free on it now: cuMemGetInfo's, or the capacity less what the backend holds */
 } wa_device_info;
 
 typedef struct wa_backend wa_backend;
@@ -58,6 +57,10 @@ struct wa_backend {
     int (*read)(wa_backend *b, int device, const wa_mem *mem, uint64_t offset,
                 void *dst, size_t len, wd_error *err);
     int (*describe)(wa_backend *b, int device, wa_device_info *out);
+    /* Bytes free on the device now: cuMemGetInfo's (other processes' memory
+     * counts), or the capacity less what the backend holds. Apart from
+     * describe, which attach calls: this one asks the driver. */
+    uint64_t (*free_bytes)(wa_backend *b, int device);
     void (*destroy)(wa_backend *b);
 
     /* Expandable segments (NULL where the backend cannot): an address range

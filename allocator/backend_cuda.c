@@ -331,15 +331,20 @@ fail:
 
 static int cuda_describe(wa_backend *b, int device, wa_device_info *out)
 {
-    cuda_device *d = device_of(b, device);
-    size_t free_b = 0, total = 0;
+    cuda_device *d = &((cuda_backend *)b)->dev[device];
 
     snprintf(out->name, sizeof out->name, "%s (CUDA device %d)", d->name, d->ordinal);
     snprintf(out->uuid, sizeof out->uuid, "%s", d->uuid);
     out->capacity = d->capacity;
-    /* The whole device's: other processes' memory counts too. */
-    out->free = ((cuda_backend *)b)->cu->cuMemGetInfo(&free_b, &total) == CUDA_SUCCESS ? free_b : 0;
     return 0;
+}
+
+static uint64_t cuda_free_bytes(wa_backend *b, int device)
+{
+    size_t free_b = 0, total = 0;
+
+    device_of(b, device);
+    return ((cuda_backend *)b)->cu->cuMemGetInfo(&free_b, &total) == CUDA_SUCCESS ? free_b : 0;
 }
 
 static void cuda_destroy(wa_backend *b)
@@ -449,6 +454,7 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
         .write = cuda_write,
         .read = cuda_read,
         .describe = cuda_describe,
+        .free_bytes = cuda_free_bytes,
         .destroy = cuda_destroy,
         .pinned_alloc = cuda_pinned_alloc,
         .pinned_free = cuda_pinned_free,

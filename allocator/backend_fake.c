@@ -161,8 +161,13 @@ static int fake_describe(wa_backend *b, int device, wa_device_info *out)
     snprintf(out->name, sizeof out->name, "fake device %d", device);
     snprintf(out->uuid, sizeof out->uuid, "fake-%d", device);
     out->capacity = f->capacity;
-    out->free = f->capacity - f->used[device];
     return 0;
+}
+
+static uint64_t fake_free_bytes(wa_backend *b, int device)
+{
+    fake_backend *f = (fake_backend *)b;
+    return f->capacity - f->used[device];
 }
 
 static void fake_destroy(wa_backend *b)
@@ -193,6 +198,7 @@ int wa_backend_fake_create(int n_devices, uint64_t capacity, wa_backend **out, w
         .write = fake_write,
         .read = fake_copy,
         .describe = fake_describe,
+        .free_bytes = fake_free_bytes,
         .destroy = fake_destroy,
         .va_reserve = fake_va_reserve,
         .va_release = fake_va_release,

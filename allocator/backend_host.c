@@ -210,8 +210,13 @@ static int host_describe(wa_backend *b, int device, wa_device_info *out)
     snprintf(out->name, sizeof out->name, "host device %d", device);
     snprintf(out->uuid, sizeof out->uuid, "host-%d", device);
     out->capacity = h->capacity;
-    out->free = h->capacity - h->used[device];
     return 0;
+}
+
+static uint64_t host_free_bytes(wa_backend *b, int device)
+{
+    host_backend *h = (host_backend *)b;
+    return h->capacity - h->used[device];
 }
 
 static void host_destroy(wa_backend *b)
@@ -242,6 +247,7 @@ int wa_backend_host_create(int n_devices, uint64_t capacity, wa_backend **out, w
         .write = host_write,
         .read = host_read,
         .describe = host_describe,
+        .free_bytes = host_free_bytes,
         .destroy = host_destroy,
         .va_reserve = host_va_reserve,
         .va_release = host_va_release,

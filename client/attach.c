@@ -824,19 +824,19 @@ static void unmap_all(wdc_attachment *a)
 
 static void on_sleep(wdc_client *c, wdc_attachment *a)
 {
-    char args[64];
     int64_t id;
-    cJSON *o;
+    cJSON *args;
 
     if (a->state != 0 || a->kind == KIND_IPC)
         return; /* (the daemon does not ask cuda-ipc holders) */
     unmap_all(a);
     a->state = WDC_ASLEEP;
     a->woken_descs = 0;
-    snprintf(args, sizeof args, "{\"lease\":%llu}", (unsigned long long)a->lease);
     /* Its reply is not waited for: readers drop replies nobody waits for. */
-    if ((o = cJSON_Parse(args)))
-        wdc__send_request(c, "slept", o, 1000, &id);
+    if ((args = cJSON_CreateObject()) && cJSON_AddNumberToObject(args, "lease", (double)a->lease))
+        wdc__send_request(c, "slept", args, 1000, &id);
+    else
+        cJSON_Delete(args);
 }
 
 /* Mapped again, where everything was. */

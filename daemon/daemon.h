@@ -569,6 +569,9 @@ int wd_registry_add(wd_server *s, const char *name, const char *path, const int 
 /* Unlinks m, frees its slabs and itself; with give_back, the cached
  * segments of its devices go back to them too. m has no leases. */
 void wd_registry_remove(wd_server *s, wd_model *m, bool give_back);
+/* Frees every slab of m (it stays registered) and gives the segments under
+ * them back to the devices, not to the allocator's cache. */
+void wd_model_free_memory(wd_server *s, wd_model *m);
 size_t wd_registry_count(const wd_server *s);
 /* "0" or "0,1": the model's devices, for people. */
 const char *wd_model_devices_text(const wd_model *m, char *buf, size_t len);
@@ -628,9 +631,6 @@ void wd_jobs_progress(wd_server *s);
 typedef void (*wd_move_done)(wd_server *s, wd_model *m, int rc, const wd_error *err);
 int wd_offload_start(wd_server *s, wd_model *m, const wl_checkpoint *image, wd_move_done done, wd_error *err);
 int wd_refill_start(wd_server *s, wd_model *m, const wl_checkpoint *src, wd_move_done done, wd_error *err);
-/* Frees every slab of m and gives the segments under them back to the
- * devices, not to the allocator's cache. */
-void wd_model_free_memory(wd_server *s, wd_model *m);
 /* The load policy's state for stats: whether a load holds it now. */
 bool wd_jobs_load_active(const wd_server *s);
 /* Adds the jobs' state to a stats reply: a page from offset ("jobs",

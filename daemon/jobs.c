@@ -155,6 +155,14 @@ static void send_progress(wd_job *j)
 
 static void start_next_load(wd_server *s);
 
+/* A job of the pipeline ended (freed): the next one may start. */
+static void pipeline_next(wd_server *s)
+{
+    wd_systemd_status(s);
+    start_next_load(s);
+    wd_server_maybe_finish(s);
+}
+
 static wd_job *job_new(wd_server *s, job_kind kind, job_state state, wd_request *r, wd_error *err)
 {
     wd_job *j = calloc(1, sizeof *j);
@@ -241,9 +249,7 @@ static void finish_load(wd_job *j)
     if (j->policy_pushed)
         wa_policy_pop(s->alloc);
     job_free(s, j);
-    wd_systemd_status(s);
-    start_next_load(s);
-    wd_server_maybe_finish(s);
+    pipeline_next(s);
 }
 
 static void read_work(uv_work_t *w)
@@ -482,16 +488,7 @@ static void end_move(wd_job *j)
     free(j->sums);
     job_free(s, j);
     done(s, m, rc, &err);
-    wd_systemd_status(s);
-    start_next_load(s);
-    wd_server_maybe_finish(s);
-}
-
-static void offload_work(uv_work_t *w)
-{
-    wd_job *j = w->data;
-
-    run_io(j, j->srv->pipeline);
+    pipeline_next(s);
 }
 
 static void after_offload(uv_work_t *w, int status)
@@ -514,22 +511,7 @@ static void start_offload(wd_server *s, wd_job *j)
     j->io.n_dest = m->n_dest;
     atomic_store(&j->io.dests_ready, m->n_dest);
     s->jobs_running++;
-    uv_queue_work(s->loop, &j->work, offload_work, after_offload);
-}
-
-/* Every slab of m freed, and the segments under them given back. */
-void wd_model_free_memory(wd_server *s, wd_model *m)
-{
-    for (size_t k = 0; k < m->n_slabs; k++)
-        if (m->slabs[k].block) {
-            wa_free(s->alloc, m->slabs[k].block);
-            m->slabs[k].block = NULL;
-        }
-    for (size_t i = 0; i < m->n_dest; i++)
-        m->dest[i].mem = NULL;
-    m->slabs_allocated = m->dests_ready = 0;
-    for (size_t i = 0; i < m->n_devices; i++)
-        wa_empty_cache(s->alloc, m->devices[i]);
+    uv_queue_work(s->loop, &j->work, read_work, after_offload);
 }
 
 /* Under the load policy, as a load: the slabs again (the same plan, so the

@@ -501,7 +501,7 @@ static int op_stats(wd_server *s, wd_request *r)
         cJSON_AddStringToObject(o, "name", info.name);
         cJSON_AddStringToObject(o, "uuid", info.uuid);
         cJSON_AddNumberToObject(o, "capacity", (double)st.capacity);
-        cJSON_AddNumberToObject(o, "free_bytes", (double)info.free);
+        cJSON_AddNumberToObject(o, "free_bytes", (double)s->backend->free_bytes(s->backend, d));
 #define X(name, what)                                                            \
         {                                                                        \
             cJSON *v = cJSON_AddObjectToObject(o, #name);                        \

@@ -104,6 +104,27 @@ int wd_registry_add(wd_server *s, const char *name, const char *path, const int 
     return 0;
 }
 
+/* Every slab of m freed (its dests without memory again); with give_back,
+ * the cached segments of its devices go back to them too. */
+static void free_slabs(wd_server *s, wd_model *m, bool give_back)
+{
+    for (size_t k = 0; k < m->n_slabs; k++)
+        if (m->slabs[k].block) {
+            wa_free(s->alloc, m->slabs[k].block);
+            m->slabs[k].block = NULL;
+        }
+    for (size_t i = 0; m->dest && i < m->n_dest; i++)  /* a failed place leaves n_dest, no dest */
+        m->dest[i].mem = NULL;
+    m->slabs_allocated = m->dests_ready = 0;
+    for (size_t i = 0; give_back && i < m->n_devices; i++)
+        wa_empty_cache(s->alloc, m->devices[i]);
+}
+
+void wd_model_free_memory(wd_server *s, wd_model *m)
+{
+    free_slabs(s, m, true);
+}
+
 void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
 {
     for (wd_model **link = &s->models; *link; link = &(*link)->next)
@@ -111,11 +132,7 @@ void wd_registry_remove(wd_server *s, wd_model *m, bool give_back)
             *link = m->next;
             break;
         }
-    for (size_t i = 0; i < m->n_slabs; i++)
-        if (m->slabs[i].block)
-            wa_free(s->alloc, m->slabs[i].block);
-    for (size_t i = 0; give_back && i < m->n_devices; i++)
-        wa_empty_cache(s->alloc, m->devices[i]);
+    free_slabs(s, m, give_back);
     wd_attach_forget(m);
     wd_sleep_free(s, m);
     wl_checkpoint_close(&m->ckpt);

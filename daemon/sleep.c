@@ -147,11 +147,9 @@ static void device_figures(wd_server *s, const wd_model *m, uint64_t *reserved, 
     *reserved = *free_bytes = 0;
     for (size_t i = 0; i < m->n_devices; i++) {
         wa_stats st;
-        wa_device_info info;
         wa_get_stats(s->alloc, m->devices[i], &st);
-        s->backend->describe(s->backend, m->devices[i], &info);
         *reserved += st.reserved_bytes.current;
-        *free_bytes += info.free;
+        *free_bytes += s->backend->free_bytes(s->backend, m->devices[i]);
     }
 }
 
@@ -593,7 +591,6 @@ int wd_op_wake(wd_server *s, wd_request *r)
 
 void wd_sleep_request_gone(wd_server *s, wd_request *r)
 {
-    (void)s;
     for (wd_model *m = s->models; m; m = m->next)
         if (m->sleep && m->sleep->req == r)
             m->sleep->req = NULL; /* the sleep or wake goes on without it */
