@@ -1,7 +1,7 @@
 /* The caching allocator. The rules follow PyTorch's DeviceCachingAllocator
  * (c10/cuda/CUDACachingAllocator.cpp); each carries a pointer to the function
- * that does the same there. One stream per device: weightd's allocations have
- * no stream affinity. */
+ * that does the same there. Free blocks are kept per arena (stream and tag,
+ * internal.h); the daemon uses the common one only. */
 #include "allocator/internal.h"
 
 #include <inttypes.h>
@@ -123,7 +123,7 @@ static bool should_split(const wa_allocator *a, const wa_block *b, uint64_t size
 static wa_block *hand_out(wa_allocator *a, wa_device *d, wa_block *b, uint64_t size, uint64_t requested,
                           wa_block *spare)
 {
-    wa_pool *pool = wa__pool_of(d, b);
+    wa_pool *pool = wa__pool_of(b);
     bool already_split = wa__is_split(b), counts = !b->seg->expandable;
 
     if (spare) {
@@ -208,22 +208,56 @@ static void oom_message(wa_allocator *a, int device, uint64_t requested, uint64_
 /* alloc_block(): new memory from the device, refused before asking when it
  * would pass the capacity (PyTorch's memory-fraction check, which counts the
  * classic segment size even on the expandable path). */
-static int take_new_memory(wa_allocator *a, int device, wa_pool *pool, uint64_t size, uint64_t seg_size,
-                           wa_block **out, wd_error *err)
+static int take_new_memory(wa_allocator *a, int device, wa_arena *ar, wa_pool *pool, uint64_t size,
+                           uint64_t seg_size, wa_block **out, wd_error *err)
 {
     wa_device *d = &a->dev[device];
 
     if (d->limit && (uint64_t)d->stats.reserved_bytes.current + seg_size > d->limit)
         return -ENOMEM;
     if (a->conf.expandable_segments)
-        return wa__expandable_alloc(a, device, pool, size, out, err);
-    return wa__segment_new(a, device, seg_size, pool->small, out, err);
+        return wa__expandable_alloc(a, device, ar, pool, size, out, err);
+    return wa__segment_new(a, device, ar, seg_size, pool->small, out, err);
+}
+
+static void arena_init(wa_arena *ar, uint64_t stream, uint32_t tag)
+{
+    memset(ar, 0, sizeof *ar);
+    ar->small.small = true;
+    ar->small.unmapped.by_addr = ar->large.unmapped.by_addr = true;
+    ar->stream = stream;
+    ar->tag = tag;
+}
+
+/* The arena of (stream, tag) on d, made on first use; a new one of a
+ * sleeping tag sleeps too. */
+static wa_arena *arena_for(wa_allocator *a, wa_device *d, uint64_t stream, uint32_t tag)
+{
+    wa_arena *ar;
+
+    for (ar = &d->common; ar; ar = ar->next)
+        if (ar->stream == stream && ar->tag == tag)
+            return ar;
+    if (!(ar = malloc(sizeof *ar)))
+        return NULL;
+    arena_init(ar, stream, tag);
+    ar->asleep = wa_tag_asleep(a, tag);
+    ar->next = d->common.next;
+    d->common.next = ar;
+    return ar;
 }
 
 /* malloc() */
 int wa_malloc(wa_allocator *a, int device, uint64_t requested, wa_block **out, wd_error *err)
 {
+    return wa_malloc_in(a, device, 0, 0, requested, out, err);
+}
+
+int wa_malloc_in(wa_allocator *a, int device, uint64_t stream, uint32_t tag, uint64_t requested, wa_block **out,
+                 wd_error *err)
+{
     wa_device *d;
+    wa_arena *ar;
     wa_pool *pool;
     wa_block *b, *spare = NULL;
     uint64_t size, seg_size;
@@ -234,21 +268,25 @@ int wa_malloc(wa_allocator *a, int device, uint64_t requested, wa_block **out, w
     if (requested > (UINT64_MAX >> 2))
         return wd_error_set(err, -EFBIG, "allocation of %" PRIu64 " bytes is too large", requested);
     d = &a->dev[device];
+    if (!(ar = arena_for(a, d, stream, tag)))
+        return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
+    if (ar->asleep)
+        return wd_error_set(err, -EAGAIN, "tag %" PRIu32 " is asleep: wake it before allocating under it", tag);
     size = round_size(&a->conf, requested);
-    pool = size <= WA_SMALL_SIZE ? &d->small : &d->large;
+    pool = size <= WA_SMALL_SIZE ? &ar->small : &ar->large;
     seg_size = segment_size_for(size);
 
     b = take_free_block(a, pool, size);
     if (!b) {
         if (a->conf.garbage_collection_threshold > 0 && d->limit)
             wa__garbage_collect(a, d);
-        rc = take_new_memory(a, device, pool, size, seg_size, &b, err);
+        rc = take_new_memory(a, device, ar, pool, size, seg_size, &b, err);
         if (rc == -ENOMEM && wa__release_available(a, pool, size))
-            rc = take_new_memory(a, device, pool, size, seg_size, &b, err);
+            rc = take_new_memory(a, device, ar, pool, size, seg_size, &b, err);
         if (rc == -ENOMEM) {
             wa__release_cached(a, device);
             d->stats.num_alloc_retries++;
-            rc = take_new_memory(a, device, pool, size, seg_size, &b, err);
+            rc = take_new_memory(a, device, ar, pool, size, seg_size, &b, err);
         }
         if (rc == -ENOMEM) {
             d->stats.num_ooms++;
@@ -270,14 +308,14 @@ int wa_malloc(wa_allocator *a, int device, uint64_t requested, wa_block **out, w
     return 0;
 }
 
-uint64_t wa__merge(wa_device *d, wa_block *b, wa_block *n)
+uint64_t wa__merge(wa_block *b, wa_block *n)
 {
     wa_pool *pool;
     uint64_t size;
 
     if (!n || n->allocated || n->mapped != b->mapped)
         return 0;
-    pool = wa__pool_of(d, n);
+    pool = wa__pool_of(n);
     wa__tree_erase(n->mapped ? &pool->blocks : &pool->unmapped, n);
     if (b->prev == n) {
         b->addr = n->addr;
@@ -308,7 +346,7 @@ void wa_free(wa_allocator *a, wa_block *b)
     if (!b)
         return;
     d = &a->dev[b->seg->device];
-    pool = wa__pool_of(d, b);
+    pool = wa__pool_of(b);
     size = b->size;
     requested = b->requested;
     b->allocated = false;
@@ -318,11 +356,11 @@ void wa_free(wa_allocator *a, wa_block *b)
         wa__stat_sub(&d->stats.oversize_allocations, 1);
     b->counted_oversize = false;
 
-    if ((merged = wa__merge(d, b, b->prev))) {
+    if ((merged = wa__merge(b, b->prev))) {
         split_blocks--;
         split_bytes -= (int64_t)merged;
     }
-    if ((merged = wa__merge(d, b, b->next))) {
+    if ((merged = wa__merge(b, b->next))) {
         split_blocks--;
         split_bytes -= (int64_t)merged;
     }
@@ -348,7 +386,7 @@ void wa_free(wa_allocator *a, wa_block *b)
     wa__stat_sub(&d->stats.requested_bytes, requested);
     /* Coalesced allocations are not cached: reused by smaller requests, a
      * large one would be pinned whole by a few live blocks. */
-    if (b->seg->expandable && b->seg->coalesce)
+    if (b->seg->expandable && b->seg->coalesce && !b->seg->asleep)
         wa__release_free_chunks(a, b);
 }
 
@@ -415,8 +453,7 @@ int wa_create(wa_backend *backend, const char *conf_text, wa_allocator **out, wd
     a->next_segment_id = 1;
     for (int i = 0; i < a->n_devices; i++) {
         wa_device_info info;
-        a->dev[i].small.small = true;
-        a->dev[i].small.unmapped.by_addr = a->dev[i].large.unmapped.by_addr = true;
+        arena_init(&a->dev[i].common, 0, 0);
         if (backend->describe(backend, i, &info) == 0)
             a->dev[i].limit = info.capacity;
         a->dev[i].stats.capacity = a->dev[i].limit;
@@ -435,6 +472,7 @@ void wa_destroy(wa_allocator *a)
 {
     if (!a)
         return;
+    wa__sleep_forget(a);
     for (int i = 0; i < a->n_devices; i++) {
         /* Free what is still handed out (merging may free neighbours, so
          * start the segment again after each), then give every segment back. */
@@ -447,7 +485,12 @@ void wa_destroy(wa_allocator *a)
                     b = b->next;
                 }
         wa__release_cached(a, i);
+        for (wa_arena *ar = a->dev[i].common.next, *next; ar; ar = next) {
+            next = ar->next;
+            free(ar);
+        }
     }
+    free(a->tags);
     free(a->dev);
     free(a->stack);
     free(a);

@@ -128,6 +128,34 @@ void wa_free(wa_allocator *a, wa_block *block);
  * emptyCache). device < 0: every device. */
 void wa_empty_cache(wa_allocator *a, int device);
 
+/* ---- streams and tags (the PyTorch front end) ---------------------------- */
+
+/* wa_malloc on a stream, under a tag. A freed block is handed out again
+ * only on its stream and tag (PyTorch's rule: the stream's own order puts
+ * the work of the block's last user before the next user's; memory passes
+ * to another stream only by going back to the device, after the device
+ * synchronises, and coming again). A tag's blocks come from segments of its
+ * own, as a MemPool's do, so that the tag can sleep. wa_malloc is stream 0,
+ * tag 0. -EAGAIN under a sleeping tag. */
+int wa_malloc_in(wa_allocator *a, int device, uint64_t stream, uint32_t tag, uint64_t size, wa_block **out,
+                 wd_error *err);
+
+/* Sleep gives the memory under every segment of tag, on every device, back
+ * to the device and keeps their addresses: blocks stay handed out at the
+ * same addresses with nothing behind them until wake (a GPU faults on them;
+ * on host they are PROT_NONE). With offload the bytes of every block then
+ * handed out are kept in host memory first and wake copies them back;
+ * without, wake gives memory of undefined contents. reserved_bytes counts
+ * only memory that is there. The caller makes sure nothing still uses the
+ * memory (with the cuda backend's private_memory, the device is
+ * synchronised). Whole or not at all: -ENOMEM on wake when the devices
+ * lack the room (the tag sleeps on, its bytes kept); -EALREADY to sleep a
+ * sleeping tag or wake an awake one; -EINVAL for tag 0. Blocks may be freed
+ * while asleep; their segments go back to the device only once awake. */
+int wa_tag_sleep(wa_allocator *a, uint32_t tag, bool offload, wd_error *err);
+int wa_tag_wake(wa_allocator *a, uint32_t tag, wd_error *err);
+bool wa_tag_asleep(const wa_allocator *a, uint32_t tag);
+
 /* Where a block lives. */
 typedef struct wa_region {
     int device;

@@ -11,6 +11,7 @@
 #ifndef WA_BACKEND_H
 #define WA_BACKEND_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -74,6 +75,15 @@ struct wa_backend {
                     wd_error *err);
     void (*page_unmap)(wa_backend *b, int device, const wa_mem *va, wa_mem *page);
 
+    /* Sleep (NULL where the backend cannot): evict gives mem's physical
+     * memory back to the device and keeps its addresses (addr and size stay,
+     * fd is -1; host: the range is PROT_NONE); restore puts new memory of
+     * undefined contents there. mem is a classic segment or one physical
+     * allocation of an expandable one; seg_free and page_unmap take evicted
+     * memory too. */
+    void (*evict)(wa_backend *b, int device, wa_mem *mem);
+    int (*restore)(wa_backend *b, int device, wa_mem *mem, wd_error *err);
+
     /* Staging for devices the CPU cannot address (NULL on host and fake):
      * pinned host memory, and asynchronous copies into segments on numbered
      * lanes (a stream per device and lane; copies on one lane run in order).
@@ -104,6 +114,12 @@ typedef struct wa_backend_opts {
     int n_devices;           /* fake/host: emulated devices */
     uint64_t capacity;       /* bytes per device; cuda: 0 = what is free at start */
     const char *devices;     /* cuda: "0,1" or UUIDs; NULL or "" = every GPU */
+    /* cuda: memory this process alone uses (the PyTorch front end): no
+     * shareable handles (a descriptor per segment would run a process out
+     * of them), the primary context's flags left as its owner set them, and
+     * the device synchronised before memory goes back, since kernels queued
+     * on it may still use it. */
+    bool private_memory;
 } wa_backend_opts;
 
 /* Makes the backend named in opts. -ENOTSUP for one not built in. */

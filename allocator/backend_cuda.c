@@ -38,6 +38,7 @@ typedef struct cuda_backend {
     const wd_cuda *cu;
     cuda_device *dev;
     pthread_mutex_t lock;
+    bool private_memory; /* wa_backend_opts' */
 } cuda_backend;
 
 #define CU(call, what)                                                   \
@@ -58,11 +59,11 @@ static cuda_device *device_of(wa_backend *b, int device)
 
 /* ---- cuda: VMM allocations with exported descriptors ---------------------- */
 
-static CUmemAllocationProp vmm_prop(const cuda_device *d)
+static CUmemAllocationProp vmm_prop(const cuda_device *d, bool shareable)
 {
     CUmemAllocationProp prop = {0};
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    prop.requestedHandleTypes = shareable ? CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR : CU_MEM_HANDLE_TYPE_NONE;
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop.location.id = d->ordinal;
     return prop;
@@ -77,7 +78,7 @@ static int vmm_map(cuda_backend *c, cuda_device *d, CUdeviceptr va, uint64_t siz
                    wd_error *err)
 {
     const wd_cuda *cu = c->cu;
-    CUmemAllocationProp prop = vmm_prop(d);
+    CUmemAllocationProp prop = vmm_prop(d, !c->private_memory);
     CUmemAccessDesc access = {.location = prop.location, .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
     CUmemGenericAllocationHandle h = 0;
     bool mapped = false;
@@ -91,7 +92,7 @@ static int vmm_map(cuda_backend *c, cuda_device *d, CUdeviceptr va, uint64_t siz
     CU(cu->cuMemMap(va, size, 0, h, 0), "cuMemMap");
     mapped = true;
     CU(cu->cuMemSetAccess(va, size, &access, 1), "cuMemSetAccess");
-    if (shared < 0)
+    if (shared < 0 && !c->private_memory)
         CU(cu->cuMemExportToShareableHandle(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
            "cuMemExportToShareableHandle");
     *mem = (wa_mem){.addr = (uint64_t)va, .size = size, .fd = fd, .priv = (void *)(uintptr_t)h};
@@ -104,13 +105,34 @@ fail:
     return rc;
 }
 
-static void vmm_unmap(cuda_backend *c, wa_mem *mem)
+/* The memory under mem goes (the range stays). Kernels of this process may
+ * still use it: with private memory, the device finishes them first. A
+ * handle of 0 is evicted memory, gone already. */
+static void vmm_evict(wa_backend *b, int device, wa_mem *mem)
 {
-    c->cu->cuMemUnmap((CUdeviceptr)mem->addr, mem->size);
-    c->cu->cuMemRelease((CUmemGenericAllocationHandle)(uintptr_t)mem->priv);
+    cuda_backend *c = (cuda_backend *)b;
+
+    device_of(b, device);
+    if (mem->priv) {
+        if (c->private_memory)
+            c->cu->cuCtxSynchronize();
+        c->cu->cuMemUnmap((CUdeviceptr)mem->addr, mem->size);
+        c->cu->cuMemRelease((CUmemGenericAllocationHandle)(uintptr_t)mem->priv);
+    }
     if (mem->fd >= 0)
         close(mem->fd);
     mem->fd = -1;
+    mem->priv = NULL;
+}
+
+static int vmm_restore(wa_backend *b, int device, wa_mem *mem, wd_error *err)
+{
+    return vmm_map((cuda_backend *)b, device_of(b, device), (CUdeviceptr)mem->addr, mem->size, -1, mem, err);
+}
+
+static void vmm_unmap(cuda_backend *c, int device, wa_mem *mem)
+{
+    vmm_evict(&c->base, device, mem);
     mem->size = 0;
 }
 
@@ -154,8 +176,7 @@ static void vmm_seg_free(wa_backend *b, int device, wa_mem *mem)
 {
     wa_mem va = {.addr = mem->addr, .size = mem->size, .fd = -1};
 
-    device_of(b, device);
-    vmm_unmap((cuda_backend *)b, mem);
+    vmm_unmap((cuda_backend *)b, device, mem);
     vmm_va_release(b, device, &va);
 }
 
@@ -168,8 +189,7 @@ static int vmm_page_map(wa_backend *b, int device, const wa_mem *va, uint64_t of
 static void vmm_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem *page)
 {
     (void)va;
-    device_of(b, device);
-    vmm_unmap((cuda_backend *)b, page);
+    vmm_unmap((cuda_backend *)b, device, page);
 }
 
 /* backend.h's import: vmm_map of an allocation another process exported,
@@ -444,6 +464,7 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
     }
     pthread_mutex_init(&c->lock, NULL);
     c->cu = cu;
+    c->private_memory = opts->private_memory && vmm;
     c->base = (wa_backend){
         .name = vmm ? "cuda" : "cuda-ipc",
         .share = vmm ? WA_SHARE_VMM : WA_SHARE_IPC,
@@ -476,7 +497,8 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
         /* A thread waiting for its copies sleeps instead of spinning (the
          * driver's default with fewer contexts than CPUs): a daemon should
          * not burn CPUs while it waits. Loads ran as fast either way. */
-        CU(cu->cuDevicePrimaryCtxSetFlags(d->dev, CU_CTX_SCHED_BLOCKING_SYNC), "cuDevicePrimaryCtxSetFlags");
+        if (!c->private_memory)
+            CU(cu->cuDevicePrimaryCtxSetFlags(d->dev, CU_CTX_SCHED_BLOCKING_SYNC), "cuDevicePrimaryCtxSetFlags");
         CU(cu->cuDevicePrimaryCtxRetain(&d->ctx, d->dev), "cuDevicePrimaryCtxRetain");
         c->base.n_devices = i + 1; /* what destroy must release */
         CU(cu->cuCtxSetCurrent(d->ctx), "cuCtxSetCurrent");
@@ -493,7 +515,7 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
                                   d->ordinal, !vmm_ok ? "virtual memory management" : "POSIX-fd memory handles");
                 goto fail;
             }
-            prop = vmm_prop(d);
+            prop = vmm_prop(d, !c->private_memory);
             CU(cu->cuMemGetAllocationGranularity(&d->granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
                "cuMemGetAllocationGranularity");
         }
@@ -503,6 +525,8 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
         c->base.va_release = vmm_va_release;
         c->base.page_map = vmm_page_map;
         c->base.page_unmap = vmm_page_unmap;
+        c->base.evict = vmm_evict;
+        c->base.restore = vmm_restore;
     }
     *out = &c->base;
     return 0;

@@ -97,7 +97,8 @@ static void fake_seg_free(wa_backend *b, int device, wa_mem *mem)
 {
     fake_backend *f = (fake_backend *)b;
 
-    f->used[device] -= mem->size;
+    if (!mem->priv) /* (evicted: its bytes went already) */
+        f->used[device] -= mem->size;
     va_give(f, mem->addr, mem->size);
 }
 
@@ -150,8 +151,28 @@ static void fake_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem 
     fake_backend *f = (fake_backend *)b;
     (void)va;
 
-    f->used[device] -= page->size;
+    if (!page->priv)
+        f->used[device] -= page->size;
     page->size = 0;
+}
+
+/* priv marks evicted memory: fake memory has no state of its own. */
+static void fake_evict(wa_backend *b, int device, wa_mem *mem)
+{
+    ((fake_backend *)b)->used[device] -= mem->size;
+    mem->priv = (void *)1;
+}
+
+static int fake_restore(wa_backend *b, int device, wa_mem *mem, wd_error *err)
+{
+    fake_backend *f = (fake_backend *)b;
+
+    if (f->used[device] + mem->size > f->capacity)
+        return wd_error_set(err, -ENOMEM, "device %d cannot hold %llu bytes more", device,
+                            (unsigned long long)mem->size);
+    f->used[device] += mem->size;
+    mem->priv = NULL;
+    return 0;
 }
 
 static int fake_describe(wa_backend *b, int device, wa_device_info *out)
@@ -204,6 +225,8 @@ int wa_backend_fake_create(int n_devices, uint64_t capacity, wa_backend **out, w
         .va_release = fake_va_release,
         .page_map = fake_page_map,
         .page_unmap = fake_page_unmap,
+        .evict = fake_evict,
+        .restore = fake_restore,
     };
     f->capacity = capacity;
     f->free[0] = (va_range){FAKE_BASE, FAKE_BASE + FAKE_SPACE};

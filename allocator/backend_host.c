@@ -75,8 +75,10 @@ static void host_seg_free(wa_backend *b, int device, wa_mem *mem)
     host_backend *h = (host_backend *)b;
 
     munmap(mem->host, mem->size);
-    close(mem->fd);
-    h->used[device] -= mem->size;
+    if (mem->fd >= 0) { /* (an evicted segment's memory went already) */
+        close(mem->fd);
+        h->used[device] -= mem->size;
+    }
     mem->host = NULL;
     mem->fd = -1;
 }
@@ -170,10 +172,44 @@ static void host_page_unmap(wa_backend *b, int device, const wa_mem *va, wa_mem 
     /* The range keeps its hole reserved; the memory goes with the last
      * descriptor (a worker still mapping it keeps it until it unmaps). */
     mmap(page->host, page->size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
-    close(page->fd);
-    h->used[device] -= page->size;
+    if (page->fd >= 0) {
+        close(page->fd);
+        h->used[device] -= page->size;
+    }
     page->fd = -1;
     page->size = 0;
+}
+
+/* The range stays, inaccessible, as an expandable segment's holes are. */
+static void host_evict(wa_backend *b, int device, wa_mem *mem)
+{
+    host_backend *h = (host_backend *)b;
+
+    mmap(mem->host, mem->size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    close(mem->fd);
+    mem->fd = -1;
+    h->used[device] -= mem->size;
+}
+
+static int host_restore(wa_backend *b, int device, wa_mem *mem, wd_error *err)
+{
+    host_backend *h = (host_backend *)b;
+    int fd, rc;
+
+    if (h->used[device] + mem->size > h->capacity || wd_fault(WD_FAULT_alloc))
+        return wd_error_set(err, -ENOMEM, "device %d cannot hold %llu bytes more", device,
+                            (unsigned long long)mem->size);
+    if ((rc = segment_memfd(device, mem->size, true, &fd, err)))
+        return rc;
+    if (mmap(mem->host, mem->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+        rc = wd_error_set(err, -errno, "mapping %llu bytes again: %s", (unsigned long long)mem->size,
+                          strerror(errno));
+        close(fd);
+        return rc;
+    }
+    mem->fd = fd;
+    h->used[device] += mem->size;
+    return 0;
 }
 
 /* A memfd that segment_memfd made (sealed against resizing) of `size`
@@ -253,6 +289,8 @@ int wa_backend_host_create(int n_devices, uint64_t capacity, wa_backend **out, w
         .va_release = host_va_release,
         .page_map = host_page_map,
         .page_unmap = host_page_unmap,
+        .evict = host_evict,
+        .restore = host_restore,
         .import = host_import,
     };
     h->capacity = capacity;

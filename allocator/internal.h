@@ -49,6 +49,26 @@ typedef struct wa_pool {
     uint64_t get_free_calls;     /* PyTorch's get_free_blocks_call_count */
 } wa_pool;
 
+/* The pools of one stream under one tag. PyTorch keys its free blocks by
+ * stream first, so a block freed on a stream is handed out again on that
+ * stream only, and keeps a private pool's (MemPool's) segments apart; an
+ * arena is that pair of keys. Every device has the common arena (stream 0,
+ * tag 0, what the daemon uses); the others are made as requests name them
+ * and live as long as the allocator. */
+typedef struct wa_arena {
+    wa_pool small, large;
+    uint64_t stream;
+    uint32_t tag;
+    bool asleep;                 /* its tag sleeps: no requests; its segments are left alone */
+    struct wa_arena *next;
+} wa_arena;
+
+/* A sleeping segment's bytes kept in host memory (wa_tag_sleep, offload). */
+typedef struct wa_saved {
+    uint64_t offset, len;        /* within the segment */
+    void *buf;
+} wa_saved;
+
 struct wa_segment {
     wa_mem mem;                  /* the segment, or an expandable segment's address range */
     uint64_t size;
@@ -57,6 +77,10 @@ struct wa_segment {
     bool small;
     bool counted_oversize;       /* counted in oversize_segments when made */
     bool expandable;
+    wa_arena *arena;             /* whose pools its free blocks are in */
+    bool asleep;                 /* its memory is evicted (wa_tag_sleep); the addresses stay */
+    wa_saved *saved;             /* asleep with offload: the bytes of its blocks then handed out */
+    size_t n_saved;
     uint64_t page;               /* expandable: bytes per page */
     bool coalesce;               /* expandable: one physical allocation per mapping */
     /* Expandable: the physical allocations. chunk[i] is the first page of the
@@ -70,7 +94,7 @@ struct wa_segment {
 };
 
 typedef struct wa_device {
-    wa_pool small, large;
+    wa_arena common;             /* stream 0, tag 0; the others follow it (next) */
     wa_segment *segments;
     wa_stats stats;
     uint64_t limit;              /* capacity: reserved may not exceed it */
@@ -84,6 +108,8 @@ struct wa_allocator {
     wa_config *stack;            /* configurations saved by wa_policy_push */
     size_t depth, stack_cap;
     uint32_t next_segment_id;
+    uint32_t *tags;              /* the tags asleep */
+    size_t n_tags, cap_tags;
 };
 
 static inline void wa__stat_add(wa_stat *s, uint64_t amount)
@@ -125,26 +151,29 @@ static inline void wa__link_after(wa_block *b, wa_block *nb)
     b->next = nb;
 }
 
-static inline wa_pool *wa__pool_of(wa_device *d, const wa_block *b)
+static inline wa_pool *wa__pool_of(const wa_block *b)
 {
-    return b->seg->small ? &d->small : &d->large;
+    return b->seg->small ? &b->seg->arena->small : &b->seg->arena->large;
 }
 
 /* allocator.c */
 /* try_merge_blocks(): b absorbs its free neighbour n (same mapped state);
  * returns n's size, or 0 when they cannot merge. */
-uint64_t wa__merge(wa_device *d, wa_block *b, wa_block *n);
+uint64_t wa__merge(wa_block *b, wa_block *n);
 
 /* b, out of its pool, is handed out: allocated, with its statistics. */
 void wa__count_handed_out(const wa_allocator *a, wa_device *d, wa_block *b, uint64_t requested);
 
 /* segment.c: taking memory from the device and giving it back */
-/* alloc_block(): a new segment of `size` bytes, as one free block, not in a pool. */
-int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_block **out, wd_error *err);
+/* alloc_block(): a new segment of `size` bytes in arena ar, as one free
+ * block, not in a pool. */
+int wa__segment_new(wa_allocator *a, int device, wa_arena *ar, uint64_t size, bool small, wa_block **out,
+                    wd_error *err);
 /* try_allocate_expandable_block(): a free mapped block of at least `size`
  * bytes in an expandable segment, mapping pages as needed; not in a pool. */
-int wa__expandable_alloc(wa_allocator *a, int device, wa_pool *pool, uint64_t size, wa_block **out,
+int wa__expandable_alloc(wa_allocator *a, int device, wa_arena *ar, wa_pool *pool, uint64_t size, wa_block **out,
                          wd_error *err);
+/* Every arena of the device that is awake. */
 void wa__release_cached(wa_allocator *a, int device);
 /* expandable_coalesce: the physical allocations wholly inside the free block
  * b go back to the device now (b may be merged away). */
@@ -153,6 +182,9 @@ bool wa__release_available(wa_allocator *a, wa_pool *pool, uint64_t size);
 void wa__garbage_collect(wa_allocator *a, wa_device *d);
 /* Every page of the expandable segment seg that is mapped. */
 uint64_t wa__mapped_bytes(const wa_segment *seg);
+
+/* sleep.c: a sleeping tag's segments freed on destroy (their memory is gone already). */
+void wa__sleep_forget(wa_allocator *a);
 
 /* tree.c: the treaps */
 void wa__tree_insert(wa_tree *t, wa_block *b);

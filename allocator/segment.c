@@ -48,8 +48,8 @@ typedef int (*segment_memory_fn)(wa_backend *b, int device, uint64_t size, wa_me
 
 /* A linked segment of `size` bytes whose memory comes from get (the
  * backend's seg_alloc or va_reserve), with one block over all of it. */
-static int segment_create(wa_allocator *a, int device, uint64_t size, bool small, segment_memory_fn get,
-                          wa_block **out, wd_error *err)
+static int segment_create(wa_allocator *a, int device, wa_arena *ar, uint64_t size, bool small,
+                          segment_memory_fn get, wa_block **out, wd_error *err)
 {
     wa_segment *seg = calloc(1, sizeof *seg);
     wa_block *b = calloc(1, sizeof *b);
@@ -64,6 +64,7 @@ static int segment_create(wa_allocator *a, int device, uint64_t size, bool small
     seg->size = size;
     seg->device = device;
     seg->small = small;
+    seg->arena = ar;
     seg->id = a->next_segment_id++;
     seg->head = b;
     segment_link(&a->dev[device], seg);
@@ -78,13 +79,14 @@ fail:
     return rc;
 }
 
-int wa__segment_new(wa_allocator *a, int device, uint64_t size, bool small, wa_block **out, wd_error *err)
+int wa__segment_new(wa_allocator *a, int device, wa_arena *ar, uint64_t size, bool small, wa_block **out,
+                    wd_error *err)
 {
     wa_device *d = &a->dev[device];
     wa_block *b;
     int rc;
 
-    if ((rc = segment_create(a, device, size, small, a->backend->seg_alloc, &b, err)))
+    if ((rc = segment_create(a, device, ar, size, small, a->backend->seg_alloc, &b, err)))
         return rc;
     b->mapped = true;
     count_classic_segment(a, d, b->seg);
@@ -98,7 +100,7 @@ static void segment_release(wa_allocator *a, wa_block *b)
     wa_segment *seg = b->seg;
     wa_device *d = &a->dev[seg->device];
 
-    wa__tree_erase(&wa__pool_of(d, b)->blocks, b);
+    wa__tree_erase(&wa__pool_of(b)->blocks, b);
     a->backend->seg_free(a->backend, seg->device, &seg->mem);
     wa__stat_sub(&d->stats.segment, 1);
     wa__stat_sub(&d->stats.reserved_bytes, seg->size);
@@ -130,7 +132,8 @@ uint64_t wa__mapped_bytes(const wa_segment *seg)
 }
 
 /* A new expandable segment: its whole address range one unmapped block. */
-static int expandable_new(wa_allocator *a, int device, wa_pool *pool, wa_block **out, wd_error *err)
+static int expandable_new(wa_allocator *a, int device, wa_arena *ar, wa_pool *pool, wa_block **out,
+                          wd_error *err)
 {
     wa_device *d = &a->dev[device];
     uint64_t page = page_size(a, pool->small);
@@ -139,7 +142,7 @@ static int expandable_new(wa_allocator *a, int device, wa_pool *pool, wa_block *
     wa_block *b;
     int rc;
 
-    if ((rc = segment_create(a, device, size, pool->small, a->backend->va_reserve, &b, err)))
+    if ((rc = segment_create(a, device, ar, size, pool->small, a->backend->va_reserve, &b, err)))
         return rc;
     b->seg->expandable = true;
     b->seg->page = page;
@@ -169,8 +172,8 @@ static bool allocatable(const wa_block *b)
 
 /* find_expandable_block(): the lowest address where `size` bytes of free or
  * unmapped blocks follow one another; a new segment when there is none. */
-static int find_expandable(wa_allocator *a, int device, wa_pool *pool, uint64_t size, wa_block **out,
-                           wd_error *err)
+static int find_expandable(wa_allocator *a, int device, wa_arena *ar, wa_pool *pool, uint64_t size,
+                           wa_block **out, wd_error *err)
 {
     for (wa_block *u = wa__tree_lower_bound(&pool->unmapped, 0, 0); u; u = wa__tree_next(&pool->unmapped, u)) {
         wa_block *c = allocatable(u->prev) ? u->prev : u;
@@ -182,7 +185,7 @@ static int find_expandable(wa_allocator *a, int device, wa_pool *pool, uint64_t 
             return 0;
         }
     }
-    return expandable_new(a, device, pool, out, err);
+    return expandable_new(a, device, ar, pool, out, err);
 }
 
 /* Room for `last` pages in a segment's page tables. */
@@ -274,8 +277,8 @@ static int map_block(wa_allocator *a, wa_pool *pool, wa_block *b, uint64_t size,
         b->size = mapped;
         wa__tree_insert(&pool->unmapped, rest);
     }
-    wa__merge(d, b, b->prev);
-    wa__merge(d, b, b->next);
+    wa__merge(b, b->prev);
+    wa__merge(b, b->next);
     b->gc_base = pool->get_free_calls;
     wa__tree_insert(&pool->blocks, b);
     wa__stat_add(&d->stats.reserved_bytes, mapped);
@@ -283,12 +286,13 @@ static int map_block(wa_allocator *a, wa_pool *pool, wa_block *b, uint64_t size,
     return 0;
 }
 
-int wa__expandable_alloc(wa_allocator *a, int device, wa_pool *pool, uint64_t size, wa_block **out, wd_error *err)
+int wa__expandable_alloc(wa_allocator *a, int device, wa_arena *ar, wa_pool *pool, uint64_t size, wa_block **out,
+                         wd_error *err)
 {
     wa_block *c = NULL;
     int rc;
 
-    if ((rc = find_expandable(a, device, pool, size, &c, err)))
+    if ((rc = find_expandable(a, device, ar, pool, size, &c, err)))
         return rc;
     if (!c->mapped && (rc = map_block(a, pool, c, c->size < size ? c->size : size, err)))
         return rc;
@@ -346,8 +350,8 @@ static wa_block *carve(wa_allocator *a, wa_pool *pool, wa_block *b, size_t first
     b->addr = start;
     b->size = size;
     b->mapped = false;
-    wa__merge(d, b, b->prev);
-    wa__merge(d, b, b->next);
+    wa__merge(b, b->prev);
+    wa__merge(b, b->next);
     wa__tree_insert(&pool->unmapped, b);
     wa__stat_sub(&d->stats.reserved_bytes, size);
     d->stats.num_device_free++;
@@ -394,7 +398,7 @@ static wa_block *unmap_block(wa_allocator *a, wa_pool *pool, wa_block *b)
 
 void wa__release_free_chunks(wa_allocator *a, wa_block *b)
 {
-    unmap_block(a, wa__pool_of(&a->dev[b->seg->device], b), b);
+    unmap_block(a, wa__pool_of(b), b);
 }
 
 /* release_blocks(): every unsplit free block of a classic segment goes back;
@@ -431,8 +435,11 @@ static void release_pool(wa_allocator *a, wa_pool *pool)
 /* release_cached_blocks() */
 void wa__release_cached(wa_allocator *a, int device)
 {
-    release_pool(a, &a->dev[device].large);
-    release_pool(a, &a->dev[device].small);
+    for (wa_arena *ar = &a->dev[device].common; ar; ar = ar->next)
+        if (!ar->asleep) {
+            release_pool(a, &ar->large);
+            release_pool(a, &ar->small);
+        }
 }
 
 /* release_available_cached_blocks(): free oversize cached blocks, just enough
@@ -468,28 +475,25 @@ bool wa__release_available(wa_allocator *a, wa_pool *pool, uint64_t size)
 }
 
 /* garbage_collect_cached_blocks(): when reserved passes the threshold share of
- * capacity, free unsplit cached large blocks older than the average age. */
-void wa__garbage_collect(wa_allocator *a, wa_device *d)
+ * capacity, free unsplit cached large blocks older than the average age;
+ * PyTorch's large pool holds every stream's blocks, so here it is each
+ * awake arena's, in turn, until enough is back. */
+static uint64_t collect_pool(wa_allocator *a, wa_pool *pool, uint64_t target)
 {
-    uint64_t threshold = (uint64_t)(a->conf.garbage_collection_threshold * (double)d->limit);
-    uint64_t reserved = (uint64_t)d->stats.reserved_bytes.current, target, reclaimed = 0;
-    uint64_t total_age = 0;
+    uint64_t total_age = 0, reclaimed = 0;
     size_t n, freeable = 0;
     wa_block **all;
     bool freed = true;
 
-    if (reserved <= threshold || !d->large.blocks.count)
-        return;
-    target = reserved - threshold;
-    if (!(all = malloc(d->large.blocks.count * sizeof *all)))
-        return;
-    n = wa__tree_collect(&d->large.blocks, all);
+    if (!pool->blocks.count || !(all = malloc(pool->blocks.count * sizeof *all)))
+        return 0;
+    n = wa__tree_collect(&pool->blocks, all);
     for (size_t i = 0; i < n; i++) {
         if (wa__is_split(all[i]) || all[i]->seg->expandable) {
             all[i] = NULL;
             continue;
         }
-        total_age += d->large.get_free_calls - all[i]->gc_base;
+        total_age += pool->get_free_calls - all[i]->gc_base;
         freeable++;
     }
     while (reclaimed < target && freed && freeable > 0) {
@@ -500,7 +504,7 @@ void wa__garbage_collect(wa_allocator *a, wa_device *d)
             uint64_t age;
             if (!b)
                 continue;
-            age = d->large.get_free_calls - b->gc_base;
+            age = pool->get_free_calls - b->gc_base;
             if ((double)age >= age_threshold) {
                 freed = true;
                 reclaimed += b->size;
@@ -512,6 +516,20 @@ void wa__garbage_collect(wa_allocator *a, wa_device *d)
         }
     }
     free(all);
+    return reclaimed;
+}
+
+void wa__garbage_collect(wa_allocator *a, wa_device *d)
+{
+    uint64_t threshold = (uint64_t)(a->conf.garbage_collection_threshold * (double)d->limit);
+    uint64_t reserved = (uint64_t)d->stats.reserved_bytes.current, target, reclaimed = 0;
+
+    if (reserved <= threshold)
+        return;
+    target = reserved - threshold;
+    for (wa_arena *ar = &d->common; ar && reclaimed < target; ar = ar->next)
+        if (!ar->asleep)
+            reclaimed += collect_pool(a, &ar->large, target - reclaimed);
 }
 
 /* ---- memory from an earlier allocator -------------------------------------- */
@@ -576,6 +594,7 @@ int wa_adopt(wa_allocator *a, int device, const wa_piece *pieces, size_t n, uint
     seg->size = size;
     seg->device = device;
     seg->small = size <= WA_SMALL_SIZE;
+    seg->arena = &d->common;
     seg->id = a->next_segment_id++;
     seg->head = b;
     segment_link(d, seg);

@@ -8,18 +8,20 @@
 int wa_get_stats(const wa_allocator *a, int device, wa_stats *out)
 {
     const wa_device *d;
-    const wa_block *big, *small;
     uint64_t cached;
 
     if (device < 0 || device >= a->n_devices)
         return -ENODEV;
     d = &a->dev[device];
     *out = d->stats;
-    big = wa__tree_max(&d->large.blocks);
-    small = wa__tree_max(&d->small.blocks);
-    out->largest_free_block = big ? big->size : 0;
-    if (small && small->size > out->largest_free_block)
-        out->largest_free_block = small->size;
+    out->largest_free_block = 0;
+    for (const wa_arena *ar = &d->common; ar; ar = ar->next) {
+        const wa_block *big = wa__tree_max(&ar->large.blocks), *small = wa__tree_max(&ar->small.blocks);
+        if (big && big->size > out->largest_free_block)
+            out->largest_free_block = big->size;
+        if (small && small->size > out->largest_free_block)
+            out->largest_free_block = small->size;
+    }
     cached = (uint64_t)(d->stats.reserved_bytes.current - d->stats.allocated_bytes.current);
     out->fragmentation = cached && out->largest_free_block < cached
                              ? 1.0 - (double)out->largest_free_block / (double)cached
@@ -63,7 +65,7 @@ int wa_snapshot(const wa_allocator *a, int device, wa_snap_segment **segs, size_
         out[i].id = seg->id;
         out[i].addr = seg->mem.addr;
         out[i].size = seg->size;
-        out[i].mapped = seg->expandable ? wa__mapped_bytes(seg) : seg->size;
+        out[i].mapped = seg->asleep ? 0 : seg->expandable ? wa__mapped_bytes(seg) : seg->size;
         out[i].small_pool = seg->small;
         out[i].expandable = seg->expandable;
         out[i].n_blocks = nb;
@@ -143,12 +145,34 @@ static int check_pages(const wa_segment *seg, const wa_block *b, int dev, wd_err
     return 0;
 }
 
+/* Each arena's trees hold exactly the free blocks of its segments. */
+static int check_arenas(const wa_device *d, int dev, wd_error *err)
+{
+    for (const wa_arena *ar = &d->common; ar; ar = ar->next) {
+        size_t free_mapped[2] = {0, 0}, unmapped[2] = {0, 0};
+        int rc;
+
+        for (const wa_segment *seg = d->segments; seg; seg = seg->next) {
+            if (seg->arena != ar)
+                continue;
+            for (const wa_block *b = seg->head; b; b = b->next)
+                if (!b->allocated)
+                    (b->mapped ? free_mapped : unmapped)[seg->small]++;
+        }
+        if ((rc = check_tree(&ar->small.blocks, true, free_mapped[1], dev, "a small pool", err)) ||
+            (rc = check_tree(&ar->large.blocks, true, free_mapped[0], dev, "a large pool", err)) ||
+            (rc = check_tree(&ar->small.unmapped, false, unmapped[1], dev, "a small unmapped set", err)) ||
+            (rc = check_tree(&ar->large.unmapped, false, unmapped[0], dev, "a large unmapped set", err)))
+            return rc;
+    }
+    return 0;
+}
+
 int wa_check(const wa_allocator *a, wd_error *err)
 {
     for (int i = 0; i < a->n_devices; i++) {
         const wa_device *d = &a->dev[i];
         wa_stats recount;
-        size_t free_mapped[2] = {0, 0}, unmapped[2] = {0, 0};
         int rc;
 
         memset(&recount, 0, sizeof recount);
@@ -168,7 +192,7 @@ int wa_check(const wa_allocator *a, wd_error *err)
                                   b->addr);
                 if (!b->mapped && (b->allocated || !seg->expandable))
                     return BROKEN("device %d segment %u: an unmapped block where there can be none", i, seg->id);
-                if (seg->expandable && (rc = check_pages(seg, b, i, err)))
+                if (seg->expandable && !seg->asleep && (rc = check_pages(seg, b, i, err)))
                     return rc;
                 at += b->size;
                 if (b->allocated) {
@@ -177,10 +201,7 @@ int wa_check(const wa_allocator *a, wd_error *err)
                     recount.requested_bytes.current += (int64_t)b->requested;
                     if (b->counted_oversize)
                         recount.oversize_allocations.current++;
-                } else if (!b->mapped) {
-                    unmapped[seg->small]++;
-                } else {
-                    free_mapped[seg->small]++;
+                } else if (b->mapped) {
                     if (!seg->expandable && wa__is_split(b)) {
                         recount.inactive_split.current++;
                         recount.inactive_split_bytes.current += (int64_t)b->size;
@@ -190,11 +211,15 @@ int wa_check(const wa_allocator *a, wd_error *err)
             if (at != seg->mem.addr + seg->size)
                 return BROKEN("device %d segment %u: blocks cover %" PRIu64 " of %" PRIu64 " bytes", i, seg->id,
                               at - seg->mem.addr, seg->size);
+            if (seg->asleep != seg->arena->asleep)
+                return BROKEN("device %d segment %u: asleep apart from its tag", i, seg->id);
             if (seg->expandable) {
-                recount.reserved_bytes.current += (int64_t)wa__mapped_bytes(seg);
+                if (!seg->asleep) /* asleep, its pages hold no memory */
+                    recount.reserved_bytes.current += (int64_t)wa__mapped_bytes(seg);
             } else {
                 recount.segment.current++;
-                recount.reserved_bytes.current += (int64_t)seg->size;
+                if (!seg->asleep)
+                    recount.reserved_bytes.current += (int64_t)seg->size;
                 if (seg->counted_oversize)
                     recount.oversize_segments.current++;
             }
@@ -209,10 +234,7 @@ int wa_check(const wa_allocator *a, wd_error *err)
             return BROKEN("device %d: " #name " peak below current", i);
         WA_STAT_LIST(CHECK)
 #undef CHECK
-        if ((rc = check_tree(&d->small.blocks, true, free_mapped[1], i, "the small pool", err)) ||
-            (rc = check_tree(&d->large.blocks, true, free_mapped[0], i, "the large pool", err)) ||
-            (rc = check_tree(&d->small.unmapped, false, unmapped[1], i, "the small unmapped set", err)) ||
-            (rc = check_tree(&d->large.unmapped, false, unmapped[0], i, "the large unmapped set", err)))
+        if ((rc = check_arenas(d, i, err)))
             return rc;
         if (d->limit && (uint64_t)d->stats.reserved_bytes.current > d->limit)
             return BROKEN("device %d: reserved over capacity", i);

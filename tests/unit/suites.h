@@ -16,6 +16,7 @@
     X(loader)             \
     X(allocator)          \
     X(alloc_config)       \
+    X(alloc_tags)         \
     X(backend_host)       \
     X(proto)              \
     X(daemon_config)      \
