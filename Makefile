@@ -106,11 +106,14 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 CORE_OBJ   := $(call obj,$(COMMON_SRC) $(ALLOC_SRC) $(LOADER_SRC) $(PROTO_SRC))
 DAEMON_OBJ := $(call obj,$(DAEMON_SRC))
 CLIENT_OBJ := $(call obj,$(CLIENT_SRC) $(PROTO_SRC) $(COMMON_SRC) loader/checkpoint.c loader/safetensors.c)
+# libweightd-torch.so: the allocator and what it needs, behind torch/'s front end.
+TORCH_OBJ  := $(call obj,torch/torch_allocator.c $(ALLOC_SRC) common/errors.c common/size.c common/fault.c \
+                $(filter common/cuda_driver.c,$(COMMON_SRC)))
 
 BINS := $(BUILD)/weightd $(BUILD)/weightctl $(BUILD)/weightd-replay $(BUILD)/weightd-mkckpt
 USER_BINS := $(filter-out $(BUILD)/weightd,$(BINS))
 LIBS := $(BUILD)/libweightd-client.so.0 $(BUILD)/libweightd-client.so $(BUILD)/libweightd-client.a \
-        $(BUILD)/weightd-client.pc
+        $(BUILD)/weightd-client.pc $(BUILD)/libweightd-torch.so
 UNIT := $(BUILD)/tests/unit-tests
 
 # What make install puts in /etc and the units: generated here, from the
@@ -145,6 +148,11 @@ $(BUILD)/weightd-mkckpt: $(call obj,loader/mkckpt.c) $(CORE_OBJ)
 $(BUILD)/libweightd-client.so.0: $(CLIENT_OBJ) client/libweightd-client.map
 	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,-soname,libweightd-client.so.0 \
 	    -Wl,--version-script=client/libweightd-client.map -o $@ $(CLIENT_OBJ) $(PKG_LIBS) -lm -ldl -lpthread
+
+# Loaded by path (torch.cuda.memory.CUDAPluggableAllocator), so no soname.
+$(BUILD)/libweightd-torch.so: $(TORCH_OBJ) torch/libweightd-torch.map
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,--no-undefined -Wl,--version-script=torch/libweightd-torch.map \
+	    -o $@ $(TORCH_OBJ) $(PKG_LIBS) -lm -ldl -lpthread
 
 $(BUILD)/libweightd-client.so: $(BUILD)/libweightd-client.so.0
 	$(Q)ln -sf libweightd-client.so.0 $@
