@@ -149,7 +149,8 @@ $(BUILD)/libweightd-client.so.0: $(CLIENT_OBJ) client/libweightd-client.map
 	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,-soname,libweightd-client.so.0 \
 	    -Wl,--version-script=client/libweightd-client.map -o $@ $(CLIENT_OBJ) $(PKG_LIBS) -lm -ldl -lpthread
 
-# Loaded by path (torch.cuda.memory.CUDAPluggableAllocator), so no soname.
+# Loaded by path (torch.cuda.memory.CUDAPluggableAllocator): a plugin, with
+# no soname, installed in LIBDIR/weightd/.
 $(BUILD)/libweightd-torch.so: $(TORCH_OBJ) torch/libweightd-torch.map
 	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,--no-undefined -Wl,--version-script=torch/libweightd-torch.map \
 	    -o $@ $(TORCH_OBJ) $(PKG_LIBS) -lm -ldl -lpthread
@@ -282,7 +283,8 @@ install: all man
 	install -m 644 $(BUILD)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/
 	ln -sf libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/libweightd-client.so
 	install -m 644 $(BUILD)/libweightd-client.a $(DESTDIR)$(LIBDIR)/
-	install -m 644 client/weightd-client.h $(DESTDIR)$(INCDIR)/
+	install -m 644 client/weightd-client.h torch/weightd-torch.h $(DESTDIR)$(INCDIR)/
+	install -D -m 644 $(BUILD)/libweightd-torch.so -t $(DESTDIR)$(LIBDIR)/weightd/
 	$(PC_SED) client/weightd-client.pc.in > $(DESTDIR)$(PCDIR)/weightd-client.pc
 	install -m 644 $(BUILD)/etc/weightd.service systemd/weightd.socket $(DESTDIR)$(UNITDIR)/
 	install -m 644 systemd/weightd.sysusers $(DESTDIR)$(SYSUSERSDIR)/weightd.conf
@@ -293,7 +295,8 @@ install: all man
 	    install -m 644 $(BUILD)/etc/weightd.conf $(DESTDIR)$(SYSCONFDIR)/weightd/; fi
 	install -m 644 $(filter %.1,$(MANS)) $(DESTDIR)$(MANDIR)/man1/
 	install -m 644 $(filter %.8,$(MANS)) $(DESTDIR)$(MANDIR)/man8/
-	$(if $(PYDIR),install -D -m 644 client/python/weightd/__init__.py $(DESTDIR)$(PYDIR)/weightd/__init__.py)
+	$(if $(PYDIR),install -D -m 644 client/python/weightd/__init__.py client/python/weightd/torch_allocator.py \
+	    -t $(DESTDIR)$(PYDIR)/weightd/)
 	$(if $(PYDIR),printf '# Written by make install: where the client library is.\nLIBDIR = "%s"\n' '$(LIBDIR)' \
 	    > $(DESTDIR)$(PYDIR)/weightd/_install.py)
 
@@ -302,6 +305,7 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(notdir $(USER_BINS))) $(DESTDIR)$(SBINDIR)/weightd
 	rm -f $(DESTDIR)$(LIBDIR)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/libweightd-client.so \
 	      $(DESTDIR)$(LIBDIR)/libweightd-client.a $(DESTDIR)$(INCDIR)/weightd-client.h \
+	      $(DESTDIR)$(LIBDIR)/weightd/libweightd-torch.so $(DESTDIR)$(INCDIR)/weightd-torch.h \
 	      $(DESTDIR)$(PCDIR)/weightd-client.pc $(DESTDIR)$(UNITDIR)/weightd.service \
 	      $(DESTDIR)$(UNITDIR)/weightd.socket $(DESTDIR)$(SYSUSERSDIR)/weightd.conf \
 	      $(DESTDIR)$(TMPFILESDIR)/weightd.conf $(addprefix $(DESTDIR)$(MANDIR)/man1/,$(notdir $(filter %.1,$(MANS)))) \

@@ -37,7 +37,7 @@ def library():
     candidates = [os.environ.get("WEIGHTD_TORCH_LIB")]
     try:
         from . import _install  # written by make install
-        candidates.append(os.path.join(_install.LIBDIR, "libweightd-torch.so"))
+        candidates.append(os.path.join(_install.LIBDIR, "weightd", "libweightd-torch.so"))
     except ImportError:
         pass
     candidates.append("libweightd-torch.so")
