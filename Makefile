@@ -121,7 +121,7 @@ UNIT := $(BUILD)/tests/unit-tests
 ETC := $(BUILD)/etc/weightd.conf $(BUILD)/etc/weightd.service
 
 .PHONY: all config test unit e2e install uninstall clean help demo bench bench-gpu gpu-test bench-load bench-attach bench-sleep \
-        bench-integrity bench-conns fuzz-live man deb test-systemd
+        bench-integrity bench-conns bench-torch-alloc fuzz-live man deb test-systemd
 all: config $(BINS) $(LIBS) $(ETC)
 
 config:
@@ -237,6 +237,11 @@ $(BUILD)/tests/graph_worker: tests/gpu/graph_worker.c common/cuda_driver.c commo
 	@mkdir -p $(dir $@)
 	$(call msg,LD,$@)$(CC) $(CFLAGS) -I. -o $@ $(filter %.c,$^) -L$(BUILD) -lweightd-client -Wl,-rpath,$(abspath $(BUILD)) -ldl -lpthread
 
+# On the GPU machine: weightd's allocator inside PyTorch against PyTorch's
+# own on a GPT-OSS-shaped load and rewrite (issue 13).
+bench-torch-alloc: all
+	$(Q)python3 bench/torch_alloc_bench.py --build $(BUILD) --out $(BUILD)/bench
+
 gpu-test: all $(if $(CUDA_CFLAGS),$(BUILD)/tests/graph_worker)
 	$(Q)WEIGHTD_BUILD=$(abspath $(BUILD)) python3 -m unittest discover -s tests/gpu -t . -v
 
@@ -330,6 +335,7 @@ clean:
 help:
 	@echo "targets: all (default) test unit e2e demo bench bench-conns man install uninstall deb test-systemd clean"
 	@echo "         on the GPU machine: gpu-test bench-gpu bench-load bench-attach bench-integrity bench-sleep"
+	@echo "         bench-torch-alloc"
 	@echo "switches: PREFIX=$(PREFIX) DESTDIR= SYSCONFDIR=$(SYSCONFDIR) UNITDIR=$(UNITDIR) WITH_CUDA=auto|yes|no CUDA_HOME=$(CUDA_HOME)"
 	@echo "          SANITIZE=address,undefined RELEASE=1 (no fault hooks; build-release) BUILD=dir V=1"
 
