@@ -309,7 +309,8 @@ int weightd_torch_set_tag(const char *tag)
     return leave(rc);
 }
 
-int weightd_torch_sleep(const char *tag, int offload)
+/* Sleep (offload >= 0) or wake (offload < 0) of a tag that has memory. */
+static int sleep_or_wake(const char *tag, int offload)
 {
     wd_error err = {0};
     uint32_t n;
@@ -318,25 +319,20 @@ int weightd_torch_sleep(const char *tag, int offload)
     if ((rc = enter()))
         return rc;
     if (!(rc = tag_number(tag, false, &n)) && !n)
-        rc = fail(-EINVAL, "sleep needs a tag: untagged memory does not sleep");
-    if (!rc && (rc = wa_tag_sleep(g.alloc, n, offload != 0, &err)))
+        rc = fail(-EINVAL, "%s needs a tag: untagged memory does not sleep", offload < 0 ? "wake" : "sleep");
+    if (!rc && (rc = offload < 0 ? wa_tag_wake(g.alloc, n, &err) : wa_tag_sleep(g.alloc, n, offload != 0, &err)))
         fail_err(rc, &err);
     return leave(rc);
 }
 
+int weightd_torch_sleep(const char *tag, int offload)
+{
+    return sleep_or_wake(tag, offload ? 1 : 0);
+}
+
 int weightd_torch_wake(const char *tag)
 {
-    wd_error err = {0};
-    uint32_t n;
-    int rc;
-
-    if ((rc = enter()))
-        return rc;
-    if (!(rc = tag_number(tag, false, &n)) && !n)
-        rc = fail(-EINVAL, "wake needs a tag");
-    if (!rc && (rc = wa_tag_wake(g.alloc, n, &err)))
-        fail_err(rc, &err);
-    return leave(rc);
+    return sleep_or_wake(tag, -1);
 }
 
 int weightd_torch_empty_cache(void)

@@ -73,6 +73,24 @@ static int64_t reserved(fixture *f)
     return s.reserved_bytes.current;
 }
 
+/* Two requests, one after the other, land in segments of their own. */
+static void apart(const char *conf, uint64_t stream1, uint32_t tag1, uint64_t stream2, uint32_t tag2, uint64_t size)
+{
+    fixture f;
+    wa_block *b, *c;
+    wa_region rb, rc;
+
+    setup(&f, "fake", 1024 * MiB, conf);
+    b = alloc_in(&f, stream1, tag1, size);
+    c = alloc_in(&f, stream2, tag2, size);
+    wa_block_region(b, &rb);
+    wa_block_region(c, &rc);
+    ck_assert_uint_ne(rb.segment_id, rc.segment_id);
+    wa_free(f.a, b);
+    wa_free(f.a, c);
+    teardown(&f);
+}
+
 /* Freed on stream 1, the block is not handed to stream 2, whose request
  * takes new memory; stream 1 gets it back. */
 START_TEST(a_block_freed_on_one_stream_is_reused_on_that_stream_only)
@@ -99,19 +117,7 @@ END_TEST
 /* Small blocks too: stream 2 does not take a piece of stream 1's 2 MiB segment. */
 START_TEST(small_blocks_keep_to_their_stream)
 {
-    fixture f;
-    wa_block *b, *c;
-    wa_region rb, rc;
-
-    setup(&f, "fake", 1024 * MiB, NULL);
-    b = alloc_in(&f, 1, 0, 4096);
-    c = alloc_in(&f, 2, 0, 4096);
-    wa_block_region(b, &rb);
-    wa_block_region(c, &rc);
-    ck_assert_uint_ne(rb.segment_id, rc.segment_id);
-    wa_free(f.a, b);
-    wa_free(f.a, c);
-    teardown(&f);
+    apart(NULL, 1, 0, 2, 0, 4096);
 }
 END_TEST
 
@@ -135,38 +141,14 @@ END_TEST
 /* Under expandable segments each stream has its own address range. */
 START_TEST(expandable_segments_are_per_stream)
 {
-    fixture f;
-    wa_block *b, *c;
-    wa_region rb, rc;
-
-    setup(&f, "fake", 1024 * MiB, "expandable_segments:True");
-    b = alloc_in(&f, 1, 0, 30 * MiB);
-    c = alloc_in(&f, 2, 0, 30 * MiB);
-    wa_block_region(b, &rb);
-    wa_block_region(c, &rc);
-    ck_assert_uint_ne(rb.segment_id, rc.segment_id);
-    wa_free(f.a, b);
-    wa_free(f.a, c);
-    teardown(&f);
+    apart("expandable_segments:True", 1, 0, 2, 0, 30 * MiB);
 }
 END_TEST
 
 /* A tag's blocks never share a segment with untagged ones. */
 START_TEST(a_tag_has_segments_of_its_own)
 {
-    fixture f;
-    wa_block *b, *c;
-    wa_region rb, rc;
-
-    setup(&f, "fake", 1024 * MiB, NULL);
-    b = alloc_in(&f, 0, 0, 4096);
-    c = alloc_in(&f, 0, 7, 4096);
-    wa_block_region(b, &rb);
-    wa_block_region(c, &rc);
-    ck_assert_uint_ne(rb.segment_id, rc.segment_id);
-    wa_free(f.a, b);
-    wa_free(f.a, c);
-    teardown(&f);
+    apart(NULL, 0, 0, 0, 7, 4096);
 }
 END_TEST
 
