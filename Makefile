@@ -106,8 +106,8 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 CORE_OBJ   := $(call obj,$(COMMON_SRC) $(ALLOC_SRC) $(LOADER_SRC) $(PROTO_SRC))
 DAEMON_OBJ := $(call obj,$(DAEMON_SRC))
 CLIENT_OBJ := $(call obj,$(CLIENT_SRC) $(PROTO_SRC) $(COMMON_SRC) loader/checkpoint.c loader/safetensors.c)
-# libweightd-torch.so: the allocator and what it needs, behind torch/'s front end.
-TORCH_OBJ  := $(call obj,torch/torch_allocator.c $(ALLOC_SRC) common/errors.c common/size.c common/fault.c \
+# libweightd-torch.so: the allocator and what it needs, behind pytorch/'s front end.
+TORCH_OBJ  := $(call obj,pytorch/torch_allocator.c $(ALLOC_SRC) common/errors.c common/size.c common/fault.c \
                 $(filter common/cuda_driver.c,$(COMMON_SRC)))
 
 BINS := $(BUILD)/weightd $(BUILD)/weightctl $(BUILD)/weightd-replay $(BUILD)/weightd-mkckpt
@@ -151,8 +151,8 @@ $(BUILD)/libweightd-client.so.0: $(CLIENT_OBJ) client/libweightd-client.map
 
 # Loaded by path (torch.cuda.memory.CUDAPluggableAllocator): a plugin, with
 # no soname, installed in LIBDIR/weightd/.
-$(BUILD)/libweightd-torch.so: $(TORCH_OBJ) torch/libweightd-torch.map
-	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,--no-undefined -Wl,--version-script=torch/libweightd-torch.map \
+$(BUILD)/libweightd-torch.so: $(TORCH_OBJ) pytorch/libweightd-torch.map
+	$(call msg,LD,$@)$(CC) $(LDFLAGS) -shared -Wl,--no-undefined -Wl,--version-script=pytorch/libweightd-torch.map \
 	    -o $@ $(TORCH_OBJ) $(PKG_LIBS) -lm -ldl -lpthread
 
 $(BUILD)/libweightd-client.so: $(BUILD)/libweightd-client.so.0
@@ -288,7 +288,7 @@ install: all man
 	install -m 644 $(BUILD)/libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/
 	ln -sf libweightd-client.so.0 $(DESTDIR)$(LIBDIR)/libweightd-client.so
 	install -m 644 $(BUILD)/libweightd-client.a $(DESTDIR)$(LIBDIR)/
-	install -m 644 client/weightd-client.h torch/weightd-torch.h $(DESTDIR)$(INCDIR)/
+	install -m 644 client/weightd-client.h pytorch/weightd-torch.h $(DESTDIR)$(INCDIR)/
 	install -D -m 644 $(BUILD)/libweightd-torch.so -t $(DESTDIR)$(LIBDIR)/weightd/
 	$(PC_SED) client/weightd-client.pc.in > $(DESTDIR)$(PCDIR)/weightd-client.pc
 	install -m 644 $(BUILD)/etc/weightd.service systemd/weightd.socket $(DESTDIR)$(UNITDIR)/

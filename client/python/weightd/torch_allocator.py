@@ -14,7 +14,7 @@ and memory that sleeps and wakes at the same addresses::
 
 The library is $WEIGHTD_TORCH_LIB, else where make install put it, else the
 system's search path. The environment it reads (WEIGHTD_ALLOC_CONF,
-WEIGHTD_TORCH_CAPACITY, ...) is in torch/weightd-torch.h.
+WEIGHTD_TORCH_CAPACITY, ...) is in pytorch/weightd-torch.h.
 """
 
 import contextlib

@@ -2,7 +2,7 @@
  * allocator (allocator/allocator.h). This file only translates: PyTorch's
  * pointers to blocks, tag names to numbers, statistics to PyTorch's names;
  * the rules are the allocator's. */
-#include "torch/weightd-torch.h"
+#include "pytorch/weightd-torch.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
