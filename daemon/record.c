@@ -213,6 +213,20 @@ static double num(const cJSON *o, const char *key)
     return cJSON_IsNumber(v) ? v->valuedouble : -1;
 }
 
+/* Field key of o as a whole number in [min, max]; a record that holds
+ * anything else is not one of ours (a cast of such a double would be
+ * undefined). */
+#define BIG ((int64_t)1 << 53)
+static int whole_value(const cJSON *v, const char *what, int64_t min, int64_t max, int64_t *out, wd_error *err)
+{
+    return wp_int_value(v, what, min, max, out, err) ? (err->code = -EBADMSG) : 0;
+}
+
+static int whole(const cJSON *o, const char *key, int64_t min, int64_t max, int64_t *out, wd_error *err)
+{
+    return whole_value(cJSON_GetObjectItemCaseSensitive(o, key), key, min, max, out, err);
+}
+
 static const char *str(const cJSON *o, const char *key)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
@@ -237,6 +251,7 @@ static int restore_checkpoint(wd_model *m, const cJSON *o, wd_passed *p, wd_erro
     const cJSON *shards = cJSON_GetObjectItemCaseSensitive(o, "shards"), *sh;
     wl_saved_shard *sv = NULL;
     size_t n = 0;
+    int64_t size, sec, nsec;
     int rc = 0;
 
     if (!cJSON_IsArray(shards) || !(n = (size_t)cJSON_GetArraySize(shards)))
@@ -249,12 +264,15 @@ static int restore_checkpoint(wd_model *m, const cJSON *o, wd_passed *p, wd_erro
         wl_saved_shard *v = &sv[n++];
         v->path = str(sh, "path");
         v->header = str(sh, "header");
-        v->file_size = (uint64_t)num(sh, "size");
         v->fd = take_fd(p, m, str(sh, "fd"));
-        if (cJSON_GetArraySize(mt) == 2) {
-            v->mtime.tv_sec = (time_t)cJSON_GetArrayItem(mt, 0)->valuedouble;
-            v->mtime.tv_nsec = (long)cJSON_GetArrayItem(mt, 1)->valuedouble;
+        if ((rc = whole(sh, "size", 0, BIG, &size, err)) ||
+            (rc = whole_value(cJSON_GetArrayItem(mt, 0), "mtime's seconds", -BIG, BIG, &sec, err)) ||
+            (rc = whole_value(cJSON_GetArrayItem(mt, 1), "mtime's nanoseconds", 0, 999999999, &nsec, err))) {
+            wd_error_prefix(err, "shard %zu", n);
+            goto out;
         }
+        v->file_size = (uint64_t)size;
+        v->mtime = (struct timespec){.tv_sec = (time_t)sec, .tv_nsec = (long)nsec};
         if (!v->path || !v->header || v->fd < 0) {
             BAD("shard %zu: %s", n, v->fd < 0 ? "its file did not come back" : "incomplete");
             goto out;
@@ -279,25 +297,32 @@ static int restore_slab(wd_server *s, wd_model *m, size_t k, const cJSON *sl, wd
     wa_piece got[64];
     size_t n = 0;
     uint64_t page = 0;
+    int64_t device, bytes, size;
     wa_block *block;
     int rc = 0;
 
-    if ((int)num(sl, "device") != m->slabs[k].device || (uint64_t)num(sl, "bytes") != m->slabs[k].bytes)
-        return BAD("slab %zu: saved on device %d with %.0f bytes, planned on %d with %" PRIu64, k + 1,
-                   (int)num(sl, "device"), num(sl, "bytes"), m->slabs[k].device, m->slabs[k].bytes);
+    if ((rc = whole(sl, "device", 0, 63, &device, err)) || (rc = whole(sl, "bytes", 1, BIG, &bytes, err))) {
+        wd_error_prefix(err, "slab %zu", k + 1);
+        return rc;
+    }
+    if ((int)device != m->slabs[k].device || (uint64_t)bytes != m->slabs[k].bytes)
+        return BAD("slab %zu: saved on device %d with %" PRId64 " bytes, planned on %d with %" PRIu64, k + 1,
+                   (int)device, bytes, m->slabs[k].device, m->slabs[k].bytes);
     if (!cJSON_IsArray(pieces) || cJSON_GetArraySize(pieces) < 1 || cJSON_GetArraySize(pieces) > 64)
         return BAD("slab %zu: no pieces", k + 1);
     cJSON_ArrayForEach(pc, pieces) {
-        uint64_t size = (uint64_t)num(pc, "size");
         int fd = take_fd(p, m, str(pc, "fd"));
-        if (fd < 0 || !size) {
+        if (fd < 0 || (rc = whole(pc, "size", 1, BIG, &size, err))) {
             if (fd >= 0)
                 close(fd);
-            BAD("slab %zu: piece %zu did not come back", k + 1, n + 1);
+            if (rc)
+                wd_error_prefix(err, "slab %zu: piece %zu", k + 1, n + 1);
+            else
+                BAD("slab %zu: piece %zu did not come back", k + 1, n + 1);
             goto out;
         }
-        got[n++] = (wa_piece){.fd = fd, .size = size};
-        page = gcd(page, size);
+        got[n++] = (wa_piece){.fd = fd, .size = (uint64_t)size};
+        page = gcd(page, (uint64_t)size);
     }
     if ((rc = wa_adopt(s->alloc, m->slabs[k].device, got, n, page, m->slabs[k].bytes, &block, err))) {
         wd_error_prefix(err, "slab %zu", k + 1);
@@ -332,6 +357,7 @@ static int restore_model(wd_server *s, const cJSON *o, wd_passed *p, wd_error *e
     const char *name = str(o, "name"), *path = str(o, "path"), *pl = str(o, "placement");
     int devices[64];
     size_t n_dev = 0;
+    int64_t slab_size;
     wl_placement placement;
     wd_model *m = NULL;
     int rc;
@@ -339,14 +365,19 @@ static int restore_model(wd_server *s, const cJSON *o, wd_passed *p, wd_error *e
     if (!name || !path || !pl || wl_placement_parse(pl, &placement) || !cJSON_IsArray(devs))
         return BAD("a model without its name, path, placement or devices");
     cJSON_ArrayForEach(d, devs) {
-        if (n_dev == 64 || !cJSON_IsNumber(d) || d->valueint < 0 || d->valueint >= s->backend->n_devices)
-            return BAD("model %s: device %s is not one of this daemon's", name, cJSON_IsNumber(d) ? "" : "?");
-        devices[n_dev++] = d->valueint;
+        int64_t dev;
+        if (n_dev == 64 || whole_value(d, "device", 0, s->backend->n_devices - 1, &dev, err))
+            return BAD("model %s: a device that is not one of this daemon's", name);
+        devices[n_dev++] = (int)dev;
+    }
+    if ((rc = whole(o, "slab_size", 0, BIG, &slab_size, err))) {
+        wd_error_prefix(err, "model %s", name);
+        return rc;
     }
     if ((rc = wd_registry_add(s, name, path, devices, n_dev, placement, &m, err)))
         return rc;
     if ((rc = restore_checkpoint(m, o, p, err)) ||
-        (rc = wd_model_place(m, (uint64_t)num(o, "slab_size"), !cJSON_IsNull(cJSON_GetObjectItem(o, "sums")), err)) ||
+        (rc = wd_model_place(m, (uint64_t)slab_size, !cJSON_IsNull(cJSON_GetObjectItem(o, "sums")), err)) ||
         (rc = restore_slabs(s, m, o, p, err)))
         goto fail;
     if (m->sums) {
@@ -428,6 +459,7 @@ int wd_record_restore(wd_server *s, int fd, wd_passed *p, uint64_t *generation, 
     size_t len = 0, restored = 0, dropped = 0;
     cJSON *doc = NULL, *devs, *models, *o;
     wa_device_info info;
+    int64_t gen;
     int rc, i = 0;
 
     if ((rc = read_record(fd, &body, &len, err)))
@@ -436,7 +468,11 @@ int wd_record_restore(wd_server *s, int fd, wd_passed *p, uint64_t *generation, 
         BAD("not JSON");
         goto out;
     }
-    *generation = (uint64_t)num(doc, "generation");
+    if ((rc = whole(doc, "generation", 0, BIG, &gen, err))) {
+        wd_error_prefix(err, "the record");
+        goto out;
+    }
+    *generation = (uint64_t)gen;
     devs = cJSON_GetObjectItemCaseSensitive(doc, "devices");
     if (!str(doc, "backend") || strcmp(str(doc, "backend"), s->backend->name) != 0) {
         BAD("made by the %s backend; this daemon runs %s", str(doc, "backend") ? str(doc, "backend") : "?",
@@ -526,6 +562,7 @@ void wd_record_restore_leases(wd_server *s, wd_passed *p, const char *prefix)
 {
     for (size_t i = 0; i < p->n; i++) {
         char text[2048];
+        int64_t uid, pid, device;
         ssize_t n;
         cJSON *o;
         wd_model *m;
@@ -540,10 +577,10 @@ void wd_record_restore_leases(wd_server *s, wd_passed *p, const char *prefix)
         text[n > 0 ? n : 0] = '\0';
         o = seals >= 0 && (seals & F_SEAL_WRITE) && n > 0 ? cJSON_Parse(text) : NULL;
         m = str(o, "model") ? wd_registry_find(s, str(o, "model")) : NULL;
-        if (!m || !str(o, "token") ||
-            wd_lease_restore(s, m, str(o, "token"), (uid_t)num(o, "uid"), (pid_t)num(o, "pid"),
-                             str(o, "process") ? str(o, "process") : "?", (int)num(o, "device"),
-                             cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "writable")), &err))
+        if (!m || !str(o, "token") || whole(o, "uid", 0, UINT32_MAX - 1, &uid, &err) ||
+            whole(o, "pid", 1, INT32_MAX, &pid, &err) || whole(o, "device", -1, 63, &device, &err) ||
+            wd_lease_restore(s, m, str(o, "token"), (uid_t)uid, (pid_t)pid, str(o, "process") ? str(o, "process") : "?",
+                             (int)device, cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "writable")), &err))
             wd_log(WD_LOG_info, "fd store: lease %s dropped: %s", p->names[i],
                    !o ? "not a lease record" : !m ? "its model did not come back" : wd_error_text(&err));
         cJSON_Delete(o);

@@ -148,29 +148,33 @@ int wp_arg_string(const cJSON *args, const char *key, bool required, const char 
     return 0;
 }
 
+int wp_int_value(const cJSON *v, const char *what, int64_t min, int64_t max, int64_t *out, wd_error *err)
+{
+    double d;
+
+    if (!cJSON_IsNumber(v))
+        return wd_error_set(err, -EINVAL, "%s must be a number", what);
+    d = v->valuedouble;
+    if (!isfinite(d) || d != floor(d))
+        return wd_error_set(err, -EINVAL, "%s must be a whole number", what);
+    /* Past 2^53 a double no longer holds every whole number: the bounds
+     * below could not be checked exactly. */
+    if (fabs(d) > 9007199254740992.0 || d < (double)min || d > (double)max)
+        return wd_error_set(err, -EINVAL, "%s must be between %lld and %lld", what, (long long)min, (long long)max);
+    *out = (int64_t)d;
+    return 0;
+}
+
 int wp_arg_int(const cJSON *args, const char *key, bool required, int64_t min, int64_t max, int64_t *out,
                wd_error *err)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(args, key);
-    double d;
+    char what[96];
 
     if (!v || cJSON_IsNull(v))
         return required ? wd_error_set(err, -EINVAL, "argument \"%s\" is required", key) : -ENOENT;
-    if (!cJSON_IsNumber(v))
-        return wd_error_set(err, -EINVAL, "argument \"%s\" must be a number", key);
-    d = v->valuedouble;
-    if (!isfinite(d) || d != floor(d))
-        return wd_error_set(err, -EINVAL, "argument \"%s\" must be a whole number", key);
-    /* Past 2^53 a double no longer holds every whole number: the bounds
-     * below could not be checked exactly. */
-    if (fabs(d) > 9007199254740992.0)
-        return wd_error_set(err, -EINVAL, "argument \"%s\" must be between %lld and %lld", key, (long long)min,
-                            (long long)max);
-    if (d < (double)min || d > (double)max)
-        return wd_error_set(err, -EINVAL, "argument \"%s\" must be between %lld and %lld", key, (long long)min,
-                            (long long)max);
-    *out = (int64_t)d;
-    return 0;
+    snprintf(what, sizeof what, "argument \"%.80s\"", key);
+    return wp_int_value(v, what, min, max, out, err);
 }
 
 int wp_arg_bool(const cJSON *args, const char *key, bool *out, wd_error *err)

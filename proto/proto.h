@@ -108,6 +108,9 @@ int wp_arg_string(const cJSON *args, const char *key, bool required, const char 
 int wp_arg_int(const cJSON *args, const char *key, bool required, int64_t min, int64_t max, int64_t *out,
                wd_error *err);
 int wp_arg_bool(const cJSON *args, const char *key, bool *out, wd_error *err);
+/* A JSON value as a whole number in [min, max] (0, or -EINVAL saying what
+ * it must be); for what the daemon reads back, such as its fd store's record. */
+int wp_int_value(const cJSON *v, const char *what, int64_t min, int64_t max, int64_t *out, wd_error *err);
 
 /* The socket path: $WEIGHTD_SOCKET, else /run/weightd/weightd.sock as root,
  * else $XDG_RUNTIME_DIR/weightd.sock, else /tmp/weightd-UID.sock. */

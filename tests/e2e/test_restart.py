@@ -4,6 +4,7 @@ store, and the next daemon serves them again without reading a checkpoint.
 systemd's part is played by fdstore.FakeSystemd (tests/systemd checks the
 same under a real systemd)."""
 
+import ctypes
 import json
 import os
 import signal
@@ -14,6 +15,21 @@ from tests.e2e.fdstore import FakeSystemd
 from tests.e2e.test_attach import StdinWorker, worker_json
 
 HOST = ["--backend", "host", "--host-devices", "2", "--host-capacity", "2GiB"]
+
+
+def resealed(data, edit):
+    """A record whose body is edit(its body as JSON), with the header a daemon
+    would write for it (its length and XXH3 made again): only what the
+    daemon reads in it can refuse it."""
+    head, body = data.split(b"\n", 1)
+    doc = json.loads(body)
+    edit(doc)
+    body = json.dumps(doc).encode()
+    xxh = ctypes.CDLL("libxxhash.so.0")
+    xxh.XXH3_64bits.restype = ctypes.c_uint64
+    xxh.XXH3_64bits.argtypes = (ctypes.c_char_p, ctypes.c_size_t)
+    magic, version = head.split(b" ")[:2]
+    return b"%s %s %016x %d\n" % (magic, version, xxh.XXH3_64bits(body, len(body)), len(body)) + body
 
 
 class ServiceCase(h.E2ETestCase):
@@ -123,22 +139,17 @@ class Restart(ServiceCase):
         names = self.systemd.wait_settled()
         self.assertEqual([n for n in names if not n.startswith("wd-rec-")], [], names)
 
-    def corrupt_and_restart(self, make):
+    def corrupt_and_restart(self, make, dropped="record"):
         """Replaces the stored record with make(its bytes) and restarts;
-        returns the daemon, which must serve no model."""
+        returns the daemon, which must serve no model, having dropped the
+        record or (dropped="model") its one model."""
         d = self.service()
         self.load(d, "a", h.checkpoint("small"))
-        rec = next(n for n in self.systemd.names() if n.startswith("wd-rec-"))
-        with open("/proc/self/fd/%d" % self.systemd.fd_of(rec), "rb") as f:
-            data = f.read()
-        fd = os.memfd_create("weightd-registry", os.MFD_ALLOW_SEALING)
-        os.write(fd, make(data))
-        import fcntl
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-        self.systemd.replace(rec, fd)
+        rec = self.replace_record(make)
         self.restart(d, signal.SIGKILL)
         self.assertEqual(d.models(), [])
-        self.assertIn("fd store: record %s dropped" % rec, d.log())
+        self.assertIn("fd store: record %s dropped" % rec if dropped == "record" else "fd store: dropped: model a",
+                      d.log())
         # nothing of the dropped record stays in the store or on the devices
         names = self.systemd.wait_settled()
         self.assertEqual([n for n in names if not n.startswith("wd-rec-")], [], names)
@@ -161,6 +172,56 @@ class Restart(ServiceCase):
     def test_a_record_of_another_version_is_dropped(self):
         d = self.corrupt_and_restart(lambda data: data.replace(b"weightd-registry 1 ", b"weightd-registry 9 ", 1))
         self.assertIn("format version 9", d.log())
+
+    def replace_record(self, make):
+        """The stored record replaced with make(its bytes)."""
+        rec = next(n for n in self.systemd.names() if n.startswith("wd-rec-"))
+        with open("/proc/self/fd/%d" % self.systemd.fd_of(rec), "rb") as f:
+            data = f.read()
+        fd = os.memfd_create("weightd-registry", os.MFD_ALLOW_SEALING)
+        os.write(fd, make(data))
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        self.systemd.replace(rec, fd)
+        return rec
+
+    def test_a_record_resealed_unchanged_is_taken(self):
+        # the resealing of the tests below, checked: the same body sealed
+        # again by the test serves the model
+        d = self.service()
+        self.load(d, "a", h.checkpoint("small"))
+        self.replace_record(lambda data: resealed(data, lambda doc: None))
+        self.restart(d, signal.SIGKILL)
+        self.assertEqual([m["name"] for m in d.models()], ["a"])
+        self.assertEqual(d.ctl("verify", "a").rc, 0)
+
+    # A record that checks out but holds numbers no daemon wrote: each is
+    # refused by name (a cast of such a double to an integer would be
+    # undefined), never taken as some other number.
+    def refused(self, edit, message, dropped="model"):
+        d = self.corrupt_and_restart(lambda data: resealed(data, edit), dropped)
+        self.assertIn(message, d.log())
+
+    def test_a_negative_file_size_in_a_record_is_refused(self):
+        self.refused(lambda doc: doc["models"][0]["shards"][0].update(size=-1), "size must be between 0 and")
+
+    def test_a_huge_modification_time_in_a_record_is_refused(self):
+        self.refused(lambda doc: doc["models"][0]["shards"][0].update(mtime=[1e300, 0]),
+                     "mtime's seconds must be between")
+
+    def test_a_fractional_piece_in_a_record_is_refused(self):
+        self.refused(lambda doc: doc["models"][0]["slabs"][0]["pieces"][0].update(size=2.5),
+                     "size must be a whole number")
+
+    def test_a_device_past_int_in_a_record_is_refused(self):
+        self.refused(lambda doc: doc["models"][0]["slabs"][0].update(device=4294967296),
+                     "device must be between 0 and 63")
+
+    def test_a_slab_size_of_the_wrong_type_in_a_record_is_refused(self):
+        self.refused(lambda doc: doc["models"][0].update(slab_size="big"), "slab_size must be a number")
+
+    def test_a_negative_generation_drops_the_record(self):
+        self.refused(lambda doc: doc.update(generation=-3), "generation must be between 0 and", dropped="record")
 
     def test_a_checkpoint_changed_since_the_load_is_dropped(self):
         src = h.copy_checkpoint(h.checkpoint("qwen-tiny"), os.path.join(self.tmp, "ckpt"))
