@@ -11,6 +11,7 @@
 
 #include "common/grow.h"
 #include "common/size.h"
+#include "common/fault.h"
 
 /* ---- sizes ------------------------------------------------------------- */
 
@@ -175,7 +176,7 @@ static void keep_in_one_page(wa_pool *pool, wa_block *b, uint64_t size)
     uint64_t skip = off && off + size > page ? page - off : 0;
     wa_block *front;
 
-    if (!skip || skip + size > b->size || !(front = calloc(1, sizeof *front)))
+    if (!skip || skip + size > b->size || !(front = wd_calloc(1, sizeof *front)))
         return; /* no room (or no memory) to move: it straddles, as in PyTorch */
     *front = (wa_block){.addr = b->addr, .size = skip, .seg = b->seg, .mapped = true};
     wa__link_before(b, front);
@@ -238,7 +239,7 @@ static wa_arena *arena_for(wa_allocator *a, wa_device *d, uint64_t stream, uint3
     for (ar = &d->common; ar; ar = ar->next)
         if (ar->stream == stream && ar->tag == tag)
             return ar;
-    if (!(ar = malloc(sizeof *ar)))
+    if (!(ar = wd_malloc(sizeof *ar)))
         return NULL;
     arena_init(ar, stream, tag);
     ar->asleep = wa_tag_asleep(a, tag);
@@ -298,7 +299,7 @@ int wa_malloc_in(wa_allocator *a, int device, uint64_t stream, uint32_t tag, uin
     }
     if (a->conf.expandable_page_align && b->seg->expandable && size <= b->seg->page)
         keep_in_one_page(pool, b, size);
-    if (should_split(a, b, size) && !(spare = calloc(1, sizeof *spare))) {
+    if (should_split(a, b, size) && !(spare = wd_calloc(1, sizeof *spare))) {
         /* Put the block back untouched so nothing is half done. */
         b->gc_base = pool->get_free_calls;
         wa__tree_insert(&pool->blocks, b);
@@ -444,7 +445,7 @@ int wa_create(wa_backend *backend, const char *conf_text, wa_allocator **out, wd
 
     if ((rc = wa_config_parse(conf_text, NULL, WA_CONF_OVERLAY, &conf, err)))
         return rc;
-    if (!(a = calloc(1, sizeof *a)) || !(a->dev = calloc((size_t)backend->n_devices, sizeof *a->dev))) {
+    if (!(a = wd_calloc(1, sizeof *a)) || !(a->dev = wd_calloc((size_t)backend->n_devices, sizeof *a->dev))) {
         free(a);
         return wd_error_set(err, -ENOMEM, "out of host memory");
     }

@@ -55,7 +55,7 @@ static int host_seg_alloc(wa_backend *b, int device, uint64_t size, wa_mem *out,
     void *map;
     int fd, rc;
 
-    if (size > h->capacity || h->used[device] + size > h->capacity || wd_fault(WD_FAULT_alloc))
+    if (size > h->capacity || h->used[device] + size > h->capacity || wd_fault_site())
         return -ENOMEM;
     if ((rc = segment_memfd(device, size, false, &fd, err)))
         return rc;
@@ -149,7 +149,7 @@ static int host_page_map(wa_backend *b, int device, const wa_mem *va, uint64_t o
     char *at = (char *)va->host + offset;
     int fd, rc;
 
-    if (size > h->capacity || h->used[device] + size > h->capacity || wd_fault(WD_FAULT_alloc))
+    if (size > h->capacity || h->used[device] + size > h->capacity || wd_fault_site())
         return -ENOMEM;
     if ((rc = segment_memfd(device, size, true, &fd, err)))
         return rc;
@@ -196,7 +196,7 @@ static int host_restore(wa_backend *b, int device, wa_mem *mem, wd_error *err)
     host_backend *h = (host_backend *)b;
     int fd, rc;
 
-    if (h->used[device] + mem->size > h->capacity || wd_fault(WD_FAULT_alloc))
+    if (h->used[device] + mem->size > h->capacity || wd_fault_site())
         return wd_error_set(err, -ENOMEM, "device %d cannot hold %llu bytes more", device,
                             (unsigned long long)mem->size);
     if ((rc = segment_memfd(device, mem->size, true, &fd, err)))
@@ -269,8 +269,8 @@ int wa_backend_host_create(int n_devices, uint64_t capacity, wa_backend **out, w
 
     if (capacity == 0)
         return wd_error_set(err, -EINVAL, "the host backend needs a capacity (--host-capacity SIZE)");
-    h = calloc(1, sizeof *h);
-    if (!h || !(h->used = calloc((size_t)n_devices, sizeof *h->used))) {
+    h = wd_calloc(1, sizeof *h);
+    if (!h || !(h->used = wd_calloc((size_t)n_devices, sizeof *h->used))) {
         free(h);
         return wd_error_set(err, -ENOMEM, "out of host memory");
     }

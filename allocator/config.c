@@ -3,6 +3,7 @@
  * parseArgs and the parse* functions); values are checked strictly: where
  * PyTorch's stoi would take "20abc" as 20, this is an error. */
 #include "allocator/internal.h"
+#include "common/fault.h"
 
 #include <ctype.h>
 #include <math.h>
@@ -250,7 +251,7 @@ int wa_config_parse(const char *text, const wa_config *base, wa_conf_mode mode,
         *out = c;
         return 0;
     }
-    if (!(lx = calloc(1, sizeof *lx)))
+    if (!(lx = wd_calloc(1, sizeof *lx)))
         return wd_error_set(err, -ENOMEM, "out of host memory");
     lx->err = err;
     if ((rc = lex(lx, text)))

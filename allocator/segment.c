@@ -3,6 +3,7 @@
  * (an address range with pages mapped in and out, PyTorch's
  * expandable_segments:True path). */
 #include "allocator/internal.h"
+#include "common/fault.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -51,8 +52,8 @@ typedef int (*segment_memory_fn)(wa_backend *b, int device, uint64_t size, wa_me
 static int segment_create(wa_allocator *a, int device, wa_arena *ar, uint64_t size, bool small,
                           segment_memory_fn get, wa_block **out, wd_error *err)
 {
-    wa_segment *seg = calloc(1, sizeof *seg);
-    wa_block *b = calloc(1, sizeof *b);
+    wa_segment *seg = wd_calloc(1, sizeof *seg);
+    wa_block *b = wd_calloc(1, sizeof *b);
     int rc;
 
     if (!seg || !b) {
@@ -196,10 +197,10 @@ static int grow_pages(wa_segment *seg, size_t last, wd_error *err)
 
     if (last <= seg->n_pages)
         return 0;
-    if (!(pages = realloc(seg->pages, last * sizeof *pages)))
+    if (!(pages = wd_realloc(seg->pages, last * sizeof *pages)))
         return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
     seg->pages = pages;
-    if (!(chunk = realloc(seg->chunk, last * sizeof *chunk)))
+    if (!(chunk = wd_realloc(seg->chunk, last * sizeof *chunk)))
         return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
     seg->chunk = chunk;
     memset(pages + seg->n_pages, 0, (last - seg->n_pages) * sizeof *pages);
@@ -244,7 +245,7 @@ static int map_block(wa_allocator *a, wa_pool *pool, wa_block *b, uint64_t size,
     wa_block *rest = NULL;
     int rc = 0;
 
-    if (mapped < b->size && !(rest = calloc(1, sizeof *rest)))
+    if (mapped < b->size && !(rest = wd_calloc(1, sizeof *rest)))
         return wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
     if ((rc = grow_pages(seg, last, err))) {
         free(rest);
@@ -325,7 +326,7 @@ static wa_block *carve(wa_allocator *a, wa_pool *pool, wa_block *b, size_t first
 
     *after = NULL;
     /* Take the bookkeeping first, so that nothing is half done. */
-    if ((before_len && !(front = calloc(1, sizeof *front))) || (after_len && !(back = calloc(1, sizeof *back)))) {
+    if ((before_len && !(front = wd_calloc(1, sizeof *front))) || (after_len && !(back = wd_calloc(1, sizeof *back)))) {
         free(front);
         return NULL;
     }
@@ -416,7 +417,7 @@ static void release_pool(wa_allocator *a, wa_pool *pool)
         if (!wa__is_split(r))
             expandable_release(a, pool, r);
     }
-    if (!n || !(all = malloc(n * sizeof *all)))
+    if (!n || !(all = wd_malloc(n * sizeof *all)))
         return; /* without scratch space nothing is released; the caller sees the OOM */
     n = wa__tree_collect(&pool->blocks, all);
     for (size_t i = 0; i < n; i++) {
@@ -485,7 +486,7 @@ static uint64_t collect_pool(wa_allocator *a, wa_pool *pool, uint64_t target)
     wa_block **all;
     bool freed = true;
 
-    if (!pool->blocks.count || !(all = malloc(pool->blocks.count * sizeof *all)))
+    if (!pool->blocks.count || !(all = wd_malloc(pool->blocks.count * sizeof *all)))
         return 0;
     n = wa__tree_collect(&pool->blocks, all);
     for (size_t i = 0; i < n; i++) {
@@ -564,7 +565,7 @@ int wa_adopt(wa_allocator *a, int device, const wa_piece *pieces, size_t n, uint
         return wd_error_set(err, -ENOMEM, "device %d cannot hold %llu bytes more", device, (unsigned long long)size);
     if (n == 1) {
         wa_mem mem;
-        if (!(seg = calloc(1, sizeof *seg)) || !(b = calloc(1, sizeof *b))) {
+        if (!(seg = wd_calloc(1, sizeof *seg)) || !(b = wd_calloc(1, sizeof *b))) {
             rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
             goto fail;
         }
@@ -572,9 +573,9 @@ int wa_adopt(wa_allocator *a, int device, const wa_piece *pieces, size_t n, uint
             goto fail;
         seg->mem = mem;
     } else {
-        if (!(seg = calloc(1, sizeof *seg)) || !(b = calloc(1, sizeof *b)) ||
-            !(seg->pages = calloc(size / page, sizeof *seg->pages)) ||
-            !(seg->chunk = malloc(size / page * sizeof *seg->chunk))) {
+        if (!(seg = wd_calloc(1, sizeof *seg)) || !(b = wd_calloc(1, sizeof *b)) ||
+            !(seg->pages = wd_calloc(size / page, sizeof *seg->pages)) ||
+            !(seg->chunk = wd_malloc(size / page * sizeof *seg->chunk))) {
             rc = wd_error_set(err, -ENOMEM, "out of host memory for allocator bookkeeping");
             goto fail;
         }

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "common/grow.h"
+#include "common/fault.h"
 
 bool wa_tag_asleep(const wa_allocator *a, uint32_t tag)
 {
@@ -64,7 +65,7 @@ static int save_segment(wa_allocator *a, wa_segment *seg, wd_error *err)
 
     for (wa_block *b = seg->head; b; b = b->next)
         n += b->allocated;
-    if (n && !(seg->saved = calloc(n, sizeof *seg->saved)))
+    if (n && !(seg->saved = wd_calloc(n, sizeof *seg->saved)))
         return wd_error_set(err, -ENOMEM, "out of host memory to keep a sleeping tag's bytes");
     for (wa_block *b = seg->head; b && !rc; b = b->next) {
         wa_saved *s = &seg->saved[seg->n_saved];

@@ -1,5 +1,6 @@
 /* Statistics, snapshots and the structural check. */
 #include "allocator/internal.h"
+#include "common/fault.h"
 
 #include <inttypes.h>
 #include <stdlib.h>
@@ -56,7 +57,7 @@ int wa_snapshot(const wa_allocator *a, int device, wa_snap_segment **segs, size_
         return -ENODEV;
     for (seg = a->dev[device].segments; seg; seg = seg->next)
         count++;
-    if (!(out = calloc(count ? count : 1, sizeof *out)))
+    if (!(out = wd_calloc(count ? count : 1, sizeof *out)))
         return -ENOMEM;
     for (seg = a->dev[device].segments; seg; seg = seg->next, i++) {
         size_t nb = 0, j = 0;
@@ -69,7 +70,7 @@ int wa_snapshot(const wa_allocator *a, int device, wa_snap_segment **segs, size_
         out[i].small_pool = seg->small;
         out[i].expandable = seg->expandable;
         out[i].n_blocks = nb;
-        if (!(out[i].blocks = calloc(nb, sizeof *out[i].blocks))) {
+        if (!(out[i].blocks = wd_calloc(nb, sizeof *out[i].blocks))) {
             wa_snapshot_free(out, i);
             return -ENOMEM;
         }
@@ -99,7 +100,7 @@ void wa_snapshot_free(wa_snap_segment *segs, size_t n)
  * state the tree is for. */
 static int check_tree(const wa_tree *t, bool mapped, size_t expect, int dev, const char *what, wd_error *err)
 {
-    wa_block **all = malloc((t->count ? t->count : 1) * sizeof *all);
+    wa_block **all = wd_malloc((t->count ? t->count : 1) * sizeof *all);
     size_t n;
     int rc = 0;
 

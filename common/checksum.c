@@ -1,4 +1,5 @@
 #include "common/checksum.h"
+#include "common/fault.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -36,7 +37,7 @@ struct wd_summer {
 
 wd_summer *wd_summer_new(void)
 {
-    wd_summer *s = calloc(1, sizeof *s);
+    wd_summer *s = wd_calloc(1, sizeof *s);
 
     if (!s || !(s->block = XXH3_createState()) || !(s->top = XXH3_createState())) {
         wd_summer_free(s);

@@ -4,8 +4,6 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
 static const char *const names[] = {
 #define X(name) #name,
@@ -18,8 +16,46 @@ static struct {
     bool onward;       /* and every one after it */
     _Atomic unsigned long passes;
 } points[WD_FAULT_COUNT];
+
+/* The allocation sites reached since the daemon serves, with their passes:
+ * looked up by name under a lock, only while alloc faults are armed. */
+#define MAX_SITES 1024
+static struct {
+    bool armed, list;
+    char file[128];
+    int line;
+    unsigned long at;
+    atomic_bool serving;
+    pthread_mutex_t lock;
+    size_t n;
+    struct {
+        const char *file;
+        int line;
+        unsigned long passes;
+    } seen[MAX_SITES];
+} sites = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static const char *armed;
+
+/* "FILE:LINE[@N]" or "list" */
+static void parse_site(const char *w)
+{
+    const char *colon = strrchr(w, ':');
+    char *end;
+
+    if (strcmp(w, "list") == 0) {
+        sites.armed = sites.list = true;
+        return;
+    }
+    if (!colon || (size_t)(colon - w) >= sizeof sites.file)
+        return;
+    memcpy(sites.file, w, (size_t)(colon - w));
+    sites.file[colon - w] = '\0';
+    sites.line = (int)strtol(colon + 1, &end, 10);
+    sites.at = *end == '@' ? strtoul(end + 1, NULL, 10) : 1;
+    sites.armed = sites.line > 0 && sites.at > 0;
+}
 
 static void parse(void)
 {
@@ -33,6 +69,10 @@ static void parse(void)
         if (!colon)
             continue;
         *colon = '\0';
+        if (strcmp(w, "alloc") == 0) {
+            parse_site(colon + 1);
+            armed = sites.armed ? env : armed;
+        }
         for (int p = 0; p < WD_FAULT_COUNT; p++)
             if (strcmp(w, names[p]) == 0) {
                 points[p].at = strtoul(colon + 1, &end, 10);
@@ -58,9 +98,43 @@ bool wd_fault(wd_fault_point p)
     return true;
 }
 
+bool wd_fault__site(const char *file, int line)
+{
+    unsigned long n = 0;
+    bool fire;
+    size_t i;
+
+    pthread_once(&once, parse);
+    if (!sites.armed || !atomic_load_explicit(&sites.serving, memory_order_relaxed))
+        return false;
+    pthread_mutex_lock(&sites.lock);
+    for (i = 0; i < sites.n; i++)
+        if (sites.seen[i].line == line && strcmp(sites.seen[i].file, file) == 0)
+            break;
+    if (i == sites.n && i < MAX_SITES)
+        sites.seen[sites.n++] = (typeof(sites.seen[0])){.file = file, .line = line};
+    if (i < MAX_SITES)
+        n = ++sites.seen[i].passes;
+    pthread_mutex_unlock(&sites.lock);
+    if (sites.list) {
+        if (n && n <= 2)
+            fprintf(stderr, "weightd: fault site: alloc %s:%d, pass %lu\n", file, line, n);
+        return false;
+    }
+    fire = n == sites.at && line == sites.line && strcmp(file, sites.file) == 0;
+    if (fire)
+        fprintf(stderr, "weightd: injected fault: alloc %s:%d, pass %lu\n", file, line, n);
+    return fire;
+}
+
 const char *wd_fault_armed(void)
 {
     pthread_once(&once, parse);
     return armed;
+}
+
+void wd_fault_serving(void)
+{
+    atomic_store(&sites.serving, true);
 }
 #endif

@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "common/fault.h"
+
 /* The capacity to give an array of `cap` items of `size` bytes so that it
  * holds `need`: cap itself when it already does, else doubled from `first`
  * (or from cap) until it does; 0 when that overflows. */
@@ -33,7 +35,7 @@ static inline size_t wd_grow_cap(size_t cap, size_t need, size_t first, size_t s
         if (n_ == 0) {                                                                        \
             rc_ = -ENOMEM;                                                                    \
         } else if (n_ != (cap)) {                                                             \
-            __typeof__(arr) grown_ = realloc((arr), n_ * sizeof *(arr));                      \
+            __typeof__(arr) grown_ = wd_realloc((arr), n_ * sizeof *(arr));                   \
             if (grown_) {                                                                     \
                 (arr) = grown_;                                                               \
                 (cap) = n_;                                                                   \

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "common/grow.h"
+#include "common/fault.h"
 
 #define PAGE_BUDGET (768u * 1024u) /* bytes of entries per message, under WP_MAX_LINE */
 #define LEASES_PAGE 2000
@@ -78,7 +79,7 @@ static size_t desc_for(share_table *t, const wa_mem *mem, int device)
     size_t at;
 
     if (2 * (t->n_desc + 1) > t->index_cap) {
-        size_t cap = t->index_cap ? 2 * t->index_cap : 64, *index = malloc(cap * sizeof *index);
+        size_t cap = t->index_cap ? 2 * t->index_cap : 64, *index = wd_malloc(cap * sizeof *index);
         if (!index)
             return SIZE_MAX;
         for (size_t i = 0; i < cap; i++)
@@ -111,7 +112,7 @@ static int table_build(const wd_model *m, int device, share_table *t, wd_error *
     int rc = 0;
 
     memset(t, 0, sizeof *t);
-    if (!(t->handles = calloc(m->n_slabs ? m->n_slabs : 1, sizeof *t->handles)))
+    if (!(t->handles = wd_calloc(m->n_slabs ? m->n_slabs : 1, sizeof *t->handles)))
         return wd_error_set(err, -ENOMEM, "out of memory");
     for (size_t k = 0; k < m->n_slabs; k++) {
         const wd_slab *sl = &m->slabs[k];
@@ -121,7 +122,7 @@ static int table_build(const wd_model *m, int device, share_table *t, wd_error *
         if (device >= 0 && sl->device != device)
             continue;
         while ((n = wa_block_backing(sl->block, backing, room)) > room) {
-            const wa_mem **more = realloc(backing == stack ? NULL : backing, n * sizeof *more);
+            const wa_mem **more = wd_realloc(backing == stack ? NULL : backing, n * sizeof *more);
             if (!more) {
                 rc = wd_error_set(err, -ENOMEM, "out of memory");
                 goto out;
@@ -374,7 +375,7 @@ static int attach_table(wd_server *s, wd_model *m, int device, wd_attach_table *
         }
     if ((rc = table_build(m, device, &t, err)))
         goto out;
-    if (!(at = calloc(1, sizeof *at)) || !(at->fds = calloc(t.n_desc ? t.n_desc : 1, sizeof *at->fds))) {
+    if (!(at = wd_calloc(1, sizeof *at)) || !(at->fds = wd_calloc(t.n_desc ? t.n_desc : 1, sizeof *at->fds))) {
         free(at);
         rc = wd_error_set(err, -ENOMEM, "out of memory");
         goto out;
@@ -432,7 +433,7 @@ static char *page_line(cJSON *head, const attach_page *pg, size_t *len)
     size_t n;
 
     if ((text = cJSON_PrintUnformatted(head)) && (n = strlen(text)) &&
-        (line = malloc(n + strlen(pg->list) + pg->len + 8))) {
+        (line = wd_malloc(n + strlen(pg->list) + pg->len + 8))) {
         /* the header without its closing brace, then the list */
         *len = (size_t)sprintf(line, "%.*s,\"%s\":[", (int)(n - 1), text, pg->list);
         memcpy(line + *len, pg->text, pg->len);

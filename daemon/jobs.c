@@ -165,7 +165,7 @@ static void pipeline_next(wd_server *s)
 
 static wd_job *job_new(wd_server *s, job_kind kind, job_state state, wd_request *r, wd_error *err)
 {
-    wd_job *j = calloc(1, sizeof *j);
+    wd_job *j = wd_calloc(1, sizeof *j);
 
     if (!j) {
         wd_error_set(err, -ENOMEM, "out of memory");
@@ -449,7 +449,7 @@ int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *nam
     }
     /* The request's descriptors go with the job. */
     if (n_files) {
-        if (!(j->files = calloc(n_files, sizeof *j->files))) {
+        if (!(j->files = wd_calloc(n_files, sizeof *j->files))) {
             wd_registry_remove(s, j->model, false);
             job_detach_request(j);
             free(j);
@@ -457,7 +457,7 @@ int wd_load_start(wd_server *s, wd_request *r, const char *path, const char *nam
         }
         j->n_files = n_files;
         for (size_t i = 0; i < n_files; i++)
-            j->files[i] = strdup(files[i]);
+            j->files[i] = wd_strdup(files[i]);
         j->fds = r->fds;
         r->fds = NULL;
         r->n_fds = 0;
@@ -526,7 +526,7 @@ static void start_refill(wd_server *s, wd_job *j)
     wd_model_free_memory(s, m);
     if ((j->rc = allocate_step(s, j, ALLOC_STEP_BYTES, ALLOC_STEP_SECONDS, &j->err)))
         goto fail;
-    if (m->sums && !(j->sums = calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *j->sums))) {
+    if (m->sums && !(j->sums = wd_calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *j->sums))) {
         j->rc = wd_error_set(&j->err, -ENOMEM, "out of host memory");
         goto fail;
     }

@@ -1,5 +1,6 @@
 /* Leases (lease.h). */
 #include "daemon/lease.h"
+#include "common/fault.h"
 
 #include <fcntl.h>
 #include <inttypes.h>
@@ -95,7 +96,7 @@ int wd_lease_new(wd_server *s, wd_request *r, wd_model *m, int device, bool writ
 
     if ((rc = lease_room(s, c, "attach", err)))
         return rc;
-    if (!(l = calloc(1, sizeof *l)))
+    if (!(l = wd_calloc(1, sizeof *l)))
         return wd_error_set(err, -ENOMEM, "out of memory");
     if ((rc = new_token(l->token, err))) {
         free(l);
@@ -122,7 +123,7 @@ int wd_lease_restore(wd_server *s, wd_model *m, const char *token, uid_t uid, pi
 
     if (strlen(token) != 32 || strspn(token, "0123456789abcdef") != 32)
         return wd_error_set(err, -EBADMSG, "a lease token is 32 hex digits");
-    if (!(l = calloc(1, sizeof *l)))
+    if (!(l = wd_calloc(1, sizeof *l)))
         return wd_error_set(err, -ENOMEM, "out of memory");
     memcpy(l->token, token, 33);
     l->id = next_lease_id++;

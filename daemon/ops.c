@@ -11,6 +11,7 @@
 
 #include "common/checksum.h"
 #include "common/size.h"
+#include "common/fault.h"
 
 #define INFO_PAGE_DEFAULT 1000
 #define INFO_PAGE_BUDGET (768u * 1024u) /* bytes of tensor entries per reply, under WP_MAX_LINE */
@@ -230,7 +231,7 @@ static int op_load(wd_server *s, wd_request *r)
         name = defname;
     }
     if (r->n_fds) {
-        if (!(names = calloc(r->n_fds, sizeof *names)))
+        if (!(names = wd_calloc(r->n_fds, sizeof *names)))
             return wd_error_set(&r->err, -ENOMEM, "out of memory");
         cJSON_ArrayForEach(f, files) {
             if (!cJSON_IsString(f) || f->valuestring[0] != '/' || strlen(f->valuestring) >= 4096) {
@@ -240,7 +241,7 @@ static int op_load(wd_server *s, wd_request *r)
             names[n_files++] = f->valuestring;
         }
     }
-    if (!(devices = malloc((size_t)s->backend->n_devices * sizeof *devices))) {
+    if (!(devices = wd_malloc((size_t)s->backend->n_devices * sizeof *devices))) {
         rc = wd_error_set(&r->err, -ENOMEM, "out of memory");
         goto out;
     }

@@ -28,6 +28,7 @@
 
 #include "common/checksum.h"
 #include "common/size.h"
+#include "common/fault.h"
 
 #define RECORD_MAGIC "weightd-registry"
 #define RECORD_MAX (1ull << 30)
@@ -128,7 +129,7 @@ int wd_record_write(wd_server *s, uint64_t generation, int *out, wd_error *err)
         size_t l_ = (tlen);                                                         \
         if (len + l_ + 1 > cap) {                                                   \
             size_t c_ = (len + l_ + 1) * 2;                                         \
-            char *b_ = realloc(body, c_);                                           \
+            char *b_ = wd_realloc(body, c_);                                           \
             if (!b_) {                                                              \
                 rc = wd_error_set(err, -ENOMEM, "out of memory for the record");    \
                 goto out;                                                           \
@@ -169,7 +170,7 @@ int wd_record_write(wd_server *s, uint64_t generation, int *out, wd_error *err)
                          wd_sum_block(body, len, 0), len);
     {
         /* The header line before the body, in one buffer. */
-        char *all = malloc(n + len);
+        char *all = wd_malloc(n + len);
         if (!all) {
             rc = wd_error_set(err, -ENOMEM, "out of memory for the record");
             goto out;
@@ -192,9 +193,9 @@ static int take_fd(wd_passed *p, wd_model *m, const char *name)
 {
     for (size_t i = 0; name && i < p->n; i++)
         if (p->fds[i] >= 0 && strcmp(p->names[i], name) == 0) {
-            char **names = realloc(m->stored, (m->n_stored + 1) * sizeof *names);
+            char **names = wd_realloc(m->stored, (m->n_stored + 1) * sizeof *names);
             int fd = p->fds[i];
-            if (!names || !(names[m->n_stored] = strdup(name))) {
+            if (!names || !(names[m->n_stored] = wd_strdup(name))) {
                 if (names)
                     m->stored = names;
                 return -1;
@@ -256,7 +257,7 @@ static int restore_checkpoint(wd_model *m, const cJSON *o, wd_passed *p, wd_erro
 
     if (!cJSON_IsArray(shards) || !(n = (size_t)cJSON_GetArraySize(shards)))
         return BAD("no shards");
-    if (!(sv = calloc(n, sizeof *sv)))
+    if (!(sv = wd_calloc(n, sizeof *sv)))
         return wd_error_set(err, -ENOMEM, "out of memory");
     n = 0;
     cJSON_ArrayForEach(sh, shards) {
@@ -424,7 +425,7 @@ static int read_record(int fd, char **body, size_t *len, wd_error *err)
         return BAD("not a sealed memfd");
     if ((uint64_t)st.st_size > RECORD_MAX || st.st_size < 16)
         return BAD("%lld bytes", (long long)st.st_size);
-    if (!(text = malloc((size_t)st.st_size + 1)))
+    if (!(text = wd_malloc((size_t)st.st_size + 1)))
         return wd_error_set(err, -ENOMEM, "out of memory");
     if (pread(fd, text, (size_t)st.st_size, 0) != st.st_size) {
         rc = wd_error_set(err, -EIO, "reading it: %s", strerror(errno));

@@ -83,8 +83,8 @@ int wd_registry_add(wd_server *s, const char *name, const char *path, const int 
     if (wd_registry_find(s, name))
         return wd_error_set(err, -EEXIST, "a model named \"%s\" is already loaded (unload it or choose another --name)",
                             name);
-    if (!(m = calloc(1, sizeof *m)) || !(m->name = strdup(name)) || !(m->path = strdup(path)) ||
-        !(m->devices = malloc(n_devices * sizeof *m->devices))) {
+    if (!(m = wd_calloc(1, sizeof *m)) || !(m->name = wd_strdup(name)) || !(m->path = wd_strdup(path)) ||
+        !(m->devices = wd_malloc(n_devices * sizeof *m->devices))) {
         if (m) {
             free(m->name);
             free(m->path);
@@ -183,8 +183,8 @@ static size_t device_index(const wd_model *m, int device)
 
 int wd_model_plan_slabs(wd_model *m, uint64_t slab_size, wd_error *err)
 {
-    uint64_t *target = calloc(m->n_devices, sizeof *target);
-    size_t *open = malloc(m->n_devices * sizeof *open), cap = 0;
+    uint64_t *target = wd_calloc(m->n_devices, sizeof *target);
+    size_t *open = wd_malloc(m->n_devices * sizeof *open), cap = 0;
     int rc = 0;
 
     /* A plan replaces any earlier one (of a model with nothing allocated). */
@@ -193,7 +193,7 @@ int wd_model_plan_slabs(wd_model *m, uint64_t slab_size, wd_error *err)
     m->slabs = NULL;
     m->part = NULL;
     m->n_slabs = m->slabs_allocated = m->dests_ready = 0;
-    if (!target || !open || wd_fault(WD_FAULT_alloc) || !(m->part = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->part))) {
+    if (!target || !open || !(m->part = wd_calloc(m->n_dest ? m->n_dest : 1, sizeof *m->part))) {
         rc = wd_error_set(err, -ENOMEM, "out of host memory");
         goto out;
     }
@@ -246,9 +246,9 @@ int wd_model_place(wd_model *m, uint64_t slab_size, bool checksums, wd_error *er
 
     if ((rc = wl_place(&m->ckpt, m->devices, m->n_devices, m->placement, &targets, &m->n_dest, err)))
         return rc;
-    if (wd_fault(WD_FAULT_alloc) || !(m->dest = calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest)) ||
+    if (!(m->dest = wd_calloc(m->n_dest ? m->n_dest : 1, sizeof *m->dest)) ||
         (checksums &&
-         (wd_fault(WD_FAULT_alloc) || !(m->sums = calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *m->sums))))) {
+         (!(m->sums = wd_calloc(m->ckpt.n_tensors ? m->ckpt.n_tensors : 1, sizeof *m->sums))))) {
         rc = wd_error_set(err, -ENOMEM, "out of host memory");
         goto out;
     }
@@ -291,8 +291,8 @@ int wd_model_allocate_slab(wd_server *s, wd_model *m, wd_error *err)
     wa_block *block;
     int rc;
 
-    if ((rc = wd_fault(WD_FAULT_alloc) ? wd_error_set(err, -ENOMEM, "out of memory (an injected fault)")
-                                       : wa_malloc(s->alloc, sl->device, sl->bytes, &block, err))) {
+    if ((rc = wd_fault_site() ? wd_error_set(err, -ENOMEM, "out of memory (an injected fault)")
+                              : wa_malloc(s->alloc, sl->device, sl->bytes, &block, err))) {
         char size[32];
         wd_error_prefix(err, "slab %zu of %zu (%s, from tensor \"%s\") on device %d", m->slabs_allocated + 1,
                         m->n_slabs, wd_size_format(sl->bytes, size, sizeof size),

@@ -1006,6 +1006,7 @@ int wd_server_start(wd_server *s, uv_loop_t *loop, wd_config *conf, wd_error *er
            wl_pipeline_threads(s->pipeline) == 1 ? "" : "s", wd_size_format(wl_pipeline_chunk(s->pipeline), size, sizeof size));
     if (wd_fault_armed())
         wd_log(WD_LOG_warning, "test fault injection armed: WEIGHTD_FAULTS=%s", wd_fault_armed());
+    wd_fault_serving();
     wd_systemd_ready(s);
     return 0;
 fail:

@@ -34,6 +34,7 @@
 
 #include "common/grow.h"
 #include "common/size.h"
+#include "common/fault.h"
 
 typedef enum sleep_mode { SLEEP_OFFLOAD, SLEEP_DISCARD } sleep_mode;
 
@@ -116,7 +117,7 @@ static void copy_release_later(wd_server *s, host_copy *hc)
 
     if (!hc->image.shards)
         return;
-    if (s->stopping || !(r = calloc(1, sizeof *r))) {
+    if (s->stopping || !(r = wd_calloc(1, sizeof *r))) {
         copy_free(hc);
         return;
     }
@@ -290,7 +291,7 @@ static int copy_make(wd_model *m, host_copy *hc, wd_error *err)
     memset(hc, 0, sizeof *hc);
     hc->image = *ck;
     hc->image.by_name = NULL;
-    if (!(hc->image.shards = calloc(n, sizeof *hc->image.shards)) || !(hc->ranges = calloc(n, sizeof *hc->ranges))) {
+    if (!(hc->image.shards = wd_calloc(n, sizeof *hc->image.shards)) || !(hc->ranges = wd_calloc(n, sizeof *hc->ranges))) {
         hc->image.shards = NULL; /* (a view: nothing of m's to free) */
         free(hc->ranges);
         hc->ranges = NULL;
@@ -301,7 +302,7 @@ static int copy_make(wd_model *m, host_copy *hc, wd_error *err)
         *sh = ck->shards[i];
         sh->fd = -1;
         sh->host = NULL;
-        if (!(sh->path = malloc(strlen(ck->shards[i].path) + 32)))
+        if (!(sh->path = wd_malloc(strlen(ck->shards[i].path) + 32)))
             rc = wd_error_set(err, -ENOMEM, "out of host memory");
         else
             sprintf(sh->path, "%s (in host memory)", ck->shards[i].path);
@@ -317,8 +318,8 @@ static int save_headers(wd_model *m, wd_sleep *sl, wd_error *err)
 {
     size_t n = m->ckpt.n_shards;
 
-    if (!(sl->headers = calloc(n ? n : 1, sizeof *sl->headers)) ||
-        !(sl->header_lens = calloc(n ? n : 1, sizeof *sl->header_lens)))
+    if (!(sl->headers = wd_calloc(n ? n : 1, sizeof *sl->headers)) ||
+        !(sl->header_lens = wd_calloc(n ? n : 1, sizeof *sl->header_lens)))
         return wd_error_set(err, -ENOMEM, "out of host memory");
     for (size_t i = 0; i < n; i++) {
         int rc = wl_shard_header(&m->ckpt.shards[i], &sl->headers[i], &sl->header_lens[i], err);
@@ -410,7 +411,7 @@ int wd_op_sleep(wd_server *s, wd_request *r)
                             ipc ? "keep their addresses across a sleep on cuda-ipc"
                                 : "be asked to unmap (their workers are not back since the restart)");
     }
-    if (!(sl = calloc(1, sizeof *sl)))
+    if (!(sl = wd_calloc(1, sizeof *sl)))
         return wd_error_set(&r->err, -ENOMEM, "out of memory");
     sl->mode = strcmp(mode, "discard") == 0 ? SLEEP_DISCARD : SLEEP_OFFLOAD;
     sl->req = r;

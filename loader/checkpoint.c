@@ -87,10 +87,10 @@ static char *dir_of(const char *path)
     const char *slash = strrchr(path, '/');
 
     if (!slash)
-        return strdup(".");
+        return wd_strdup(".");
     if (slash == path)
-        return strdup("/");
-    return strndup(path, (size_t)(slash - path));
+        return wd_strdup("/");
+    return wd_strndup(path, (size_t)(slash - path));
 }
 
 static int cmp_str(const void *a, const void *b)
@@ -137,7 +137,7 @@ static int read_small_fd(int fd, const char *shown, uint64_t max, char **out, si
         return wd_error_set(err, -EFBIG, "index %s: %llu bytes, over the limit of %llu", shown,
                             (unsigned long long)sb.st_size, (unsigned long long)max);
     size = (size_t)sb.st_size;
-    if (!(buf = malloc(size + 1)))
+    if (!(buf = wd_malloc(size + 1)))
         return wd_error_set(err, -ENOMEM, "index %s: out of memory for %zu bytes", shown, size);
     while (got < size) {
         ssize_t r = pread(fd, buf + got, size - got, (off_t)got);
@@ -256,8 +256,8 @@ static int index_load(int fd, const char *path, wl__index *ix, wd_error *err)
         rc = wd_error_set(err, -EBADMSG, "index %s: \"weight_map\" is empty", shown);
         goto out;
     }
-    ix->entries = calloc(n, sizeof *ix->entries);
-    ix->files = calloc(n, sizeof *ix->files);
+    ix->entries = wd_calloc(n, sizeof *ix->entries);
+    ix->files = wd_calloc(n, sizeof *ix->files);
     if (!ix->entries || !ix->files) {
         rc = wd_error_set(err, -ENOMEM, "index %s: out of memory", shown);
         goto out;
@@ -344,7 +344,7 @@ static int scan_dir(const char *dir, char **index_path, char ***files, size_t *n
             rc = wd_error_set(err, -ENOMEM, "%s: out of memory", dir);
             goto out;
         }
-        (*v)[*nv] = strdup(de->d_name);
+        (*v)[*nv] = wd_strdup(de->d_name);
         if (!(*v)[*nv]) {
             rc = wd_error_set(err, -ENOMEM, "%s: out of memory", dir);
             goto out;
@@ -415,7 +415,7 @@ static int load_shards(wl_checkpoint *c, char **paths, int *fds, size_t n, wd_er
 
     if (n > UINT32_MAX)
         return wd_error_set(err, -EBADMSG, "%s: %zu shards, too many", c->path, n);
-    c->shards = calloc(n, sizeof *c->shards);
+    c->shards = wd_calloc(n, sizeof *c->shards);
     if (!c->shards)
         return wd_error_set(err, -ENOMEM, "%s: out of memory", c->path);
     c->n_shards = n;
@@ -451,8 +451,8 @@ static int link_tensors(wl_checkpoint *c, const wl__index *ix, wd_error *err)
     for (i = 0; i < c->n_shards; i++)
         n += c->shards[i].st.n_tensors;
     if (n) {
-        c->tensors = calloc(n, sizeof *c->tensors);
-        c->by_name = calloc(n, sizeof *c->by_name);
+        c->tensors = wd_calloc(n, sizeof *c->tensors);
+        c->by_name = wd_calloc(n, sizeof *c->by_name);
         if (!c->tensors || !c->by_name)
             return wd_error_set(err, -ENOMEM, "%s: out of memory for %zu tensors", c->path, n);
     }
@@ -544,10 +544,10 @@ int wl_checkpoint_files(const char *path, char ***files, size_t *n_files, wd_err
         if ((rc = scan_dir(path, &index, &v, &n, err)) < 0)
             return rc;
     } else if (ends_with(path, ".json")) {
-        if (!(index = strdup(path)))
+        if (!(index = wd_strdup(path)))
             return wd_error_set(err, -ENOMEM, "%s: out of memory", path);
     } else {
-        if (!(v = calloc(1, sizeof *v)) || !(v[0] = strdup(path))) {
+        if (!(v = wd_calloc(1, sizeof *v)) || !(v[0] = wd_strdup(path))) {
             free(v);
             return wd_error_set(err, -ENOMEM, "%s: out of memory", path);
         }
@@ -563,7 +563,7 @@ int wl_checkpoint_files(const char *path, char ***files, size_t *n_files, wd_err
         close(fd);
         if (rc < 0)
             goto out;
-        if (!(folder = dir_of(index)) || !(v = calloc(ix.n_files + 1, sizeof *v))) {
+        if (!(folder = dir_of(index)) || !(v = wd_calloc(ix.n_files + 1, sizeof *v))) {
             rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
             goto out;
         }
@@ -616,8 +616,8 @@ int wl_checkpoint_open_files(const char *path, char *const *files, int *fds, siz
         rc = wd_error_set(err, -EINVAL, "wl_checkpoint_open_files: bad arguments");
         goto out;
     }
-    if (wd_fault(WD_FAULT_alloc) || !(c.path = strdup(path)) || !(paths = calloc(n, sizeof *paths)) ||
-        !(shard_fds = malloc(n * sizeof *shard_fds))) {
+    if (!(c.path = wd_strdup(path)) || !(paths = wd_calloc(n, sizeof *paths)) ||
+        !(shard_fds = wd_malloc(n * sizeof *shard_fds))) {
         rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
         goto out;
     }
@@ -638,7 +638,7 @@ int wl_checkpoint_open_files(const char *path, char *const *files, int *fds, siz
     }
     if (ends_with(files[0], ".json")) {
         char *folder;
-        if (!(c.index_path = strdup(files[0]))) {
+        if (!(c.index_path = wd_strdup(files[0]))) {
             rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
             goto out;
         }
@@ -670,7 +670,7 @@ int wl_checkpoint_open_files(const char *path, char *const *files, int *fds, siz
                 free(shown);
                 break;
             }
-            if (!(paths[n_paths] = strdup(files[k]))) {
+            if (!(paths[n_paths] = wd_strdup(files[k]))) {
                 rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
                 break;
             }
@@ -698,7 +698,7 @@ int wl_checkpoint_open_files(const char *path, char *const *files, int *fds, siz
             order[k] = i;
         }
         for (size_t i = 0; i < n; i++) {
-            if (!(paths[i] = strdup(files[order[i]]))) {
+            if (!(paths[i] = wd_strdup(files[order[i]]))) {
                 rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
                 goto out;
             }
@@ -737,7 +737,7 @@ int wl_shard_header(const wl_shard *s, char **json, size_t *len, wd_error *err)
     size_t n = (size_t)s->st.header_len, got = 0;
     char *buf;
 
-    if (!(buf = malloc(n + 1)))
+    if (!(buf = wd_malloc(n + 1)))
         return wd_error_set(err, -ENOMEM, "%s: out of memory for its header", s->path);
     while (got < n) {
         ssize_t r = pread(s->fd, buf + got, n - got, (off_t)(8 + got));
@@ -766,8 +766,8 @@ int wl_checkpoint_reopen(const char *path, const char *index_path, const wl_save
 
     memset(&c, 0, sizeof c);
     memset(out, 0, sizeof *out);
-    if (!(c.path = strdup(path)) || (index_path && !(c.index_path = strdup(index_path))) ||
-        !(c.shards = calloc(n ? n : 1, sizeof *c.shards))) {
+    if (!(c.path = wd_strdup(path)) || (index_path && !(c.index_path = wd_strdup(index_path))) ||
+        !(c.shards = wd_calloc(n ? n : 1, sizeof *c.shards))) {
         rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
         goto out;
     }
@@ -779,7 +779,7 @@ int wl_checkpoint_reopen(const char *path, const char *index_path, const wl_save
         wl_shard *sh = &c.shards[taken];
         struct stat sb;
         sh->fd = sv->fd;
-        if (!(sh->path = strdup(sv->path))) {
+        if (!(sh->path = wd_strdup(sv->path))) {
             taken++;
             rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
             goto out;
@@ -826,7 +826,7 @@ int wl_checkpoint_open(const char *path, wl_checkpoint *out, wd_error *err)
         return wd_error_set(err, -EINVAL, "wl_checkpoint_open: bad arguments");
     if ((rc = wl_checkpoint_files(path, &files, &n, err)) < 0)
         return rc;
-    if (!(fds = malloc(n * sizeof *fds))) {
+    if (!(fds = wd_malloc(n * sizeof *fds))) {
         rc = wd_error_set(err, -ENOMEM, "%s: out of memory", path);
         goto out;
     }

@@ -128,7 +128,7 @@ void wl_pipeline_destroy(wl_pipeline *p)
 
 int wl_pipeline_create(wa_backend *backend, const wl_pipeline_opts *opts, wl_pipeline **out, wd_error *err)
 {
-    wl_pipeline *p = calloc(1, sizeof *p);
+    wl_pipeline *p = wd_calloc(1, sizeof *p);
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     int rc = 0;
 
@@ -156,7 +156,7 @@ int wl_pipeline_create(wa_backend *backend, const wl_pipeline_opts *opts, wl_pip
         p->chunk = MIN_CHUNK;
     if (p->chunk > MAX_CHUNK)
         p->chunk = MAX_CHUNK;
-    if (!(p->workers = calloc(p->threads, sizeof *p->workers))) {
+    if (!(p->workers = wd_calloc(p->threads, sizeof *p->workers))) {
         rc = wd_error_set(err, -ENOMEM, "out of host memory");
         goto fail;
     }
@@ -230,7 +230,7 @@ static int plan(wl_pipeline *p, const wl_job *job, wd_error *err)
                     cend = tb + (cend - tb) / WD_SUM_BLOCK * WD_SUM_BLOCK;
                 break;
             }
-            if ((p->n_chunks == 0 && wd_fault(WD_FAULT_alloc)) || WD_GROW(p->chunks, cap_chunks, p->n_chunks + 1, 64))
+            if (WD_GROW(p->chunks, cap_chunks, p->n_chunks + 1, 64))
                 goto nomem;
             c = &p->chunks[p->n_chunks++];
             c->shard = s;
@@ -499,7 +499,7 @@ static int compare(worker *w, const piece *pc, const void *have_file, wd_error *
     if (d->mem->host) {
         have = (const unsigned char *)d->mem->host + d->offset + pc->dest_off;
     } else {
-        if (!w->cmp && !(w->cmp = malloc(w->p->chunk)))
+        if (!w->cmp && !(w->cmp = wd_malloc(w->p->chunk)))
             return wd_error_set(err, -ENOMEM, "out of host memory");
         if ((rc = w->p->backend->read(w->p->backend, d->device, d->mem, d->offset + pc->dest_off, w->cmp, pc->len,
                                       err)))
@@ -757,7 +757,7 @@ static int open_shards(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
 {
     int rc;
 
-    if (!(p->fd = malloc(ck->n_shards * sizeof *p->fd)) || !(p->fd_direct = malloc(ck->n_shards * sizeof *p->fd)))
+    if (!(p->fd = wd_malloc(ck->n_shards * sizeof *p->fd)) || !(p->fd_direct = wd_malloc(ck->n_shards * sizeof *p->fd)))
         return wd_error_set(err, -ENOMEM, "out of host memory");
     for (size_t s = 0; s < ck->n_shards; s++)
         p->fd[s] = p->fd_direct[s] = -1;
@@ -826,7 +826,7 @@ static uint64_t sum_copy(worker *w, size_t first, size_t end, bool *taken, uint6
             if (dd->mem->host) {
                 wd_summer_feed(w->sum, (const char *)dd->mem->host + dd->offset + off, n);
             } else {
-                if ((!w->cmp && !(w->cmp = malloc(p->chunk))) ||
+                if ((!w->cmp && !(w->cmp = wd_malloc(p->chunk))) ||
                     p->backend->read(p->backend, dd->device, dd->mem, dd->offset + off, w->cmp, n, err)) {
                     if (!err->code)
                         wd_error_set(err, -ENOMEM, "out of host memory");
@@ -894,14 +894,14 @@ static int sums_begin(wl_pipeline *p, const wl_checkpoint *ck, wd_error *err)
 {
     size_t n = 0;
 
-    if (wd_fault(WD_FAULT_alloc) || !(p->block_base = malloc((ck->n_tensors + 1) * sizeof *p->block_base)))
+    if (!(p->block_base = wd_malloc((ck->n_tensors + 1) * sizeof *p->block_base)))
         return wd_error_set(err, -ENOMEM, "out of host memory");
     for (size_t t = 0; t < ck->n_tensors; t++) {
         p->block_base[t] = n;
         n += (size_t)wd_sum_blocks(st_tensor_nbytes(ck->tensors[t].st));
     }
     p->block_base[ck->n_tensors] = n;
-    if (!(p->blocks = calloc(n ? n : 1, sizeof *p->blocks)))
+    if (!(p->blocks = wd_calloc(n ? n : 1, sizeof *p->blocks)))
         return wd_error_set(err, -ENOMEM, "out of host memory for %zu checksum blocks", n);
     for (unsigned i = 0; i < p->threads; i++)
         if (!p->workers[i].sum && !(p->workers[i].sum = wd_summer_new()))
@@ -937,7 +937,7 @@ static int run_quick(wl_pipeline *p, wl_job *job)
     const wl_checkpoint *ck = job->ckpt;
     int rc = 0;
 
-    if (!job->sums || !(p->tensor_dests = malloc((ck->n_tensors + 1) * sizeof *p->tensor_dests))) {
+    if (!job->sums || !(p->tensor_dests = wd_malloc((ck->n_tensors + 1) * sizeof *p->tensor_dests))) {
         rc = wd_error_set(&job->err, job->sums ? -ENOMEM : -EINVAL,
                           job->sums ? "out of host memory" : "no checksums to check against");
         goto out;
@@ -971,7 +971,7 @@ int wl_job_run(wl_pipeline *p, wl_job *job)
         return run_quick(p, job);
     if ((rc = plan(p, job, &job->err)) || (rc = open_shards(p, ck, &job->err)))
         goto out;
-    if (job->mode == WL_VERIFY && !(p->mismatched = calloc(ck->n_tensors ? ck->n_tensors : 1, 1))) {
+    if (job->mode == WL_VERIFY && !(p->mismatched = wd_calloc(ck->n_tensors ? ck->n_tensors : 1, 1))) {
         rc = wd_error_set(&job->err, -ENOMEM, "out of host memory");
         goto out;
     }

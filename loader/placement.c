@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "loader/moe.h"
+#include "common/fault.h"
 
 int wl_placement_parse(const char *text, wl_placement *out)
 {
@@ -47,7 +48,7 @@ int wl_place(const wl_checkpoint *ck, const int *devices, size_t n_devices, wl_p
     split = kind == WL_EXPERT_PARALLEL && n_devices > 1;
     if (split && (rc = wl_moe_analyse(ck, &moe, err)))
         return rc;
-    if (!(t = calloc((ck->n_tensors ? ck->n_tensors : 1) * n_devices, sizeof *t))) {
+    if (!(t = wd_calloc((ck->n_tensors ? ck->n_tensors : 1) * n_devices, sizeof *t))) {
         rc = wd_error_set(err, -ENOMEM, "out of memory");
         goto out;
     }
