@@ -1003,6 +1003,9 @@ static int cmd_info(ctl *c, int argc, char **argv)
                size_text(num(all, "device_bytes"), b, sizeof b));
         cJSON_ArrayForEach(d, cJSON_GetObjectItemCaseSensitive(all, "dtypes"))
             printf(" %s %s", d->string, size_text(d->valuedouble, a, sizeof a));
+        if (num(all, "shards_replaced") > 0)
+            printf("\nwarning:  %.0f shard%s replaced at the path during the load: this model holds the files as "
+                   "they were opened", num(all, "shards_replaced"), num(all, "shards_replaced") == 1 ? "" : "s");
         printf("\nslabs:    %d\nleases:   %d", cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(all, "slab_list")),
                cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(all, "leases")));
         cJSON_ArrayForEach(d, cJSON_GetObjectItemCaseSensitive(all, "leases"))

@@ -545,6 +545,7 @@ struct wd_model {
     char *record;             /* its part of the registry's record (record.c), once stored */
     bool unstorable;          /* its memory cannot go to the fd store (said once in the log) */
     bool restored;            /* taken back from the fd store at start, not loaded */
+    size_t shards_replaced;   /* shards renamed over during the load (it holds what it opened) */
     uint64_t *sums;           /* each tensor's checksum, computed while it loaded (common/checksum.h) */
     double load_seconds;
     double loaded_at;         /* wall clock */

@@ -203,12 +203,20 @@ static void finish_load(wd_job *j)
     wd_server *s = j->srv;
     wd_model *m = j->model;
     char size[32], rate[32], devs[128];
+    size_t first = 0;
 
     settle_cancel(j);
     if (j->rc == 0) {
         m->state = WD_MODEL_READY;
         m->load_seconds = wd_now() - j->t0;
         m->loaded_at = wd_wall();
+        /* The paths are stat()ed with the daemon's rights, files a client
+         * passed too: that tells an administrator no more than whether a
+         * path it named still names the file it opened itself. */
+        if ((m->shards_replaced = wl_checkpoint_replaced(&m->ckpt, &first)))
+            wd_log(WD_LOG_warning, "%s: %zu of its shards (%s first) were replaced at their paths during the load; "
+                   "it holds the files the load opened: load it again for the new ones", m->name, m->shards_replaced,
+                   m->ckpt.shards[first].path);
         wd_log(WD_LOG_notice, "loaded %s: %zu tensors, %s in %.2f s (%s) on device %s (%s)", m->name,
                m->ckpt.n_tensors, wd_size_format(m->ckpt.total_bytes, size, sizeof size), m->load_seconds,
                wd_rate_format(m->load_seconds > 0 ? (double)m->ckpt.total_bytes / m->load_seconds : 0, rate, sizeof rate),

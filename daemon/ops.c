@@ -311,6 +311,7 @@ static cJSON *model_summary(const wd_model *m, const wd_conn *viewer)
         cJSON_AddNumberToObject(o, "load_seconds", m->load_seconds);
         cJSON_AddNumberToObject(o, "loaded_at", m->loaded_at);
         cJSON_AddNumberToObject(o, "slabs", (double)m->n_slabs);
+        cJSON_AddNumberToObject(o, "shards_replaced", (double)m->shards_replaced);
     }
     cJSON_AddNumberToObject(o, "lease_count", (double)wd_model_lease_count(m));
     cJSON_AddItemToObject(o, "leases", wd_model_leases_json(m, viewer, SUMMARY_LEASES));

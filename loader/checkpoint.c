@@ -847,6 +847,22 @@ out:
     return rc;
 }
 
+size_t wl_checkpoint_replaced(const wl_checkpoint *c, size_t *first)
+{
+    size_t n = 0;
+
+    for (size_t i = 0; i < c->n_shards; i++) {
+        const wl_shard *sh = &c->shards[i];
+        struct stat opened, now;
+        if (sh->host || sh->fd < 0 || fstat(sh->fd, &opened) < 0)
+            continue;
+        if (stat(sh->path, &now) < 0 ? errno == ENOENT : now.st_dev != opened.st_dev || now.st_ino != opened.st_ino)
+            if (!n++)
+                *first = i;
+    }
+    return n;
+}
+
 void wl_checkpoint_close(wl_checkpoint *c)
 {
     if (!c)

@@ -91,6 +91,10 @@ int wl_checkpoint_reopen(const char *path, const char *index_path, const wl_save
                          wl_checkpoint *out, wd_error *err);
 /* Safe on a zeroed or already-closed checkpoint. */
 void wl_checkpoint_close(wl_checkpoint *c);
+/* How many shards' paths name another file now than the one opened
+ * (renamed over, or gone); *first: the first of them. Jobs read what was
+ * opened: this only says that the checkpoint at the path is another now. */
+size_t wl_checkpoint_replaced(const wl_checkpoint *c, size_t *first);
 /* The index a folder's checkpoint is read from when it has several. */
 #define WL_DEFAULT_INDEX "model.safetensors.index.json"
 /* A file discovery takes: a shard or an index, not hidden. */

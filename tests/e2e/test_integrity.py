@@ -150,3 +150,7 @@ class ChangedFiles(h.E2ETestCase):
         self.assertEqual(r.rc, 0, r)
         self.assertIs(d.ctl_json("verify", "big").json["match"], True)
         self.assertIs(d.ctl_json("verify", "big", "--quick").json["match"], True)
+        # and says so: the path names another checkpoint now
+        self.assertEqual(d.ctl_json("info", "big").json["shards_replaced"], 1)
+        self.assertIn("1 shard replaced at the path during the load", d.ctl("info", "big").out)
+        self.assertIn("big: 1 of its shards (%s first) were replaced at their paths during the load" % shard, d.log())
