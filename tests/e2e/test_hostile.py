@@ -362,6 +362,26 @@ class Paging(h.E2ETestCase):
         self.assertEqual(len(r.json["models"]), 300)
         self.assertNotIn("next", r.json)
 
+    def test_leases_page_past_one_page(self):
+        # 2000 leases a page: the second page, and every reader gathering them
+        ckpt = tiny_checkpoint(os.path.join(self.tmp, "m.safetensors"))
+        d = self.daemon("--max-leases-per-client", "2100")
+        h.load_ok(self, d, ckpt, "--name", "m")
+        c = self.raw(d)
+        for _ in range(2050):
+            r = c.request("attach", {"name": "m"})
+            self.assertTrue(r["ok"], r)
+        first = c.request("leases")["result"]
+        self.assertEqual((len(first["leases"]), first["next"]), (2000, 2000))
+        second = c.request("leases", {"offset": first["next"]})["result"]
+        self.assertEqual((len(second["leases"]), second["next"]), (50, None))
+        tokens = {l["lease"] for l in first["leases"] + second["leases"]}
+        self.assertEqual(len(tokens), 2050, "no lease twice, none left out")
+        with weightd.Client(d.sock) as py:
+            self.assertEqual(len(py.leases()), 2050)
+        r = d.ctl_json("leases")
+        self.assertEqual((r.rc, len(r.json["leases"])), (0, 2050), r)
+
     def test_stats_pages_its_jobs(self):
         # 12000 jobs made stats 1.3 MB; past the bound of a message every caller was dropped.
         d = self.daemon("--max-requests-per-client", "20000", "--max-requests-per-uid", "20000")
@@ -535,7 +555,13 @@ class Roles(h.E2ETestCase):
 
     READER_OPS = [("list", {}), ("info", {"name": "small"}), ("stats", {}), ("leases", {}), ("policy", {})]
     ADMIN_OPS = [("load", {"path": "/nonexistent"}), ("unload", {"name": "small"}), ("verify", {"name": "small"}),
+                 ("sleep", {"name": "small"}), ("wake", {"name": "small"}),
                  ("policy", {"conf": "garbage_collection_threshold:0.5"}), ("snapshot", {}), ("shutdown", {})]
+
+    def test_every_administrators_op_is_tried(self):
+        from .test_fuzzers import op_table
+        admin = sorted(op for op, role in op_table().items() if role == "ADMIN")
+        self.assertEqual(sorted({op for op, _ in self.ADMIN_OPS} - {"policy"}), admin, "daemon/ops.c's ADMIN ops")
 
     def daemon_for_users(self, *extra):
         d = self.daemon("--admin-uids", str(ADMIN), "--admin-groups", str(ADMIN_GROUP), *extra)
