@@ -94,6 +94,11 @@ struct wa_backend {
     int (*copy_async)(wa_backend *b, int device, const wa_mem *mem, uint64_t offset, const void *src, size_t len,
                       unsigned lane, wd_error *err);
     int (*copy_wait)(wa_backend *b, int device, unsigned lane, wd_error *err);
+    /* Pins host memory the caller keeps (a sleeping model's host copy), so
+     * that copy_async reads it straight from where it is; unpin before
+     * unmapping it. NULL where there is no staging. */
+    int (*host_register)(wa_backend *b, void *p, size_t size, wd_error *err);
+    void (*host_unregister)(wa_backend *b, void *p);
 
     /* Memory that outlived the process that made it (a daemon restart: the
      * descriptors came back from systemd's fd store): fd is a shareable

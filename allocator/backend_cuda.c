@@ -301,6 +301,24 @@ static void cuda_pinned_free(wa_backend *b, void *p, size_t size)
     ((cuda_backend *)b)->cu->cuMemFreeHost(p);
 }
 
+static int cuda_host_register(wa_backend *b, void *p, size_t size, wd_error *err)
+{
+    cuda_backend *c = (cuda_backend *)b;
+    int rc;
+
+    device_of(b, 0);
+    CU(c->cu->cuMemHostRegister(p, size, CU_MEMHOSTREGISTER_PORTABLE), "cuMemHostRegister");
+    return 0;
+fail:
+    return rc;
+}
+
+static void cuda_host_unregister(wa_backend *b, void *p)
+{
+    device_of(b, 0);
+    ((cuda_backend *)b)->cu->cuMemHostUnregister(p);
+}
+
 /* Makes device's context current and gives its lane's stream, made on first use. */
 static int lane_stream(wa_backend *b, int device, unsigned lane, CUstream *out, wd_error *err)
 {
@@ -481,6 +499,8 @@ static int cuda_create(const wa_backend_opts *opts, bool vmm, wa_backend **out, 
         .pinned_free = cuda_pinned_free,
         .copy_async = cuda_copy_async,
         .copy_wait = cuda_copy_wait,
+        .host_register = cuda_host_register,
+        .host_unregister = cuda_host_unregister,
     };
     for (int i = 0; i < n; i++) {
         cuda_device *d = &c->dev[i];

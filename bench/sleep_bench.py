@@ -10,6 +10,8 @@ warm page cache):
     sleep --discard then wake (from the checkpoint), with the GPU's free
     memory (cuMemGetInfo, through stats) before the load, loaded, asleep and
     awake; verify --quick and verify after the last wake;
+  - the same offload sleep and wake with --sleep-pin on (the host copy
+    pinned: a wake copies from it without staging), in a daemon of its own;
   - the seed's scenario: a daemon capped (--device-capacity) at what the
     model reserves plus 256 MiB loads it as A, fails to load it again as B,
     sleeps A, loads B, unloads B, wakes A and verifies A.
@@ -44,6 +46,22 @@ def reserved(d):
 def say(*what):
     """A figure as soon as it is measured (a run cut short still tells)."""
     print(*what, flush=True)
+
+
+def sleep_and_wake(d, mode, runs, free_loaded, label=None):
+    """runs times: sleep --mode, then wake; times and free memory."""
+    sleeps, wakes, asleep, awake = [], [], [], []
+    for _ in range(runs):
+        s = d.run("sleep", "m", "--" + mode)
+        sleeps.append(s["seconds"])
+        asleep.append(free(d))
+        assert reserved(d) == 0, "reserved bytes left after the sleep"
+        w = d.run("wake", "m")
+        wakes.append(w["seconds"])
+        awake.append(free(d))
+        say(label or mode, "sleep s:", s["seconds"], "wake s:", w["seconds"], "free asleep:", asleep[-1])
+    return {"sleep": summary(sleeps), "wake": summary(wakes), "free_asleep": summary(asleep),
+            "free_awake": summary(awake), "returned": min(asleep) - free_loaded}
 
 
 def main():
@@ -86,18 +104,7 @@ def main():
         out["reserved_loaded"] = held
         out["free"] = {"before_load": free0, "loaded": free(d)}
         for mode in ("offload", "discard"):
-            sleeps, wakes, asleep, awake = [], [], [], []
-            for _ in range(a.runs):
-                s = d.run("sleep", "m", "--" + mode)
-                sleeps.append(s["seconds"])
-                asleep.append(free(d))
-                assert reserved(d) == 0, "reserved bytes left after the sleep"
-                w = d.run("wake", "m")
-                wakes.append(w["seconds"])
-                awake.append(free(d))
-                say(mode, "sleep s:", s["seconds"], "wake s:", w["seconds"], "free asleep:", asleep[-1])
-            out[mode] = {"sleep": summary(sleeps), "wake": summary(wakes), "free_asleep": summary(asleep),
-                         "free_awake": summary(awake), "returned": min(asleep) - out["free"]["loaded"]}
+            out[mode] = sleep_and_wake(d, mode, a.runs, out["free"]["loaded"])
         t0 = time.monotonic()
         out["verify_quick"] = {"match": d.run("verify", "m", "--quick")["match"], "seconds": time.monotonic() - t0}
         t0 = time.monotonic()
@@ -106,6 +113,20 @@ def main():
         out["free"]["unloaded"] = free(d)
     finally:
         d.stop()
+
+    # The host copy pinned (--sleep-pin on), beside the staged one above.
+    work = os.path.join(a.work, "pinned")
+    os.makedirs(work, exist_ok=True)
+    d = Daemon(a.build, work, ["--sleep-pin", "on"])
+    try:
+        d.run("load", ckpt, "--name", "m")
+        out["offload_pinned"] = sleep_and_wake(d, "offload", a.runs, free(d), "offload, pinned")
+        out["offload_pinned"]["verify_quick"] = d.run("verify", "m", "--quick")["match"]
+        d.run("unload", "m")
+    finally:
+        d.stop()
+    with open(os.path.join(work, "weightd.log")) as f:
+        out["offload_pinned"]["pinned"] = "is not pinned" not in f.read()
 
     # The seed's scenario on a capped GPU.
     cap = held + (256 << 20)
@@ -151,6 +172,9 @@ def main():
         row("warm load (page cache)", out["warm_load"], h2d),
         row("sleep --offload (device to host memory)", out["offload"]["sleep"], d2h),
         row("wake from host memory", out["offload"]["wake"], h2d),
+        row("sleep --offload, --sleep-pin on (the copy, then pinning it)", out["offload_pinned"]["sleep"], d2h),
+        row("wake from pinned host memory%s" % ("" if out["offload_pinned"]["pinned"] else " (NOT PINNED: see the log)"),
+            out["offload_pinned"]["wake"], h2d),
         row("sleep --discard", out["discard"]["sleep"]),
         row("wake from the checkpoint (page cache)", out["discard"]["wake"], h2d),
         "",
@@ -174,7 +198,7 @@ def main():
     with open(os.path.join(a.out, "sleep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0 if out["verify"]["match"] and seed["verify_a"] and seed["b_while_a_awake"] == "ENOMEM" else 1
+    return 0 if out["verify"]["match"] and out["offload_pinned"]["verify_quick"] and seed["verify_a"] and seed["b_while_a_awake"] == "ENOMEM" else 1
 
 
 if __name__ == "__main__":

@@ -119,7 +119,9 @@ void wd_log_set_peer_rate(unsigned per_second);
     X(lease_grace, INT, "120", "SECONDS", RESTART,                                                \
       "after a restart, how long a lease kept in the fd store waits for its worker to take it again") \
     X(sleep_timeout, INT, "10", "SECONDS", LIVE,                                                  \
-      "how long sleep waits for attached workers to unmap a model before it gives up, naming them")
+      "how long sleep waits for attached workers to unmap a model before it gives up, naming them") \
+    X(sleep_pin, BOOL, "off", "on|off", LIVE,                                                     \
+      "pin a sleeping model's host copy (cuda): its wake copies from it directly, its sleep takes longer")
 
 typedef enum wd_option_id {
 #define X(name, type, def, meta, when, help) WD_OPT_##name,
@@ -625,12 +627,13 @@ void wd_jobs_progress(wd_server *s);
 /* Sleep and wake move a model's bytes with the daemon's pipeline, in turn
  * with loads; done is called on the loop with how it went (ECANCELED when
  * the daemon stops first). An offload copies m's devices into image's
- * files (writable memfds of the shards' sizes); a refill allocates m's
+ * files (memfds of the shards' sizes, mapped: wl_shard.host), then pins
+ * them where the backend stages its copies; a refill allocates m's
  * slabs again under the load policy and reads src into them (the image, or
  * m's checkpoint), its checksums compared with the load's; a refill that
  * fails frees every slab it took. */
 typedef void (*wd_move_done)(wd_server *s, wd_model *m, int rc, const wd_error *err);
-int wd_offload_start(wd_server *s, wd_model *m, const wl_checkpoint *image, wd_move_done done, wd_error *err);
+int wd_offload_start(wd_server *s, wd_model *m, wl_checkpoint *image, wd_move_done done, wd_error *err);
 int wd_refill_start(wd_server *s, wd_model *m, const wl_checkpoint *src, wd_move_done done, wd_error *err);
 /* The load policy's state for stats: whether a load holds it now. */
 bool wd_jobs_load_active(const wd_server *s);

@@ -53,6 +53,7 @@ typedef struct host_copy {
     } *ranges;                /* per shard: the range its memfds are mapped into */
     int *fds;
     size_t n_fds, cap_fds;
+    wa_backend *backend;      /* that pinned shards (host_pinned) */
 } host_copy;
 
 struct wd_sleep {
@@ -80,6 +81,9 @@ const char *wd_sleep_where(const wd_model *m)
 
 static void copy_free(host_copy *hc)
 {
+    for (size_t i = 0; hc->image.shards && i < hc->image.n_shards; i++)
+        if (hc->image.shards[i].host_pinned)
+            hc->backend->host_unregister(hc->backend, hc->image.shards[i].host);
     for (size_t i = 0; hc->ranges && i < hc->image.n_shards; i++)
         if (hc->ranges[i].base)
             munmap(hc->ranges[i].base, hc->ranges[i].len);
@@ -282,13 +286,14 @@ static int map_shard(host_copy *hc, size_t i, wd_error *err)
 }
 
 /* The host copy's memory, laid out as m's shards are. */
-static int copy_make(wd_model *m, host_copy *hc, wd_error *err)
+static int copy_make(wd_server *s, wd_model *m, host_copy *hc, wd_error *err)
 {
     const wl_checkpoint *ck = &m->ckpt;
     size_t n = ck->n_shards ? ck->n_shards : 1;
     int rc = 0;
 
     memset(hc, 0, sizeof *hc);
+    hc->backend = s->backend;
     hc->image = *ck;
     hc->image.by_name = NULL;
     if (!(hc->image.shards = wd_calloc(n, sizeof *hc->image.shards)) || !(hc->ranges = wd_calloc(n, sizeof *hc->ranges))) {
@@ -302,6 +307,7 @@ static int copy_make(wd_model *m, host_copy *hc, wd_error *err)
         *sh = ck->shards[i];
         sh->fd = -1;
         sh->host = NULL;
+        sh->host_pinned = false;
         if (!(sh->path = wd_malloc(strlen(ck->shards[i].path) + 32)))
             rc = wd_error_set(err, -ENOMEM, "out of host memory");
         else
@@ -343,7 +349,7 @@ static void holders_done(wd_server *s, wd_model *m)
             fall_asleep(s, m);
         return;
     }
-    if ((rc = copy_make(m, &sl->copy, &err)) || (rc = wd_offload_start(s, m, &sl->copy.image, offloaded, &err)))
+    if ((rc = copy_make(s, m, &sl->copy, &err)) || (rc = wd_offload_start(s, m, &sl->copy.image, offloaded, &err)))
         sleep_undone(s, m, &err);
 }
 

@@ -16,6 +16,7 @@
 #ifndef WL_CHECKPOINT_H
 #define WL_CHECKPOINT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <time.h>
@@ -34,8 +35,10 @@ typedef struct wl_shard {
     st_file st;
     /* NULL, or the file's bytes in memory of the caller's (a sleeping
      * model's host copy), file_size of them: jobs read and write there,
-     * and fd is not used */
+     * and fd is not used; host_pinned: registered with the backend, whose
+     * copies read it directly, without staging */
     void *host;
+    bool host_pinned;
 } wl_shard;
 
 typedef struct wl_tensor {

@@ -661,15 +661,26 @@ static int run_chunk(worker *w, const chunk *c, int *k, wd_error *err)
                 goto out;
         }
     } else {
+        const wl_shard *sh = &ck->shards[c->shard];
         void *buf;
-        if (!w->buf[*k] && !(w->buf[*k] = buffer_alloc(p, p->chunk, err))) {
-            rc = err->code ? err->code : -ENOMEM;
-            goto out;
+        if (p->pinned && sh->host_pinned && job->mode == WL_LOAD) {
+            /* Pinned memory of the caller's: copied from where it is. The
+             * buffer's lane still bounds the copies in flight. */
+            buf = (char *)sh->host + c->read_off;
+            if ((rc = wait_buffer(w, *k, err)))
+                goto out;
+            if (p->blocks)
+                sum_range(w, c, buf, 0, c->read_len);
+        } else {
+            if (!w->buf[*k] && !(w->buf[*k] = buffer_alloc(p, p->chunk, err))) {
+                rc = err->code ? err->code : -ENOMEM;
+                goto out;
+            }
+            buf = w->buf[*k];
+            if ((rc = wait_buffer(w, *k, err)) ||
+                (rc = p->blocks ? read_and_sum(w, c, buf, err) : read_chunk(w, c, buf, err)))
+                goto out;
         }
-        buf = w->buf[*k];
-        if ((rc = wait_buffer(w, *k, err)) ||
-            (rc = p->blocks ? read_and_sum(w, c, buf, err) : read_chunk(w, c, buf, err)))
-            goto out;
         for (; i < c->n; i++) {
             const piece *pc = &p->pieces[c->first + i];
             const wl_dest *d = &job->dest[pc->dest];

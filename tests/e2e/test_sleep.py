@@ -70,8 +70,8 @@ class SleepCase(h.E2ETestCase):
 
 class Sleep(SleepCase):
 
-    def check_round_trip(self, mode):
-        d = self.daemon(devices=2)
+    def check_round_trip(self, mode, *args):
+        d = self.daemon(*args, devices=2)
         before = [(reserved(d, i), free_bytes(d, i)) for i in range(2)]
         self.loaded(d, "medium", "m", "--devices", "0,1")
         loaded = [reserved(d, i) for i in range(2)]
@@ -102,6 +102,11 @@ class Sleep(SleepCase):
 
     def test_offload_gives_every_byte_back_and_wakes_identical(self):
         self.check_round_trip("offload")
+
+    def test_sleep_pin_changes_nothing_where_copies_are_not_staged(self):
+        # (the host backend copies with memcpy: nothing to pin; the cuda
+        # path is tests/gpu/test_sleep.py's)
+        self.check_round_trip("offload", "--sleep-pin", "on")
 
     def test_discard_gives_every_byte_back_and_wakes_from_the_checkpoint(self):
         self.check_round_trip("discard")

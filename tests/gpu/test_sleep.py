@@ -64,7 +64,16 @@ class GpuSleep(h.E2ETestCase):
         return d
 
     def test_sleep_gives_every_byte_back_to_the_gpu(self):
-        d = self.cuda_daemon()
+        self.check_every_byte_back()
+
+    def test_with_the_host_copy_pinned(self):
+        # --sleep-pin on: the wake copies from the pinned host copy, and the
+        # pinning is undone when the copy goes (a second sleep pins again)
+        d = self.check_every_byte_back("--sleep-pin", "on")
+        self.assertNotIn("is not pinned", d.log())
+
+    def check_every_byte_back(self, *args):
+        d = self.cuda_daemon(*args)
         base = free(d)
         h.load_ok(self, d, h.checkpoint("big"), "--name", "b")
         held = reserved(d)
@@ -84,6 +93,7 @@ class GpuSleep(h.E2ETestCase):
                 self.assertTrue(r.json["match"], r)
         self.assertEqual(d.ctl("unload", "b").rc, 0)
         self.assertClean(d, d.stop())
+        return d
 
     def check_graph_worker(self, cmd, status, asleep_of):
         d = self.cuda_daemon()

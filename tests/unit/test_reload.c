@@ -24,7 +24,7 @@ START_TEST(the_table_says_which_options_are_live)
                                        "max_requests_per_client", "max_requests_per_uid", "max_leases_per_client",
                                        "max_leases_per_uid", "hello_timeout",
                                        "idle_timeout", "admin_uids", "admin_groups", "slab_size", "checksums",
-                                       "attach_writable", "sleep_timeout"};
+                                       "attach_writable", "sleep_timeout", "sleep_pin"};
     size_t n_live = 0;
 
     for (int id = 0; id < WD_OPTION_COUNT; id++) {
