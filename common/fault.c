@@ -20,6 +20,7 @@ static struct {
 /* The allocation sites reached since the daemon serves, with their passes:
  * looked up by name under a lock, only while alloc faults are armed. */
 #define MAX_SITES 1024
+#define LIST_PASSES 4 /* passes listed a site: a loop's first few, or as many allocations on one line */
 static struct {
     bool armed, list;
     char file[128];
@@ -38,23 +39,31 @@ static struct {
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static const char *armed;
 
-/* "FILE:LINE[@N]" or "list" */
+/* "FILE:LINE[@N]" or "list". A test that names a site it did not mean
+ * would pass having tried nothing: what does not parse stops the process. */
 static void parse_site(const char *w)
 {
     const char *colon = strrchr(w, ':');
-    char *end;
+    char *end = NULL;
 
     if (strcmp(w, "list") == 0) {
         sites.armed = sites.list = true;
         return;
     }
-    if (!colon || (size_t)(colon - w) >= sizeof sites.file)
-        return;
-    memcpy(sites.file, w, (size_t)(colon - w));
-    sites.file[colon - w] = '\0';
-    sites.line = (int)strtol(colon + 1, &end, 10);
-    sites.at = *end == '@' ? strtoul(end + 1, NULL, 10) : 1;
-    sites.armed = sites.line > 0 && sites.at > 0;
+    if (colon && colon > w && (size_t)(colon - w) < sizeof sites.file) {
+        memcpy(sites.file, w, (size_t)(colon - w));
+        sites.file[colon - w] = '\0';
+        sites.line = (int)strtol(colon + 1, &end, 10);
+        sites.at = 1;
+        if (*end == '@')
+            sites.at = strtoul(end + 1, &end, 10);
+    }
+    if (!end || *end || sites.line <= 0 || sites.at == 0 || sites.armed) {
+        fprintf(stderr, "weightd: WEIGHTD_FAULTS: \"alloc:%s\" is not alloc:list or alloc:FILE:LINE[@N] (N from 1; "
+                        "one alloc entry)\n", w);
+        exit(2);
+    }
+    sites.armed = true;
 }
 
 static void parse(void)
@@ -117,7 +126,7 @@ bool wd_fault__site(const char *file, int line)
         n = ++sites.seen[i].passes;
     pthread_mutex_unlock(&sites.lock);
     if (sites.list) {
-        if (n && n <= 2)
+        if (n && n <= LIST_PASSES)
             fprintf(stderr, "weightd: fault site: alloc %s:%d, pass %lu\n", file, line, n);
         return false;
     }

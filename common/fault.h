@@ -3,11 +3,12 @@
  *   alloc:FILE:LINE[@N]  the Nth pass (default 1) through the allocation at
  *                        FILE:LINE (as "loader/loader.c:760") fails, once
  *                        the daemon serves (wd_fault_serving)
- *   alloc:list           nothing fails; the first and second pass through
- *                        each allocation once the daemon serves are written
- *                        to stderr ("weightd: fault site: alloc FILE:LINE,
+ *   alloc:list           nothing fails; the first four passes through each
+ *                        allocation once the daemon serves are written to
+ *                        stderr ("weightd: fault site: alloc FILE:LINE,
  *                        pass N"), so that a test can name every one a
- *                        load goes through and fail each in turn
+ *                        load goes through and fail each in turn (a line
+ *                        that allocates twice is two passes a time)
  *   read:N[+]            the Nth read of a checkpoint file fails with EIO
  *                        (with '+', every read from the Nth)
  *   short_read:N[+]      the Nth read returns half of what it asked

@@ -55,8 +55,13 @@ struct wd_job {
     double t0;
     double t_opened, t_allocated; /* load: when the headers were read, the last tensor allocated */
     const wl_checkpoint *src; /* offload: the files written; refill: the files read */
-    wl_checkpoint *pin;       /* offload: src, its shards pinned once written */
+    wl_checkpoint *pin;       /* offload: src, its shards pinned once written when pinning (sleep_pin) */
+    bool pinning;
+    size_t pinned, n_pin;     /* offload: shards pinned, of those to pin */
+    uint64_t pinned_bytes;
+    double pin_seconds;
     wd_error pin_err;
+    size_t replaced, first_replaced; /* load: wl_checkpoint_replaced's, once read */
     uint64_t *sums;           /* refill: the checksums of what it read, to compare with the load's */
     wd_move_done done;        /* offload, refill: told on the loop how it ended */
     wd_job *prev, *next;
@@ -205,20 +210,16 @@ static void finish_load(wd_job *j)
     wd_server *s = j->srv;
     wd_model *m = j->model;
     char size[32], rate[32], devs[128];
-    size_t first = 0;
 
     settle_cancel(j);
     if (j->rc == 0) {
         m->state = WD_MODEL_READY;
         m->load_seconds = wd_now() - j->t0;
         m->loaded_at = wd_wall();
-        /* The paths are stat()ed with the daemon's rights, files a client
-         * passed too: that tells an administrator no more than whether a
-         * path it named still names the file it opened itself. */
-        if ((m->shards_replaced = wl_checkpoint_replaced(&m->ckpt, &first)))
+        if ((m->shards_replaced = j->replaced))
             wd_log(WD_LOG_warning, "%s: %zu of its shards (%s first) were replaced at their paths during the load; "
                    "it holds the files the load opened: load it again for the new ones", m->name, m->shards_replaced,
-                   m->ckpt.shards[first].path);
+                   m->ckpt.shards[j->first_replaced].path);
         wd_log(WD_LOG_notice, "loaded %s: %zu tensors, %s in %.2f s (%s) on device %s (%s)", m->name,
                m->ckpt.n_tensors, wd_size_format(m->ckpt.total_bytes, size, sizeof size), m->load_seconds,
                wd_rate_format(m->load_seconds > 0 ? (double)m->ckpt.total_bytes / m->load_seconds : 0, rate, sizeof rate),
@@ -267,6 +268,12 @@ static void read_work(uv_work_t *w)
     wd_job *j = w->data;
 
     run_io(j, j->srv->pipeline);
+    /* The paths are stat()ed with the daemon's rights, files a client
+     * passed too: that tells an administrator no more than whether a path
+     * it named still names the file it opened itself. Here, off the loop:
+     * a stat may wait on a network file system. */
+    if (j->kind == JOB_LOAD && j->rc == 0)
+        j->replaced = wl_checkpoint_replaced(j->io.ckpt, &j->first_replaced);
 }
 
 /* A verify reads with a pipeline of its own, with plain buffers: it may run
@@ -511,13 +518,24 @@ static void offload_work(uv_work_t *w)
     wd_job *j = w->data;
     wa_backend *b = j->srv->backend;
 
+    double t0;
+
     run_io(j, j->srv->pipeline);
-    for (size_t i = 0; j->rc == 0 && j->srv->conf->sleep_pin && b->host_register && i < j->pin->n_shards; i++) {
+    if (j->rc || !j->pinning || !b->host_register)
+        return;
+    t0 = wd_now();
+    for (size_t i = 0; i < j->pin->n_shards; i++) {
         wl_shard *sh = &j->pin->shards[i];
-        if (!sh->host || b->host_register(b, sh->host, sh->file_size, &j->pin_err))
-            break;
+        if (!sh->host)
+            continue;
+        j->n_pin++;
+        if (j->pin_err.code || b->host_register(b, sh->host, sh->file_size, &j->pin_err))
+            continue;
         sh->host_pinned = true;
+        j->pinned++;
+        j->pinned_bytes += sh->file_size;
     }
+    j->pin_seconds = wd_now() - t0;
 }
 
 static void after_offload(uv_work_t *w, int status)
@@ -528,8 +546,13 @@ static void after_offload(uv_work_t *w, int status)
     j->srv->jobs_running--;
     settle_cancel(j);
     if (j->pin_err.code)
-        wd_log(WD_LOG_info, "%s: its host copy is not pinned (%s): a wake copies it through the staging buffers",
-               j->model->name, wd_error_text(&j->pin_err));
+        wd_log(WD_LOG_info, "%s: %zu of %zu shards of its host copy pinned (then: %s): a wake copies the others "
+               "through the staging buffers", j->model->name, j->pinned, j->n_pin, wd_error_text(&j->pin_err));
+    else if (j->pinned) {
+        char size[32];
+        wd_log(WD_LOG_info, "%s: its host copy pinned (%s in %.2f s): a wake copies straight from it",
+               j->model->name, wd_size_format(j->pinned_bytes, size, sizeof size), j->pin_seconds);
+    }
     end_move(j);
 }
 
@@ -539,6 +562,7 @@ static void start_offload(wd_server *s, wd_job *j)
 
     j->io.mode = WL_OFFLOAD;
     j->io.ckpt = j->src;
+    j->pinning = s->conf->sleep_pin; /* (read here, on the loop, where a reload sets it) */
     j->io.dest = m->dest;
     j->io.n_dest = m->n_dest;
     atomic_store(&j->io.dests_ready, m->n_dest);

@@ -101,6 +101,7 @@ static void copy_free(host_copy *hc)
  * then freeing every page): off the loop, on a thread of its pool. */
 typedef struct copy_release {
     uv_work_t work;
+    wd_server *srv;
     host_copy copy;
 } copy_release;
 
@@ -109,10 +110,16 @@ static void release_work(uv_work_t *w)
     copy_free(&((copy_release *)w->data)->copy);
 }
 
+/* Counted with the jobs: a pinned copy is unpinned through the backend,
+ * which a stopping daemon destroys only once this is done. */
 static void release_done(uv_work_t *w, int status)
 {
+    wd_server *s = ((copy_release *)w->data)->srv;
+
     (void)status;
     free(w->data);
+    s->jobs_running--;
+    wd_server_maybe_finish(s);
 }
 
 static void copy_release_later(wd_server *s, host_copy *hc)
@@ -126,8 +133,10 @@ static void copy_release_later(wd_server *s, host_copy *hc)
         return;
     }
     r->copy = *hc;
+    r->srv = s;
     r->work.data = r;
     memset(hc, 0, sizeof *hc);
+    s->jobs_running++;
     uv_queue_work(s->loop, &r->work, release_work, release_done);
 }
 
@@ -297,9 +306,9 @@ static int copy_make(wd_server *s, wd_model *m, host_copy *hc, wd_error *err)
     hc->image = *ck;
     hc->image.by_name = NULL;
     if (!(hc->image.shards = wd_calloc(n, sizeof *hc->image.shards)) || !(hc->ranges = wd_calloc(n, sizeof *hc->ranges))) {
-        hc->image.shards = NULL; /* (a view: nothing of m's to free) */
+        free(hc->image.shards); /* ours (or NULL), not m's: the calloc replaced the view */
         free(hc->ranges);
-        hc->ranges = NULL;
+        memset(hc, 0, sizeof *hc);
         return wd_error_set(err, -ENOMEM, "out of host memory");
     }
     for (size_t i = 0; i < ck->n_shards && !rc; i++) {

@@ -67,17 +67,19 @@ class GpuSleep(h.E2ETestCase):
         self.check_every_byte_back()
 
     def test_with_the_host_copy_pinned(self):
-        # --sleep-pin on: the wake copies from the pinned host copy, and the
-        # pinning is undone when the copy goes (a second sleep pins again)
-        d = self.check_every_byte_back("--sleep-pin", "on")
-        self.assertNotIn("is not pinned", d.log())
+        # --sleep-pin on: each offload pins its host copy and the wake copies
+        # from it; the pinning is undone when the copy goes, so the second
+        # offload pins its own again
+        d = self.check_every_byte_back("--sleep-pin", "on", modes=("offload", "offload", "discard"))
+        self.assertEqual(d.log().count("b: its host copy pinned"), 2, d.log())
+        self.assertNotIn("shards of its host copy pinned (then:", d.log())
 
-    def check_every_byte_back(self, *args):
+    def check_every_byte_back(self, *args, modes=("offload", "discard")):
         d = self.cuda_daemon(*args)
         base = free(d)
         h.load_ok(self, d, h.checkpoint("big"), "--name", "b")
         held = reserved(d)
-        for mode in ("offload", "discard"):
+        for mode in modes:
             r = d.ctl_json("sleep", "b", "--" + mode)
             self.assertEqual(r.rc, 0, r)
             self.assertEqual(reserved(d), 0)
