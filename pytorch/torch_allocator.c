@@ -190,6 +190,24 @@ int weightd_torch_configure(const char *conf)
 
 /* ---- the pluggable pair ------------------------------------------------------ */
 
+/* A request that cannot be met. PyTorch takes whatever the pluggable
+ * allocator returns as memory, NULL too (a tensor at address 0 that faults
+ * at its first use, far from here), and a C function cannot raise its
+ * OutOfMemoryError: so the process ends here, saying why, unless
+ * WEIGHTD_TORCH_OOM=null asks for the NULL (for callers that check). */
+static void *refused(ssize_t size, int device, const char *why)
+{
+    const char *oom = getenv("WEIGHTD_TORCH_OOM");
+
+    fprintf(stderr, "weightd's allocator: %zd bytes on device %d: %s\n", size, device, why);
+    if (oom && strcmp(oom, "null") == 0)
+        return NULL;
+    fprintf(stderr, "weightd's allocator: stopping the process (PyTorch would take a NULL for memory; "
+                    "WEIGHTD_TORCH_OOM=null returns it instead)%s\n",
+            oom && *oom && strcmp(oom, "abort") != 0 ? "; WEIGHTD_TORCH_OOM is neither abort nor null" : "");
+    abort();
+}
+
 void *weightd_torch_alloc(ssize_t size, int device, void *stream)
 {
     wa_block *b = NULL;
@@ -199,10 +217,8 @@ void *weightd_torch_alloc(ssize_t size, int device, void *stream)
 
     if (size <= 0)
         return NULL; /* PyTorch's empty tensors have no memory */
-    if ((rc = enter())) {
-        fprintf(stderr, "%s\n", last_error);
-        return NULL;
-    }
+    if ((rc = enter()))
+        return refused(size, device, last_error);
     rc = wa_malloc_in(g.alloc, device, (uint64_t)(uintptr_t)stream, g.tag, (uint64_t)size, &b, &err);
     if (!rc) {
         wa_block_region(b, &r);
@@ -214,8 +230,7 @@ void *weightd_torch_alloc(ssize_t size, int device, void *stream)
     leave(0);
     if (rc) {
         fail_err(rc, &err);
-        fprintf(stderr, "weightd's allocator: %s\n", last_error);
-        return NULL;
+        return refused(size, device, last_error);
     }
     return (void *)(uintptr_t)r.addr;
 }

@@ -10,6 +10,10 @@
  *   WEIGHTD_TORCH_CAPACITY  bytes each device may reserve ("20GiB"); cuda:
  *                           default what is free at the first call
  *   WEIGHTD_TORCH_DEVICES   host and fake: how many devices (default 1)
+ *   WEIGHTD_TORCH_OOM       what a request that cannot be met does: abort
+ *                           (the default: say why on stderr and abort(), as
+ *                           PyTorch would take a NULL for memory) or null
+ *                           (return NULL, for callers that check)
  * Functions that can fail return 0 or a negative errno, and
  * weightd_torch_error() says why. */
 #ifndef WEIGHTD_TORCH_H
@@ -22,7 +26,8 @@ extern "C" {
 #endif
 
 /* PyTorch's pluggable-allocator pair. stream is a cudaStream_t. A request
- * that fails returns NULL (and says why on stderr). */
+ * that fails says why on stderr, then aborts or returns NULL
+ * (WEIGHTD_TORCH_OOM); size 0 gets NULL, as PyTorch's own gives. */
 void *weightd_torch_alloc(ssize_t size, int device, void *stream);
 void weightd_torch_free(void *ptr, ssize_t size, int device, void *stream);
 

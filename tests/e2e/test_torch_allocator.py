@@ -17,6 +17,8 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_host.py
 def run(scenario, **env):
     e = h.child_env({"WEIGHTD_TORCH_LIB": os.path.join(h.BUILD, "libweightd-torch.so"),
                      "WEIGHTD_TORCH_BACKEND": "host", "WEIGHTD_TORCH_CAPACITY": "256MiB",
+                     # the scenarios check the NULLs refusals return (the default aborts)
+                     "WEIGHTD_TORCH_OOM": "null",
                      "PYTHONPATH": os.path.join(h.REPO, "client", "python")})
     e.update({k: v for k, v in h.client_lib_env().items() if k != "WEIGHTD_CLIENT_LIB"})
     e.update(env)
@@ -55,6 +57,18 @@ class TorchAllocatorOnHost(unittest.TestCase):
     def test_a_bad_environment_fails_every_call_saying_why(self):
         r = self.scenario("bad_environment", WEIGHTD_TORCH_CAPACITY="lots")
         self.assertIn("WEIGHTD_TORCH_CAPACITY", r.stderr)
+
+    def test_a_request_that_cannot_be_met_stops_the_process_saying_why(self):
+        # PyTorch would take a NULL for memory: a tensor at address 0
+        for env in ({"WEIGHTD_TORCH_OOM": "abort"}, {"WEIGHTD_TORCH_OOM": ""}):
+            r = run("out_of_memory", **env)
+            self.assertEqual(r.returncode, -signal.SIGABRT, r.stdout + r.stderr)
+            self.assertNotIn("returned", r.stdout)
+            self.assertIn("weightd's allocator: 1099511627776 bytes on device 0:", r.stderr)
+            self.assertIn("stopping the process (PyTorch would take a NULL for memory", r.stderr)
+        r = run("out_of_memory")  # the runner's null: returned, and said why
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("returned", r.stdout)
 
     def test_threads_at_once(self):
         self.scenario("threads", WEIGHTD_TORCH_CAPACITY="4GiB")  # 8 x 16 blocks live at most

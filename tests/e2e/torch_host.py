@@ -205,6 +205,13 @@ def threads():
     assert reserved() == 0, reserved()
 
 
+def out_of_memory():
+    """More than the device holds: by default the process stops here."""
+    alloc(64 * MiB)
+    lib.weightd_torch_alloc(1 << 40, 0, None)
+    print("returned")
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()
     print(json.dumps({"ok": sys.argv[1]}))

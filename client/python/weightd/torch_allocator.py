@@ -104,7 +104,10 @@ def _synchronize():
 def install(conf=None):
     """Makes weightd's allocator PyTorch's, before the first CUDA
     allocation. conf: the configuration in PyTorch's syntax, weightd's keys
-    included (else $WEIGHTD_ALLOC_CONF, else PyTorch's defaults)."""
+    included (else $WEIGHTD_ALLOC_CONF, else PyTorch's defaults). A request
+    that cannot be met ends the process, saying why on stderr: PyTorch
+    would take the pluggable allocator's NULL for memory, and no exception
+    gets through it ($WEIGHTD_TORCH_OOM=null returns the NULL instead)."""
     import torch
     lib = library()
     if conf is not None:
