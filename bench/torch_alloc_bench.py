@@ -102,7 +102,7 @@ def trial(mode, cap, layers):
         out["ok"] = True
     except torch.OutOfMemoryError as e:
         out.update(ok=False, error=str(e).splitlines()[0][:300])
-    except RuntimeError as e:  # a pluggable allocator's NULL
+    except RuntimeError as e:  # a CUDA error
         out.update(ok=False, error=str(e).splitlines()[0][:300])
     out["peak_reserved"] = reserved_peak()
     if out["ok"]:
@@ -127,7 +127,7 @@ def run_trial(args, mode, cap):
     r = subprocess.run([sys.executable, __file__, "--trial", mode, "--cap", str(cap), "--layers", str(args.layers)],
                        env=env, capture_output=True, text=True, timeout=600)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
-    if not lines:  # died (a NULL from the allocator, or worse): not a completion
+    if not lines:  # died (weightd's allocator aborts on a request it cannot meet): not a completion
         return {"mode": mode, "cap": cap, "ok": False, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
     return json.loads(lines[-1])
 
